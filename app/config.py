@@ -1,0 +1,202 @@
+"""Configuration: pydantic models at the YAML boundary, frozen dataclasses inside.
+
+`AppConfig` is what `serve_config.yaml` puts under `applications[].args`. `build_app` validates it
+once (a wrong key or value fails at start-up with a message naming the key and the fix) and turns
+it into the frozen `EngineSpec` each engine replica receives.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "pdserve-tiny-llama"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which model to serve and at what precision."""
+
+    path: str = Field(
+        str(DEFAULT_MODEL_DIR),
+        description="Local Hugging Face model directory (relative paths resolve against the working "
+        "directory, then the repo root), or a hub id on machines with internet.",
+    )
+    served_name: str = Field("pdserve-tiny-llama", description="Model name clients send as `model`.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Weights and KV dtype. float32 gives bit-exact greedy tests on CPU."
+    )
+    max_model_len: int = Field(4096, ge=16, description="Context length: prompt plus completion tokens.")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: str) -> str:
+        return resolve_model_path(value)
+
+
+class EngineConfig(_Strict):
+    """vLLM engine knobs shared by every engine replica (collocated, prefill, decode)."""
+
+    block_size: int = Field(32, description="Tokens per KV block. A multiple of 32 on CPU.")
+    kv_cache_memory_mb: int = Field(256, ge=8, description="KV cache size per engine replica, in MiB.")
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences one engine step batches.")
+    max_num_batched_tokens: int = Field(4096, ge=16, description="Most tokens one engine step computes.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of repeated prompt prefixes.")
+    seed: int = Field(0, description="Engine seed for sampling without a per-request seed.")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads per engine replica (CPU); None leaves vLLM's default."
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size_multiple(cls, value: int) -> int:
+        if value < 16 or value % 16:
+            raise ValueError(f"block_size must be a positive multiple of 16 (32 on CPU), got {value}")
+        return value
+
+
+class DeploymentOptions(_Strict):
+    """Replica count, autoscaling bounds and resources of one Serve deployment."""
+
+    num_replicas: int | Literal["auto"] = Field(1, description="Fixed replica count, or 'auto'.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound (num_replicas: auto).")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound (num_replicas: auto).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (engine replicas on GPU: 1).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests Serve lets into one replica at once.")
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("num_replicas must be >= 1 or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DeploymentOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """The `Deployment.options(...)` keywords for these settings."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.num_replicas == "auto":
+            options["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": max(1, self.max_ongoing_requests // 2),
+            }
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class KVTransferConfig(_Strict):
+    """How KV blocks move from prefill to decode replicas."""
+
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective backend: auto picks nccl on GPU replicas, pdserve's gloo on CPU."
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Deadline for one KV transfer to arrive at decode.")
+    lease_s: float = Field(30.0, gt=0, description="How long received KV waits for its request.")
+
+
+class AppConfig(_Strict):
+    """Application args of `serve_config.yaml` (`applications[].args`)."""
+
+    mode: Literal["collocated", "disaggregated"] = Field(
+        "collocated", description="collocated: one engine does both phases; disaggregated: prefill and "
+        "decode replicas with KV moved between them."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine knobs.")
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig, description="KV transport.")
+    ingress: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256),
+        description="HTTP/handle front door.",
+    )
+    collocated: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Collocated engines.")
+    prefill: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Prefill engines.")
+    decode: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Decode engines.")
+
+
+def resolve_model_path(value: str) -> str:
+    """Absolute path for a local model directory; hub ids (`org/name`, no such dir) pass through."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / candidate).exists():
+            return str((base / candidate).resolve())
+    return value
+
+
+def parse_app_config(args: dict[str, Any] | None) -> AppConfig:
+    """Validate application args; raise `ValueError` naming each bad key and what to do."""
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<args>"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"  {key}: unknown key; remove it or check its spelling")
+            else:
+                problems.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError("invalid pdserve application args in serve_config.yaml:\n" + "\n".join(problems)) from None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything an engine replica needs to build its vLLM engine."""
+
+    model_path: str
+    served_name: str
+    dtype: str
+    max_model_len: int
+    block_size: int
+    kv_cache_memory_bytes: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    seed: int
+    cpu_threads: int | None = None
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> EngineSpec:
+        return cls(
+            model_path=config.model.path,
+            served_name=config.model.served_name,
+            dtype=config.model.dtype,
+            max_model_len=config.model.max_model_len,
+            block_size=config.engine.block_size,
+            kv_cache_memory_bytes=config.engine.kv_cache_memory_mb * 1024 * 1024,
+            max_num_seqs=config.engine.max_num_seqs,
+            max_num_batched_tokens=max(config.engine.max_num_batched_tokens, config.model.max_model_len),
+            enable_prefix_caching=config.engine.enable_prefix_caching,
+            seed=config.engine.seed,
+            cpu_threads=config.engine.cpu_threads,
+        )
+
+
+def engine_env(project_cache: Path | None = None) -> dict[str, str]:
+    """Environment every engine process needs: in-process vLLM and project-owned caches."""
+    cache = project_cache or Path(os.environ.get("PDSERVE_CACHE", REPO_ROOT / ".cache"))
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }

@@ -1,0 +1,263 @@
+"""An asyncio front for an in-process vLLM engine, stepped by one background thread.
+
+vLLM's `AsyncLLM` always runs the engine core in a subprocess, which would put the worker (model,
+paged KV cache, KV-connector worker half) outside the Serve replica's process, where Ray's collective
+groups are not visible. So each replica builds a synchronous `LLMEngine` in in-process mode
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor "uni") and drives it here.
+
+Life cycle of a request:
+1. `generate()` (on the replica's event loop) registers a stream and queues an `add` command.
+2. The driver thread applies queued commands between steps, then calls `engine.step()`, which
+   batches every running request; each step's `RequestOutput` deltas go to their streams through
+   `loop.call_soon_threadsafe`.
+3. The stream yields `GenerationChunk`s until the request finishes. If the consumer goes away
+   (client disconnect, cancellation), `generate()`'s `finally` queues an `abort`, so the engine
+   frees the request's blocks.
+Only the driver thread touches the engine; everything else talks to it through the command queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.config import EngineSpec, engine_env
+from app.messages import GenerationChunk, SamplingSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request (message is safe to show a client)."""
+
+
+class EngineInputError(EngineError):
+    """The engine refused a request's input (a client error)."""
+
+
+def build_engine(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None):
+    """Build an in-process vLLM `LLMEngine` for `spec`."""
+    for key, value in engine_env().items():
+        os.environ.setdefault(key, value)
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        raise RuntimeError("pdserve needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (in-process engine)")
+    if spec.cpu_threads:
+        import torch
+
+        torch.set_num_threads(spec.cpu_threads)
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    args = EngineArgs(
+        model=spec.model_path,
+        tokenizer=spec.model_path,
+        served_model_name=spec.served_name,
+        dtype=spec.dtype,
+        max_model_len=spec.max_model_len,
+        block_size=spec.block_size,
+        kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
+        max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        enable_prefix_caching=spec.enable_prefix_caching,
+        seed=spec.seed,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        disable_log_stats=True,
+        kv_transfer_config=KVTransferConfig(**kv_transfer_config) if kv_transfer_config else None,
+    )
+    return LLMEngine.from_engine_args(args)
+
+
+def to_vllm_sampling(sampling: SamplingSpec, extra_args: dict[str, Any] | None = None):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        ignore_eos=sampling.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=extra_args,
+    )
+
+
+class EngineDriver:
+    """Owns one in-process `LLMEngine` and the thread that steps it."""
+
+    # Sleep between steps while requests wait on something outside the engine (a KV transfer):
+    # long enough not to spin a core, short enough to be invisible next to a decode step.
+    IDLE_POLL_S = 0.002
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None) -> EngineDriver:
+        return cls(build_engine(spec, kv_transfer_config))
+
+    # -- asyncio side ---------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        *,
+        cache_salt: str | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Run one request; yields its output deltas; aborts it if the consumer stops early."""
+        if request_id in self._streams:
+            raise EngineError(f"duplicate request id {request_id}")
+        stream = _Stream(loop=asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids)}
+        if cache_salt is not None:
+            prompt["cache_salt"] = cache_salt
+        extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
+        params = to_vllm_sampling(sampling, extra)
+        self._submit(lambda: self._add(request_id, prompt, params))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda: self.engine.abort_request([request_id]))
+
+    def abort(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.abort_request([request_id]))
+
+    def call(self, fn: Callable[[Any], Any]) -> asyncio.Future:
+        """Run `fn(engine)` on the driver thread; returns a future for its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._submit(run)
+        return future
+
+    def wake(self) -> None:
+        """Ask the driver to step now (e.g. a KV transfer a waiting request needs has landed)."""
+        self._wake.set()
+
+    def num_free_blocks(self) -> int:
+        return self._scheduler().kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def num_total_blocks(self) -> int:
+        return self._scheduler().kv_cache_manager.block_pool.num_gpu_blocks
+
+    def num_unfinished(self) -> int:
+        return self.engine.get_num_unfinished_requests()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- driver thread --------------------------------------------------------------------------
+
+    def _scheduler(self):
+        return self.engine.engine_core.engine_core.scheduler
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _add(self, request_id: str, prompt: dict[str, Any], params: Any) -> None:
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except Exception as exc:  # noqa: BLE001 - a bad request must not kill the driver
+            self._deliver(request_id, EngineInputError(str(exc)))
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                command()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving
+                logger.exception("engine step failed")
+                for request_id in list(self._streams):
+                    self._deliver(request_id, EngineError(f"engine step failed: {exc}"))
+                    self.engine.abort_request([request_id])
+                continue
+            for output in outputs:
+                self._deliver(output.request_id, _to_chunk(output))
+            if not outputs:
+                self._wake.wait(timeout=self.IDLE_POLL_S)
+                self._wake.clear()
+
+
+def _to_chunk(output: Any) -> GenerationChunk:
+    completion = output.outputs[0]
+    return GenerationChunk(
+        text=completion.text,
+        token_ids=tuple(completion.token_ids),
+        finish_reason=(completion.finish_reason or "stop") if output.finished else None,
+        num_prompt_tokens=len(output.prompt_token_ids or ()),
+        num_cached_tokens=output.num_cached_tokens or 0,
+        kv_transfer_params=output.kv_transfer_params,
+    )
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,225 @@
+"""The OpenAI API logic, shared by the HTTP routes and the DeploymentHandle methods.
+
+Life cycle of one request:
+1. `prepare_*` checks the model name (404), tokenises (chat template for chat), checks the prompt and
+   `max_tokens` against the context length (400 with both numbers) and builds a `GenerateRequest`.
+2. The `EngineClient` (collocated engine, or the prefill/decode router) streams `GenerationChunk`s.
+3. `*_response` folds them into one OpenAI response; `*_stream` turns them into OpenAI's
+   server-sent-event chunks, ending with `data: [DONE]` (an error mid-stream is sent as an error
+   event before it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.engine import EngineInputError
+from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
+from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class EngineClient(Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]: ...
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request ready for an engine, and how to present its answer."""
+
+    request: GenerateRequest
+    kind: str  # "completion" | "chat"
+    created: int
+    include_usage: bool
+    stream: bool
+
+
+@dataclass
+class _Folded:
+    text: str = ""
+    num_completion_tokens: int = 0
+    num_prompt_tokens: int = 0
+    finish_reason: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class OpenAIService:
+    """Validates, runs and formats OpenAI requests for one served model."""
+
+    def __init__(self, served_name: str, tokenizer: Any, max_model_len: int, client: EngineClient):
+        self.served_name = served_name
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = len(tokenizer)
+        self.client = client
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_card()]}
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.served_name, "object": "model", "created": 0, "owned_by": "pdserve",
+                "max_model_len": self.max_model_len}
+
+    # 1. validation and tokenisation -----------------------------------------------------------
+
+    def prepare_completion(self, req: CompletionRequest, *, cache_salt: str | None = None) -> Prepared:
+        self._check_model(req.model)
+        if isinstance(req.prompt, str):
+            if not req.prompt:
+                raise OpenAIError(400, "prompt must not be empty", param="prompt")
+            prompt_ids = self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = list(req.prompt)
+            bad = [t for t in prompt_ids if t >= self.vocab_size]
+            if bad:
+                raise OpenAIError(400, f"token id {bad[0]} is out of range: the vocabulary has {self.vocab_size} "
+                                  "tokens", param="prompt")
+        return self._prepared("completion", "cmpl", req, prompt_ids, DEFAULT_COMPLETION_MAX_TOKENS, cache_salt)
+
+    def prepare_chat(self, req: ChatCompletionRequest, *, cache_salt: str | None = None) -> Prepared:
+        self._check_model(req.model)
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prepared("chat", "chatcmpl", req, list(prompt_ids), None, cache_salt)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.served_name:
+            raise OpenAIError(404, f"The model `{model}` does not exist; this server serves `{self.served_name}`",
+                              param="model", code="model_not_found")
+
+    def _prepared(self, kind: str, prefix: str, req: Any, prompt_ids: list[int], default_max: int | None,
+                  cache_salt: str | None) -> Prepared:
+        num_prompt = len(prompt_ids)
+        if num_prompt == 0:
+            raise OpenAIError(400, "the prompt has no tokens", param="prompt")
+        if num_prompt >= self.max_model_len:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                              f"prompt has {num_prompt} tokens, which leaves no room for a completion. "
+                              "Shorten the prompt.", param="messages" if kind == "chat" else "prompt",
+                              code="context_length_exceeded")
+        room = self.max_model_len - num_prompt
+        max_tokens = req.max_tokens if req.max_tokens is not None else (default_max or room)
+        if max_tokens > room:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                              f"you requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
+                              f"{max_tokens} for the completion). Reduce max_tokens to at most {room}.",
+                              param="max_tokens", code="context_length_exceeded")
+        sampling = SamplingSpec(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+            stop=req.stop_list(), presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
+        )
+        request = GenerateRequest(request_id=f"{prefix}-{uuid.uuid4().hex}", prompt_token_ids=tuple(prompt_ids),
+                                  sampling=sampling, cache_salt=cache_salt)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Prepared(request=request, kind=kind, created=int(time.time()), include_usage=include_usage,
+                        stream=req.stream)
+
+    # 2./3. non-streaming ----------------------------------------------------------------------
+
+    async def respond(self, prepared: Prepared) -> dict[str, Any]:
+        folded = _Folded(num_prompt_tokens=len(prepared.request.prompt_token_ids))
+        try:
+            async for chunk in self.client.generate(prepared.request):
+                _fold(folded, chunk)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            raise as_openai_error(exc) from None
+        if folded.finish_reason == "abort":
+            raise OpenAIError(503, "the request was aborted by the engine; retry it", type="server_error")
+        if prepared.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": folded.text},
+                      "logprobs": None, "finish_reason": folded.finish_reason}
+        else:
+            choice = {"index": 0, "text": folded.text, "logprobs": None, "finish_reason": folded.finish_reason}
+        body = self._envelope(prepared, "chat.completion" if prepared.kind == "chat" else "text_completion")
+        body["choices"] = [choice]
+        body["usage"] = _usage(folded)
+        if folded.metadata:
+            body["pdserve"] = folded.metadata
+        return body
+
+    # 3. streaming -----------------------------------------------------------------------------
+
+    async def stream(self, prepared: Prepared) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI stream chunks for `prepared`; a failure mid-stream becomes a final error chunk."""
+        is_chat = prepared.kind == "chat"
+        obj = "chat.completion.chunk" if is_chat else "text_completion"
+        folded = _Folded(num_prompt_tokens=len(prepared.request.prompt_token_ids))
+        if is_chat:
+            yield self._chunk(prepared, obj, {"role": "assistant", "content": ""}, None)
+        try:
+            async for chunk in self.client.generate(prepared.request):
+                _fold(folded, chunk)
+                if chunk.finish_reason == "abort":
+                    raise OpenAIError(503, "the request was aborted by the engine; retry it", type="server_error")
+                if chunk.text or chunk.finish_reason:
+                    delta = {"content": chunk.text} if chunk.text else {}
+                    yield self._chunk(prepared, obj, delta if is_chat else chunk.text, chunk.finish_reason)
+            if prepared.include_usage:
+                final = self._envelope(prepared, obj)
+                final["choices"] = []
+                final["usage"] = _usage(folded)
+                yield final
+        except Exception as exc:  # noqa: BLE001 - a broken stream still ends cleanly
+            yield as_openai_error(exc).body()
+
+    async def sse(self, prepared: Prepared) -> AsyncIterator[str]:
+        """`stream` as server-sent events, ending with `data: [DONE]`."""
+        async for event in self.stream(prepared):
+            yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, prepared: Prepared, obj: str, delta: Any, finish_reason: str | None) -> dict[str, Any]:
+        body = self._envelope(prepared, obj)
+        if prepared.kind == "chat":
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+        body["choices"] = [choice]
+        if prepared.include_usage:
+            body["usage"] = None
+        return body
+
+    def _envelope(self, prepared: Prepared, obj: str) -> dict[str, Any]:
+        return {"id": prepared.request.request_id, "object": obj, "created": prepared.created,
+                "model": self.served_name}
+
+
+def _fold(folded: _Folded, chunk: GenerationChunk) -> None:
+    folded.text += chunk.text
+    folded.num_completion_tokens += len(chunk.token_ids)
+    if chunk.finish_reason is not None:
+        folded.finish_reason = chunk.finish_reason
+    if chunk.metadata:
+        folded.metadata = {**(folded.metadata or {}), **chunk.metadata}
+
+
+def _usage(folded: _Folded) -> dict[str, int]:
+    return {"prompt_tokens": folded.num_prompt_tokens, "completion_tokens": folded.num_completion_tokens,
+            "total_tokens": folded.num_prompt_tokens + folded.num_completion_tokens}
+
+
+def as_openai_error(exc: BaseException) -> OpenAIError:
+    """The `OpenAIError` behind `exc` (also through Ray's task-error wrapping), else a 500."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            break
+        if isinstance(seen, OpenAIError) and hasattr(seen, "status"):
+            return seen
+        if isinstance(seen, EngineInputError) or type(seen).__name__.endswith("(EngineInputError)"):
+            return OpenAIError(400, _short(seen), code="invalid_request")
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return OpenAIError(500, f"generation failed: {_short(exc)}", type="server_error")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:300] if text else type(exc).__name__

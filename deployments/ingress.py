@@ -1,0 +1,144 @@
+"""`Ingress`: the OpenAI-compatible HTTP front door, also callable through a DeploymentHandle.
+
+Life cycle of an HTTP request: parse JSON (400 on invalid JSON) -> pydantic request model (400 naming
+the parameter) -> `OpenAIService.prepare_*` (404 unknown model, 400 context errors) -> the engine
+client for the configured mode (collocated engine, or prefill/decode router) -> a JSON response or an
+SSE stream. Every error leaves as an OpenAI-style body; nothing a client sends can crash the replica.
+
+Handle calls (`create_completion`, `create_chat_completion` and their `*_stream` twins) take the same
+request models (or plain dicts) and return the same bodies as HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.config import AppConfig
+from app.openai_service import OpenAIService
+from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, validation_error_to_openai
+from app.routing import CollocatedClient
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(title="pdserve", description="Disaggregated LLM serving on Ray Serve (OpenAI-compatible).")
+
+
+def _error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    return _error_response(exc)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(validation_error_to_openai(list(exc.errors())))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = "not_found" if exc.status_code == 404 else None
+    return _error_response(OpenAIError(exc.status_code, str(exc.detail), code=code))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error")
+    return _error_response(OpenAIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+
+async def _parse(request: Request, model: type) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    return _validate(model, data)
+
+
+def _validate(model: type, data: Any) -> Any:
+    if isinstance(data, model):
+        return data
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error_to_openai(list(exc.errors())) from None
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]):
+        from transformers import AutoTokenizer
+
+        self.config = AppConfig.model_validate(config)
+        tokenizer = AutoTokenizer.from_pretrained(self.config.model.path)
+        if self.config.mode == "collocated":
+            client = CollocatedClient(engines["collocated"])
+        else:
+            from app.routing import DisaggregatedRouter
+
+            client = DisaggregatedRouter(engines["prefill"], engines["decode"], self.config)
+        self.engines = engines
+        self.service = OpenAIService(self.config.model.served_name, tokenizer, self.config.model.max_model_len,
+                                     client)
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok", "mode": self.config.mode}
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        return self.service.models()
+
+    @api.post("/v1/completions")
+    async def http_completions(self, request: Request):
+        return await self._http(self.service.prepare_completion(await _parse(request, CompletionRequest)))
+
+    @api.post("/v1/chat/completions")
+    async def http_chat_completions(self, request: Request):
+        return await self._http(self.service.prepare_chat(await _parse(request, ChatCompletionRequest)))
+
+    async def _http(self, prepared):
+        if not prepared.stream:
+            return JSONResponse(await self.service.respond(prepared))
+        return StreamingResponse(self.service.sse(prepared), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # -- DeploymentHandle -------------------------------------------------------------------------
+
+    async def create_completion(self, request: CompletionRequest | dict[str, Any]) -> dict[str, Any]:
+        """Non-streaming completion; raises `OpenAIError` where HTTP would answer 4xx/5xx."""
+        return await self.service.respond(self.service.prepare_completion(_validate(CompletionRequest, request)))
+
+    async def create_chat_completion(self, request: ChatCompletionRequest | dict[str, Any]) -> dict[str, Any]:
+        return await self.service.respond(self.service.prepare_chat(_validate(ChatCompletionRequest, request)))
+
+    async def create_completion_stream(self, request: CompletionRequest | dict[str, Any]) -> AsyncIterator[dict]:
+        """Streaming completion: yields OpenAI chunk dicts (call with `handle.options(stream=True)`)."""
+        async for event in self.service.stream(self.service.prepare_completion(_validate(CompletionRequest, request))):
+            yield event
+
+    async def create_chat_completion_stream(
+        self, request: ChatCompletionRequest | dict[str, Any]
+    ) -> AsyncIterator[dict]:
+        prepared = self.service.prepare_chat(_validate(ChatCompletionRequest, request))
+        async for event in self.service.stream(prepared):
+            yield event
