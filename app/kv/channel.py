@@ -1,0 +1,150 @@
+"""One direction of a (prefill, decode) pair: a sender thread on prefill, a receive loop on decode.
+
+Messages on a pair are FIFO: header (fixed size, tag `TAG_HEADER`), then payload (size from the
+header, tag `TAG_PAYLOAD`). Because the decode side always has a receive posted, a transfer that decode
+never uses (request aborted, fully prefix-cached, lease expired) is still drained into the mailbox
+and dropped there; it never wedges the pair. Tags keep a payload from ever landing in a header
+buffer on backends that have them (pdserve's gloo); NCCL keeps FIFO order per pair by itself.
+
+Any transport error, send timeout or undecodable header breaks the pair: both threads stop, the
+callbacks fail whatever was queued, and the owner drops the group and forms a new one on next use.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from app.kv.header import HEADER_SLOTS, KVHeader, KVHeaderError
+from app.kv.payload import checksum
+
+logger = logging.getLogger(__name__)
+
+TAG_HEADER = 1
+TAG_PAYLOAD = 2
+
+
+class Communicator(Protocol):
+    """Point-to-point link to the one peer of a pair group."""
+
+    device: torch.device
+
+    def send(self, tensor: torch.Tensor, tag: int, timeout_s: float | None) -> None: ...
+
+    def recv(self, tensor: torch.Tensor, tag: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ChannelBroken(RuntimeError):
+    """The pair's transport failed; the pair must be re-formed."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    num_bytes: int
+    send_s: float  # header + payload, from dequeue to the peer's receive completing
+
+
+@dataclass(frozen=True)
+class Received:
+    """One transfer drained by the receive loop: KV, or why it cannot be used."""
+
+    header: KVHeader
+    payload: torch.Tensor | None  # [num_layers, num_blocks, *block_shape], None when `error` is set
+    error: str | None
+    recv_s: float
+    checksum_s: float
+
+
+class KVSender:
+    """Prefill side: sends queued transfers in order on a background thread."""
+
+    def __init__(self, comm: Communicator, timeout_s: float, name: str = "pair"):
+        self.comm = comm
+        self.timeout_s = timeout_s
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.broken: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, header: KVHeader, payload: torch.Tensor,
+               on_done: Callable[[SendResult | None, BaseException | None], None]) -> None:
+        if self.broken is not None:
+            on_done(None, ChannelBroken(f"pair is broken: {self.broken}"))
+            return
+        self._queue.put((header, payload, on_done))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            header, payload, on_done = item
+            if self.broken is not None:
+                on_done(None, ChannelBroken(f"pair is broken: {self.broken}"))
+                continue
+            started = time.perf_counter()
+            try:
+                self.comm.send(header.encode(self.comm.device), TAG_HEADER, self.timeout_s)
+                self.comm.send(payload.contiguous(), TAG_PAYLOAD, self.timeout_s)
+            except BaseException as exc:  # noqa: BLE001 - any failure breaks the pair
+                self.broken = exc
+                logger.warning("KV send failed, pair broken: %s", exc)
+                on_done(None, ChannelBroken(str(exc)))
+                continue
+            on_done(SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started), None)
+
+
+class KVReceiver:
+    """Decode side: drains every transfer of the pair into `deliver`, verifying each checksum."""
+
+    def __init__(self, comm: Communicator, deliver: Callable[[Received], None],
+                 on_broken: Callable[[BaseException], None], name: str = "pair"):
+        self.comm = comm
+        self._deliver = deliver
+        self._on_broken = on_broken
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"kv-recv-{name}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopped = True
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._deliver(self._receive_one())
+        except BaseException as exc:  # noqa: BLE001 - transport gone or desynchronised
+            if not self._stopped:
+                logger.warning("KV receive loop stopped, pair broken: %s", exc)
+                self._on_broken(exc)
+
+    def _receive_one(self) -> Received:
+        wire = torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.comm.device)  # [HEADER_SLOTS]
+        self.comm.recv(wire, TAG_HEADER)
+        started = time.perf_counter()
+        header = KVHeader.decode(wire)  # KVHeaderError here means the stream is out of step: break
+        payload = torch.empty(header.shape, dtype=header.dtype, device=self.comm.device)
+        self.comm.recv(payload, TAG_PAYLOAD)
+        received = time.perf_counter()
+        actual = checksum(payload, header.checksum_algo)
+        done = time.perf_counter()
+        if actual != header.checksum:
+            error = f"KV checksum mismatch (sent {header.checksum:#x}, received {actual:#x})"
+            return Received(header, None, error, received - started, done - received)
+        return Received(header, payload, None, received - started, done - received)
+
+
+__all__ = ["ChannelBroken", "Communicator", "KVHeaderError", "KVReceiver", "KVSender", "Received", "SendResult",
+           "TAG_HEADER", "TAG_PAYLOAD"]

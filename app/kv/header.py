@@ -1,0 +1,87 @@
+"""The header every KV transfer carries ahead of its payload, and its checks.
+
+On the wire the header is one int64 tensor of `HEADER_SLOTS` slots (a fixed size, so the receiver can
+always post the receive before it knows anything):
+    [magic, version, xfer_id, num_tokens, num_blocks, dtype_code, checksum_algo, checksum,
+     ndim, shape[0..MAX_DIMS-1], 0...]
+`shape` is the payload's full shape `[num_layers, num_blocks, *block_shape]`. The receiver checks every
+field against what it expects; any mismatch raises `KVHeaderError`, which the caller turns into a
+failed transfer (never into data that is used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = 0x7064_6B76  # "pdkv"
+VERSION = 1
+HEADER_SLOTS = 24
+MAX_DIMS = 8
+_DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4, torch.float8_e4m3fn: 5}
+_DTYPE_BY_CODE = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+class KVHeaderError(ValueError):
+    """A header that does not describe the transfer the receiver expects."""
+
+
+def xfer_key(xfer_id: str) -> int:
+    """63-bit wire key of a transfer id (the id itself is an opaque string)."""
+    return int.from_bytes(hashlib.blake2b(xfer_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True)
+class KVHeader:
+    xfer_key: int
+    num_tokens: int
+    num_blocks: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # [num_layers, num_blocks, *block_shape]
+    checksum_algo: int
+    checksum: int
+
+    @property
+    def num_bytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def encode(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        if len(self.shape) > MAX_DIMS:
+            raise KVHeaderError(f"payload has {len(self.shape)} dims; at most {MAX_DIMS} fit a header")
+        slots = [MAGIC, VERSION, self.xfer_key, self.num_tokens, self.num_blocks, _DTYPES[self.dtype],
+                 self.checksum_algo, self.checksum, len(self.shape), *self.shape]
+        slots += [0] * (HEADER_SLOTS - len(slots))
+        return torch.tensor(slots, dtype=torch.int64, device=device)  # [HEADER_SLOTS]
+
+    @classmethod
+    def decode(cls, wire: torch.Tensor) -> KVHeader:
+        slots = wire.cpu().tolist()
+        if slots[0] != MAGIC or slots[1] != VERSION:
+            raise KVHeaderError(f"not a pdserve KV header (magic {slots[0]:#x}, version {slots[1]})")
+        ndim = slots[8]
+        if not 2 <= ndim <= MAX_DIMS or slots[5] not in _DTYPE_BY_CODE:
+            raise KVHeaderError(f"corrupt KV header (ndim {ndim}, dtype code {slots[5]})")
+        return cls(xfer_key=slots[2], num_tokens=slots[3], num_blocks=slots[4], dtype=_DTYPE_BY_CODE[slots[5]],
+                   shape=tuple(slots[9 : 9 + ndim]), checksum_algo=slots[6], checksum=slots[7])
+
+    def check(self, *, num_tokens: int, block_size: int, block_shape: tuple[int, ...], num_layers: int,
+              dtype: torch.dtype) -> None:
+        """Raise `KVHeaderError` unless this header describes the KV the receiver's engine can use."""
+        want_blocks = -(-num_tokens // block_size)
+        want_shape = (num_layers, want_blocks, *block_shape)
+        problems = []
+        if self.num_tokens != num_tokens:
+            problems.append(f"{self.num_tokens} tokens, expected {num_tokens}")
+        if self.num_blocks != want_blocks:
+            problems.append(f"{self.num_blocks} blocks, expected {want_blocks}")
+        if self.shape != want_shape:
+            problems.append(f"shape {self.shape}, expected {want_shape}")
+        if self.dtype != dtype:
+            problems.append(f"dtype {self.dtype}, expected {dtype}")
+        if problems:
+            raise KVHeaderError("KV header mismatch: " + "; ".join(problems))

@@ -1,0 +1,79 @@
+"""Shared fixtures: one Ray session for the whole run, one Serve app per module, an offline engine.
+
+Everything a test starts it stops: Serve apps by name, the Ray session it started, engines by handle.
+The session ends with a check that nothing new was left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.config import DEFAULT_MODEL_DIR, engine_env
+
+for _key, _value in engine_env().items():  # the offline reference engine runs in this process
+    os.environ.setdefault(_key, _value)
+
+MODEL_DIR = str(DEFAULT_MODEL_DIR)
+MODEL_NAME = "pdserve-tiny-llama"
+_SHM = Path("/dev/shm")
+
+
+def _shm_entries() -> set[str]:
+    return set(os.listdir(_SHM)) if _SHM.exists() else set()
+
+
+_SHM_AT_START = _shm_entries()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[int]:
+    """A local Ray cluster with Serve listening on a free loopback port; yields the port."""
+    import ray
+    from ray import serve
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        # More logical CPUs than cores: replicas reserve 1 CPU each but mostly wait on each other.
+        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False, namespace="pdserve-tests")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    if started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def offline_engine():
+    """vLLM run directly in this process (no Serve): the reference for token-exact tests."""
+    from app.config import AppConfig, EngineSpec
+    from app.engine import EngineDriver
+
+    driver = EngineDriver.from_spec(EngineSpec.from_config(AppConfig()))
+    yield driver
+    driver.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = _shm_entries() - _SHM_AT_START
+    if left:
+        print(f"\n/dev/shm entries left by the test run: {sorted(left)}")
+        session.exitstatus = 1

@@ -1,0 +1,69 @@
+"""Test helpers: reference generations, prompts of exact token lengths, Serve app life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from app.messages import SamplingSpec
+
+STDLIB_SNIPPET = '''import os
+import sys
+
+
+def walk(top, topdown=True, onerror=None, followlinks=False):
+    """Directory tree generator.
+
+    For each directory in the directory tree rooted at top (including top
+    itself, but excluding '.' and '..'), yields a 3-tuple
+    """
+    sys.audit("os.walk", top, topdown, onerror, followlinks)
+    stack = [fspath(top)]
+    islink, join = path.islink, path.join
+    while stack:
+        top = stack.pop()
+        if isinstance(top, tuple):
+            yield top
+            continue
+        dirs = []
+        nondirs = []
+        walk_dirs = []
+'''
+
+
+def prompt_of_length(tokenizer, num_tokens: int) -> list[int]:
+    """Token ids of exactly `num_tokens` tokens of Python source."""
+    ids = tokenizer(STDLIB_SNIPPET * (1 + num_tokens // 100), add_special_tokens=False)["input_ids"]
+    assert len(ids) >= num_tokens
+    return ids[:num_tokens]
+
+
+def offline_generate(driver, prompt_ids: list[int], max_tokens: int, **sampling: Any) -> tuple[str, list[int]]:
+    """Greedy (by default) text and token ids from an in-process `EngineDriver`."""
+    spec = SamplingSpec(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0.0), **sampling)
+
+    async def run() -> tuple[str, list[int]]:
+        text, ids = "", []
+        request_id = f"offline-{time.monotonic_ns()}"
+        async for chunk in driver.generate(request_id, list(prompt_ids), spec):
+            text += chunk.text
+            ids.extend(chunk.token_ids)
+        return text, ids
+
+    return asyncio.run(run())
+
+
+def run_app(args: dict[str, Any], name: str, route_prefix: str):
+    """Deploy pdserve as a named Serve app (blocking until ready); returns its ingress handle."""
+    from ray import serve
+
+    from deployments.builder import build_app
+
+    return serve.run(build_app(args), name=name, route_prefix=route_prefix)
+
+
+def stop_app(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name, _blocking=True)

@@ -1,0 +1,162 @@
+"""End to end, collocated mode: the OpenAI client against the running app, bad input, handle calls."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from tests.conftest import MODEL_NAME
+from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
+
+pytestmark = pytest.mark.slow
+APP = "colo"
+PREFIX = "/colo"
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    handle = run_app({"mode": "collocated"}, APP, PREFIX)
+    yield {"base": f"http://127.0.0.1:{ray_session}{PREFIX}", "handle": handle}
+    stop_app(APP)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return openai.OpenAI(base_url=f"{app['base']}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _engine_free_blocks() -> int:
+    handle = serve.get_deployment_handle("Collocated", APP)
+    return handle.stats.remote().result()["num_free_blocks"]
+
+
+@pytest.mark.parametrize("num_tokens", [5, 32, 100])
+def test_openai_client_greedy_equals_offline_vllm(client, offline_engine, tokenizer, num_tokens):
+    prompt = prompt_of_length(tokenizer, num_tokens)
+    want_text, want_ids = offline_generate(offline_engine, prompt, 24)
+    got = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0)
+    assert got.choices[0].text == want_text
+    assert got.usage.prompt_tokens == num_tokens
+    assert got.usage.completion_tokens == len(want_ids)
+    stream = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == want_text
+
+
+def test_chat_greedy_equals_offline_vllm_streaming_and_not(client, offline_engine, tokenizer):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want_text, _ = offline_generate(offline_engine, tokenizer(text, add_special_tokens=False)["input_ids"], 20)
+    got = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=20, temperature=0)
+    assert got.choices[0].message.content == want_text
+    assert got.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=20,
+                                                  temperature=0, stream=True,
+                                                  stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == got.choices[0].finish_reason
+
+
+def test_sse_wire_format_ends_with_done(app):
+    body = {"model": MODEL_NAME, "prompt": "import os\n", "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{app['base']}/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_sequences_seed_and_sampling_params(client, offline_engine, tokenizer):
+    prompt = prompt_of_length(tokenizer, 40)
+    want, _ = offline_generate(offline_engine, prompt, 30, stop=("(",))
+    got = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=30, temperature=0, stop=["("])
+    assert got.choices[0].text == want
+    seeded = [client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=1.0, top_p=0.9,
+                                        seed=7).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+BAD_INPUTS = [
+    ("/v1/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    ("/v1/completions", {"model": MODEL_NAME}, 400, None),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": 5}, 400, None),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, 400, None),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 5000}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": [7] * 5000}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "temperature": "hot"}, 400, None),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logprobs": 3}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 2}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "made_up": 1}, 400, "unknown_parameter"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": [99999]}, 400, None),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": []}, 400, None),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": "hello"}, 400, None),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), BAD_INPUTS)
+def test_bad_input_gets_openai_error(app, path, body, status, code):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(f"{app['base']}{path}", headers={"content-type": "application/json"}, timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if status == 400 and "max_tokens" in str(body) and code == "context_length_exceeded":
+        assert "4096" in error["message"] and "5000" in error["message"]
+
+
+def test_prompt_past_context_names_both_numbers(app):
+    response = httpx.post(f"{app['base']}/v1/completions", json={"model": MODEL_NAME, "prompt": [7] * 5000},
+                          timeout=30)
+    assert response.status_code == 400
+    assert "4096" in response.json()["error"]["message"] and "5000" in response.json()["error"]["message"]
+
+
+def test_app_still_serves_after_bad_input_and_frees_blocks(client, app):
+    for path, body, _, _ in BAD_INPUTS:
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        httpx.post(f"{app['base']}{path}", headers={"content-type": "application/json"}, timeout=30, **kwargs)
+    got = client.completions.create(model=MODEL_NAME, prompt="import sys\n", max_tokens=4, temperature=0)
+    assert got.usage.completion_tokens == 4
+    assert httpx.get(f"{app['base']}/health", timeout=10).json()["status"] == "ok"
+    assert _engine_free_blocks() == serve.get_deployment_handle("Collocated", APP).stats.remote().result()[
+        "num_total_blocks"] - 1  # vLLM keeps one null block aside
+
+
+def test_models_and_unknown_route(app):
+    models = httpx.get(f"{app['base']}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == [MODEL_NAME]
+    missing = httpx.get(f"{app['base']}/v1/nothing", timeout=10)
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_handle_call_equals_http(app, client, tokenizer):
+    prompt = prompt_of_length(tokenizer, 20)
+    request = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+    via_http = client.completions.create(**request)
+    via_handle = app["handle"].create_completion.remote(request).result()
+    assert via_handle["choices"][0]["text"] == via_http.choices[0].text
+    assert via_handle["usage"] == via_http.usage.model_dump(exclude_none=True)
+    streamed = app["handle"].options(stream=True).create_completion_stream.remote({**request, "stream": True})
+    assert "".join(chunk["choices"][0]["text"] for chunk in streamed) == via_http.choices[0].text
+
+
+def test_handle_call_raises_openai_error(app):
+    from app.protocol import OpenAIError
+
+    with pytest.raises(OpenAIError) as info:
+        app["handle"].create_completion.remote({"model": "nope", "prompt": "x"}).result()
+    assert "nope" in str(info.value)

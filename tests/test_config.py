@@ -1,0 +1,58 @@
+"""Configuration: the shipped serve_config.yaml validates; wrong keys and values fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import REPO_ROOT, AppConfig, EngineSpec, parse_app_config
+
+
+def _shipped_args(name: str = "serve_config.yaml") -> dict:
+    return yaml.safe_load((REPO_ROOT / name).read_text())["applications"][0]["args"]
+
+
+def test_shipped_config_validates_and_points_at_the_bundled_model():
+    config = parse_app_config(_shipped_args())
+    assert Path(config.model.path).is_dir()
+    assert (Path(config.model.path) / "model.safetensors").exists()
+    spec = EngineSpec.from_config(config)
+    assert spec.dtype == "float32" and spec.block_size % 32 == 0
+
+
+def test_unknown_key_is_named_with_the_fix():
+    with pytest.raises(ValueError) as info:
+        parse_app_config({"engine": {"blok_size": 32}})
+    assert "engine.blok_size" in str(info.value) and "unknown key" in str(info.value)
+
+
+@pytest.mark.parametrize(("args", "key"), [
+    ({"mode": "split"}, "mode"),
+    ({"engine": {"block_size": 20}}, "engine.block_size"),
+    ({"model": {"dtype": "int3"}}, "model.dtype"),
+    ({"prefill": {"min_replicas": 3, "max_replicas": 2}}, "prefill"),
+    ({"decode": {"num_replicas": 0}}, "decode.num_replicas"),
+    ({"kv_transfer": {"backend": "mpi"}}, "kv_transfer.backend"),
+])
+def test_bad_values_fail_naming_the_key(args, key):
+    with pytest.raises(ValueError) as info:
+        parse_app_config(args)
+    assert key in str(info.value)
+
+
+def test_deployment_options_map_to_serve_options():
+    fixed = AppConfig().collocated.serve_options()
+    assert fixed["num_replicas"] == 1 and fixed["ray_actor_options"]["num_cpus"] == 1.0
+    auto = parse_app_config({"decode": {"num_replicas": "auto", "min_replicas": 1, "max_replicas": 4,
+                                        "num_gpus": 1}}).decode.serve_options()
+    assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
+    assert auto["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_relative_model_path_resolves_against_repo_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = parse_app_config({"model": {"path": "models/pdserve-tiny-llama"}})
+    assert Path(config.model.path).is_absolute() and Path(config.model.path).is_dir()
+    assert parse_app_config({"model": {"path": "org/hub-model"}}).model.path == "org/hub-model"
