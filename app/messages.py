@@ -47,3 +47,15 @@ class GenerateRequest:
     sampling: SamplingSpec
     cache_salt: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a prefill replica reports once a request's KV has been sent to its decode replica."""
+
+    xfer_id: str
+    num_prompt_tokens: int
+    num_bytes: int
+    prefill_s: float  # engine time for the prompt, submit to gathered KV
+    send_s: float  # header + payload on the pair's channel
+    first_token_id: int | None

@@ -8,17 +8,17 @@ in the engine. `stats` reports KV block counts for leak checks and metrics.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from ray import serve
 
 from app.config import EngineSpec
 from app.engine import EngineDriver
 from app.messages import GenerateRequest, GenerationChunk
+from deployments.engine_replica import EngineReplica
 
 
 @serve.deployment
-class Collocated:
+class Collocated(EngineReplica):
     def __init__(self, spec: EngineSpec):
         self.spec = spec
         self.driver = EngineDriver.from_spec(spec)
@@ -28,19 +28,3 @@ class Collocated:
             request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt
         ):
             yield chunk
-
-    async def stats(self) -> dict[str, Any]:
-        return {
-            "num_free_blocks": self.driver.num_free_blocks(),
-            "num_total_blocks": self.driver.num_total_blocks(),
-            "num_unfinished": self.driver.num_unfinished(),
-        }
-
-    def check_health(self) -> None:
-        if not self.driver.is_alive():
-            raise RuntimeError("engine driver thread died")
-
-    def __del__(self):
-        driver = getattr(self, "driver", None)
-        if driver is not None:
-            driver.shutdown()

@@ -1,0 +1,210 @@
+"""The pair groups one replica belongs to: created lazily, reused, dropped when broken.
+
+A pair is (prefill replica, decode replica), joined in one `ray.util.collective` group named after
+both replica ids (prefill is rank 0, decode rank 1). One replica can be in many pairs. Life cycle:
+1. `ensure(peer_id)` (blocking; call it off the event loop) joins the group on first use: both ends
+   are called by the ingress for the same request at about the same time, so both join together.
+   Concurrent callers for the same peer wait for one join.
+2. Prefill sends through the pair's `KVSender`; decode drains it with a `KVReceiver` into `deliver`.
+3. Any failure (send timeout, peer gone, undecodable header) `drop`s the pair: threads stop, the
+   group is destroyed, and the next `ensure` forms a new one. A replaced replica has a new id, so
+   its pairs are new groups; the old ones break on first use and are dropped.
+
+Backends: "gloo" is pdserve's `PDSERVE_GLOO` (CPU, tags, per-send timeout); "nccl" is Ray's
+built-in NCCL group (GPU; FIFO order per pair, no tags, no per-send timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from app.kv import gloo_group
+from app.kv.channel import ChannelBroken, KVReceiver, KVSender, Received, SendResult
+from app.kv.header import KVHeader
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode"]
+
+
+def pair_group_name(prefill_id: str, decode_id: str) -> str:
+    return f"pdkv-{prefill_id}-{decode_id}"
+
+
+def resolve_backend(configured: str, device: torch.device) -> str:
+    """`auto` -> nccl for CUDA KV caches, gloo otherwise."""
+    if configured != "auto":
+        return configured
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class GlooPairComm:
+    """Point-to-point over a `PairGlooGroup` (CPU tensors, tagged)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, group: gloo_group.PairGlooGroup, peer_rank: int):
+        self.group = group
+        self.peer_rank = peer_rank
+
+    def send(self, tensor: torch.Tensor, tag: int, timeout_s: float | None) -> None:
+        self.group.send_tagged(tensor, self.peer_rank, tag, timeout_s)
+
+    def recv(self, tensor: torch.Tensor, tag: int) -> None:
+        self.group.recv_tagged(tensor, self.peer_rank, tag)
+
+    def close(self) -> None:
+        self.group.destroy_group()
+
+
+class RayCollectiveComm:
+    """Point-to-point through `ray.util.collective` (the NCCL backend on GPUs)."""
+
+    def __init__(self, group_name: str, peer_rank: int, device: torch.device):
+        self.group_name = group_name
+        self.peer_rank = peer_rank
+        self.device = device
+
+    def send(self, tensor: torch.Tensor, tag: int, timeout_s: float | None) -> None:
+        from ray.util import collective
+
+        collective.send(tensor, self.peer_rank, self.group_name)  # NCCL: FIFO per pair, tag not needed
+
+    def recv(self, tensor: torch.Tensor, tag: int) -> None:
+        from ray.util import collective
+
+        collective.recv(tensor, self.peer_rank, self.group_name)
+
+    def close(self) -> None:
+        pass  # the group itself is destroyed by PairTransport.drop
+
+
+@dataclass
+class _Pair:
+    group_name: str
+    comm: GlooPairComm | RayCollectiveComm
+    sender: KVSender | None = None
+    receiver: KVReceiver | None = None
+
+
+class PairTransport:
+    def __init__(self, role: Role, replica_id: str, backend: str, timeout_s: float, device: torch.device,
+                 deliver: Callable[[Received], None] | None = None,
+                 on_drop: Callable[[str, str], None] | None = None):
+        if role == "decode" and deliver is None:
+            raise ValueError("a decode transport needs `deliver` for received KV")
+        self.role = role
+        self.replica_id = replica_id
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.device = device
+        self._deliver = deliver
+        self._on_drop = on_drop or (lambda peer, reason: None)
+        self._pairs: dict[str, _Pair] = {}
+        self._lock = threading.Lock()
+        self._join_locks: dict[str, threading.Lock] = {}
+        self.num_pairs_formed = 0
+        self.num_pairs_dropped = 0
+        if backend == "gloo":
+            gloo_group.register()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def ensure(self, peer_id: str) -> None:
+        """Join the pair group with `peer_id` unless already in it (blocks up to `timeout_s`)."""
+        with self._lock:
+            if peer_id in self._pairs:
+                return
+            join_lock = self._join_locks.setdefault(peer_id, threading.Lock())
+        with join_lock:
+            with self._lock:
+                if peer_id in self._pairs:
+                    return
+            pair = self._join(peer_id)
+            with self._lock:
+                self._pairs[peer_id] = pair
+                self.num_pairs_formed += 1
+
+    def _join(self, peer_id: str) -> _Pair:
+        from ray.util import collective
+
+        prefill_id, decode_id = (self.replica_id, peer_id) if self.role == "prefill" else (peer_id, self.replica_id)
+        name = pair_group_name(prefill_id, decode_id)
+        rank, peer_rank = (0, 1) if self.role == "prefill" else (1, 0)
+        if collective.is_group_initialized(name):  # a broken earlier incarnation
+            collective.destroy_collective_group(name)
+        try:
+            if self.backend == "gloo":
+                collective.init_collective_group(2, rank, backend=gloo_group.BACKEND_NAME, group_name=name)
+                group = collective.get_group_handle(name)
+                group.connect(self.timeout_s)
+                comm: GlooPairComm | RayCollectiveComm = GlooPairComm(group, peer_rank)
+            else:
+                collective.init_collective_group(2, rank, backend=self.backend, group_name=name)
+                comm = RayCollectiveComm(name, peer_rank, self.device)
+        except BaseException as exc:
+            if collective.is_group_initialized(name):
+                collective.destroy_collective_group(name)
+            raise ChannelBroken(f"could not form pair {name}: {exc}") from exc
+        pair = _Pair(name, comm)
+        if self.role == "prefill":
+            pair.sender = KVSender(comm, self.timeout_s, name=name)
+        else:
+            assert self._deliver is not None
+            pair.receiver = KVReceiver(comm, self._deliver, lambda exc: self.drop(peer_id, f"receive failed: {exc}"),
+                                       name=name)
+        logger.info("pair %s formed (%s, rank %d)", name, self.backend, rank)
+        return pair
+
+    def drop(self, peer_id: str, reason: str) -> None:
+        with self._lock:
+            pair = self._pairs.pop(peer_id, None)
+            if pair is None:
+                return
+            self.num_pairs_dropped += 1
+        logger.warning("dropping pair %s: %s", pair.group_name, reason)
+        if pair.sender is not None:
+            pair.sender.close()
+        if pair.receiver is not None:
+            pair.receiver.close()
+        pair.comm.close()
+        try:
+            from ray.util import collective
+
+            if collective.is_group_initialized(pair.group_name):
+                collective.destroy_collective_group(pair.group_name)
+        except Exception:  # noqa: BLE001 - best effort: the group is unusable either way
+            logger.exception("destroying %s failed", pair.group_name)
+        self._on_drop(peer_id, reason)
+
+    def close(self) -> None:
+        for peer_id in self.peers():
+            self.drop(peer_id, "replica shutting down")
+
+    def peers(self) -> list[str]:
+        with self._lock:
+            return list(self._pairs)
+
+    # -- prefill side -----------------------------------------------------------------------------
+
+    def send(self, peer_id: str, header: KVHeader, payload: torch.Tensor,
+             on_done: Callable[[SendResult | None, BaseException | None], None]) -> None:
+        """Queue one transfer to `peer_id`; `on_done` runs on the sender thread when it ends."""
+        with self._lock:
+            pair = self._pairs.get(peer_id)
+        if pair is None or pair.sender is None:
+            on_done(None, ChannelBroken(f"not paired with {peer_id}"))
+            return
+
+        def done(result: SendResult | None, error: BaseException | None) -> None:
+            if error is not None:
+                self.drop(peer_id, f"send failed: {error}")
+            on_done(result, error)
+
+        pair.sender.submit(header, payload, done)

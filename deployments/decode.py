@@ -1,0 +1,118 @@
+"""`Decode`: receives a request's KV from its prefill replica and generates, streaming tokens.
+
+Life cycle of `generate(request, prefill_id, xfer_id)`:
+1. Tell the mailbox to expect the transfer (deadline `kv_transfer.timeout_s`) and join the pair group
+   with `prefill_id` if needed; the pair's receive loop drains transfers into the mailbox.
+2. Add the request to the engine with `kv_transfer_params={"pdserve": {"xfer_id": ...}}`. The
+   connector's scheduler half keeps it waiting ("ask again later") until its KV has arrived, while
+   every other running request keeps decoding; then it loads the KV into the blocks vLLM allocated
+   and the request continues from the last prompt token. If the transfer failed or its deadline
+   passed, the prompt is recomputed here and the response says so (`pdserve.kv_source`).
+3. Stream the chunks; the first carries the `pdserve` metadata. On exit the mailbox entry is dropped,
+   whatever happened, so unclaimed KV never outlives its request.
+A sweeper thread ends overdue expectations and unclaimed leases and wakes the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import torch
+from ray import serve
+
+from app.config import EngineSpec, KVTransferConfig
+from app.engine import EngineDriver
+from app.kv.header import xfer_key
+from app.kv.hub import PARAMS_KEY, reset_hub
+from app.kv.mailbox import KVMailbox
+from app.kv.pairs import PairTransport, resolve_backend
+from app.messages import GenerateRequest, GenerationChunk
+from deployments.engine_replica import EngineReplica
+from deployments.prefill import CONNECTOR
+
+SWEEP_INTERVAL_S = 0.1
+
+
+@serve.deployment
+class Decode(EngineReplica):
+    def __init__(self, spec: EngineSpec, kv: KVTransferConfig):
+        self.spec, self.kv = spec, kv
+        self.hub = reset_hub()
+        self.mailbox = KVMailbox(kv.lease_s, on_change=self._wake)
+        self.hub.mailbox = self.mailbox
+        self.driver = EngineDriver.from_spec(
+            spec, {**CONNECTOR, "kv_role": "kv_consumer", "kv_load_failure_policy": "recompute"})
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        device = self.hub.kv_layers[0].device if self.hub.kv_layers else torch.device("cpu")
+        self.transport = PairTransport("decode", self.replica_id, resolve_backend(kv.backend, device), kv.timeout_s,
+                                       device, deliver=self.mailbox.deliver)
+        self._stopped = threading.Event()
+        threading.Thread(target=self._sweep, name="kv-mailbox-sweep", daemon=True).start()
+
+    def record_replica_metadata(self) -> dict[str, str]:
+        return {"pair_id": self.replica_id}
+
+    async def generate(self, request: GenerateRequest, prefill_id: str, xfer_id: str
+                       ) -> AsyncIterator[GenerationChunk]:
+        key = xfer_key(xfer_id)
+        # 1. expect the KV, pair with its sender
+        self.mailbox.expect(key, self.kv.timeout_s)
+        try:
+            await asyncio.to_thread(self.transport.ensure, prefill_id)
+        except Exception as exc:  # noqa: BLE001 - pairing failed: this request falls back
+            self.mailbox.fail(key, f"pairing with prefill failed: {exc}")
+        # 2./3. generate; the connector loads the KV when it is there
+        first = True
+        try:
+            async for chunk in self.driver.generate(
+                request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt,
+                kv_transfer_params={PARAMS_KEY: {"xfer_id": xfer_id}},
+            ):
+                if first:
+                    first = False
+                    chunk = _with_metadata(chunk, self._kv_metadata(request.request_id, prefill_id, chunk))
+                yield chunk
+        finally:
+            self.mailbox.forget(key)
+
+    def _kv_metadata(self, request_id: str, prefill_id: str, chunk: GenerationChunk) -> dict:
+        with self.hub.lock:
+            reason = self.hub.recomputed.pop(request_id, None)
+        return {"mode": "disaggregated", "prefill_replica": prefill_id, "decode_replica": self.replica_id,
+                "kv_source": "recomputed" if reason else "transfer", "fallback_reason": reason,
+                "num_cached_tokens": chunk.num_cached_tokens}
+
+    async def kv_stats(self) -> dict:
+        counters = self.hub.counters
+        return {"num_loaded": counters.num_loaded, "num_loaded_tokens": counters.num_loaded_tokens,
+                "num_load_errors": counters.num_load_errors, "fallbacks": dict(counters.num_fallbacks),
+                "mailbox_entries": len(self.mailbox), "mailbox_bytes": self.mailbox.num_held_bytes(),
+                "pairs": self.transport.peers(), "num_pairs_formed": self.transport.num_pairs_formed,
+                "num_pairs_dropped": self.transport.num_pairs_dropped}
+
+    def _wake(self) -> None:
+        driver = getattr(self, "driver", None)
+        if driver is not None:
+            driver.wake()
+
+    def _sweep(self) -> None:
+        while not self._stopped.wait(SWEEP_INTERVAL_S):
+            self.mailbox.sweep()
+            self._wake()
+
+    def shutdown(self) -> None:
+        stopped = getattr(self, "_stopped", None)
+        if stopped is not None:
+            stopped.set()
+        transport = getattr(self, "transport", None)
+        if transport is not None:
+            transport.close()
+        super().shutdown()
+
+
+def _with_metadata(chunk: GenerationChunk, metadata: dict) -> GenerationChunk:
+    from dataclasses import replace
+
+    return replace(chunk, metadata={**(chunk.metadata or {}), **metadata})

@@ -1,0 +1,30 @@
+"""What every engine replica (Collocated, Prefill, Decode) shares: its driver, stats, health, shutdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.engine import EngineDriver
+
+
+class EngineReplica:
+    driver: EngineDriver
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "num_free_blocks": self.driver.num_free_blocks(),
+            "num_total_blocks": self.driver.num_total_blocks(),
+            "num_unfinished": self.driver.num_unfinished(),
+        }
+
+    def check_health(self) -> None:
+        if not self.driver.is_alive():
+            raise RuntimeError("engine driver thread died")
+
+    def shutdown(self) -> None:
+        driver = getattr(self, "driver", None)
+        if driver is not None:
+            driver.shutdown()
+
+    def __del__(self):
+        self.shutdown()
