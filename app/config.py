@@ -103,6 +103,16 @@ class DeploymentOptions(_Strict):
         return options
 
 
+class FaultInjection(_Strict):
+    """Drills: make a share of KV transfers fail, arrive corrupted, or arrive late (prefill side)."""
+
+    fail_fraction: float = Field(0.0, ge=0, le=1, description="Share of transfers never sent.")
+    corrupt_fraction: float = Field(0.0, ge=0, le=1, description="Share sent with one value changed "
+                                    "after the checksum was taken (decode must refuse them).")
+    delay_s: float = Field(0.0, ge=0, description="Extra wait before each send.")
+    seed: int | None = Field(None, description="Seed for choosing which transfers are hit.")
+
+
 class KVTransferConfig(_Strict):
     """How KV blocks move from prefill to decode replicas."""
 
@@ -111,6 +121,7 @@ class KVTransferConfig(_Strict):
     )
     timeout_s: float = Field(10.0, gt=0, description="Deadline for one KV transfer to arrive at decode.")
     lease_s: float = Field(30.0, gt=0, description="How long received KV waits for its request.")
+    fault_injection: FaultInjection = Field(default_factory=FaultInjection, description="Failure drills.")
 
 
 class AppConfig(_Strict):

@@ -72,16 +72,16 @@ class Decode(EngineReplica):
             ):
                 if first:
                     first = False
-                    chunk = _with_metadata(chunk, self._kv_metadata(request.request_id, prefill_id, chunk))
+                    chunk = _with_metadata(chunk, self._kv_metadata(xfer_id, prefill_id, chunk))
                 yield chunk
         finally:
             self.mailbox.forget(key)
+            self.hub.pop_source(xfer_id)
 
-    def _kv_metadata(self, request_id: str, prefill_id: str, chunk: GenerationChunk) -> dict:
-        with self.hub.lock:
-            reason = self.hub.recomputed.pop(request_id, None)
+    def _kv_metadata(self, xfer_id: str, prefill_id: str, chunk: GenerationChunk) -> dict:
+        source, reason = self.hub.pop_source(xfer_id)
         return {"mode": "disaggregated", "prefill_replica": prefill_id, "decode_replica": self.replica_id,
-                "kv_source": "recomputed" if reason else "transfer", "fallback_reason": reason,
+                "kv_source": source, "fallback_reason": reason,
                 "num_cached_tokens": chunk.num_cached_tokens}
 
     async def kv_stats(self) -> dict:

@@ -13,13 +13,15 @@ Life cycle of `prefill(request, decode_id, xfer_id)`:
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 from ray import serve
 
-from app.config import EngineSpec, KVTransferConfig
+from app.config import EngineSpec, FaultInjection, KVTransferConfig
 from app.engine import EngineDriver
 from app.kv.channel import SendResult
 from app.kv.header import KVHeader
@@ -51,6 +53,8 @@ class Prefill(EngineReplica):
         self.transport = PairTransport("prefill", self.replica_id, resolve_backend(kv.backend, device), kv.timeout_s,
                                        device)
         self._outgoing: dict[str, _Outgoing] = {}
+        self._faults = kv.fault_injection
+        self._fault_rng = random.Random(self._faults.seed)
 
     def record_replica_metadata(self) -> dict[str, str]:
         return {"pair_id": self.replica_id}
@@ -89,7 +93,27 @@ class Prefill(EngineReplica):
         def done(result: SendResult | None, error: BaseException | None) -> None:
             outgoing.loop.call_soon_threadsafe(_settle, outgoing.done, result, error)
 
+        faults = self._faults
+        if faults.fail_fraction and self._fault_rng.random() < faults.fail_fraction:
+            done(None, RuntimeError("injected transfer failure"))
+            return
+        if faults.corrupt_fraction and self._fault_rng.random() < faults.corrupt_fraction:
+            payload.view(-1)[0] += 1.0  # after the checksum: decode's verification must catch it
+        if faults.delay_s:
+            threading.Timer(faults.delay_s, self.transport.send, (outgoing.decode_id, header, payload, done)).start()
+            return
         self.transport.send(outgoing.decode_id, header, payload, done)
+
+    async def set_fault_injection(self, faults: dict) -> None:
+        """Operators' drill switch (and the tests'): replace the fault-injection settings at runtime."""
+        self._faults = FaultInjection.model_validate(faults)
+        self._fault_rng = random.Random(self._faults.seed)
+
+    async def kv_stats(self) -> dict:
+        counters = self.hub.counters
+        return {"num_saved": counters.num_saved, "gather_s": counters.gather_s, "pairs": self.transport.peers(),
+                "num_pairs_formed": self.transport.num_pairs_formed,
+                "num_pairs_dropped": self.transport.num_pairs_dropped}
 
     def shutdown(self) -> None:
         transport = getattr(self, "transport", None)

@@ -32,11 +32,12 @@ def walk(top, topdown=True, onerror=None, followlinks=False):
 '''
 
 
-def prompt_of_length(tokenizer, num_tokens: int) -> list[int]:
-    """Token ids of exactly `num_tokens` tokens of Python source."""
-    ids = tokenizer(STDLIB_SNIPPET * (1 + num_tokens // 100), add_special_tokens=False)["input_ids"]
-    assert len(ids) >= num_tokens
-    return ids[:num_tokens]
+def prompt_of_length(tokenizer, num_tokens: int, offset: int = 0) -> list[int]:
+    """Token ids of exactly `num_tokens` tokens of Python source, starting `offset` tokens in (prompts with
+    different offsets share no prefix, so no prefix-cache hit blurs what a test measures)."""
+    ids = tokenizer(STDLIB_SNIPPET * (2 + (num_tokens + offset) // 100), add_special_tokens=False)["input_ids"]
+    assert len(ids) >= num_tokens + offset
+    return ids[offset : offset + num_tokens]
 
 
 def offline_generate(driver, prompt_ids: list[int], max_tokens: int, **sampling: Any) -> tuple[str, list[int]]:

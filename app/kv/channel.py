@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 TAG_HEADER = 1
 TAG_PAYLOAD = 2
+TAG_WATCH = 3  # never sent: the sender's watch receive on it fails when the peer's connection closes
 
 
 class Communicator(Protocol):
@@ -67,13 +68,28 @@ class Received:
 class KVSender:
     """Prefill side: sends queued transfers in order on a background thread."""
 
-    def __init__(self, comm: Communicator, timeout_s: float, name: str = "pair"):
+    def __init__(self, comm: Communicator, timeout_s: float, name: str = "pair",
+                 on_broken: Callable[[BaseException], None] | None = None, watch_peer: bool = False):
         self.comm = comm
         self.timeout_s = timeout_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.broken: BaseException | None = None
+        self._closed = False
+        self._on_broken = on_broken or (lambda exc: None)
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{name}", daemon=True)
         self._thread.start()
+        if watch_peer:
+            # A prefill replica would otherwise only learn that its decode peer died at the next send;
+            # a receive that never completes fails as soon as the peer's connection closes.
+            threading.Thread(target=self._watch, name=f"kv-watch-{name}", daemon=True).start()
+
+    def _watch(self) -> None:
+        try:
+            self.comm.recv(torch.empty(1, dtype=torch.int64, device=self.comm.device), TAG_WATCH)
+        except BaseException as exc:  # noqa: BLE001 - the peer is gone (or we closed the group)
+            if not self._closed:
+                self.broken = exc
+                self._on_broken(exc)
 
     def submit(self, header: KVHeader, payload: torch.Tensor,
                on_done: Callable[[SendResult | None, BaseException | None], None]) -> None:
@@ -83,6 +99,7 @@ class KVSender:
         self._queue.put((header, payload, on_done))
 
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
 
     def _run(self) -> None:

@@ -63,7 +63,7 @@ class SaveSpec:
 @dataclass(frozen=True)
 class LoadSpec:
     request_id: str
-    xfer_key: int
+    xfer_id: str
     block_ids: tuple[int, ...]  # the engine's blocks to fill, from `first_block` of the payload on
     first_block: int
     num_tokens: int  # prompt length the payload must describe
@@ -121,7 +121,7 @@ class PDConnector(KVConnectorBase_V1):
                 logger.warning("KV load for %s failed, recomputing: %s", load.request_id, exc)
                 self._load_error_blocks.update(load.block_ids)
                 self.hub.counters.num_load_errors += 1
-                self.hub.count_fallback(load.request_id, "load_error")
+                self.hub.count_fallback(load.xfer_id, f"KV load failed: {exc}")
                 continue
             self.hub.counters.num_loaded += 1
             self.hub.counters.load_s += time.perf_counter() - started
@@ -129,7 +129,7 @@ class PDConnector(KVConnectorBase_V1):
     def _load(self, load: LoadSpec) -> None:
         mailbox = self.hub.mailbox
         assert mailbox is not None, "decode replica did not attach its mailbox"
-        header, payload = mailbox.claim(load.xfer_key)
+        header, payload = mailbox.claim(xfer_key(load.xfer_id))
         layers = self.hub.kv_layers
         header.check(num_tokens=load.num_tokens, block_size=self.block_size, block_shape=tuple(layers[0].shape[1:]),
                      num_layers=len(layers), dtype=layers[0].dtype)
@@ -179,9 +179,11 @@ class PDConnector(KVConnectorBase_V1):
             return None, False  # KV still in flight: ask again next step
         if state == XferState.ARRIVED:
             # The last prompt token is always recomputed: it yields the logits of the first new token.
-            return max(0, num_prompt - 1 - num_computed_tokens), False
+            num_external = max(0, num_prompt - 1 - num_computed_tokens)
+            self.hub.note_source(xfer_id, "transfer" if num_external else "prefix_cache")
+            return num_external, False
         reason = error or "KV transfer unknown"
-        self.hub.count_fallback(request.request_id, reason)
+        self.hub.count_fallback(xfer_id, reason)
         return 0, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -191,7 +193,7 @@ class PDConnector(KVConnectorBase_V1):
         block_ids = blocks.get_block_ids()[0]
         first = tracked.num_local_tokens // self.block_size
         last = -(-tracked.num_prompt_tokens // self.block_size)
-        self._pending_loads.append(LoadSpec(request.request_id, xfer_key(tracked.xfer_id),
+        self._pending_loads.append(LoadSpec(request.request_id, tracked.xfer_id,
                                             tuple(block_ids[first:last]), first, tracked.num_prompt_tokens))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:

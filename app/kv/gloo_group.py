@@ -127,7 +127,12 @@ class PairGlooGroup(BaseGroup):
 
     def destroy_group(self) -> None:
         with self._lock:
-            self._pg, self._store = None, None
+            pg, self._pg, self._store = self._pg, None, None
+        if pg is not None:
+            try:
+                pg.abort()  # fails our pending receives and closes the peer's connection
+            except Exception:  # noqa: BLE001 - already broken
+                pass
 
     # -- collectives a pair never uses ------------------------------------------------------------
 

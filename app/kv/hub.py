@@ -44,14 +44,24 @@ class KVHub:
     kv_layers: list[torch.Tensor] = field(default_factory=list)  # each [num_total_blocks, *block_shape]
     block_size: int = 0
     counters: ConnectorCounters = field(default_factory=ConnectorCounters)
-    # request id -> why its KV was recomputed locally (read once by the decode replica)
-    recomputed: dict[str, str] = field(default_factory=dict)
+    # xfer id -> (where its prompt KV came from, why it fell back); read once by the decode replica.
+    # (Keyed by our transfer id: vLLM renames request ids internally.)
+    # Sources: "transfer", "prefix_cache" (decode had it cached; the transfer is dropped), "recomputed".
+    kv_sources: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def count_fallback(self, request_id: str, reason: str) -> None:
+    def count_fallback(self, xfer_id: str, reason: str) -> None:
         with self.lock:
             self.counters.num_fallbacks[reason] = self.counters.num_fallbacks.get(reason, 0) + 1
-            self.recomputed[request_id] = reason
+            self.kv_sources[xfer_id] = ("recomputed", reason)
+
+    def note_source(self, xfer_id: str, source: str) -> None:
+        with self.lock:
+            self.kv_sources.setdefault(xfer_id, (source, None))
+
+    def pop_source(self, xfer_id: str) -> tuple[str, str | None]:
+        with self.lock:
+            return self.kv_sources.pop(xfer_id, ("unknown", None))
 
 
 HUB = KVHub()
@@ -62,5 +72,5 @@ def reset_hub() -> KVHub:
     global HUB
     HUB.on_saved, HUB.mailbox, HUB.kv_layers = None, None, []
     HUB.counters = ConnectorCounters()
-    HUB.recomputed.clear()
+    HUB.kv_sources.clear()
     return HUB

@@ -154,7 +154,8 @@ class PairTransport:
             raise ChannelBroken(f"could not form pair {name}: {exc}") from exc
         pair = _Pair(name, comm)
         if self.role == "prefill":
-            pair.sender = KVSender(comm, self.timeout_s, name=name)
+            pair.sender = KVSender(comm, self.timeout_s, name=name, watch_peer=self.backend == "gloo",
+                                   on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"))
         else:
             assert self._deliver is not None
             pair.receiver = KVReceiver(comm, self._deliver, lambda exc: self.drop(peer_id, f"receive failed: {exc}"),

@@ -1,0 +1,208 @@
+"""End to end, disaggregated mode on CPU (pdserve's gloo backend), 2 prefill x 2 decode replicas.
+
+Story of one request: the ingress picks both replicas, prefill runs the prompt and ships its KV,
+decode loads it (no recompute) and streams tokens equal to the collocated path's. Then: concurrency,
+a corrupted payload caught by the checksum, a lost transfer recovered by local recompute, the leak
+check, and finally a decode replica killed and replaced without restarting prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from tests.conftest import MODEL_NAME
+from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
+
+pytestmark = pytest.mark.slow
+APP = "pd"
+PREFIX = "/pd"
+ARGS = {
+    "mode": "disaggregated",
+    "kv_transfer": {"timeout_s": 3.0},
+    "prefill": {"num_replicas": 2, "num_cpus": 1},
+    "decode": {"num_replicas": 2, "num_cpus": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    handle = run_app(ARGS, APP, PREFIX)
+    yield {"base": f"http://127.0.0.1:{ray_session}{PREFIX}", "handle": handle}
+    stop_app(APP)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return openai.OpenAI(base_url=f"{app['base']}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _broadcast(deployment: str, method: str, *args) -> list:
+    return serve.get_deployment_handle(deployment, APP).broadcast(method, *args).results(timeout_s=60)
+
+
+def _complete(app, prompt, max_tokens=16, **extra) -> dict:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    response = httpx.post(f"{app['base']}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize(("num_tokens", "offset"), [(10, 1), (32, 2), (33, 3), (100, 4), (130, 5)])
+def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, offline_engine, tokenizer,
+                                                                  num_tokens, offset):
+    prompt = prompt_of_length(tokenizer, num_tokens, offset)
+    want, _ = offline_generate(offline_engine, prompt, 20)
+    loaded_before = sum(s["num_loaded_tokens"] for s in _broadcast("Decode", "kv_stats"))
+    # 1. non-streaming
+    body = _complete(app, prompt, 20)
+    assert body["choices"][0]["text"] == want
+    assert body["pdserve"]["kv_source"] == "transfer"
+    assert body["pdserve"]["num_cached_tokens"] == num_tokens - 1  # decode computed only the last prompt token
+    # 2. the connector loaded the prompt's KV (all but the last token), it did not recompute it
+    loaded_after = sum(s["num_loaded_tokens"] for s in _broadcast("Decode", "kv_stats"))
+    assert loaded_after - loaded_before == num_tokens - 1
+    # 3. streaming
+    stream = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == want
+
+
+def test_prompt_fully_prefix_cached_on_decode_drops_its_transfer_without_wedging(app, offline_engine, tokenizer):
+    prompt = prompt_of_length(tokenizer, 65, offset=40)
+    want, _ = offline_generate(offline_engine, prompt, 8)
+    # The same prompt on every decode replica, so the next one is cached wherever it lands.
+    for _ in range(6):
+        _complete(app, prompt, 8)
+    bodies = [_complete(app, prompt, 8) for _ in range(4)]
+    assert {b["choices"][0]["text"] for b in bodies} == {want}
+    assert "prefix_cache" in {b["pdserve"]["kv_source"] for b in bodies}
+    assert _complete(app, prompt_of_length(tokenizer, 40, offset=300), 8)["pdserve"]["kv_source"] == "transfer"
+
+
+def test_chat_streaming_through_disaggregated_path(client, offline_engine, tokenizer):
+    messages = [{"role": "user", "content": "class Stack:\n    def push(self, item):"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want, _ = offline_generate(offline_engine, tokenizer(text, add_special_tokens=False)["input_ids"], 16)
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+
+
+def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine, tokenizer):
+    prompts = [prompt_of_length(tokenizer, 8 + 13 * i) for i in range(16)]
+    wants = [offline_generate(offline_engine, p, 24)[0] for p in prompts]
+
+    async def stream_one(client: httpx.AsyncClient, prompt) -> tuple[str, dict]:
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True}
+        text, meta = "", {}
+        async with client.stream("POST", f"{app['base']}/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    import json
+
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    text += event["choices"][0]["text"]
+        return text, meta
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=180) as client:
+            return await asyncio.gather(*(stream_one(client, p) for p in prompts))
+
+    results = asyncio.run(run_all())
+    assert [text for text, _ in results] == wants
+    pairs = {peer for stats in _broadcast("Decode", "kv_stats") for peer in stats["pairs"]}
+    assert len(pairs) == 2  # both prefill replicas paired with decode replicas
+
+
+def test_corrupted_payload_is_caught_by_the_checksum(app, offline_engine, tokenizer):
+    prompt = prompt_of_length(tokenizer, 70)
+    want, _ = offline_generate(offline_engine, prompt, 16)
+    _broadcast("Prefill", "set_fault_injection", {"corrupt_fraction": 1.0})
+    try:
+        body = _complete(app, prompt, 16)
+    finally:
+        _broadcast("Prefill", "set_fault_injection", {})
+    assert body["pdserve"]["kv_source"] == "recomputed"
+    assert "checksum mismatch" in body["pdserve"]["fallback_reason"]
+    assert body["choices"][0]["text"] == want  # recomputed locally, never served from bad KV
+    assert body["pdserve"]["num_cached_tokens"] < 69
+
+
+def test_lost_transfer_falls_back_to_local_recompute_after_the_deadline(app, offline_engine, tokenizer):
+    prompt = prompt_of_length(tokenizer, 45)
+    want, _ = offline_generate(offline_engine, prompt, 12)
+    _broadcast("Prefill", "set_fault_injection", {"fail_fraction": 1.0})
+    started = time.monotonic()
+    try:
+        body = _complete(app, prompt, 12)
+    finally:
+        _broadcast("Prefill", "set_fault_injection", {})
+    assert body["choices"][0]["text"] == want
+    assert body["pdserve"]["kv_source"] == "recomputed"
+    assert "deadline" in body["pdserve"]["fallback_reason"]
+    assert time.monotonic() - started < 3.0 + 10  # bounded by the deadline, not hung
+    fallbacks = {}
+    for stats in _broadcast("Decode", "kv_stats"):
+        for reason, count in stats["fallbacks"].items():
+            fallbacks[reason] = fallbacks.get(reason, 0) + count
+    assert any("deadline" in reason for reason in fallbacks)
+
+
+def test_no_leaks_engines_and_mailboxes_return_to_start(app):
+    deadline = time.monotonic() + 10
+    while True:
+        engines = _broadcast("Prefill", "stats") + _broadcast("Decode", "stats")
+        mailboxes = _broadcast("Decode", "kv_stats")
+        clean = all(s["num_free_blocks"] == s["num_total_blocks"] - 1 and s["num_unfinished"] == 0 for s in engines)
+        if clean and all(m["mailbox_entries"] == 0 for m in mailboxes) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(s["num_unfinished"] == 0 for s in engines)
+    assert all(s["num_free_blocks"] == s["num_total_blocks"] - 1 for s in engines)
+    assert all(m["mailbox_entries"] == 0 and m["mailbox_bytes"] == 0 for m in mailboxes)
+
+
+def test_killed_decode_replica_is_replaced_and_prefill_keeps_serving(app, offline_engine, tokenizer):
+    """Last in the module: it kills a replica."""
+    prefill_ids = _replica_ids("Prefill")
+    decode_ids = _replica_ids("Decode")
+    victim = sorted(decode_ids)[0]
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#Decode#{victim}", namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        current = _replica_ids("Decode")
+        if victim not in current and len(current) == 2:
+            break
+        time.sleep(1)
+    assert victim not in _replica_ids("Decode") and len(_replica_ids("Decode")) == 2
+    # new requests succeed, through both decode replicas, with the same prefill replicas
+    prompts = [prompt_of_length(tokenizer, 20 + 7 * i) for i in range(8)]
+    for prompt in prompts:
+        body = _complete(app, prompt, 12)
+        assert body["choices"][0]["text"] == offline_generate(offline_engine, prompt, 12)[0]
+        assert body["pdserve"]["kv_source"] == "transfer"
+        assert body["pdserve"]["prefill_replica"] in prefill_ids
+    assert _replica_ids("Prefill") == prefill_ids  # prefill replicas were not restarted
+    # the pair groups with the dead replica were dropped on the prefill side
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        prefill_pairs = {peer for stats in _broadcast("Prefill", "kv_stats") for peer in stats["pairs"]}
+        if victim not in prefill_pairs:
+            break
+        time.sleep(0.5)
+    assert victim not in prefill_pairs
+
+
+def _replica_ids(deployment: str) -> set[str]:
+    """Ids of the replicas that answer (a killed one may still be listed until the controller notices)."""
+    handle = serve.get_deployment_handle(deployment, APP)
+    results = handle.broadcast("record_replica_metadata").results(timeout_s=60, return_exceptions=True)
+    return {meta["pair_id"] for meta in results if isinstance(meta, dict)}

@@ -1,0 +1,297 @@
+"""KV transfer pieces without engines: payload, checksum, header, channel, mailbox, gloo pair group, and
+the NCCL path of `PairTransport` with Ray's collective calls replaced by an in-memory link."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from app.kv.channel import TAG_HEADER, TAG_PAYLOAD, ChannelBroken, KVReceiver, KVSender, Received
+from app.kv.gloo_group import PairGlooGroup
+from app.kv.header import KVHeader, KVHeaderError, xfer_key
+from app.kv.mailbox import KVMailbox, XferState
+from app.kv.payload import CHECKSUM_CRC32, CHECKSUM_WEIGHTED, checksum, gather_blocks, scatter_blocks
+
+BLOCK_SHAPE = (2, 32, 128)  # CPU layout: [num_kv_heads, block_size, 2 * head_size]
+
+
+def _layers(seed: int, num_layers: int = 4, num_blocks: int = 16) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((num_blocks, *BLOCK_SHAPE), generator=gen) for _ in range(num_layers)]
+
+
+def _header_for(payload: torch.Tensor, xfer_id: str = "x", num_tokens: int | None = None) -> KVHeader:
+    num_blocks = payload.shape[1]
+    return KVHeader(xfer_key(xfer_id), num_tokens or num_blocks * 32, num_blocks, payload.dtype,
+                    tuple(payload.shape), CHECKSUM_CRC32, checksum(payload, CHECKSUM_CRC32))
+
+
+# 1. payload -------------------------------------------------------------------------------------
+
+def test_gather_then_scatter_moves_exactly_the_chosen_blocks():
+    src, dst = _layers(0), [torch.zeros((16, *BLOCK_SHAPE)) for _ in range(4)]
+    payload = gather_blocks(src, [5, 2, 9])
+    assert payload.shape == (4, 3, *BLOCK_SHAPE) and payload.is_contiguous()
+    scatter_blocks(dst, [0, 1, 2], payload)
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(d[:3], s[[5, 2, 9]])
+        assert not d[3:].any()
+    with pytest.raises(ValueError):
+        scatter_blocks(dst, [0, 1], payload)
+
+
+@pytest.mark.parametrize("algo", [CHECKSUM_CRC32, CHECKSUM_WEIGHTED])
+def test_checksum_catches_a_flipped_value_and_reordered_blocks(algo):
+    payload = gather_blocks(_layers(1), [0, 1, 2, 3])
+    clean = checksum(payload, algo)
+    assert checksum(payload.clone(), algo) == clean
+    flipped = payload.clone()
+    flipped.view(-1)[777] += 1.0
+    assert checksum(flipped, algo) != clean
+    swapped = payload[:, [1, 0, 2, 3]].contiguous()
+    assert checksum(swapped, algo) != clean
+    assert 0 <= clean < 2**63
+
+
+# 2. header --------------------------------------------------------------------------------------
+
+def test_header_round_trips_and_checks_what_the_receiver_expects():
+    payload = gather_blocks(_layers(2), [1, 2, 3])
+    header = _header_for(payload, num_tokens=70)
+    assert KVHeader.decode(header.encode()) == header
+    header.check(num_tokens=70, block_size=32, block_shape=BLOCK_SHAPE, num_layers=4, dtype=torch.float32)
+    for kwargs in ({"num_tokens": 100}, {"num_layers": 5}, {"block_shape": (4, 32, 64)}, {"dtype": torch.bfloat16}):
+        args = {"num_tokens": 70, "block_size": 32, "block_shape": BLOCK_SHAPE, "num_layers": 4,
+                "dtype": torch.float32, **kwargs}
+        with pytest.raises(KVHeaderError):
+            header.check(**args)
+    garbage = torch.zeros(24, dtype=torch.int64)
+    with pytest.raises(KVHeaderError):
+        KVHeader.decode(garbage)
+
+
+# 3. channel over an in-memory link --------------------------------------------------------------
+
+class _Link:
+    """Both directions of an in-process link with per-tag FIFO queues."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.queues: dict[int, queue.Queue] = {}
+        self.closed = False
+
+    def _q(self, tag: int) -> queue.Queue:
+        return self.queues.setdefault(tag, queue.Queue())
+
+    def send(self, tensor, tag, timeout_s):
+        if self.closed:
+            raise RuntimeError("link closed")
+        self._q(tag).put(tensor.clone())
+
+    def recv(self, tensor, tag):
+        while True:
+            if self.closed:
+                raise RuntimeError("link closed")
+            try:
+                tensor.copy_(self._q(tag).get(timeout=0.05))
+                return
+            except queue.Empty:
+                continue
+
+    def close(self):
+        self.closed = True
+
+
+def test_channel_delivers_in_order_and_flags_corrupted_payloads():
+    link, delivered = _Link(), queue.Queue()
+    receiver = KVReceiver(link, delivered.put, lambda exc: delivered.put(exc))
+    sender = KVSender(link, timeout_s=5)
+    results: queue.Queue = queue.Queue()
+    payloads = [gather_blocks(_layers(i), [0, 1]) for i in range(3)]
+    for i, payload in enumerate(payloads):
+        header = _header_for(payload, f"req-{i}")
+        if i == 1:  # corrupt after the checksum was taken: the receiver must refuse it
+            payload = payload.clone()
+            payload.view(-1)[0] += 1
+        sender.submit(header, payload, lambda res, err: results.put((res, err)))
+    got = [delivered.get(timeout=5) for _ in range(3)]
+    assert [g.header.xfer_key for g in got] == [xfer_key(f"req-{i}") for i in range(3)]
+    assert torch.equal(got[0].payload, payloads[0]) and torch.equal(got[2].payload, payloads[2])
+    assert got[1].payload is None and "checksum mismatch" in got[1].error
+    assert all(results.get(timeout=5)[1] is None for _ in range(3))
+    receiver.close()
+    sender.close()
+
+
+def test_broken_link_fails_sends_and_reports_receive_loop_death():
+    link, broken = _Link(), queue.Queue()
+    KVReceiver(link, lambda received: None, broken.put)
+    sender = KVSender(link, timeout_s=1)
+    link.close()
+    results: queue.Queue = queue.Queue()
+    payload = gather_blocks(_layers(3), [0])
+    sender.submit(_header_for(payload), payload, lambda res, err: results.put(err))
+    assert isinstance(results.get(timeout=5), ChannelBroken)
+    assert isinstance(broken.get(timeout=5), RuntimeError)
+    sender.submit(_header_for(payload), payload, lambda res, err: results.put(err))  # stays broken
+    assert isinstance(results.get(timeout=5), ChannelBroken)
+
+
+# 4. mailbox -------------------------------------------------------------------------------------
+
+def _received(xfer_id: str, error: str | None = None) -> Received:
+    payload = gather_blocks(_layers(4), [0])
+    return Received(_header_for(payload, xfer_id), None if error else payload, error, 0.0, 0.0)
+
+
+def test_mailbox_states_deadlines_leases_and_single_claim():
+    woken = []
+    box = KVMailbox(lease_s=0.2, on_change=lambda: woken.append(1))
+    a, b, c = xfer_key("a"), xfer_key("b"), xfer_key("c")
+    box.expect(a, timeout_s=5)
+    assert box.state(a)[0] == XferState.EXPECTED
+    box.deliver(_received("a"))
+    assert box.state(a)[0] == XferState.ARRIVED and woken
+    header, payload = box.claim(a)
+    assert header.xfer_key == a and payload is not None
+    with pytest.raises(KeyError):
+        box.claim(a)  # used once
+    box.deliver(_received("b", error="KV checksum mismatch"))
+    assert box.state(b) == (XferState.FAILED, "KV checksum mismatch")
+    with pytest.raises(KeyError):
+        box.claim(b)  # a failed transfer is never data
+    box.expect(c, timeout_s=0.05)
+    time.sleep(0.1)
+    assert box.state(c) == (XferState.FAILED, "KV transfer deadline passed")
+    box.deliver(_received("c"))  # late arrival does not resurrect it
+    assert box.state(c)[0] == XferState.FAILED
+    box.deliver(_received("orphan"))  # arrives, nobody ever claims it
+    assert box.num_held_bytes() > 0
+    time.sleep(0.25)
+    box.sweep()
+    assert box.num_held_bytes() == 0 and box.state(xfer_key("orphan"))[0] is None
+
+
+# 5. gloo pair group -----------------------------------------------------------------------------
+
+def _connected_pair(name: str) -> tuple[PairGlooGroup, PairGlooGroup]:
+    store: dict = {}
+    kv = {"kv_put": lambda k, v, overwrite=True: store.__setitem__(k, v), "kv_get": store.get,
+          "kv_del": lambda k: store.pop(k, None)}
+    groups = PairGlooGroup(2, 0, name), PairGlooGroup(2, 1, name)
+    threads = [threading.Thread(target=g.connect, args=(20,), kwargs=kv) for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(g.is_connected for g in groups) and not store  # rendezvous key cleaned up
+    return groups
+
+
+def test_gloo_pair_groups_are_independent_and_tagged():
+    (a0, a1), (b0, b1) = _connected_pair("ga"), _connected_pair("gb")
+    x = torch.arange(8.0)
+    sender = threading.Thread(target=lambda: (a0.send_tagged(x, 1, TAG_HEADER, 5), b0.send_tagged(x * 3, 1,
+                                                                                                  TAG_PAYLOAD, 5)))
+    sender.start()
+    got_a, got_b = torch.empty(8), torch.empty(8)
+    a1.recv_tagged(got_a, 0, TAG_HEADER)
+    b1.recv_tagged(got_b, 0, TAG_PAYLOAD)
+    sender.join()
+    assert torch.equal(got_a, x) and torch.equal(got_b, x * 3)
+    for g in (a0, a1, b0, b1):
+        g.destroy_group()
+
+
+def test_gloo_send_without_receiver_times_out():
+    g0, g1 = _connected_pair("gt")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError):
+        g0.send_tagged(torch.ones(4), 1, TAG_HEADER, timeout_s=0.3)
+    assert time.monotonic() - started < 3
+    g0.destroy_group()
+    g1.destroy_group()
+
+
+def test_gloo_watch_receive_fails_when_the_peer_goes_away():
+    g0, g1 = _connected_pair("gw")
+    failed = queue.Queue()
+
+    def watch():
+        try:
+            g0.recv_tagged(torch.empty(1), 1, 3)
+        except RuntimeError as exc:
+            failed.put(str(exc))
+
+    threading.Thread(target=watch, daemon=True).start()
+    time.sleep(0.2)
+    g1.destroy_group()
+    assert failed.get(timeout=10)
+    g0.destroy_group()
+
+
+# 6. the NCCL path, with the collective calls replaced ------------------------------------------
+
+def test_nccl_pair_transport_logic_with_collective_calls_replaced(monkeypatch):
+    """Group naming, ranks, FIFO framing and drop of the NCCL branch, on an in-memory link."""
+    from ray.util import collective
+
+    from app.kv import pairs
+
+    links: dict[tuple[str, int], queue.Queue] = {}  # (group, destination rank) -> FIFO, like one NCCL stream
+    groups: dict[str, set[int]] = {}
+    calls: list[tuple] = []
+
+    def init_collective_group(world_size, rank, backend, group_name):
+        calls.append(("init", world_size, rank, backend, group_name))
+        groups.setdefault(group_name, set()).add(rank)
+
+    def send(tensor, dst_rank, group_name):
+        links.setdefault((group_name, dst_rank), queue.Queue()).put(tensor.clone())
+
+    def recv(tensor, src_rank, group_name):
+        rank = 1 - src_rank
+        tensor.copy_(links.setdefault((group_name, rank), queue.Queue()).get(timeout=5))
+
+    monkeypatch.setattr(collective, "init_collective_group", init_collective_group)
+    monkeypatch.setattr(collective, "send", send)
+    monkeypatch.setattr(collective, "recv", recv)
+    monkeypatch.setattr(collective, "is_group_initialized", lambda name: name in groups)
+    monkeypatch.setattr(collective, "destroy_collective_group", lambda name: groups.pop(name, None))
+
+    delivered: queue.Queue = queue.Queue()
+    prefill = pairs.PairTransport("prefill", "P1", "nccl", 5, torch.device("cpu"))
+    decode = pairs.PairTransport("decode", "D1", "nccl", 5, torch.device("cpu"), deliver=delivered.put)
+    prefill.ensure("D1")
+    decode.ensure("P1")
+    decode.ensure("P1")  # idempotent
+    assert ("init", 2, 0, "nccl", "pdkv-P1-D1") in calls and ("init", 2, 1, "nccl", "pdkv-P1-D1") in calls
+    assert len([c for c in calls if c[2] == 1]) == 1
+
+    sent: queue.Queue = queue.Queue()
+    payloads = [gather_blocks(_layers(10 + i), [0, 3]) for i in range(4)]
+    for i, payload in enumerate(payloads):
+        prefill.send("D1", _header_for(payload, f"n{i}"), payload, lambda res, err: sent.put((res, err)))
+    got = [delivered.get(timeout=5) for _ in payloads]
+    assert [g.header.xfer_key for g in got] == [xfer_key(f"n{i}") for i in range(4)]
+    assert all(torch.equal(g.payload, p) for g, p in zip(got, payloads, strict=True))
+    assert all(sent.get(timeout=5)[1] is None for _ in payloads)
+
+    prefill.drop("D1", "test")
+    assert "pdkv-P1-D1" not in groups and prefill.peers() == []
+    prefill.send("D1", _header_for(payloads[0]), payloads[0], lambda res, err: sent.put((res, err)))
+    assert isinstance(sent.get(timeout=5)[1], ChannelBroken)
+    decode.close()
+
+
+def test_backend_resolution_follows_the_kv_device():
+    from app.kv.pairs import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "gloo"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "nccl"
+    assert resolve_backend("gloo", torch.device("cuda", 0)) == "gloo"
