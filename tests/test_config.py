@@ -56,3 +56,10 @@ def test_relative_model_path_resolves_against_repo_root(tmp_path, monkeypatch):
     config = parse_app_config({"model": {"path": "models/pdserve-tiny-llama"}})
     assert Path(config.model.path).is_absolute() and Path(config.model.path).is_dir()
     assert parse_app_config({"model": {"path": "org/hub-model"}}).model.path == "org/hub-model"
+
+
+def test_gpu_example_config_validates_with_nccl_and_one_gpu_per_engine():
+    config = parse_app_config(_shipped_args("examples/serve_config.gpu.yaml"))
+    assert config.mode == "disaggregated" and config.kv_transfer.backend == "nccl"
+    assert config.prefill.num_gpus == 1 and config.decode.num_gpus == 1
+    assert config.decode.serve_options()["autoscaling_config"]["max_replicas"] == 6
