@@ -124,6 +124,25 @@ class KVTransferConfig(_Strict):
     fault_injection: FaultInjection = Field(default_factory=FaultInjection, description="Failure drills.")
 
 
+class TwoStepConfig(_Strict):
+    """`disagg_mode: prefill_only` parks KV on the prefill replica; `decode_only` continues from it."""
+
+    ttl_s: float = Field(60.0, gt=0, description="Lease of parked KV; an unclaimed kv_cache_id expires after it.")
+    max_parked_per_replica: int = Field(64, ge=1, description="Parked KV caches one prefill replica holds (429 past).")
+
+
+class AuthConfig(_Strict):
+    """API keys -> tenants. Off: every request is tenant `default`, and no key is asked for."""
+
+    enabled: bool = Field(False, description="Require `Authorization: Bearer <key>` (401 without a valid key).")
+    keys_file: str | None = Field(None, description="File of keys: JSON {tenant: [key, ...]} or 'tenant:key,...'.")
+    keys_env: str | None = Field("PDSERVE_API_KEYS", description="Environment variable with 'tenant:key,...'.")
+    max_concurrent_requests_per_tenant: int | None = Field(
+        None, ge=1, description="In-flight requests per tenant per ingress replica (429 past it).")
+    max_parked_kv_per_tenant: int | None = Field(
+        None, ge=1, description="Parked KV caches per tenant per prefill replica (429 past it).")
+
+
 class AppConfig(_Strict):
     """Application args of `serve_config.yaml` (`applications[].args`)."""
 
@@ -134,6 +153,8 @@ class AppConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine knobs.")
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig, description="KV transport.")
+    two_step: TwoStepConfig = Field(default_factory=TwoStepConfig, description="prefill_only / decode_only.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, per-tenant limits.")
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256),
         description="HTTP/handle front door.",

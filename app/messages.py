@@ -59,3 +59,4 @@ class PrefillResult:
     prefill_s: float  # engine time for the prompt, submit to gathered KV
     send_s: float  # header + payload on the pair's channel
     first_token_id: int | None
+    num_cached_tokens: int = 0  # prompt tokens prefill found in its (tenant-salted) prefix cache

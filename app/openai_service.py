@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from app.engine import EngineInputError
 from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
 from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from app.tenancy import DEFAULT_TENANT, Tenant
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -33,11 +34,24 @@ class EngineClient(Protocol):
 class Prepared:
     """A validated request ready for an engine, and how to present its answer."""
 
-    request: GenerateRequest
+    request: GenerateRequest  # for decode_only: no prompt yet (it is claimed in `open`)
     kind: str  # "completion" | "chat"
     created: int
     include_usage: bool
     stream: bool
+    disagg_mode: str | None = None
+    kv_cache_id: str | None = None
+    tenant: str = DEFAULT_TENANT
+    tenant_parked_limit: int | None = None
+    source: Any = None  # the request model, kept to finish validation once a decode_only prompt is known
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A prepared request whose generation has started (two-step claims done): errors past here are streamed."""
+
+    prepared: Prepared
+    chunks: AsyncIterator[GenerationChunk] | None  # None for prefill_only
 
 
 @dataclass
@@ -68,8 +82,10 @@ class OpenAIService:
 
     # 1. validation and tokenisation -----------------------------------------------------------
 
-    def prepare_completion(self, req: CompletionRequest, *, cache_salt: str | None = None) -> Prepared:
+    def prepare_completion(self, req: CompletionRequest, tenant: Tenant | None = None) -> Prepared:
         self._check_model(req.model)
+        if req.disagg_mode == "decode_only":
+            return self._pending_decode_only("completion", req, tenant)
         if isinstance(req.prompt, str):
             if not req.prompt:
                 raise OpenAIError(400, "prompt must not be empty", param="prompt")
@@ -80,22 +96,42 @@ class OpenAIService:
             if bad:
                 raise OpenAIError(400, f"token id {bad[0]} is out of range: the vocabulary has {self.vocab_size} "
                                   "tokens", param="prompt")
-        return self._prepared("completion", "cmpl", req, prompt_ids, DEFAULT_COMPLETION_MAX_TOKENS, cache_salt)
+        return self._prepared("completion", req, prompt_ids, tenant)
 
-    def prepare_chat(self, req: ChatCompletionRequest, *, cache_salt: str | None = None) -> Prepared:
+    def prepare_chat(self, req: ChatCompletionRequest, tenant: Tenant | None = None) -> Prepared:
         self._check_model(req.model)
+        if req.disagg_mode == "decode_only":
+            return self._pending_decode_only("chat", req, tenant)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._prepared("chat", "chatcmpl", req, list(prompt_ids), None, cache_salt)
+        return self._prepared("chat", req, list(prompt_ids), tenant)
 
     def _check_model(self, model: str) -> None:
         if model != self.served_name:
             raise OpenAIError(404, f"The model `{model}` does not exist; this server serves `{self.served_name}`",
                               param="model", code="model_not_found")
 
-    def _prepared(self, kind: str, prefix: str, req: Any, prompt_ids: list[int], default_max: int | None,
-                  cache_salt: str | None) -> Prepared:
+    def _pending_decode_only(self, kind: str, req: Any, tenant: Tenant | None) -> Prepared:
+        self._check_two_step()
+        tenant = tenant or Tenant(DEFAULT_TENANT)
+        placeholder = GenerateRequest(request_id="", prompt_token_ids=(), sampling=SamplingSpec(max_tokens=1))
+        return Prepared(placeholder, kind, int(time.time()), bool(req.stream_options and
+                        req.stream_options.include_usage), req.stream, "decode_only", req.kv_cache_id, tenant.name,
+                        source=req)
+
+    def _check_two_step(self) -> None:
+        if not hasattr(self.client, "prefill_only"):
+            raise OpenAIError(400, "disagg_mode needs the disaggregated serving mode (this app runs collocated)",
+                              param="disagg_mode", code="unsupported_parameter")
+
+    def _prepared(self, kind: str, req: Any, prompt_ids: list[int], tenant: Tenant | None,
+                  cache_salt: str | None = None) -> Prepared:
+        tenant = tenant or Tenant(DEFAULT_TENANT)
+        if req.disagg_mode == "prefill_only":
+            self._check_two_step()
+        default_max = DEFAULT_COMPLETION_MAX_TOKENS if kind == "completion" else None
+        prefix = "cmpl" if kind == "completion" else "chatcmpl"
         num_prompt = len(prompt_ids)
         if num_prompt == 0:
             raise OpenAIError(400, "the prompt has no tokens", param="prompt")
@@ -117,22 +153,46 @@ class OpenAIService:
             frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
         )
         request = GenerateRequest(request_id=f"{prefix}-{uuid.uuid4().hex}", prompt_token_ids=tuple(prompt_ids),
-                                  sampling=sampling, cache_salt=cache_salt)
+                                  sampling=sampling, cache_salt=cache_salt or tenant.cache_salt)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(request=request, kind=kind, created=int(time.time()), include_usage=include_usage,
-                        stream=req.stream)
+                        stream=req.stream, disagg_mode=req.disagg_mode, kv_cache_id=req.kv_cache_id,
+                        tenant=tenant.name, tenant_parked_limit=tenant.max_parked_kv, source=req)
+
+    # 2. start generation (two-step claims happen here, so their errors are HTTP statuses) ----------
+
+    async def open(self, prepared: Prepared) -> Opened:
+        if prepared.disagg_mode == "prefill_only":
+            return Opened(prepared, None)
+        if prepared.disagg_mode != "decode_only":
+            return Opened(prepared, self.client.generate(prepared.request))
+        assert prepared.kv_cache_id is not None
+        prompt_ids, cache_salt = await self.client.claim(prepared.kv_cache_id, prepared.tenant)
+        try:
+            ready = self._prepared(prepared.kind, prepared.source, list(prompt_ids), Tenant(prepared.tenant),
+                                   cache_salt=cache_salt)
+        except OpenAIError:
+            await self.client.release(prepared.kv_cache_id)  # a refused decode request loses nothing
+            raise
+        return Opened(ready, self.client.decode_only(ready.request, prepared.kv_cache_id))
 
     # 2./3. non-streaming ----------------------------------------------------------------------
 
-    async def respond(self, prepared: Prepared) -> dict[str, Any]:
+    async def respond(self, opened: Opened) -> dict[str, Any]:
+        prepared = opened.prepared
+        if prepared.disagg_mode == "prefill_only":
+            return await self._prefill_only(prepared)
         folded = _Folded(num_prompt_tokens=len(prepared.request.prompt_token_ids))
         try:
-            async for chunk in self.client.generate(prepared.request):
+            async for chunk in opened.chunks:
                 _fold(folded, chunk)
         except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
             raise as_openai_error(exc) from None
         if folded.finish_reason == "abort":
             raise OpenAIError(503, "the request was aborted by the engine; retry it", type="server_error")
+        return self._body(prepared, folded)
+
+    def _body(self, prepared: Prepared, folded: _Folded) -> dict[str, Any]:
         if prepared.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": folded.text},
                       "logprobs": None, "finish_reason": folded.finish_reason}
@@ -147,15 +207,28 @@ class OpenAIService:
 
     # 3. streaming -----------------------------------------------------------------------------
 
-    async def stream(self, prepared: Prepared) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI stream chunks for `prepared`; a failure mid-stream becomes a final error chunk."""
+    async def _prefill_only(self, prepared: Prepared) -> dict[str, Any]:
+        try:
+            parked = await self.client.prefill_only(prepared.request, prepared.tenant, prepared.tenant_parked_limit)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            raise as_openai_error(exc) from None
+        folded = _Folded(parked.text, len(parked.token_ids), parked.num_prompt_tokens, parked.finish_reason,
+                         {"prefix_cache_hit_tokens": parked.num_cached_tokens})
+        body = self._body(prepared, folded)
+        body["kv_cache_id"] = parked.kv_cache_id
+        body["kv_cache_expires_at"] = int(parked.expires_at)
+        return body
+
+    async def stream(self, opened: Opened) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI stream chunks; a failure mid-stream becomes a final error chunk."""
+        prepared = opened.prepared
         is_chat = prepared.kind == "chat"
         obj = "chat.completion.chunk" if is_chat else "text_completion"
         folded = _Folded(num_prompt_tokens=len(prepared.request.prompt_token_ids))
         if is_chat:
             yield self._chunk(prepared, obj, {"role": "assistant", "content": ""}, None)
         try:
-            async for chunk in self.client.generate(prepared.request):
+            async for chunk in opened.chunks:
                 _fold(folded, chunk)
                 if chunk.finish_reason == "abort":
                     raise OpenAIError(503, "the request was aborted by the engine; retry it", type="server_error")
@@ -170,9 +243,9 @@ class OpenAIService:
         except Exception as exc:  # noqa: BLE001 - a broken stream still ends cleanly
             yield as_openai_error(exc).body()
 
-    async def sse(self, prepared: Prepared) -> AsyncIterator[str]:
+    async def sse(self, opened: Opened) -> AsyncIterator[str]:
         """`stream` as server-sent events, ending with `data: [DONE]`."""
-        async for event in self.stream(prepared):
+        async for event in self.stream(opened):
             yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -201,9 +274,14 @@ def _fold(folded: _Folded, chunk: GenerationChunk) -> None:
         folded.metadata = {**(folded.metadata or {}), **chunk.metadata}
 
 
-def _usage(folded: _Folded) -> dict[str, int]:
-    return {"prompt_tokens": folded.num_prompt_tokens, "completion_tokens": folded.num_completion_tokens,
-            "total_tokens": folded.num_prompt_tokens + folded.num_completion_tokens}
+def _usage(folded: _Folded) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": folded.num_prompt_tokens,
+                             "completion_tokens": folded.num_completion_tokens,
+                             "total_tokens": folded.num_prompt_tokens + folded.num_completion_tokens}
+    hits = (folded.metadata or {}).get("prefix_cache_hit_tokens")
+    if hits is not None:  # prompt tokens served from this tenant's prefix cache
+        usage["prompt_tokens_details"] = {"cached_tokens": hits}
+    return usage
 
 
 def as_openai_error(exc: BaseException) -> OpenAIError:

@@ -74,6 +74,10 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, description="End-user id; recorded, not used for generation.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence.")
+    disagg_mode: Literal["prefill_only", "decode_only"] | None = Field(
+        None, description="Two-step API: prefill_only parks the prompt's KV and returns a kv_cache_id; "
+        "decode_only continues from it.")
+    kv_cache_id: str | None = Field(None, description="With disagg_mode=decode_only: the id prefill_only returned.")
 
     logprobs: Any = None
     top_logprobs: Any = None
@@ -115,6 +119,12 @@ class _SamplingFields(BaseModel):
                 raise UnsupportedParameter(name)
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.disagg_mode == "decode_only" and not self.kv_cache_id:
+            raise ValueError("disagg_mode=decode_only needs the kv_cache_id that prefill_only returned")
+        if self.kv_cache_id is not None and self.disagg_mode != "decode_only":
+            raise ValueError("kv_cache_id is only used with disagg_mode=decode_only")
+        if self.disagg_mode == "prefill_only" and self.stream:
+            raise ValueError("disagg_mode=prefill_only returns one token and a kv_cache_id; it cannot stream")
         return self
 
     def stop_list(self) -> tuple[str, ...]:
@@ -132,11 +142,18 @@ class UnsupportedParameter(ValueError):
 class CompletionRequest(_SamplingFields):
     """`POST /v1/completions`: one prompt, as text or token ids."""
 
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _prompt_unless_decode_only(self):
+        _prompt_unless_decode_only(self, "prompt", self.prompt is not None)
+        return self
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[int] | list[str]) -> str | list[int]:
+    def _one_prompt(cls, value: str | list[int] | list[str] | None) -> str | list[int] | None:
+        if value is None:
+            return value
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             if len(value) != 1:
                 raise ValueError("batched prompts are not supported; send one prompt per request")
@@ -158,15 +175,20 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     """`POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] | None = None
     max_completion_tokens: int | None = Field(None, description="Alias of max_tokens (newer clients).")
 
     @field_validator("messages")
     @classmethod
-    def _not_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if not value:
+    def _not_empty(cls, value: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if value is not None and not value:
             raise ValueError("messages must contain at least one message")
         return value
+
+    @model_validator(mode="after")
+    def _messages_unless_decode_only(self):
+        _prompt_unless_decode_only(self, "messages", self.messages is not None)
+        return self
 
     @model_validator(mode="after")
     def _max_completion_alias(self):
@@ -179,6 +201,20 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
 
+def _prompt_unless_decode_only(req: _SamplingFields, name: str, given: bool) -> None:
+    if req.disagg_mode == "decode_only" and given:
+        raise ValueError(f"omit `{name}` with disagg_mode=decode_only: it continues the prompt parked under "
+                         "kv_cache_id")
+    if req.disagg_mode != "decode_only" and not given:
+        raise MissingField(name)
+
+
+class MissingField(ValueError):
+    def __init__(self, name: str):
+        super().__init__(f"missing required parameter `{name}`")
+        self.name = name
+
+
 def validation_error_to_openai(errors: list[dict[str, Any]]) -> OpenAIError:
     """First pydantic error as an OpenAI 400 naming the parameter."""
     err = errors[0]
@@ -187,6 +223,8 @@ def validation_error_to_openai(errors: list[dict[str, Any]]) -> OpenAIError:
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, UnsupportedParameter):
         return OpenAIError(400, str(ctx_error), param=ctx_error.name, code="unsupported_parameter")
+    if isinstance(ctx_error, MissingField):
+        return OpenAIError(400, str(ctx_error), param=ctx_error.name)
     message = err.get("msg", "invalid request")
     message = message.removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":

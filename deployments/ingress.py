@@ -28,6 +28,7 @@ from app.config import AppConfig
 from app.openai_service import OpenAIService
 from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, validation_error_to_openai
 from app.routing import CollocatedClient
+from app.tenancy import Tenant, TenantDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,16 @@ def _validate(model: type, data: Any) -> Any:
         raise validation_error_to_openai(list(exc.errors())) from None
 
 
+async def _released(events: AsyncIterator[str], admission) -> AsyncIterator[str]:
+    """Release the tenant's concurrency slot when the stream ends, however it ends."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        admission.__exit__(None, None, None)
+
+
+# Defined after every module-level helper it uses: Serve captures the class when it is decorated.
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -95,6 +106,7 @@ class Ingress:
 
             client = DisaggregatedRouter(engines["prefill"], engines["decode"], self.config)
         self.engines = engines
+        self.tenants = TenantDirectory.from_config(self.config.auth)
         self.service = OpenAIService(self.config.model.served_name, tokenizer, self.config.model.max_model_len,
                                      client)
 
@@ -110,35 +122,65 @@ class Ingress:
 
     @api.post("/v1/completions")
     async def http_completions(self, request: Request):
-        return await self._http(self.service.prepare_completion(await _parse(request, CompletionRequest)))
+        tenant = self.tenants.authenticate(request.headers.get("authorization"))
+        body = await _parse(request, CompletionRequest)
+        return await self._http(tenant, lambda: self.service.prepare_completion(body, tenant))
 
     @api.post("/v1/chat/completions")
     async def http_chat_completions(self, request: Request):
-        return await self._http(self.service.prepare_chat(await _parse(request, ChatCompletionRequest)))
+        tenant = self.tenants.authenticate(request.headers.get("authorization"))
+        body = await _parse(request, ChatCompletionRequest)
+        return await self._http(tenant, lambda: self.service.prepare_chat(body, tenant))
 
-    async def _http(self, prepared):
+    async def _http(self, tenant: Tenant, prepare):
+        prepared = prepare()
         if not prepared.stream:
-            return JSONResponse(await self.service.respond(prepared))
-        return StreamingResponse(self.service.sse(prepared), media_type="text/event-stream",
+            with self.tenants.admit(tenant):
+                return JSONResponse(await self.service.respond(await self.service.open(prepared)))
+        admission = self.tenants.admit(tenant)
+        admission.__enter__()  # held until the stream ends, however it ends
+        try:
+            opened = await self.service.open(prepared)
+        except BaseException:
+            admission.__exit__(None, None, None)
+            raise
+        return StreamingResponse(_released(self.service.sse(opened), admission), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     # -- DeploymentHandle -------------------------------------------------------------------------
 
-    async def create_completion(self, request: CompletionRequest | dict[str, Any]) -> dict[str, Any]:
+    async def tenant_stats(self) -> dict[str, Any]:
+        return {"in_flight": self.tenants.in_flight()}
+    # `authorization` is what HTTP clients send in the Authorization header ("Bearer <key>").
+
+    async def create_completion(self, request: CompletionRequest | dict[str, Any],
+                                authorization: str | None = None) -> dict[str, Any]:
         """Non-streaming completion; raises `OpenAIError` where HTTP would answer 4xx/5xx."""
-        return await self.service.respond(self.service.prepare_completion(_validate(CompletionRequest, request)))
+        tenant = self.tenants.authenticate(authorization)
+        prepared = self.service.prepare_completion(_validate(CompletionRequest, request), tenant)
+        with self.tenants.admit(tenant):
+            return await self.service.respond(await self.service.open(prepared))
 
-    async def create_chat_completion(self, request: ChatCompletionRequest | dict[str, Any]) -> dict[str, Any]:
-        return await self.service.respond(self.service.prepare_chat(_validate(ChatCompletionRequest, request)))
+    async def create_chat_completion(self, request: ChatCompletionRequest | dict[str, Any],
+                                     authorization: str | None = None) -> dict[str, Any]:
+        tenant = self.tenants.authenticate(authorization)
+        prepared = self.service.prepare_chat(_validate(ChatCompletionRequest, request), tenant)
+        with self.tenants.admit(tenant):
+            return await self.service.respond(await self.service.open(prepared))
 
-    async def create_completion_stream(self, request: CompletionRequest | dict[str, Any]) -> AsyncIterator[dict]:
+    async def create_completion_stream(self, request: CompletionRequest | dict[str, Any],
+                                       authorization: str | None = None) -> AsyncIterator[dict]:
         """Streaming completion: yields OpenAI chunk dicts (call with `handle.options(stream=True)`)."""
-        async for event in self.service.stream(self.service.prepare_completion(_validate(CompletionRequest, request))):
-            yield event
+        tenant = self.tenants.authenticate(authorization)
+        prepared = self.service.prepare_completion(_validate(CompletionRequest, request), tenant)
+        with self.tenants.admit(tenant):
+            async for event in self.service.stream(await self.service.open(prepared)):
+                yield event
 
-    async def create_chat_completion_stream(
-        self, request: ChatCompletionRequest | dict[str, Any]
-    ) -> AsyncIterator[dict]:
-        prepared = self.service.prepare_chat(_validate(ChatCompletionRequest, request))
-        async for event in self.service.stream(prepared):
-            yield event
+    async def create_chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any],
+                                            authorization: str | None = None) -> AsyncIterator[dict]:
+        tenant = self.tenants.authenticate(authorization)
+        prepared = self.service.prepare_chat(_validate(ChatCompletionRequest, request), tenant)
+        with self.tenants.admit(tenant):
+            async for event in self.service.stream(await self.service.open(prepared)):
+                yield event

@@ -156,6 +156,20 @@ def test_lost_transfer_falls_back_to_local_recompute_after_the_deadline(app, off
     assert any("deadline" in reason for reason in fallbacks)
 
 
+def test_client_leaving_mid_stream_aborts_decode_and_frees_its_blocks(app, tokenizer):
+    body = {"model": MODEL_NAME, "prompt": prompt_of_length(tokenizer, 90, offset=7), "max_tokens": 2000,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{app['base']}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(4)]  # tokens are flowing; now the client goes away
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if all(s["num_unfinished"] == 0 for s in _broadcast("Decode", "stats")):
+            break
+        time.sleep(0.2)
+    assert all(s["num_unfinished"] == 0 for s in _broadcast("Decode", "stats"))
+
+
 def test_no_leaks_engines_and_mailboxes_return_to_start(app):
     deadline = time.monotonic() + 10
     while True:

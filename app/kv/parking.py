@@ -1,0 +1,124 @@
+"""Prefill side: KV parked by `prefill_only` requests until a `decode_only` request claims it.
+
+Life cycle of one `kv_cache_id` (opaque: the prefill replica's id and 192 random bits, base64url):
+1. `park` after the prompt ran: the gathered payload (a copy; the engine's blocks are already free)
+   waits under a lease of `ttl_s`. Past `max_entries` (replica) or the tenant's own limit: 429.
+2. `claim` by the same tenant takes it out (used once). An unknown, used, expired or other tenant's
+   id all raise the same `KeyError`, so a tenant cannot even detect another tenant's KV.
+3. `release` puts a claimed entry back if the decode request turned out invalid (nothing is lost);
+   otherwise the claimed payload is sent to the decode replica and dropped.
+4. `sweep` frees entries whose lease ended.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from app.kv.header import KVHeader
+from app.protocol import OpenAIError
+
+
+class ParkingFull(Exception):
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ParkedKV:
+    kv_cache_id: str
+    tenant: str
+    prompt_token_ids: tuple[int, ...]
+    cache_salt: str | None
+    header: KVHeader
+    payload: torch.Tensor  # [num_layers, num_blocks, *block_shape]
+    expires_at: float  # wall clock (time.time), shown to clients
+
+
+def new_kv_cache_id(replica_id: str) -> str:
+    raw = f"{replica_id}:{secrets.token_urlsafe(24)}".encode()
+    return "kvc-" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def replica_of(kv_cache_id: str) -> str | None:
+    """The prefill replica id inside a kv_cache_id, or None if it is not one of ours."""
+    if not isinstance(kv_cache_id, str) or not kv_cache_id.startswith("kvc-") or len(kv_cache_id) > 200:
+        return None
+    body = kv_cache_id[4:]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    replica_id, sep, secret = raw.partition(":")
+    return replica_id if sep and replica_id and len(secret) >= 32 else None
+
+
+class ParkingLot:
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: dict[str, ParkedKV] = {}
+        self._claimed: dict[str, ParkedKV] = {}
+        self._lock = threading.Lock()
+        self.num_expired = 0
+
+    def check_room(self, tenant: str, tenant_limit: int | None) -> None:
+        """Raise `ParkingFull` if one more entry would pass the replica's or the tenant's limit."""
+        with self._lock:
+            if len(self._entries) + len(self._claimed) >= self.max_entries:
+                raise ParkingFull(f"parked KV is at capacity ({self.max_entries} entries on this replica)",
+                                  "parked_kv_capacity")
+            if tenant_limit is not None and sum(e.tenant == tenant for e in self._entries.values()) >= tenant_limit:
+                raise ParkingFull(f"this tenant already parks {tenant_limit} KV caches (its limit)",
+                                  "tenant_parked_kv_limit")
+
+    def park(self, entry: ParkedKV) -> None:
+        with self._lock:
+            self._entries[entry.kv_cache_id] = entry
+
+    def claim(self, kv_cache_id: str, tenant: str) -> ParkedKV:
+        with self._lock:
+            entry = self._entries.get(kv_cache_id)
+            if entry is None or entry.tenant != tenant or entry.expires_at < time.time():
+                raise KeyError(kv_cache_id)
+            del self._entries[kv_cache_id]
+            self._claimed[kv_cache_id] = entry
+            return entry
+
+    def release(self, kv_cache_id: str) -> None:
+        with self._lock:
+            entry = self._claimed.pop(kv_cache_id, None)
+            if entry is not None:
+                self._entries[kv_cache_id] = entry
+
+    def take_claimed(self, kv_cache_id: str) -> ParkedKV:
+        with self._lock:
+            return self._claimed.pop(kv_cache_id)
+
+    def sweep(self) -> int:
+        now = time.time()
+        with self._lock:
+            expired = [k for k, e in self._entries.items() if e.expires_at < now]
+            for key in expired:
+                del self._entries[key]
+            self.num_expired += len(expired)
+        return len(expired)
+
+    def count(self, tenant: str | None = None) -> int:
+        with self._lock:
+            return sum(tenant is None or e.tenant == tenant for e in self._entries.values())
+
+    def num_bytes(self) -> int:
+        with self._lock:
+            return sum(e.payload.numel() * e.payload.element_size() for e in self._entries.values())
+
+
+def kv_cache_not_found() -> OpenAIError:
+    # One answer for unknown, used, expired and other tenants' ids: nothing to tell them apart.
+    return OpenAIError(404, "kv_cache_id not found: it is unknown, was already used, or expired; run the "
+                       "prefill_only request again", param="kv_cache_id", code="kv_cache_not_found")
