@@ -63,3 +63,4 @@ def test_gpu_example_config_validates_with_nccl_and_one_gpu_per_engine():
     assert config.mode == "disaggregated" and config.kv_transfer.backend == "nccl"
     assert config.prefill.num_gpus == 1 and config.decode.num_gpus == 1
     assert config.decode.serve_options()["autoscaling_config"]["max_replicas"] == 6
+    assert config.auth.enabled  # the documented production config requires keys
