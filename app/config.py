@@ -72,6 +72,9 @@ class DeploymentOptions(_Strict):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (engine replicas on GPU: 1).")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests Serve lets into one replica at once.")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting for a replica of this deployment, per caller, before new ones "
+        "get 429 (-1: unbounded).")
 
     @field_validator("num_replicas")
     @classmethod
@@ -91,6 +94,7 @@ class DeploymentOptions(_Strict):
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
         }
         if self.num_replicas == "auto":
             options["autoscaling_config"] = {
@@ -119,7 +123,13 @@ class KVTransferConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="Collective backend: auto picks nccl on GPU replicas, pdserve's gloo on CPU."
     )
-    timeout_s: float = Field(10.0, gt=0, description="Deadline for one KV transfer to arrive at decode.")
+    timeout_s: float = Field(1.0, gt=0, description="Deadline for one KV transfer (header + payload) once the "
+                             "prompt ran; a late transfer fails on both ends.")
+    prefill_timeout_s: float = Field(30.0, gt=0, description="Deadline for the prefill phase (queue + prompt); "
+                                     "decode waits at most this plus timeout_s for the KV.")
+    on_failure: Literal["recompute", "fail"] = Field(
+        "recompute", description="When KV does not arrive intact in time: recompute the prompt on the decode "
+        "replica (counted, and shown to the client), or fail fast with 503.")
     lease_s: float = Field(30.0, gt=0, description="How long received KV waits for its request.")
     fault_injection: FaultInjection = Field(default_factory=FaultInjection, description="Failure drills.")
 
@@ -155,6 +165,7 @@ class AppConfig(_Strict):
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig, description="KV transport.")
     two_step: TwoStepConfig = Field(default_factory=TwoStepConfig, description="prefill_only / decode_only.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, per-tenant limits.")
+    max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger HTTP request bodies get 413.")
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256),
         description="HTTP/handle front door.",

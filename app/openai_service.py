@@ -52,6 +52,7 @@ class Opened:
 
     prepared: Prepared
     chunks: AsyncIterator[GenerationChunk] | None  # None for prefill_only
+    metadata: dict[str, Any] | None = None  # a stream's first chunk's `pdserve` facts (for headers)
 
 
 @dataclass
@@ -162,6 +163,20 @@ class OpenAIService:
     # 2. start generation (two-step claims happen here, so their errors are HTTP statuses) ----------
 
     async def open(self, prepared: Prepared) -> Opened:
+        opened = await self._open(prepared)
+        if not prepared.stream or opened.chunks is None:
+            return opened
+        # A stream's first chunk is awaited here, so that failures before any token (a 503 with
+        # recompute off, an engine refusal) get their HTTP status, and headers can say where the KV came from.
+        try:
+            first = await anext(opened.chunks)
+        except StopAsyncIteration:
+            return opened
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            raise as_openai_error(exc) from None
+        return Opened(opened.prepared, _prepend(first, opened.chunks), first.metadata)
+
+    async def _open(self, prepared: Prepared) -> Opened:
         if prepared.disagg_mode == "prefill_only":
             return Opened(prepared, None)
         if prepared.disagg_mode != "decode_only":
@@ -284,6 +299,12 @@ def _usage(folded: _Folded) -> dict[str, Any]:
     return usage
 
 
+async def _prepend(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
 def as_openai_error(exc: BaseException) -> OpenAIError:
     """The `OpenAIError` behind `exc` (also through Ray's task-error wrapping), else a 500."""
     seen: BaseException | None = exc
@@ -294,6 +315,9 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
             return seen
         if isinstance(seen, EngineInputError) or type(seen).__name__.endswith("(EngineInputError)"):
             return OpenAIError(400, _short(seen), code="invalid_request")
+        if type(seen).__name__ == "BackPressureError":  # a phase's queue is full (max_queued_requests)
+            return OpenAIError(429, "the server is at capacity; retry shortly", type="rate_limit_error",
+                               code="server_busy", headers={"Retry-After": "1"})
         seen = getattr(seen, "cause", None) or seen.__cause__
     return OpenAIError(500, f"generation failed: {_short(exc)}", type="server_error")
 

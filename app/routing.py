@@ -72,6 +72,7 @@ class DisaggregatedRouter:
     def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, config: Any = None):
         self.prefill = prefill
         self.decode = decode.options(stream=True)
+        self.decode_calls = decode
         self.config = config
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
@@ -83,7 +84,7 @@ class DisaggregatedRouter:
             # 2. dispatch both
             prefill_call = self.prefill.dispatch(p_sel, request, decode_id, xfer_id)
             stream = self.decode.dispatch(d_sel, request, prefill_id, xfer_id)
-            async for chunk in self._stream(request, stream, prefill_call):
+            async for chunk in self._stream(request, stream, prefill_call, decode_id, xfer_id):
                 yield chunk
 
     async def prefill_only(self, request: GenerateRequest, tenant: str, tenant_parked_limit: int | None):
@@ -107,10 +108,12 @@ class DisaggregatedRouter:
             decode_id = _pair_id(d_sel)
             prefill_call = self.prefill.send_parked.remote(kv_cache_id, decode_id, xfer_id, replica_pin=prefill_id)
             stream = self.decode.dispatch(d_sel, request, prefill_id, xfer_id)
-            async for chunk in self._stream(request, stream, prefill_call):
+            async for chunk in self._stream(request, stream, prefill_call, decode_id, xfer_id):
                 yield chunk
 
-    async def _stream(self, request: GenerateRequest, stream, prefill_call) -> AsyncIterator[GenerationChunk]:
+    async def _stream(self, request: GenerateRequest, stream, prefill_call, decode_id: str, xfer_id: str
+                      ) -> AsyncIterator[GenerationChunk]:
+        watch = asyncio.ensure_future(self._watch_prefill(prefill_call, decode_id, xfer_id))
         finished = False
         try:
             # 3. stream decode's tokens
@@ -120,22 +123,29 @@ class DisaggregatedRouter:
         finally:
             if not finished:
                 stream.cancel()
-            result = await self._settle_prefill(prefill_call, request.request_id, cancel=not finished)
+                prefill_call.cancel()
+            result = await asyncio.shield(watch)
         if result is not None:  # prefill's own prefix-cache hits, for usage.prompt_tokens_details
             yield GenerationChunk("", (), None, len(request.prompt_token_ids),
                                   metadata={"prefix_cache_hit_tokens": result.num_cached_tokens})
 
-    async def _settle_prefill(self, call, request_id: str, cancel: bool) -> PrefillResult | None:
-        if cancel:
-            call.cancel()
+    async def _watch_prefill(self, call, decode_id: str, xfer_id: str) -> PrefillResult | None:
+        """Prefill's report; if prefill failed, tell decode at once so it falls back without waiting
+        for the transfer deadline."""
         try:
-            return await asyncio.shield(asyncio.ensure_future(_await(call)))
+            return await call
         except asyncio.CancelledError:
             return None
-        except Exception as exc:  # noqa: BLE001 - decode already fell back (or the client left)
-            logger.warning("prefill for %s failed: %s", request_id, exc)
+        except Exception as exc:  # noqa: BLE001 - every prefill failure becomes decode's fallback reason
+            reason = f"prefill failed: {_short(exc)}"
+            logger.warning("%s (transfer %s)", reason, xfer_id)
+            try:
+                await self.decode_calls.transfer_failed.remote(xfer_id, reason, replica_pin=decode_id)
+            except Exception:  # noqa: BLE001 - decode gone too: its own deadline or death handles it
+                logger.exception("could not tell decode %s about the failed transfer", decode_id)
             return None
 
 
-async def _await(call):
-    return await call
+def _short(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:200]

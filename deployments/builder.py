@@ -34,11 +34,11 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         from deployments.decode import Decode
         from deployments.prefill import Prefill
 
-        prefill_options = _engine_options(config.prefill)
-        # Two-step calls for one parked KV cache go to the replica that holds it (replica_pin=...).
-        prefill_options["request_router_config"] = {"request_router_class": "app.routing:PinnableRouter"}
+        # Calls about one transfer or parked KV cache go to the replica that holds it (replica_pin=...).
+        pinnable = {"request_router_config": {"request_router_class": "app.routing:PinnableRouter"}}
         engines = {
-            "prefill": Prefill.options(**prefill_options).bind(spec, config.kv_transfer, config.two_step),
-            "decode": Decode.options(**_engine_options(config.decode)).bind(spec, config.kv_transfer),
+            "prefill": Prefill.options(**_engine_options(config.prefill), **pinnable).bind(
+                spec, config.kv_transfer, config.two_step),
+            "decode": Decode.options(**_engine_options(config.decode), **pinnable).bind(spec, config.kv_transfer),
         }
     return Ingress.options(**config.ingress.serve_options()).bind(config.model_dump(), engines)

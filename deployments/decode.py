@@ -1,13 +1,15 @@
 """`Decode`: receives a request's KV from its prefill replica and generates, streaming tokens.
 
 Life cycle of `generate(request, prefill_id, xfer_id)`:
-1. Tell the mailbox to expect the transfer (deadline `kv_transfer.timeout_s`) and join the pair group
-   with `prefill_id` if needed; the pair's receive loop drains transfers into the mailbox.
+1. Tell the mailbox to expect the transfer (deadline: prefill phase + transfer) and join the pair
+   group with `prefill_id` if needed; the pair's receive loop drains transfers into the mailbox. Wait
+   on the event loop until the KV arrived or failed: every running request keeps decoding meanwhile.
+   A failure with `kv_transfer.on_failure: fail` ends here with a 503.
 2. Add the request to the engine with `kv_transfer_params={"pdserve": {"xfer_id": ...}}`. The
-   connector's scheduler half keeps it waiting ("ask again later") until its KV has arrived, while
-   every other running request keeps decoding; then it loads the KV into the blocks vLLM allocated
-   and the request continues from the last prompt token. If the transfer failed or its deadline
-   passed, the prompt is recomputed here and the response says so (`pdserve.kv_source`).
+   connector loads the KV into the blocks vLLM allocated and the request continues from the last
+   prompt token. If the transfer failed, the prompt is recomputed here and the response says so
+   (`pdserve.kv_source`, `pdserve.fallback_reason`). (Should a request reach the engine before its
+   KV, the connector's "ask again later" keeps it waiting in the scheduler.)
 3. Stream the chunks; the first carries the `pdserve` metadata. On exit the mailbox entry is dropped,
    whatever happened, so unclaimed KV never outlives its request.
 A sweeper thread ends overdue expectations and unclaimed leases and wakes the engine.
@@ -26,9 +28,10 @@ from app.config import EngineSpec, KVTransferConfig
 from app.engine import EngineDriver
 from app.kv.header import xfer_key
 from app.kv.hub import PARAMS_KEY, reset_hub
-from app.kv.mailbox import KVMailbox
+from app.kv.mailbox import KVMailbox, XferState
 from app.kv.pairs import PairTransport, resolve_backend
 from app.messages import GenerateRequest, GenerationChunk
+from app.protocol import OpenAIError
 from deployments.engine_replica import EngineReplica
 from deployments.prefill import CONNECTOR
 
@@ -57,13 +60,20 @@ class Decode(EngineReplica):
     async def generate(self, request: GenerateRequest, prefill_id: str, xfer_id: str
                        ) -> AsyncIterator[GenerationChunk]:
         key = xfer_key(xfer_id)
-        # 1. expect the KV, pair with its sender
-        self.mailbox.expect(key, self.kv.timeout_s)
+        # 1. expect the KV, pair with its sender, wait for it (off the engine: others keep decoding)
+        self.mailbox.expect(key, self.kv.prefill_timeout_s + self.kv.timeout_s)
         try:
             await asyncio.to_thread(self.transport.ensure, prefill_id)
         except Exception as exc:  # noqa: BLE001 - pairing failed: this request falls back
             self.mailbox.fail(key, f"pairing with prefill failed: {exc}")
-        # 2./3. generate; the connector loads the KV when it is there
+        state, error = await self.mailbox.wait_decided(key)
+        if state == XferState.FAILED and self.kv.on_failure == "fail":
+            self.mailbox.forget(key)
+            self.hub.counters.num_fallbacks["failed_fast"] = self.hub.counters.num_fallbacks.get("failed_fast", 0) + 1
+            raise OpenAIError(503, f"the prompt's KV did not arrive intact ({error}) and local recompute is off "
+                              "(kv_transfer.on_failure: fail); retry the request", type="server_error",
+                              code="kv_transfer_failed", headers={"Retry-After": "1"})
+        # 2./3. generate; the connector loads the KV (or, if it failed, counts the recompute)
         first = True
         try:
             async for chunk in self.driver.generate(
@@ -77,6 +87,15 @@ class Decode(EngineReplica):
         finally:
             self.mailbox.forget(key)
             self.hub.pop_source(xfer_id)
+
+    async def set_on_failure(self, policy: str) -> None:
+        """Operators' switch: `recompute` (fall back locally) or `fail` (503) when KV does not arrive intact."""
+        self.kv = self.kv.model_copy(update={"on_failure": KVTransferConfig.model_validate(
+            {"on_failure": policy}).on_failure})
+
+    async def transfer_failed(self, xfer_id: str, reason: str, replica_pin: str | None = None) -> None:
+        """The router saw prefill fail: end the wait for this transfer now (fallback or 503)."""
+        self.mailbox.fail(xfer_key(xfer_id), reason)
 
     def _kv_metadata(self, xfer_id: str, prefill_id: str, chunk: GenerationChunk) -> dict:
         source, reason = self.hub.pop_source(xfer_id)

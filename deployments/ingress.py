@@ -61,8 +61,14 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _error_response(OpenAIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
-async def _parse(request: Request, model: type) -> Any:
+async def _parse(request: Request, model: type, max_bytes: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise OpenAIError(413, f"request body of {declared} bytes is over the {max_bytes}-byte limit",
+                          code="request_too_large")
     raw = await request.body()
+    if len(raw) > max_bytes:
+        raise OpenAIError(413, f"request body is over the {max_bytes}-byte limit", code="request_too_large")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -79,6 +85,16 @@ def _validate(model: type, data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error_to_openai(list(exc.errors())) from None
+
+
+def _kv_headers(metadata: dict[str, Any] | None) -> dict[str, str]:
+    """Where the prompt's KV came from, as response headers (fallbacks are never silent)."""
+    if not metadata or "kv_source" not in metadata:
+        return {}
+    headers = {"x-pdserve-kv-source": str(metadata["kv_source"])}
+    if metadata.get("fallback_reason"):
+        headers["x-pdserve-fallback-reason"] = str(metadata["fallback_reason"])[:200].replace("\n", " ")
+    return headers
 
 
 async def _released(events: AsyncIterator[str], admission) -> AsyncIterator[str]:
@@ -123,20 +139,21 @@ class Ingress:
     @api.post("/v1/completions")
     async def http_completions(self, request: Request):
         tenant = self.tenants.authenticate(request.headers.get("authorization"))
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, self.config.max_request_body_bytes)
         return await self._http(tenant, lambda: self.service.prepare_completion(body, tenant))
 
     @api.post("/v1/chat/completions")
     async def http_chat_completions(self, request: Request):
         tenant = self.tenants.authenticate(request.headers.get("authorization"))
-        body = await _parse(request, ChatCompletionRequest)
+        body = await _parse(request, ChatCompletionRequest, self.config.max_request_body_bytes)
         return await self._http(tenant, lambda: self.service.prepare_chat(body, tenant))
 
     async def _http(self, tenant: Tenant, prepare):
         prepared = prepare()
         if not prepared.stream:
             with self.tenants.admit(tenant):
-                return JSONResponse(await self.service.respond(await self.service.open(prepared)))
+                body = await self.service.respond(await self.service.open(prepared))
+            return JSONResponse(body, headers=_kv_headers(body.get("pdserve")))
         admission = self.tenants.admit(tenant)
         admission.__enter__()  # held until the stream ends, however it ends
         try:
@@ -145,7 +162,7 @@ class Ingress:
             admission.__exit__(None, None, None)
             raise
         return StreamingResponse(_released(self.service.sse(opened), admission), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                                 headers={"Cache-Control": "no-cache", **_kv_headers(opened.metadata)})
 
     # -- DeploymentHandle -------------------------------------------------------------------------
 

@@ -92,13 +92,14 @@ class Prefill(EngineReplica):
         started = time.perf_counter()
         first_token, num_cached = None, 0
         try:
-            async for chunk in self.driver.generate(
-                f"{request.request_id}-prefill", list(request.prompt_token_ids),
-                SamplingSpec(max_tokens=1, temperature=0.0), cache_salt=request.cache_salt,
-                kv_transfer_params={PARAMS_KEY: {"xfer_id": xfer_id}},
-            ):
-                first_token = chunk.token_ids[0] if chunk.token_ids else first_token
-                num_cached = chunk.num_cached_tokens
+            async with asyncio.timeout(self.kv.prefill_timeout_s):  # the phase deadline; leaving aborts it
+                async for chunk in self.driver.generate(
+                    f"{request.request_id}-prefill", list(request.prompt_token_ids),
+                    SamplingSpec(max_tokens=1, temperature=0.0), cache_salt=request.cache_salt,
+                    kv_transfer_params={PARAMS_KEY: {"xfer_id": xfer_id}},
+                ):
+                    first_token = chunk.token_ids[0] if chunk.token_ids else first_token
+                    num_cached = chunk.num_cached_tokens
             # 3. wait for the send
             sent: SendResult = await asyncio.wait_for(outgoing.done, self.kv.timeout_s)
         finally:

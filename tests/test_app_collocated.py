@@ -136,6 +136,12 @@ def test_app_still_serves_after_bad_input_and_frees_blocks(client, app):
         "num_total_blocks"] - 1  # vLLM keeps one null block aside
 
 
+def test_oversized_body_gets_413_without_being_read_in_full(app):
+    huge = {"model": MODEL_NAME, "prompt": "x" * (2 << 20)}
+    response = httpx.post(f"{app['base']}/v1/completions", json=huge, timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
 def test_models_and_unknown_route(app):
     models = httpx.get(f"{app['base']}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == [MODEL_NAME]

@@ -170,6 +170,9 @@ def test_mailbox_states_deadlines_leases_and_single_claim():
     assert box.state(c) == (XferState.FAILED, "KV transfer deadline passed")
     box.deliver(_received("c"))  # late arrival does not resurrect it
     assert box.state(c)[0] == XferState.FAILED
+    box.forget(a)
+    box.deliver(_received("a"))  # its request is over: a late copy is dropped at once, not held
+    assert box.state(a)[0] is None and box.num_late == 1
     box.deliver(_received("orphan"))  # arrives, nobody ever claims it
     assert box.num_held_bytes() > 0
     time.sleep(0.25)

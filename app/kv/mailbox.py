@@ -12,6 +12,7 @@ All methods are thread-safe: the receive loops, the engine thread and the event 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import threading
 import time
@@ -47,7 +48,10 @@ class KVMailbox:
         self._entries: dict[int, _Entry] = {}
         self._lock = threading.Lock()
         self._on_change = on_change or (lambda: None)
+        self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
+        self._done: dict[int, float] = {}  # forgotten keys -> until when a late arrival is dropped at once
         self.num_expired = 0
+        self.num_late = 0
 
     def expect(self, key: int, timeout_s: float) -> None:
         with self._lock:
@@ -57,6 +61,9 @@ class KVMailbox:
     def deliver(self, received: Received) -> None:
         key = received.header.xfer_key
         with self._lock:
+            if key in self._done:  # its request is over (fell back, finished, aborted): drop, don't hold
+                self.num_late += 1
+                return
             entry = self._entries.get(key)
             if entry is not None and entry.state != XferState.EXPECTED:
                 return  # late duplicate or already failed: never overwrite a decided transfer
@@ -65,13 +72,45 @@ class KVMailbox:
             else:
                 self._entries[key] = _Entry(XferState.ARRIVED, time.monotonic() + self.lease_s, received.header,
                                             received.payload, recv_s=received.recv_s)
-        self._on_change()
+            waiters = self._waiters.pop(key, [])
+        self._notify(waiters)
 
     def fail(self, key: int, error: str) -> None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.state in (XferState.EXPECTED, XferState.ARRIVED):
                 self._entries[key] = _Entry(XferState.FAILED, time.monotonic() + self.lease_s, error=error)
+            waiters = self._waiters.pop(key, [])
+        self._notify(waiters)
+
+    async def wait_decided(self, key: int) -> tuple[XferState | None, str | None]:
+        """Wait (on the event loop, without polling) until the transfer arrived, failed or is overdue."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.state == XferState.EXPECTED:
+                self._waiters.setdefault(key, []).append((loop, future))
+                remaining = max(0.0, entry.deadline - time.monotonic())
+            else:
+                remaining = None
+        if remaining is not None:
+            try:
+                await asyncio.wait_for(future, remaining + 0.01)
+            except TimeoutError:
+                pass
+            finally:
+                with self._lock:
+                    left = [w for w in self._waiters.get(key, []) if w[1] is not future]
+                    if left:
+                        self._waiters[key] = left
+                    else:
+                        self._waiters.pop(key, None)
+        return self.state(key)
+
+    def _notify(self, waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_resolve, future)
         self._on_change()
 
     def state(self, key: int) -> tuple[XferState | None, str | None]:
@@ -101,9 +140,11 @@ class KVMailbox:
             return header, payload
 
     def forget(self, key: int) -> None:
-        """The request is done with this transfer (finished, aborted or fell back): drop it."""
+        """The request is done with this transfer (finished, aborted or fell back): drop it, and drop
+        the transfer itself if it still arrives later."""
         with self._lock:
             self._entries.pop(key, None)
+            self._done[key] = time.monotonic() + self.lease_s
 
     def sweep(self) -> int:
         """Drop leases that ended and turn overdue expectations into failures; returns drops."""
@@ -120,6 +161,8 @@ class KVMailbox:
                     del self._entries[key]
                     dropped += 1
             self.num_expired += dropped
+            for key in [k for k, until in self._done.items() if until < now]:
+                del self._done[key]
         return dropped
 
     def num_held_bytes(self) -> int:
@@ -130,3 +173,8 @@ class KVMailbox:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

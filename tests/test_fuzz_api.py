@@ -1,0 +1,89 @@
+"""Schema-guided fuzzing of the HTTP API (hypothesis): no input gets a 5xx or takes a replica down.
+
+Bodies mix valid fields, wrong types, out-of-range values, unknown keys, two-step fields and raw
+garbage; the disaggregated app (the default mode) must answer each with a 2xx or an OpenAI-style 4xx,
+and serve a normal request afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import MODEL_NAME
+from tests.helpers import run_app, stop_app
+
+pytestmark = pytest.mark.slow
+APP = "fuzz"
+PREFIX = "/fuzz"
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=16),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+_roles = st.sampled_from(["user", "system", "assistant", "tool", ""]) | _json
+_messages = st.lists(st.fixed_dictionaries(
+    {"role": _roles, "content": st.text(max_size=80) | _json},
+    optional={"name": st.text(max_size=8), "extra": _json}), max_size=3) | _json
+_fields = {
+    "model": st.sampled_from([MODEL_NAME, "gpt-4", ""]) | _json,
+    "prompt": st.text(max_size=120) | st.lists(st.integers(-3, 5000), max_size=40) | st.lists(st.text(max_size=5),
+                                                                                               max_size=3) | _json,
+    "messages": _messages,
+    "max_tokens": st.integers(-3, 12) | st.sampled_from([4096, 10**9]) | _json,
+    "max_completion_tokens": st.integers(-3, 12) | _json,
+    "temperature": st.floats(-1, 3) | _json,
+    "top_p": st.floats(-0.5, 1.5) | _json,
+    "seed": st.integers(-(2**70), 2**70) | _json,
+    "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=6) | _json,
+    "stream": st.booleans() | _json,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | _json,
+    "presence_penalty": st.floats(-3, 3) | _json,
+    "n": st.integers(0, 3) | _json,
+    "logprobs": st.booleans() | st.integers(0, 5) | _json,
+    "disagg_mode": st.sampled_from(["prefill_only", "decode_only", "both"]) | _json,
+    "kv_cache_id": st.text(max_size=60) | st.just("kvc-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA") | _json,
+    "made_up": _json,
+}
+_bodies = st.fixed_dictionaries({}, optional=_fields)
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    run_app({"mode": "disaggregated", "kv_transfer": {"timeout_s": 1.0, "prefill_timeout_s": 10.0}}, APP, PREFIX)
+    with httpx.Client(base_url=f"http://127.0.0.1:{ray_session}{PREFIX}", timeout=60) as client:
+        yield client
+    stop_app(APP)
+
+
+def _check(response: httpx.Response) -> None:
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=_bodies, chat=st.booleans())
+def test_fuzzed_json_bodies_never_get_a_5xx(app, body, chat):
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    content = json.dumps(body, allow_nan=True)  # NaN and Infinity too: Python's parser accepts them
+    _check(app.post(path, content=content, headers={"content-type": "application/json"}))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(raw=st.binary(max_size=300), path=st.sampled_from(["/v1/completions", "/v1/chat/completions",
+                                                         "/v1/models", "/health", "/v1/nope"]))
+def test_fuzzed_raw_bytes_never_get_a_5xx(app, raw, path):
+    _check(app.post(path, content=raw, headers={"content-type": "application/json"}))
+
+
+def test_app_still_serves_after_fuzzing(app):
+    body = app.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "import os\n", "max_tokens": 4,
+                                             "temperature": 0}).json()
+    assert body["usage"]["completion_tokens"] == 4 and body["pdserve"]["kv_source"] == "transfer"
