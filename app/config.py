@@ -134,6 +134,18 @@ class KVTransferConfig(_Strict):
     fault_injection: FaultInjection = Field(default_factory=FaultInjection, description="Failure drills.")
 
 
+class FallbackConfig(_Strict):
+    """What happens when a prefill replica or a pair keeps failing (see also kv_transfer.on_failure)."""
+
+    retry_other_prefill: bool = Field(True, description="On a failed prefill, retry once on another prefill "
+                                      "replica before decode recomputes the prompt.")
+    retry_decode: bool = Field(True, description="Retry a non-streaming request once if its decode replica died.")
+    breaker_failures: int = Field(3, ge=1, description="Failures within breaker_window_s that open a breaker.")
+    breaker_window_s: float = Field(30.0, gt=0, description="Window in which breaker failures are counted.")
+    breaker_open_s: float = Field(10.0, gt=0, description="How long an open breaker routes around its replica "
+                                  "(or pair) before one probe request may go.")
+
+
 class TwoStepConfig(_Strict):
     """`disagg_mode: prefill_only` parks KV on the prefill replica; `decode_only` continues from it."""
 
@@ -163,6 +175,7 @@ class AppConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine knobs.")
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig, description="KV transport.")
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig, description="Retries and circuit breakers.")
     two_step: TwoStepConfig = Field(default_factory=TwoStepConfig, description="prefill_only / decode_only.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, per-tenant limits.")
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger HTTP request bodies get 413.")

@@ -67,12 +67,14 @@ class _Folded:
 class OpenAIService:
     """Validates, runs and formats OpenAI requests for one served model."""
 
-    def __init__(self, served_name: str, tokenizer: Any, max_model_len: int, client: EngineClient):
+    def __init__(self, served_name: str, tokenizer: Any, max_model_len: int, client: EngineClient,
+                 retry_dead_replica: bool = True):
         self.served_name = served_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = len(tokenizer)
         self.client = client
+        self.retry_dead_replica = retry_dead_replica
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self._model_card()]}
@@ -202,7 +204,16 @@ class OpenAIService:
             async for chunk in opened.chunks:
                 _fold(folded, chunk)
         except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
-            raise as_openai_error(exc) from None
+            if not (self.retry_dead_replica and prepared.disagg_mode is None and replica_died(exc)):
+                raise as_openai_error(exc) from None
+            # Its engine replica died mid-request: nothing reached the client yet, so run it again once.
+            folded = _Folded(num_prompt_tokens=len(prepared.request.prompt_token_ids),
+                             metadata={"retried_after": f"replica died: {_short(exc)}"})
+            try:
+                async for chunk in self.client.generate(prepared.request):
+                    _fold(folded, chunk)
+            except Exception as retry_exc:  # noqa: BLE001
+                raise as_openai_error(retry_exc) from None
         if folded.finish_reason == "abort":
             raise OpenAIError(503, "the request was aborted by the engine; retry it", type="server_error")
         return self._body(prepared, folded)
@@ -303,6 +314,21 @@ async def _prepend(first: GenerationChunk, rest: AsyncIterator[GenerationChunk])
     yield first
     async for chunk in rest:
         yield chunk
+
+
+def replica_died(exc: BaseException) -> bool:
+    """Did `exc` come from an engine replica dying (not from the request itself)?"""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, RayActorError | ActorUnavailableError) or type(seen).__name__ in (
+                "ReplicaUnavailableError", "ActorDiedError"):
+            return True
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return False
 
 
 def as_openai_error(exc: BaseException) -> OpenAIError:

@@ -93,6 +93,10 @@ class Decode(EngineReplica):
         self.kv = self.kv.model_copy(update={"on_failure": KVTransferConfig.model_validate(
             {"on_failure": policy}).on_failure})
 
+    async def pair_with(self, prefill_id: str, replica_pin: str | None = None) -> None:
+        """Join the pair group with `prefill_id` (a retried prefill sends from a replica decode did not expect)."""
+        await asyncio.to_thread(self.transport.ensure, prefill_id)
+
     async def transfer_failed(self, xfer_id: str, reason: str, replica_pin: str | None = None) -> None:
         """The router saw prefill fail: end the wait for this transfer now (fallback or 503)."""
         self.mailbox.fail(xfer_key(xfer_id), reason)

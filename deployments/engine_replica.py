@@ -15,6 +15,7 @@ class EngineReplica:
             "num_free_blocks": self.driver.num_free_blocks(),
             "num_total_blocks": self.driver.num_total_blocks(),
             "num_unfinished": self.driver.num_unfinished(),
+            "replica_id": getattr(self, "replica_id", None),
         }
 
     def check_health(self) -> None:

@@ -92,6 +92,9 @@ def _kv_headers(metadata: dict[str, Any] | None) -> dict[str, str]:
     if not metadata or "kv_source" not in metadata:
         return {}
     headers = {"x-pdserve-kv-source": str(metadata["kv_source"])}
+    fallback = metadata.get("fallback") or ("recomputed" if metadata["kv_source"] == "recomputed" else None)
+    if fallback:
+        headers["x-pdserve-fallback"] = str(fallback)
     if metadata.get("fallback_reason"):
         headers["x-pdserve-fallback-reason"] = str(metadata["fallback_reason"])[:200].replace("\n", " ")
     return headers
@@ -124,7 +127,7 @@ class Ingress:
         self.engines = engines
         self.tenants = TenantDirectory.from_config(self.config.auth)
         self.service = OpenAIService(self.config.model.served_name, tokenizer, self.config.model.max_model_len,
-                                     client)
+                                     client, retry_dead_replica=self.config.fallback.retry_decode)
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -168,6 +171,11 @@ class Ingress:
 
     async def tenant_stats(self) -> dict[str, Any]:
         return {"in_flight": self.tenants.in_flight()}
+
+    async def breaker_stats(self) -> dict[str, dict]:
+        """Circuit-breaker state per prefill replica and per (prefill->decode) pair, as this ingress sees it."""
+        states = getattr(self.service.client, "breaker_states", None)
+        return states() if states is not None else {}
     # `authorization` is what HTTP clients send in the Authorization header ("Bearer <key>").
 
     async def create_completion(self, request: CompletionRequest | dict[str, Any],

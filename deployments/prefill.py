@@ -18,6 +18,7 @@ Calls for one parked entry are pinned to this replica by `PinnableRouter` (the i
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import secrets
 import threading
@@ -38,6 +39,7 @@ from app.messages import GenerateRequest, PrefillResult, SamplingSpec
 from app.protocol import OpenAIError
 from deployments.engine_replica import EngineReplica
 
+FAULTS_ENV = "PDSERVE_FAULT_INJECTION"
 CONNECTOR = {"kv_connector": "PDConnector", "kv_connector_module_path": "app.kv.connector"}
 
 
@@ -47,6 +49,7 @@ class _Outgoing:
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future  # SendResult, or (header, payload) when parking
     gathered_at: float = 0.0
+    cancelled: bool = False  # the request gave up (deadline): the KV must not be sent late
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class Prefill(EngineReplica):
                                        device)
         self._outgoing: dict[str, _Outgoing] = {}
         self._faults = kv.fault_injection
+        if os.environ.get(FAULTS_ENV):  # drills without a config change: PDSERVE_FAULT_INJECTION='{"delay_s": 2}'
+            self._faults = FaultInjection.model_validate_json(os.environ[FAULTS_ENV])
         self._fault_rng = random.Random(self._faults.seed)
         self.two_step = two_step or TwoStepConfig()
         self.parking = ParkingLot(self.two_step.max_parked_per_replica)
@@ -102,6 +107,9 @@ class Prefill(EngineReplica):
                     num_cached = chunk.num_cached_tokens
             # 3. wait for the send
             sent: SendResult = await asyncio.wait_for(outgoing.done, self.kv.timeout_s)
+        except BaseException:
+            outgoing.cancelled = True  # late is failed on both ends: a queued send never goes out
+            raise
         finally:
             self._outgoing.pop(xfer_id, None)
         return PrefillResult(xfer_id=xfer_id, num_prompt_tokens=len(request.prompt_token_ids),
@@ -199,12 +207,15 @@ class Prefill(EngineReplica):
             return
         if faults.corrupt_fraction and self._fault_rng.random() < faults.corrupt_fraction:
             payload.view(-1)[0] += 1.0  # after the checksum: decode's verification must catch it
-        if faults.delay_s:
-            threading.Timer(faults.delay_s, self.transport.send, (outgoing.decode_id, header, payload, done)).start()
-            return
-        self.transport.send(outgoing.decode_id, header, payload, done)
+        def send() -> None:
+            self.transport.send(outgoing.decode_id, header, payload, done, lambda: outgoing.cancelled)
 
-    async def set_fault_injection(self, faults: dict) -> None:
+        if faults.delay_s:
+            threading.Timer(faults.delay_s, send).start()
+            return
+        send()
+
+    async def set_fault_injection(self, faults: dict, replica_pin: str | None = None) -> None:
         """Operators' drill switch (and the tests'): replace the fault-injection settings at runtime."""
         self._faults = FaultInjection.model_validate(faults)
         self._fault_rng = random.Random(self._faults.seed)
@@ -212,6 +223,7 @@ class Prefill(EngineReplica):
     async def kv_stats(self) -> dict:
         counters = self.hub.counters
         return {"num_saved": counters.num_saved, "gather_s": counters.gather_s, "pairs": self.transport.peers(),
+                "num_outgoing": len(self._outgoing), "replica_id": self.replica_id,
                 "num_pairs_formed": self.transport.num_pairs_formed,
                 "num_pairs_dropped": self.transport.num_pairs_dropped}
 

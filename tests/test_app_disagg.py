@@ -9,6 +9,7 @@ check, and finally a decode replica killed and replaced without restarting prefi
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -25,7 +26,7 @@ APP = "pd"
 PREFIX = "/pd"
 ARGS = {
     "mode": "disaggregated",
-    "kv_transfer": {"timeout_s": 1.0, "prefill_timeout_s": 10.0},
+    "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 10.0},
     "prefill": {"num_replicas": 2, "num_cpus": 1},
     "decode": {"num_replicas": 2, "num_cpus": 1},
 }
@@ -45,6 +46,7 @@ def client(app):
 
 def _broadcast(deployment: str, method: str, *args) -> list:
     return serve.get_deployment_handle(deployment, APP).broadcast(method, *args).results(timeout_s=60)
+
 
 
 def _complete(app, prompt, max_tokens=16, **extra) -> dict:
@@ -163,13 +165,14 @@ def test_failed_transfer_falls_back_at_once_and_is_counted(app, offline_engine, 
 def test_late_transfer_misses_its_deadline_and_does_not_wedge_the_pair(app, offline_engine, tokenizer):
     prompt = prompt_of_length(tokenizer, 52, offset=9)
     want, _ = offline_generate(offline_engine, prompt, 10)
-    _broadcast("Prefill", "set_fault_injection", {"delay_s": 2.0})  # past the 1 s transfer deadline
+    _broadcast("Prefill", "set_fault_injection", {"delay_s": 3.0})  # past the 2 s transfer deadline
     try:
         body = _complete(app, prompt, 10)
     finally:
         _broadcast("Prefill", "set_fault_injection", {})
     assert body["choices"][0]["text"] == want and body["pdserve"]["kv_source"] == "recomputed"
-    time.sleep(2.5)  # the late payload arrives now and is drained and dropped
+    assert "Timeout" in body["pdserve"]["fallback_reason"]  # both prefill attempts missed the deadline
+    time.sleep(3.5)  # the late sends were cancelled on prefill, never sent
     for offset in (200, 210, 220, 230):  # every pair still carries fresh transfers
         prompt = prompt_of_length(tokenizer, 35, offset=offset)
         assert _complete(app, prompt, 6)["pdserve"]["kv_source"] == "transfer"
@@ -228,12 +231,117 @@ def test_load_200_requests_at_concurrency_16_with_10_percent_failed_transfers(ap
         _broadcast("Prefill", "set_fault_injection", {})
     assert [status for status, _, _ in results] == [200] * 200  # none lost
     assert [body["choices"][0]["text"] for _, body, _ in results] == wants  # none wrong
-    sources = [body["pdserve"]["kv_source"] for _, body, _ in results]
-    assert 5 <= sources.count("recomputed") <= 40  # the injected failures, each recovered and reported
+    fallbacks = [body["pdserve"].get("fallback") or body["pdserve"]["kv_source"] for _, body, _ in results]
+    num_recovered = fallbacks.count("retried_other_prefill") + fallbacks.count("recomputed")
+    assert 5 <= num_recovered <= 40  # the injected failures, each recovered (retry or recompute) and reported
     assert max(seconds for _, _, seconds in results) < 1.0 + 10.0 + 20  # none hung past its deadlines
 
 
+def test_failing_prefill_replica_is_retried_elsewhere_then_routed_around(app, offline_engine, tokenizer):
+    prefill = serve.get_deployment_handle("Prefill", APP)
+    bad, good = sorted(_replica_ids("Prefill"))
+    prefill.set_fault_injection.remote({"fail_fraction": 1.0}, replica_pin=bad).result()
+    breakers = app["handle"].breaker_stats
+    try:
+        bodies = []
+        for i in range(30):  # until `breaker_failures` (3) failures opened the bad replica's breaker
+            prompt = prompt_of_length(tokenizer, 24, offset=100 + i)
+            bodies.append((prompt, _complete(app, prompt, 6)))
+            if breakers.remote().result().get(bad, {}).get("state") == "open":
+                break
+        assert breakers.remote().result()[bad]["state"] == "open"
+        routed_around = [_complete(app, prompt_of_length(tokenizer, 24, offset=140 + i), 6) for i in range(4)]
+    finally:
+        prefill.set_fault_injection.remote({}, replica_pin=bad).result()
+    for prompt, body in bodies:
+        assert body["choices"][0]["text"] == offline_generate(offline_engine, prompt, 6)[0]
+        assert body["pdserve"]["kv_source"] == "transfer"  # the retry's KV, not a recompute
+    retried = [b for _, b in bodies if b["pdserve"].get("fallback") == "retried_other_prefill"]
+    assert len(retried) == 3 and all(bad in b["pdserve"]["fallback_reason"] for b in retried)
+    assert all(b["pdserve"]["prefill_replica"] == good and "fallback" not in b["pdserve"] for b in routed_around)
+
+
+def test_prefill_killed_mid_transfer_completes_through_the_fallback(app, offline_engine, tokenizer):
+    prefill = serve.get_deployment_handle("Prefill", APP)
+    _broadcast("Prefill", "set_fault_injection", {"delay_s": 1.5})  # KV waits before its send
+    prompt = prompt_of_length(tokenizer, 60, offset=120)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(body=_complete(app, prompt, 8)))
+    worker.start()
+    try:
+        victim = None
+        deadline = time.monotonic() + 10
+        while victim is None and time.monotonic() < deadline:
+            for stats in prefill.broadcast("kv_stats").results(timeout_s=30, return_exceptions=True):
+                if isinstance(stats, dict) and stats["num_outgoing"]:
+                    victim = stats["replica_id"]
+            time.sleep(0.05)
+        assert victim is not None
+        for other in _replica_ids("Prefill") - {victim}:
+            prefill.set_fault_injection.remote({}, replica_pin=other).result()
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#Prefill#{victim}", namespace="serve"), no_restart=True)
+        worker.join(60)
+    finally:
+        _broadcast_alive("Prefill", "set_fault_injection", {})
+    body = result["body"]
+    assert body["choices"][0]["text"] == offline_generate(offline_engine, prompt, 8)[0]
+    assert body["pdserve"].get("fallback") in ("retried_other_prefill", "recomputed")
+    assert victim in body["pdserve"]["fallback_reason"]
+
+
+def _running_decode() -> str | None:
+    for stats in serve.get_deployment_handle("Decode", APP).broadcast("stats").results(
+            timeout_s=30, return_exceptions=True):
+        if isinstance(stats, dict) and stats["num_unfinished"]:
+            return stats["replica_id"]
+    return None
+
+
+def _kill_running_decode() -> str:
+    deadline = time.monotonic() + 20
+    while (victim := _running_decode()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert victim is not None
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#Decode#{victim}", namespace="serve"), no_restart=True)
+    return victim
+
+
+def test_decode_killed_mid_stream_ends_the_stream_with_an_error_event(app, tokenizer):
+    _wait_for_replicas("Decode", 2)
+    body = {"model": MODEL_NAME, "prompt": prompt_of_length(tokenizer, 20, offset=140), "max_tokens": 3000,
+            "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{app['base']}/v1/completions", json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: {")
+        _kill_running_decode()
+        events = [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"  # a clean end
+    import json
+
+    last = json.loads(events[-2][len("data: "):])
+    assert last["error"]["type"] == "server_error"
+
+
+def test_decode_killed_mid_request_is_retried_for_non_streaming(app, offline_engine, tokenizer):
+    _wait_for_replicas("Decode", 2)
+    prompt = prompt_of_length(tokenizer, 20, offset=150)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(response=httpx.post(
+        f"{app['base']}/v1/completions", timeout=180,
+        json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 400, "ignore_eos": True, "temperature": 0})))
+    worker.start()
+    victim = _kill_running_decode()
+    worker.join(180)
+    response = result["response"]
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert victim in str(body["pdserve"].get("retried_after")) or "died" in body["pdserve"]["retried_after"]
+    assert body["choices"][0]["text"] == offline_generate(offline_engine, prompt, 400, ignore_eos=True)[0]
+
+
 def test_no_leaks_engines_and_mailboxes_return_to_start(app):
+    _wait_for_replicas("Prefill", 2)
+    _wait_for_replicas("Decode", 2)
     deadline = time.monotonic() + 10
     while True:
         engines = _broadcast("Prefill", "stats") + _broadcast("Decode", "stats")
@@ -276,6 +384,20 @@ def test_killed_decode_replica_is_replaced_and_prefill_keeps_serving(app, offlin
             break
         time.sleep(0.5)
     assert victim not in prefill_pairs
+
+
+def _broadcast_alive(deployment: str, method: str, *args) -> list:
+    handle = serve.get_deployment_handle(deployment, APP)
+    return [r for r in handle.broadcast(method, *args).results(timeout_s=60, return_exceptions=True)
+            if not isinstance(r, Exception)]
+
+
+def _wait_for_replicas(deployment: str, count: int, timeout_s: float = 180) -> None:
+    """Until `count` replicas answer (Serve replaces killed ones)."""
+    deadline = time.monotonic() + timeout_s
+    while len(_replica_ids(deployment)) < count and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(_replica_ids(deployment)) >= count
 
 
 def _replica_ids(deployment: str) -> set[str]:

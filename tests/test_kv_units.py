@@ -128,6 +128,21 @@ def test_channel_delivers_in_order_and_flags_corrupted_payloads():
     sender.close()
 
 
+def test_cancelled_transfer_is_never_sent_and_leaves_the_pair_usable():
+    link, delivered = _Link(), queue.Queue()
+    receiver = KVReceiver(link, delivered.put, lambda exc: delivered.put(exc))
+    sender = KVSender(link, timeout_s=5)
+    results: queue.Queue = queue.Queue()
+    late, fresh = gather_blocks(_layers(5), [0]), gather_blocks(_layers(6), [1])
+    sender.submit(_header_for(late, "late"), late, lambda res, err: results.put(err), is_cancelled=lambda: True)
+    sender.submit(_header_for(fresh, "fresh"), fresh, lambda res, err: results.put(err))
+    assert isinstance(results.get(timeout=5), ChannelBroken) and results.get(timeout=5) is None
+    got = delivered.get(timeout=5)
+    assert got.header.xfer_key == xfer_key("fresh") and delivered.empty()
+    receiver.close()
+    sender.close()
+
+
 def test_broken_link_fails_sends_and_reports_receive_loop_death():
     link, broken = _Link(), queue.Queue()
     KVReceiver(link, lambda received: None, broken.put)

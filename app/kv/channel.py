@@ -92,11 +92,13 @@ class KVSender:
                 self._on_broken(exc)
 
     def submit(self, header: KVHeader, payload: torch.Tensor,
-               on_done: Callable[[SendResult | None, BaseException | None], None]) -> None:
+               on_done: Callable[[SendResult | None, BaseException | None], None],
+               is_cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Queue a transfer; one whose `is_cancelled()` is true when its turn comes is never sent."""
         if self.broken is not None:
             on_done(None, ChannelBroken(f"pair is broken: {self.broken}"))
             return
-        self._queue.put((header, payload, on_done))
+        self._queue.put((header, payload, on_done, is_cancelled))
 
     def close(self) -> None:
         self._closed = True
@@ -107,9 +109,12 @@ class KVSender:
             item = self._queue.get()
             if item is None:
                 return
-            header, payload, on_done = item
+            header, payload, on_done, is_cancelled = item
             if self.broken is not None:
                 on_done(None, ChannelBroken(f"pair is broken: {self.broken}"))
+                continue
+            if is_cancelled():  # its deadline passed while it waited: late is failed, on both ends
+                on_done(None, ChannelBroken("transfer cancelled: its deadline passed before it was sent"))
                 continue
             started = time.perf_counter()
             try:

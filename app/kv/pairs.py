@@ -195,7 +195,8 @@ class PairTransport:
     # -- prefill side -----------------------------------------------------------------------------
 
     def send(self, peer_id: str, header: KVHeader, payload: torch.Tensor,
-             on_done: Callable[[SendResult | None, BaseException | None], None]) -> None:
+             on_done: Callable[[SendResult | None, BaseException | None], None],
+             is_cancelled: Callable[[], bool] = lambda: False) -> None:
         """Queue one transfer to `peer_id`; `on_done` runs on the sender thread when it ends."""
         with self._lock:
             pair = self._pairs.get(peer_id)
@@ -204,8 +205,8 @@ class PairTransport:
             return
 
         def done(result: SendResult | None, error: BaseException | None) -> None:
-            if error is not None:
+            if error is not None and not is_cancelled():  # a cancelled transfer leaves the pair intact
                 self.drop(peer_id, f"send failed: {error}")
             on_done(result, error)
 
-        pair.sender.submit(header, payload, done)
+        pair.sender.submit(header, payload, done, is_cancelled)
