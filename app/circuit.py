@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from app.metrics import set_breaker_state
+
 
 class BreakerState(enum.IntEnum):
     CLOSED = 0
@@ -52,6 +54,7 @@ class CircuitBreakers:
                 return True
             if breaker.state == BreakerState.OPEN and self._clock() - breaker.opened_at >= self.open_s:
                 breaker.state = BreakerState.HALF_OPEN
+                set_breaker_state(key, BreakerState.HALF_OPEN)
             if breaker.state == BreakerState.HALF_OPEN and not breaker.probe_in_flight:
                 breaker.probe_in_flight = True
                 return True
@@ -71,6 +74,8 @@ class CircuitBreakers:
         with self._lock:
             breaker = self._breakers.get(key)
             if breaker is not None:
+                if breaker.state != BreakerState.CLOSED:
+                    set_breaker_state(key, BreakerState.CLOSED)
                 breaker.state, breaker.probe_in_flight = BreakerState.CLOSED, False
                 breaker.failures.clear()
 
@@ -79,18 +84,19 @@ class CircuitBreakers:
         with self._lock:
             breaker = self._breakers.setdefault(key, _Breaker())
             if breaker.state == BreakerState.HALF_OPEN:
-                self._open(breaker, now)
+                self._open(key, breaker, now)
                 return
             breaker.failures.append(now)
             while breaker.failures and now - breaker.failures[0] > self.window_s:
                 breaker.failures.popleft()
             if breaker.state == BreakerState.CLOSED and len(breaker.failures) >= self.failure_threshold:
-                self._open(breaker, now)
+                self._open(key, breaker, now)
 
-    def _open(self, breaker: _Breaker, now: float) -> None:
+    def _open(self, key: str, breaker: _Breaker, now: float) -> None:
         breaker.state, breaker.opened_at, breaker.probe_in_flight = BreakerState.OPEN, now, False
         breaker.failures.clear()
         breaker.num_opened += 1
+        set_breaker_state(key, BreakerState.OPEN)
 
     def snapshot(self) -> dict[str, dict]:
         with self._lock:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from app.engine import EngineInputError
 from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
+from app.metrics import record_fallback
 from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from app.tenancy import DEFAULT_TENANT, Tenant
 
@@ -216,6 +217,7 @@ class OpenAIService:
                 raise as_openai_error(retry_exc) from None
         if folded.finish_reason == "abort":
             raise OpenAIError(503, "the request was aborted by the engine; retry it", type="server_error")
+        _record_fallbacks(folded.metadata)
         return self._body(prepared, folded)
 
     def _body(self, prepared: Prepared, folded: _Folded) -> dict[str, Any]:
@@ -261,6 +263,7 @@ class OpenAIService:
                 if chunk.text or chunk.finish_reason:
                     delta = {"content": chunk.text} if chunk.text else {}
                     yield self._chunk(prepared, obj, delta if is_chat else chunk.text, chunk.finish_reason)
+            _record_fallbacks(folded.metadata)
             if prepared.include_usage:
                 final = self._envelope(prepared, obj)
                 final["choices"] = []
@@ -289,6 +292,17 @@ class OpenAIService:
     def _envelope(self, prepared: Prepared, obj: str) -> dict[str, Any]:
         return {"id": prepared.request.request_id, "object": obj, "created": prepared.created,
                 "model": self.served_name}
+
+
+def _record_fallbacks(metadata: dict[str, Any] | None) -> None:
+    if not metadata:
+        return
+    if metadata.get("fallback"):
+        record_fallback(metadata["fallback"])
+    if metadata.get("kv_source") == "recomputed":
+        record_fallback("recomputed")
+    if metadata.get("retried_after"):
+        record_fallback("retried_dead_replica")
 
 
 def _fold(folded: _Folded, chunk: GenerationChunk) -> None:

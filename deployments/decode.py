@@ -31,6 +31,7 @@ from app.kv.hub import PARAMS_KEY, reset_hub
 from app.kv.mailbox import KVMailbox, XferState
 from app.kv.pairs import PairTransport, resolve_backend
 from app.messages import GenerateRequest, GenerationChunk
+from app.metrics import record_fallback
 from app.protocol import OpenAIError
 from deployments.engine_replica import EngineReplica
 from deployments.prefill import CONNECTOR
@@ -70,6 +71,7 @@ class Decode(EngineReplica):
         if state == XferState.FAILED and self.kv.on_failure == "fail":
             self.mailbox.forget(key)
             self.hub.counters.num_fallbacks["failed_fast"] = self.hub.counters.num_fallbacks.get("failed_fast", 0) + 1
+            record_fallback("failed_fast")
             raise OpenAIError(503, f"the prompt's KV did not arrive intact ({error}) and local recompute is off "
                               "(kv_transfer.on_failure: fail); retry the request", type="server_error",
                               code="kv_transfer_failed", headers={"Retry-After": "1"})
@@ -124,15 +126,6 @@ class Decode(EngineReplica):
         while not self._stopped.wait(SWEEP_INTERVAL_S):
             self.mailbox.sweep()
             self._wake()
-
-    def shutdown(self) -> None:
-        stopped = getattr(self, "_stopped", None)
-        if stopped is not None:
-            stopped.set()
-        transport = getattr(self, "transport", None)
-        if transport is not None:
-            transport.close()
-        super().shutdown()
 
 
 def _with_metadata(chunk: GenerationChunk, metadata: dict) -> GenerationChunk:

@@ -23,6 +23,13 @@ class EngineReplica:
             raise RuntimeError("engine driver thread died")
 
     def shutdown(self) -> None:
+        """Stop background threads (`_stopped`), leave every pair group (`transport`), stop the engine."""
+        stopped = getattr(self, "_stopped", None)
+        if stopped is not None:
+            stopped.set()
+        transport = getattr(self, "transport", None)
+        if transport is not None:
+            transport.close()
         driver = getattr(self, "driver", None)
         if driver is not None:
             driver.shutdown()

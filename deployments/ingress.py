@@ -181,31 +181,36 @@ class Ingress:
     async def create_completion(self, request: CompletionRequest | dict[str, Any],
                                 authorization: str | None = None) -> dict[str, Any]:
         """Non-streaming completion; raises `OpenAIError` where HTTP would answer 4xx/5xx."""
-        tenant = self.tenants.authenticate(authorization)
-        prepared = self.service.prepare_completion(_validate(CompletionRequest, request), tenant)
-        with self.tenants.admit(tenant):
-            return await self.service.respond(await self.service.open(prepared))
+        return await self._respond(CompletionRequest, request, authorization)
 
     async def create_chat_completion(self, request: ChatCompletionRequest | dict[str, Any],
                                      authorization: str | None = None) -> dict[str, Any]:
-        tenant = self.tenants.authenticate(authorization)
-        prepared = self.service.prepare_chat(_validate(ChatCompletionRequest, request), tenant)
-        with self.tenants.admit(tenant):
-            return await self.service.respond(await self.service.open(prepared))
+        return await self._respond(ChatCompletionRequest, request, authorization)
 
     async def create_completion_stream(self, request: CompletionRequest | dict[str, Any],
                                        authorization: str | None = None) -> AsyncIterator[dict]:
         """Streaming completion: yields OpenAI chunk dicts (call with `handle.options(stream=True)`)."""
-        tenant = self.tenants.authenticate(authorization)
-        prepared = self.service.prepare_completion(_validate(CompletionRequest, request), tenant)
-        with self.tenants.admit(tenant):
-            async for event in self.service.stream(await self.service.open(prepared)):
-                yield event
+        async for event in self._stream(CompletionRequest, request, authorization):
+            yield event
 
     async def create_chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any],
                                             authorization: str | None = None) -> AsyncIterator[dict]:
+        async for event in self._stream(ChatCompletionRequest, request, authorization):
+            yield event
+
+    def _prepare(self, model: type, request: Any, authorization: str | None):
         tenant = self.tenants.authenticate(authorization)
-        prepared = self.service.prepare_chat(_validate(ChatCompletionRequest, request), tenant)
+        body = _validate(model, request)
+        prepare = self.service.prepare_chat if model is ChatCompletionRequest else self.service.prepare_completion
+        return tenant, prepare(body, tenant)
+
+    async def _respond(self, model: type, request: Any, authorization: str | None) -> dict[str, Any]:
+        tenant, prepared = self._prepare(model, request, authorization)
+        with self.tenants.admit(tenant):
+            return await self.service.respond(await self.service.open(prepared))
+
+    async def _stream(self, model: type, request: Any, authorization: str | None) -> AsyncIterator[dict]:
+        tenant, prepared = self._prepare(model, request, authorization)
         with self.tenants.admit(tenant):
             async for event in self.service.stream(await self.service.open(prepared)):
                 yield event

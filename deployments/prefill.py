@@ -227,15 +227,6 @@ class Prefill(EngineReplica):
                 "num_pairs_formed": self.transport.num_pairs_formed,
                 "num_pairs_dropped": self.transport.num_pairs_dropped}
 
-    def shutdown(self) -> None:
-        stopped = getattr(self, "_stopped", None)
-        if stopped is not None:
-            stopped.set()
-        transport = getattr(self, "transport", None)
-        if transport is not None:
-            transport.close()
-        super().shutdown()
-
 
 def _settle(future: asyncio.Future, result, error) -> None:
     if future.done():

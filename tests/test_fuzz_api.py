@@ -1,8 +1,9 @@
-"""Schema-guided fuzzing of the HTTP API (hypothesis): no input gets a 5xx or takes a replica down.
+"""Schema-guided fuzzing of the HTTP API (hypothesis), and backpressure past a phase's queue.
 
 Bodies mix valid fields, wrong types, out-of-range values, unknown keys, two-step fields and raw
 garbage; the disaggregated app (the default mode) must answer each with a 2xx or an OpenAI-style 4xx,
-and serve a normal request afterwards.
+and serve a normal request afterwards. The app's decode phase admits one request and queues one, so
+a burst past that gets 429 with Retry-After instead of piling up.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ _bodies = st.fixed_dictionaries({}, optional=_fields)
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    run_app({"mode": "disaggregated", "kv_transfer": {"timeout_s": 1.0, "prefill_timeout_s": 10.0}}, APP, PREFIX)
+    run_app({"mode": "disaggregated", "kv_transfer": {"timeout_s": 1.0, "prefill_timeout_s": 10.0},
+             "decode": {"max_ongoing_requests": 1, "max_queued_requests": 1}}, APP, PREFIX)
     with httpx.Client(base_url=f"http://127.0.0.1:{ray_session}{PREFIX}", timeout=60) as client:
         yield client
     stop_app(APP)
@@ -87,3 +89,21 @@ def test_app_still_serves_after_fuzzing(app):
     body = app.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "import os\n", "max_tokens": 4,
                                              "temperature": 0}).json()
     assert body["usage"]["completion_tokens"] == 4 and body["pdserve"]["kv_source"] == "transfer"
+
+
+def test_burst_past_the_decode_queue_gets_429_with_retry_after(app):
+    import asyncio
+
+    body = {"model": MODEL_NAME, "prompt": "import os\n", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=str(app.base_url), timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(8)))
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 1 and statuses.count(429) >= 1
+    for response in responses:
+        if response.status_code == 429:
+            assert response.headers["retry-after"] and response.json()["error"]["code"] == "server_busy"
+    assert app.get("/health").status_code == 200
