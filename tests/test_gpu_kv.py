@@ -1,7 +1,7 @@
 """GPU checks of the KV path (payload, checksum, channel, NCCL), skipped without CUDA.
 
 Run on a GPU machine (needs torch with CUDA and cupy; not vLLM or Ray):
-    python -m pytest tests/test_gpu_kv.py -s
+    python -m pytest tests/test_gpu_kv.py --noconftest -s
 One GPU cannot host two NCCL ranks, so the NCCL test uses a one-rank communicator with a grouped
 send/recv to itself: it checks that NCCL moves our header and payload tensors intact and measures it.
 """
