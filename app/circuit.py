@@ -98,6 +98,14 @@ class CircuitBreakers:
         breaker.num_opened += 1
         set_breaker_state(key, BreakerState.OPEN)
 
+    def reset(self) -> None:
+        """Close every breaker (an operator who fixed the cause, or a test, starts clean)."""
+        with self._lock:
+            keys = list(self._breakers)
+            self._breakers.clear()
+        for key in keys:
+            set_breaker_state(key, BreakerState.CLOSED)
+
     def snapshot(self) -> dict[str, dict]:
         with self._lock:
             return {key: {"state": b.state.name.lower(), "recent_failures": len(b.failures),

@@ -172,6 +172,12 @@ class Ingress:
     async def tenant_stats(self) -> dict[str, Any]:
         return {"in_flight": self.tenants.in_flight()}
 
+    async def reset_breakers(self) -> None:
+        """Close every circuit breaker in this ingress replica (after the cause was fixed)."""
+        from app.circuit import BREAKERS
+
+        BREAKERS.reset()
+
     async def breaker_stats(self) -> dict[str, dict]:
         """Circuit-breaker state per prefill replica and per (prefill->decode) pair, as this ingress sees it."""
         states = getattr(self.service.client, "breaker_states", None)

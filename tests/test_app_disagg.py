@@ -240,6 +240,7 @@ def test_load_200_requests_at_concurrency_16_with_10_percent_failed_transfers(ap
 def test_failing_prefill_replica_is_retried_elsewhere_then_routed_around(app, offline_engine, tokenizer):
     prefill = serve.get_deployment_handle("Prefill", APP)
     bad, good = sorted(_replica_ids("Prefill"))
+    app["handle"].reset_breakers.remote().result()  # earlier fault tests may have left some open
     prefill.set_fault_injection.remote({"fail_fraction": 1.0}, replica_pin=bad).result()
     breakers = app["handle"].breaker_stats
     try:

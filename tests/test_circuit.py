@@ -43,3 +43,11 @@ def test_half_open_lets_exactly_one_probe_and_its_result_decides():
     breakers.record_success("p1")  # probe succeeded: closed
     assert breakers.snapshot()["p1"]["state"] == BreakerState.CLOSED.name.lower()
     assert breakers.allow("p1") and breakers.allow("p1")
+
+
+def test_reset_closes_every_breaker():
+    breakers = CircuitBreakers(failure_threshold=1, window_s=10, open_s=60, clock=_Clock())
+    breakers.record_failure("p1")
+    assert breakers.is_open("p1")
+    breakers.reset()
+    assert not breakers.is_open("p1") and breakers.snapshot() == {}
