@@ -157,22 +157,6 @@ class EngineDriver:
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self.engine.abort_request([request_id]))
 
-    def call(self, fn: Callable[[Any], Any]) -> asyncio.Future:
-        """Run `fn(engine)` on the driver thread; returns a future for its result."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-
-        def run() -> None:
-            try:
-                result = fn(self.engine)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(_set_exception, future, exc)
-            else:
-                loop.call_soon_threadsafe(_set_result, future, result)
-
-        self._submit(run)
-        return future
-
     def wake(self) -> None:
         """Ask the driver to step now (e.g. a KV transfer a waiting request needs has landed)."""
         self._wake.set()
@@ -251,13 +235,3 @@ def _to_chunk(output: Any) -> GenerationChunk:
         num_cached_tokens=output.num_cached_tokens or 0,
         kv_transfer_params=output.kv_transfer_params,
     )
-
-
-def _set_result(future: asyncio.Future, result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)

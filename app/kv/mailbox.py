@@ -39,7 +39,6 @@ class _Entry:
     header: KVHeader | None = None
     payload: torch.Tensor | None = None
     error: str | None = None
-    recv_s: float = 0.0
 
 
 class KVMailbox:
@@ -71,7 +70,7 @@ class KVMailbox:
                 self._entries[key] = _Entry(XferState.FAILED, time.monotonic() + self.lease_s, error=received.error)
             else:
                 self._entries[key] = _Entry(XferState.ARRIVED, time.monotonic() + self.lease_s, received.header,
-                                            received.payload, recv_s=received.recv_s)
+                                            received.payload)
             waiters = self._waiters.pop(key, [])
         self._notify(waiters)
 
@@ -122,11 +121,6 @@ class KVMailbox:
             if entry.state == XferState.EXPECTED and time.monotonic() > entry.deadline:
                 entry.state, entry.error = XferState.FAILED, "KV transfer deadline passed"
             return entry.state, entry.error
-
-    def peek_header(self, key: int) -> KVHeader | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            return entry.header if entry is not None and entry.state == XferState.ARRIVED else None
 
     def claim(self, key: int) -> tuple[KVHeader, torch.Tensor]:
         """Take an ARRIVED payload (once); raises KeyError if it is not (or no longer) there."""
