@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -36,6 +36,9 @@ class GenerationChunk:
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None  # pdserve's own facts (path taken, fallbacks), shown to clients
+
+    def with_metadata(self, **extra: Any) -> GenerationChunk:
+        return replace(self, metadata={**(self.metadata or {}), **extra})
 
 
 @dataclass(frozen=True)

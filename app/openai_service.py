@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from app.engine import EngineInputError
 from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
 from app.metrics import record_fallback
-from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, short_error
 from app.tenancy import DEFAULT_TENANT, Tenant
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -209,7 +209,7 @@ class OpenAIService:
                 raise as_openai_error(exc) from None
             # Its engine replica died mid-request: nothing reached the client yet, so run it again once.
             folded = _Folded(num_prompt_tokens=len(prepared.request.prompt_token_ids),
-                             metadata={"retried_after": f"replica died: {_short(exc)}"})
+                             metadata={"retried_after": f"replica died: {short_error(exc)}"})
             try:
                 async for chunk in self.client.generate(prepared.request):
                     _fold(folded, chunk)
@@ -354,14 +354,9 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
         if isinstance(seen, OpenAIError) and hasattr(seen, "status"):
             return seen
         if isinstance(seen, EngineInputError) or type(seen).__name__.endswith("(EngineInputError)"):
-            return OpenAIError(400, _short(seen), code="invalid_request")
+            return OpenAIError(400, short_error(seen), code="invalid_request")
         if type(seen).__name__ == "BackPressureError":  # a phase's queue is full (max_queued_requests)
             return OpenAIError(429, "the server is at capacity; retry shortly", type="rate_limit_error",
                                code="server_busy", headers={"Retry-After": "1"})
         seen = getattr(seen, "cause", None) or seen.__cause__
-    return OpenAIError(500, f"generation failed: {_short(exc)}", type="server_error")
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1][:300] if text else type(exc).__name__
+    return OpenAIError(500, f"generation failed: {short_error(exc)}", type="server_error")

@@ -52,6 +52,12 @@ def _rebuild_error(status, message, type, param, code, headers) -> OpenAIError:
     return OpenAIError(status, message, type=type, param=param, code=code, headers=headers)
 
 
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """The last non-blank line of an exception's text (Ray wraps remote errors in tracebacks)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:limit]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False

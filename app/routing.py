@@ -3,13 +3,14 @@
 `CollocatedClient`: Serve picks a `Collocated` replica; its stream is the answer.
 
 `DisaggregatedRouter`, one request:
-1. Choose the prefill replica and the decode replica first (Serve's router, `choose_replica`), so
-   both ends of the transfer are known before it starts; each replica publishes its pair id through
-   `record_replica_metadata`.
+1. Choose the decode replica, then the prefill replica (Serve's router, `choose_replica`; replicas and
+   pairs whose circuit breaker is open are avoided), so both ends of the transfer are known before it
+   starts; each replica publishes its pair id through `record_replica_metadata`.
 2. Dispatch both at once: prefill runs the prompt and sends its KV to that decode replica, while the
    decode replica pairs up, waits for the KV in the background and then streams tokens.
-3. Stream decode's chunks; then collect prefill's report (a prefill failure is already visible in
-   decode's metadata as a recompute). A consumer that leaves early cancels both calls.
+3. Stream decode's chunks while watching prefill: a failed prefill is retried once on another prefill
+   replica (same transfer id), else decode is told at once and recomputes (or answers 503). A
+   consumer that leaves early cancels both calls.
 
 Two-step API: `prefill_only` runs the prompt on a prefill replica that parks its KV and answers with a
 `kv_cache_id`; `decode_only` claims that entry on the replica the id names (calls pinned with the
@@ -25,7 +26,6 @@ import logging
 import random
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -35,6 +35,7 @@ from app.circuit import BREAKERS
 from app.circuit import configure as configure_breakers
 from app.kv.parking import kv_cache_not_found, replica_of
 from app.messages import GenerateRequest, GenerationChunk, PrefillResult
+from app.protocol import short_error
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ class CollocatedClient:
         async for chunk in self.handle.generate.remote(request):
             if first:
                 first = False
-                chunk = replace(chunk, metadata={**(chunk.metadata or {}),
-                                                 "prefix_cache_hit_tokens": chunk.num_cached_tokens})
+                chunk = chunk.with_metadata(prefix_cache_hit_tokens=chunk.num_cached_tokens)
             yield chunk
 
 
@@ -177,7 +177,7 @@ class DisaggregatedRouter:
                     if not watch.done():  # a retried prefill reports just after its KV reached decode
                         await asyncio.wait([watch], timeout=self.notify_timeout_s)
                     if notes:
-                        chunk = replace(chunk, metadata={**(chunk.metadata or {}), **notes})
+                        chunk = chunk.with_metadata(**notes)
                 yield chunk
             finished = True
         finally:
@@ -202,13 +202,13 @@ class DisaggregatedRouter:
         except Exception as exc:  # noqa: BLE001 - every prefill failure becomes a fallback with a reason
             BREAKERS.record_failure(prefill_id)
             BREAKERS.record_failure(pair)
-            reason = f"prefill {prefill_id} failed: {_short(exc)}"
+            reason = f"prefill {prefill_id} failed: {short_error(exc)}"
             logger.warning("%s (transfer %s)", reason, xfer_id)
             if retry:
                 try:
                     other, result = await self._retry_prefill(request, prefill_id, decode_id, xfer_id)
                 except Exception as retry_exc:  # noqa: BLE001
-                    reason += f"; retry on another prefill replica failed: {_short(retry_exc)}"
+                    reason += f"; retry on another prefill replica failed: {short_error(retry_exc)}"
                 else:
                     notes.update(fallback="retried_other_prefill", fallback_reason=f"{reason}; retried on {other}")
                     return result
@@ -239,8 +239,3 @@ class DisaggregatedRouter:
                 raise
         BREAKERS.record_success(other)
         return other, result
-
-
-def _short(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:200]

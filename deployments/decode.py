@@ -84,7 +84,7 @@ class Decode(EngineReplica):
             ):
                 if first:
                     first = False
-                    chunk = _with_metadata(chunk, self._kv_metadata(xfer_id, prefill_id, chunk))
+                    chunk = chunk.with_metadata(**self._kv_metadata(xfer_id, prefill_id, chunk))
                 yield chunk
         finally:
             self.mailbox.forget(key)
@@ -124,11 +124,5 @@ class Decode(EngineReplica):
 
     def _sweep(self) -> None:
         while not self._stopped.wait(SWEEP_INTERVAL_S):
-            self.mailbox.sweep()
-            self._wake()
-
-
-def _with_metadata(chunk: GenerationChunk, metadata: dict) -> GenerationChunk:
-    from dataclasses import replace
-
-    return replace(chunk, metadata={**(chunk.metadata or {}), **metadata})
+            if self.mailbox.sweep():  # a deadline passed: a request may now fall back
+                self._wake()

@@ -141,9 +141,9 @@ class KVMailbox:
             self._done[key] = time.monotonic() + self.lease_s
 
     def sweep(self) -> int:
-        """Drop leases that ended and turn overdue expectations into failures; returns drops."""
+        """Drop leases that ended and turn overdue expectations into failures; returns how many changed."""
         now = time.monotonic()
-        dropped = 0
+        dropped = failed = 0
         with self._lock:
             for key, entry in list(self._entries.items()):
                 if now <= entry.deadline:
@@ -151,13 +151,14 @@ class KVMailbox:
                 if entry.state == XferState.EXPECTED:
                     entry.state, entry.error = XferState.FAILED, "KV transfer deadline passed"
                     entry.deadline = now + self.lease_s
+                    failed += 1
                 else:
                     del self._entries[key]
                     dropped += 1
             self.num_expired += dropped
             for key in [k for k, until in self._done.items() if until < now]:
                 del self._done[key]
-        return dropped
+        return dropped + failed
 
     def num_held_bytes(self) -> int:
         with self._lock:
