@@ -82,6 +82,8 @@ class CircuitBreakers:
     def record_failure(self, key: str) -> None:
         now = self._clock()
         with self._lock:
+            if key not in self._breakers:  # first failure: the target shows up on dashboards, closed
+                set_breaker_state(key, BreakerState.CLOSED)
             breaker = self._breakers.setdefault(key, _Breaker())
             if breaker.state == BreakerState.HALF_OPEN:
                 self._open(key, breaker, now)

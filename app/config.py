@@ -8,7 +8,7 @@ it into the frozen `EngineSpec` each engine replica receives.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +75,11 @@ class DeploymentOptions(_Strict):
     max_queued_requests: int = Field(
         256, ge=-1, description="Requests waiting for a replica of this deployment, per caller, before new ones "
         "get 429 (-1: unbounded).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time (num_replicas: auto); "
+                                         "None starts at min_replicas.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window over which autoscaling signals are averaged.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="How long a scale-up decision must hold before it acts.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="How long a scale-down decision must hold before it acts.")
 
     @field_validator("num_replicas")
     @classmethod
@@ -89,8 +94,9 @@ class DeploymentOptions(_Strict):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
 
-    def serve_options(self) -> dict[str, Any]:
-        """The `Deployment.options(...)` keywords for these settings."""
+    def serve_options(self, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The `Deployment.options(...)` keywords for these settings; `policy` is the autoscaling policy
+        (`{"policy_function": ..., "policy_kwargs": ...}`), Serve's queue-length policy if None."""
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
@@ -100,8 +106,14 @@ class DeploymentOptions(_Strict):
             options["autoscaling_config"] = {
                 "min_replicas": self.min_replicas,
                 "max_replicas": self.max_replicas,
+                "initial_replicas": self.initial_replicas,
                 "target_ongoing_requests": max(1, self.max_ongoing_requests // 2),
+                "look_back_period_s": self.look_back_period_s,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
             }
+            if policy is not None:
+                options["autoscaling_config"]["policy"] = policy
         else:
             options["num_replicas"] = self.num_replicas
         return options
@@ -131,6 +143,9 @@ class KVTransferConfig(_Strict):
         "recompute", description="When KV does not arrive intact in time: recompute the prompt on the decode "
         "replica (counted, and shown to the client), or fail fast with 503.")
     lease_s: float = Field(30.0, gt=0, description="How long received KV waits for its request.")
+    pair_timeout_s: float = Field(10.0, gt=0, description="Deadline for forming a pair group at warm-up (NCCL "
+                                  "communicator set-up can take seconds on real clusters); on a request's path "
+                                  "the join is bounded by timeout_s.")
     fault_injection: FaultInjection = Field(default_factory=FaultInjection, description="Failure drills.")
 
 
@@ -151,6 +166,59 @@ class TwoStepConfig(_Strict):
 
     ttl_s: float = Field(60.0, gt=0, description="Lease of parked KV; an unclaimed kv_cache_id expires after it.")
     max_parked_per_replica: int = Field(64, ge=1, description="Parked KV caches one prefill replica holds (429 past).")
+
+
+class WarmupConfig(_Strict):
+    """Synthetic requests every engine replica runs before it reports ready (also after a restart or a
+    scale-up); they also form its pair groups with every running replica of the other phase."""
+
+    enabled: bool = Field(True, description="Warm up before reporting ready.")
+    num_requests: int = Field(4, ge=0, description="Synthetic requests per warm-up (the seed article used 100 on "
+                              "GPUs; 4 suits a 2-core CPU).")
+    context_len: int = Field(256, ge=1, description="Prompt tokens per synthetic request.")
+    max_tokens: int = Field(4, ge=1, description="Tokens each synthetic request generates (decode, collocated).")
+    interval_s: float | None = Field(None, gt=0, description="Repeat every this many seconds while the replica is "
+                                     "idle, pairing with replicas that appeared since (None: only at start).")
+
+
+class PrefillBatchingConfig(_Strict):
+    """How prompts are batched on a prefill replica (decode keeps `engine.max_num_seqs`)."""
+
+    max_batched_tokens: int | None = Field(None, ge=16, description="Most prompt tokens one prefill step computes "
+                                           "(None: engine.max_num_batched_tokens). At least model.max_model_len: "
+                                           "prompts are not chunked.")
+    max_batch_size: int | None = Field(None, ge=1, description="Most prompts in one prefill step (None: "
+                                       "engine.max_num_seqs).")
+    window_ms: float = Field(0.0, ge=0, le=1000, description="Hold arriving prompts up to this long so they enter "
+                             "the engine together (0: no window). Trades TTFT for bigger batches.")
+    window_max_requests: int = Field(32, ge=1, description="Release the window early once this many prompts wait.")
+
+
+class PrefillScaling(_Strict):
+    """Prefill's autoscaling signal (num_replicas: auto): prompt tokens waiting and how long prompts wait."""
+
+    target_queued_prompt_tokens: int = Field(4096, ge=1, description="Prompt tokens waiting or running per replica "
+                                             "that the policy aims for.")
+    target_queue_wait_s: float = Field(1.0, gt=0, description="Age of the oldest waiting prompt the policy aims for.")
+    when_no_replica: Literal["wait", "decode_locally"] = Field(
+        "wait", description="With prefill scaled to zero (min_replicas: 0) or all busy: `wait` for a prefill replica "
+        "(a cold start), or `decode_locally` after no_replica_wait_s (decode runs the prompt itself, reported "
+        "as a fallback) while prefill scales up.")
+    no_replica_wait_s: float = Field(0.2, gt=0, description="How long `decode_locally` waits for a prefill replica.")
+
+
+class DecodeScaling(_Strict):
+    """Decode's autoscaling signal (num_replicas: auto): running sequences and KV cache usage."""
+
+    target_running_requests: int = Field(16, ge=1, description="Running sequences per replica the policy aims for.")
+    target_kv_usage: float = Field(0.7, gt=0, le=1, description="KV cache usage (0-1) per replica the policy aims for.")
+
+
+class AutoscalingTargets(_Strict):
+    """Targets of pdserve's autoscaling policies (app/autoscaling.py)."""
+
+    prefill: PrefillScaling = Field(default_factory=PrefillScaling, description="Prefill's signal.")
+    decode: DecodeScaling = Field(default_factory=DecodeScaling, description="Decode's signal.")
 
 
 class AuthConfig(_Strict):
@@ -179,6 +247,11 @@ class AppConfig(_Strict):
     two_step: TwoStepConfig = Field(default_factory=TwoStepConfig, description="prefill_only / decode_only.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, per-tenant limits.")
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger HTTP request bodies get 413.")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Replica warm-up.")
+    prefill_batching: PrefillBatchingConfig = Field(default_factory=PrefillBatchingConfig,
+                                                    description="Prefill batch size, tokens and window.")
+    autoscaling: AutoscalingTargets = Field(default_factory=AutoscalingTargets,
+                                            description="Signals and targets of the prefill and decode policies.")
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256),
         description="HTTP/handle front door.",
@@ -186,6 +259,14 @@ class AppConfig(_Strict):
     collocated: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Collocated engines.")
     prefill: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Prefill engines.")
     decode: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Decode engines.")
+
+    @model_validator(mode="after")
+    def _prefill_batch_holds_a_prompt(self) -> AppConfig:
+        tokens = self.prefill_batching.max_batched_tokens
+        if tokens is not None and tokens < self.model.max_model_len:
+            raise ValueError(f"prefill_batching.max_batched_tokens ({tokens}) must be >= model.max_model_len "
+                             f"({self.model.max_model_len}): prompts are not chunked; raise it or lower max_model_len")
+        return self
 
 
 def resolve_model_path(value: str) -> str:
@@ -245,6 +326,13 @@ class EngineSpec:
             seed=config.engine.seed,
             cpu_threads=config.engine.cpu_threads,
         )
+
+    @classmethod
+    def for_prefill(cls, config: AppConfig) -> EngineSpec:
+        """The prefill engine's spec: the prefill_batching overrides applied."""
+        spec, batching = cls.from_config(config), config.prefill_batching
+        return replace(spec, max_num_seqs=batching.max_batch_size or spec.max_num_seqs,
+                       max_num_batched_tokens=batching.max_batched_tokens or spec.max_num_batched_tokens)
 
 
 def engine_env(project_cache: Path | None = None) -> dict[str, str]:

@@ -39,6 +39,16 @@ class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds, as of the driver's last loop (read from any thread)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_queued_prompt_tokens: int = 0  # prompt tokens not computed yet, waiting and running requests
+    kv_usage: float = 0.0  # share of KV blocks in use, 0-1
+
+
 class EngineError(RuntimeError):
     """The engine failed a request (message is safe to show a client)."""
 
@@ -112,6 +122,7 @@ class EngineDriver:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        self.load = EngineLoad()
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
@@ -183,6 +194,14 @@ class EngineDriver:
     def _scheduler(self):
         return self.engine.engine_core.engine_core.scheduler
 
+    def _measure_load(self) -> EngineLoad:
+        """Driver thread only: the scheduler's queues are not safe to walk from elsewhere."""
+        scheduler = self._scheduler()
+        requests = [*scheduler.running, *scheduler.waiting, *scheduler.kv_holding_waiting]
+        num_running, num_waiting = scheduler.get_request_counts()
+        queued = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in requests)
+        return EngineLoad(num_running, num_waiting, queued, float(scheduler.get_kv_cache_usage()))
+
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
         self._wake.set()
@@ -206,6 +225,7 @@ class EngineDriver:
                 except queue.Empty:
                     break
                 command()
+            self.load = self._measure_load()
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()

@@ -15,12 +15,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from app.engine import EngineInputError
 from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
-from app.metrics import record_fallback
+from app.metrics import observe_request, record_fallback
 from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, short_error
 from app.tenancy import DEFAULT_TENANT, Tenant
 
@@ -45,6 +45,7 @@ class Prepared:
     tenant: str = DEFAULT_TENANT
     tenant_parked_limit: int | None = None
     source: Any = None  # the request model, kept to finish validation once a decode_only prompt is known
+    arrived_at: float = field(default_factory=time.perf_counter)  # for TTFT and end-to-end latency
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class OpenAIService:
         self.max_model_len = max_model_len
         self.vocab_size = len(tokenizer)
         self.client = client
+        self.mode = getattr(client, "mode", "collocated")  # the `mode` tag of the latency metrics
         self.retry_dead_replica = retry_dead_replica
 
     def models(self) -> dict[str, Any]:
@@ -183,7 +185,7 @@ class OpenAIService:
         if prepared.disagg_mode == "prefill_only":
             return Opened(prepared, None)
         if prepared.disagg_mode != "decode_only":
-            return Opened(prepared, self.client.generate(prepared.request))
+            return Opened(prepared, self._timed(prepared, self.client.generate(prepared.request)))
         assert prepared.kv_cache_id is not None
         prompt_ids, cache_salt = await self.client.claim(prepared.kv_cache_id, prepared.tenant)
         try:
@@ -192,7 +194,21 @@ class OpenAIService:
         except OpenAIError:
             await self.client.release(prepared.kv_cache_id)  # a refused decode request loses nothing
             raise
-        return Opened(ready, self.client.decode_only(ready.request, prepared.kv_cache_id))
+        ready = replace(ready, arrived_at=prepared.arrived_at)
+        return Opened(ready, self._timed(ready, self.client.decode_only(ready.request, prepared.kv_cache_id)))
+
+    async def _timed(self, prepared: Prepared, chunks: AsyncIterator[GenerationChunk]
+                     ) -> AsyncIterator[GenerationChunk]:
+        """Pass chunks through; a finished request's TTFT, TPOT and end-to-end latency go to the metrics."""
+        first_at, num_tokens = None, 0
+        async for chunk in chunks:
+            if chunk.token_ids:
+                first_at = first_at or time.perf_counter()
+                num_tokens += len(chunk.token_ids)
+            if chunk.finish_reason is not None and first_at is not None:
+                observe_request(self.mode, first_at - prepared.arrived_at, time.perf_counter() - prepared.arrived_at,
+                                num_tokens)
+            yield chunk
 
     # 2./3. non-streaming ----------------------------------------------------------------------
 

@@ -21,10 +21,12 @@ step 2-3 above, with the parked KV as the transfer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import random
 import secrets
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,12 +37,15 @@ from app.circuit import BREAKERS
 from app.circuit import configure as configure_breakers
 from app.kv.parking import kv_cache_not_found, replica_of
 from app.messages import GenerateRequest, GenerationChunk, PrefillResult
+from app.metrics import PhaseRatio
 from app.protocol import short_error
 
 logger = logging.getLogger(__name__)
 
 
 class CollocatedClient:
+    mode = "collocated"
+
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle.options(stream=True)
 
@@ -107,10 +112,17 @@ def _pair_id(selection: Any) -> str:
 
 
 class DisaggregatedRouter:
+    mode = "disaggregated"
+
     def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, config: Any = None):
         self.prefill = prefill
         self.decode = decode.options(stream=True)
         self.decode_calls = decode
+        self.phase_ratio = PhaseRatio()
+        scaling = getattr(getattr(config, "autoscaling", None), "prefill", None)
+        self.when_no_prefill = scaling.when_no_replica if scaling is not None else "wait"
+        self.no_prefill_wait_s = scaling.no_replica_wait_s if scaling is not None else 0.2
+        self._wake_up: Any = None  # an outstanding call that makes Serve start a prefill replica
         fallback = getattr(config, "fallback", None)
         self.retry_other_prefill = fallback.retry_other_prefill if fallback is not None else True
         if fallback is not None:
@@ -120,16 +132,41 @@ class DisaggregatedRouter:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         xfer_id = secrets.token_hex(16)
         # 1. choose both ends (decode first: prefill replicas whose pair with it is failing are avoided)
-        async with self.decode.generate.choose_replica(request) as d_sel:
+        async with self.decode.generate.choose_replica(request) as d_sel, contextlib.AsyncExitStack() as stack:
             decode_id = _pair_id(d_sel)
-            async with self.prefill.prefill.choose_replica(request, avoid=self._open_pairs(decode_id)) as p_sel:
-                prefill_id = _pair_id(p_sel)
-                BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
-                # 2. dispatch both
-                prefill_call = self.prefill.dispatch(p_sel, request, decode_id, xfer_id)
-                stream = self.decode.dispatch(d_sel, request, prefill_id, xfer_id)
-                async for chunk in self._stream(request, stream, prefill_call, prefill_id, decode_id, xfer_id):
-                    yield chunk
+            choosing = stack.enter_async_context(
+                self.prefill.prefill.choose_replica(request, avoid=self._open_pairs(decode_id)))
+            if self.when_no_prefill == "wait":
+                p_sel = await choosing
+            else:
+                try:
+                    p_sel = await asyncio.wait_for(choosing, self.no_prefill_wait_s)
+                except TimeoutError:
+                    # No prefill replica free (scaled to zero, or all busy): decode runs the prompt itself.
+                    self._wake_prefill()
+                    reason = f"no prefill replica free within {self.no_prefill_wait_s} s (decode_locally)"
+                    async for chunk in self.decode.dispatch(d_sel, request, None, xfer_id, reason):
+                        yield chunk
+                    return
+            prefill_id = _pair_id(p_sel)
+            BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
+            # 2. dispatch both
+            prefill_call = self.prefill.dispatch(p_sel, request, decode_id, xfer_id)
+            stream = self.decode.dispatch(d_sel, request, prefill_id, xfer_id)
+            async for chunk in self._stream(request, stream, prefill_call, prefill_id, decode_id, xfer_id):
+                yield chunk
+
+    def _wake_prefill(self) -> None:
+        """Leave one call waiting for a prefill replica: Serve counts it as queued and scales prefill up
+        from zero (the cold-start path), while requests meanwhile decode locally."""
+        if self._wake_up is None or self._wake_up.done():
+            self._wake_up = asyncio.ensure_future(self._call_ready())
+
+    async def _call_ready(self) -> None:
+        try:
+            await self.prefill.record_replica_metadata.remote()
+        except Exception:  # noqa: BLE001 - only a nudge
+            logger.debug("prefill wake-up call failed", exc_info=True)
 
     def _open_pairs(self, decode_id: str) -> list[str]:
         return [key.split("->")[0] for key in BREAKERS.snapshot() if key.endswith(f"->{decode_id}")
@@ -168,12 +205,12 @@ class DisaggregatedRouter:
         notes: dict[str, Any] = {}
         watch = asyncio.ensure_future(self._watch_prefill(prefill_call, request, prefill_id, decode_id, xfer_id,
                                                           notes, retry and self.retry_other_prefill))
-        finished, first = False, True
+        finished, first, first_at = False, True, 0.0
         try:
             # 3. stream decode's tokens
             async for chunk in stream:
                 if first:
-                    first = False
+                    first, first_at = False, time.perf_counter()
                     if not watch.done():  # a retried prefill reports just after its KV reached decode
                         await asyncio.wait([watch], timeout=self.notify_timeout_s)
                     if notes:
@@ -185,6 +222,8 @@ class DisaggregatedRouter:
                 stream.cancel()
                 prefill_call.cancel()
             result = await asyncio.shield(watch)
+        if result is not None and finished:
+            self.phase_ratio.add(result.prefill_s + result.send_s, time.perf_counter() - first_at)
         if result is not None:  # prefill's own prefix-cache hits, for usage.prompt_tokens_details
             yield GenerationChunk("", (), None, len(request.prompt_token_ids),
                                   metadata={"prefix_cache_hit_tokens": result.num_cached_tokens})

@@ -13,11 +13,12 @@ from typing import Any
 
 from ray.serve import Application
 
+from app.autoscaling import policy_for
 from app.config import AppConfig, DeploymentOptions, EngineSpec, engine_env, parse_app_config
 
 
-def _engine_options(options: DeploymentOptions) -> dict[str, Any]:
-    serve_options = options.serve_options()
+def _engine_options(options: DeploymentOptions, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    serve_options = options.serve_options(policy)
     serve_options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env()}
     return serve_options
 
@@ -29,16 +30,21 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     config = args if isinstance(args, AppConfig) else parse_app_config(args)
     spec = EngineSpec.from_config(config)
     if config.mode == "collocated":
-        engines = {"collocated": Collocated.options(**_engine_options(config.collocated)).bind(spec)}
+        engines = {"collocated": Collocated.options(**_engine_options(config.collocated)).bind(spec, config.warmup)}
     else:
         from deployments.decode import Decode
         from deployments.prefill import Prefill
 
         # Calls about one transfer or parked KV cache go to the replica that holds it (replica_pin=...).
         pinnable = {"request_router_config": {"request_router_class": "app.routing:PinnableRouter"}}
+        # Each phase autoscales on its own signal (app/autoscaling.py) when its num_replicas is auto.
+        prefill_policy = policy_for("Prefill", config.autoscaling)
+        decode_policy = policy_for("Decode", config.autoscaling)
         engines = {
-            "prefill": Prefill.options(**_engine_options(config.prefill), **pinnable).bind(
-                spec, config.kv_transfer, config.two_step),
-            "decode": Decode.options(**_engine_options(config.decode), **pinnable).bind(spec, config.kv_transfer),
+            "prefill": Prefill.options(**_engine_options(config.prefill, prefill_policy), **pinnable).bind(
+                EngineSpec.for_prefill(config), config.kv_transfer, config.two_step, config.warmup,
+                config.prefill_batching),
+            "decode": Decode.options(**_engine_options(config.decode, decode_policy), **pinnable).bind(
+                spec, config.kv_transfer, config.warmup),
         }
     return Ingress.options(**config.ingress.serve_options()).bind(config.model_dump(), engines)

@@ -2,7 +2,8 @@
 
 Life cycle: the replica builds its in-process engine at start (a few seconds on the tiny model), then
 serves `generate` as a stream of `GenerationChunk`s; a cancelled call (client gone) aborts the request
-in the engine. `stats` reports KV block counts for leak checks and metrics.
+in the engine. `stats` reports KV block counts for leak checks and metrics. Warm-up and load
+reporting come from `EngineReplica`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from app.config import EngineSpec
+from app.config import EngineSpec, WarmupConfig
 from app.engine import EngineDriver
 from app.messages import GenerateRequest, GenerationChunk
 from deployments.engine_replica import EngineReplica
@@ -19,9 +20,12 @@ from deployments.engine_replica import EngineReplica
 
 @serve.deployment
 class Collocated(EngineReplica):
-    def __init__(self, spec: EngineSpec):
-        self.spec = spec
+    role = "collocated"
+
+    async def __init__(self, spec: EngineSpec, warmup: WarmupConfig | None = None):
+        self.spec, self.warmup_config = spec, warmup or WarmupConfig()
         self.driver = EngineDriver.from_spec(spec)
+        await self._start()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         async for chunk in self.driver.generate(

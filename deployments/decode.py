@@ -24,14 +24,14 @@ from collections.abc import AsyncIterator
 import torch
 from ray import serve
 
-from app.config import EngineSpec, KVTransferConfig
-from app.engine import EngineDriver
+from app.config import EngineSpec, KVTransferConfig, WarmupConfig
+from app.engine import EngineDriver, EngineLoad
 from app.kv.header import xfer_key
 from app.kv.hub import PARAMS_KEY, reset_hub
 from app.kv.mailbox import KVMailbox, XferState
 from app.kv.pairs import PairTransport, resolve_backend
 from app.messages import GenerateRequest, GenerationChunk
-from app.metrics import record_fallback
+from app.metrics import record_fallback, record_recompute
 from app.protocol import OpenAIError
 from deployments.engine_replica import EngineReplica
 from deployments.prefill import CONNECTOR
@@ -41,8 +41,11 @@ SWEEP_INTERVAL_S = 0.1
 
 @serve.deployment
 class Decode(EngineReplica):
-    def __init__(self, spec: EngineSpec, kv: KVTransferConfig):
+    role = "decode"
+
+    async def __init__(self, spec: EngineSpec, kv: KVTransferConfig, warmup: WarmupConfig | None = None):
         self.spec, self.kv = spec, kv
+        self.warmup_config, self.pair_timeout_s = warmup or WarmupConfig(), kv.pair_timeout_s
         self.hub = reset_hub()
         self.mailbox = KVMailbox(kv.lease_s, on_change=self._wake)
         self.hub.mailbox = self.mailbox
@@ -54,12 +57,18 @@ class Decode(EngineReplica):
                                        device, deliver=self.mailbox.deliver)
         self._stopped = threading.Event()
         threading.Thread(target=self._sweep, name="kv-mailbox-sweep", daemon=True).start()
+        await self._start()
 
     def record_replica_metadata(self) -> dict[str, str]:
         return {"pair_id": self.replica_id}
 
-    async def generate(self, request: GenerateRequest, prefill_id: str, xfer_id: str
-                       ) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerateRequest, prefill_id: str | None, xfer_id: str,
+                       local_reason: str | None = None) -> AsyncIterator[GenerationChunk]:
+        """Stream `request`; its KV comes from `prefill_id` (None: no prefill replica, run the prompt here)."""
+        if prefill_id is None:
+            async for chunk in self._generate_locally(request, local_reason or "no prefill replica"):
+                yield chunk
+            return
         key = xfer_key(xfer_id)
         # 1. expect the KV, pair with its sender, wait for it (off the engine: others keep decoding)
         self.mailbox.expect(key, self.kv.prefill_timeout_s + self.kv.timeout_s)
@@ -95,9 +104,19 @@ class Decode(EngineReplica):
         self.kv = self.kv.model_copy(update={"on_failure": KVTransferConfig.model_validate(
             {"on_failure": policy}).on_failure})
 
-    async def pair_with(self, prefill_id: str, replica_pin: str | None = None) -> None:
-        """Join the pair group with `prefill_id` (a retried prefill sends from a replica decode did not expect)."""
-        await asyncio.to_thread(self.transport.ensure, prefill_id)
+    async def _generate_locally(self, request: GenerateRequest, reason: str) -> AsyncIterator[GenerationChunk]:
+        """`prefill.when_no_replica: decode_locally`: the prompt runs here, reported as a fallback."""
+        record_recompute(reason)
+        first = True
+        async for chunk in self.driver.generate(request.request_id, list(request.prompt_token_ids), request.sampling,
+                                                cache_salt=request.cache_salt):
+            if first:
+                first = False
+                chunk = chunk.with_metadata(
+                    mode="disaggregated", prefill_replica=None, decode_replica=self.replica_id,
+                    kv_source="recomputed", fallback="no_prefill_replica", fallback_reason=reason,
+                    num_cached_tokens=chunk.num_cached_tokens)
+            yield chunk
 
     async def transfer_failed(self, xfer_id: str, reason: str, replica_pin: str | None = None) -> None:
         """The router saw prefill fail: end the wait for this transfer now (fallback or 503)."""
@@ -105,6 +124,8 @@ class Decode(EngineReplica):
 
     def _kv_metadata(self, xfer_id: str, prefill_id: str, chunk: GenerationChunk) -> dict:
         source, reason = self.hub.pop_source(xfer_id)
+        if source == "recomputed":
+            record_recompute(reason)
         return {"mode": "disaggregated", "prefill_replica": prefill_id, "decode_replica": self.replica_id,
                 "kv_source": source, "fallback_reason": reason,
                 "num_cached_tokens": chunk.num_cached_tokens}
@@ -114,8 +135,22 @@ class Decode(EngineReplica):
         return {"num_loaded": counters.num_loaded, "num_loaded_tokens": counters.num_loaded_tokens,
                 "num_load_errors": counters.num_load_errors, "fallbacks": dict(counters.num_fallbacks),
                 "mailbox_entries": len(self.mailbox), "mailbox_bytes": self.mailbox.num_held_bytes(),
-                "pairs": self.transport.peers(), "num_pairs_formed": self.transport.num_pairs_formed,
+                "pairs": self.transport.peers(), "replica_id": self.replica_id,
+                "num_pairs_formed": self.transport.num_pairs_formed,
+                "num_pairs_formed_at_warmup": self.transport.num_pairs_formed_at_warmup,
+                "pair_setup_s": list(self.transport.pair_setup_s),
                 "num_pairs_dropped": self.transport.num_pairs_dropped}
+
+    # -- load: metrics and the autoscaling signal --------------------------------------------------
+
+    def load(self) -> tuple[EngineLoad, int, int]:
+        return self.driver.load, self.mailbox.num_expected(), 0
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this periodically (num_replicas: auto); app/autoscaling.py:DecodePolicy reads it.
+        Requests still waiting for their KV are left out: they are prefill's backlog, and hold no blocks here."""
+        load = self.driver.load
+        return {"running_requests": float(load.num_running + load.num_waiting), "kv_usage": load.kv_usage}
 
     def _wake(self) -> None:
         driver = getattr(self, "driver", None)

@@ -1,21 +1,112 @@
-"""What every engine replica (Collocated, Prefill, Decode) shares: its driver, stats, health, shutdown."""
+"""What every engine replica (Collocated, Prefill, Decode) shares: warm-up, pairing, load reporting
+(Prometheus gauges and Serve autoscaling stats), stats, health and shutdown.
+
+Life cycle: the subclass constructor builds its engine (and transport), then awaits `_start()`:
+warm-up (app/warmup.py) runs before the constructor returns, so Serve routes nothing to the replica
+until its engine ran and its pair groups exist; then a publisher thread sets the load gauges every
+`PUBLISH_INTERVAL_S`, and, with `warmup.interval_s`, a periodic warm-up runs while the replica idles.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 from typing import Any
 
-from app.engine import EngineDriver
+from app.config import WarmupConfig
+from app.engine import EngineDriver, EngineLoad
+from app.metrics import set_engine_load
+from app.warmup import PEER_DEPLOYMENT, pair_with_peers, warm_engine
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_INTERVAL_S = 1.0
 
 
 class EngineReplica:
     driver: EngineDriver
+    role: str  # "prefill" | "decode" | "collocated"
+    warmup_config: WarmupConfig
+    pair_timeout_s: float = 10.0
+
+    async def _start(self) -> None:
+        """End of the constructor: warm up, then publish load; Serve marks the replica ready after this."""
+        from ray import serve
+
+        if not hasattr(self, "_stopped"):
+            self._stopped = threading.Event()
+        self.app_name = serve.get_replica_context().app_name
+        self.warmup_stats: dict[str, Any] = {"num_runs": 0, "num_requests": 0, "paired": []}
+        if self.warmup_config.enabled:
+            await self.warm_up()
+            if self.warmup_config.interval_s:
+                asyncio.get_running_loop().create_task(self._warm_periodically())
+        threading.Thread(target=self._publish, name="pdserve-metrics", daemon=True).start()
+
+    # -- warm-up and pairing ------------------------------------------------------------------------
+
+    async def warm_up(self) -> dict[str, Any]:
+        """Synthetic requests through the engine, then pair groups with every running peer replica."""
+        max_tokens = 1 if self.role == "prefill" else self.warmup_config.max_tokens
+        done = await warm_engine(self.driver, self.warmup_config, self.spec.max_model_len, max_tokens,
+                                 f"{getattr(self, 'replica_id', self.role)}-{self.warmup_stats['num_runs']}")
+        paired: list[str] = []
+        transport = getattr(self, "transport", None)
+        if transport is not None:
+            paired = await pair_with_peers(transport, self.replica_id, PEER_DEPLOYMENT[self.role], self.app_name,
+                                           self.pair_timeout_s)
+        self.warmup_stats = {"num_runs": self.warmup_stats["num_runs"] + 1,
+                             "num_requests": self.warmup_stats["num_requests"] + done,
+                             "paired": sorted({*self.warmup_stats["paired"], *paired})}
+        return self.warmup_stats
+
+    async def _warm_periodically(self) -> None:
+        assert self.warmup_config.interval_s is not None
+        while not self._stopped.is_set():
+            await asyncio.sleep(self.warmup_config.interval_s)
+            if self.driver.num_unfinished() == 0:  # never compete with real traffic
+                try:
+                    await self.warm_up()
+                except Exception:  # noqa: BLE001 - a failed warm-up must not stop the replica
+                    logger.exception("periodic warm-up failed")
+
+    async def pair_with(self, peer_id: str, replica_pin: str | None = None, warmup: bool = False) -> None:
+        """Join the pair group with `peer_id` (a warming-up peer, or a retried prefill decode did not expect)."""
+        if replica_pin is not None and replica_pin != self.replica_id:
+            raise RuntimeError(f"pair_with was meant for replica {replica_pin}, not {self.replica_id}")
+        timeout = self.pair_timeout_s if warmup else None
+        await asyncio.to_thread(self.transport.ensure, peer_id, timeout, warmup)
+
+    # -- load ---------------------------------------------------------------------------------------
+
+    def load(self) -> tuple[EngineLoad, int, int]:
+        """(engine load, requests waiting outside the engine, their prompt tokens); subclasses add theirs."""
+        return self.driver.load, 0, 0
+
+    def _publish(self) -> None:
+        while not self._stopped.wait(PUBLISH_INTERVAL_S):
+            try:
+                load, num_outside, tokens_outside = self.load()
+                set_engine_load(self.role, load.num_waiting + num_outside, load.num_queued_prompt_tokens
+                                + tokens_outside, load.num_running, load.kv_usage)
+                self._publish_extra()
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                logger.debug("publishing metrics failed", exc_info=True)
+
+    def _publish_extra(self) -> None:
+        pass
 
     async def stats(self) -> dict[str, Any]:
+        load = self.driver.load
         return {
             "num_free_blocks": self.driver.num_free_blocks(),
             "num_total_blocks": self.driver.num_total_blocks(),
             "num_unfinished": self.driver.num_unfinished(),
             "replica_id": getattr(self, "replica_id", None),
+            "load": {"num_running": load.num_running, "num_waiting": load.num_waiting,
+                     "num_queued_prompt_tokens": load.num_queued_prompt_tokens, "kv_usage": load.kv_usage},
+            "warmup": getattr(self, "warmup_stats", None),
         }
 
     def check_health(self) -> None:

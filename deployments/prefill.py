@@ -23,19 +23,21 @@ import random
 import secrets
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from ray import serve
 
-from app.config import EngineSpec, FaultInjection, KVTransferConfig, TwoStepConfig
-from app.engine import EngineDriver
+from app.batching import BatchWindow
+from app.config import EngineSpec, FaultInjection, KVTransferConfig, PrefillBatchingConfig, TwoStepConfig, WarmupConfig
+from app.engine import EngineDriver, EngineLoad
 from app.kv.channel import SendResult
 from app.kv.header import KVHeader, xfer_key
 from app.kv.hub import PARAMS_KEY, reset_hub
 from app.kv.pairs import PairTransport, resolve_backend
 from app.kv.parking import ParkedKV, ParkingFull, ParkingLot, kv_cache_not_found, new_kv_cache_id
 from app.messages import GenerateRequest, PrefillResult, SamplingSpec
+from app.metrics import observe_transfer, set_parked
 from app.protocol import OpenAIError
 from deployments.engine_replica import EngineReplica
 
@@ -48,6 +50,7 @@ class _Outgoing:
     decode_id: str | None  # None: park the KV here instead of sending it
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future  # SendResult, or (header, payload) when parking
+    arrived_at: float = field(default_factory=time.perf_counter)
     gathered_at: float = 0.0
     cancelled: bool = False  # the request gave up (deadline): the KV must not be sent late
 
@@ -65,8 +68,14 @@ class ParkResult:
 
 @serve.deployment
 class Prefill(EngineReplica):
-    def __init__(self, spec: EngineSpec, kv: KVTransferConfig, two_step: TwoStepConfig | None = None):
+    role = "prefill"
+
+    async def __init__(self, spec: EngineSpec, kv: KVTransferConfig, two_step: TwoStepConfig | None = None,
+                       warmup: WarmupConfig | None = None, batching: PrefillBatchingConfig | None = None):
         self.spec, self.kv = spec, kv
+        self.warmup_config, self.pair_timeout_s = warmup or WarmupConfig(), kv.pair_timeout_s
+        batching = batching or PrefillBatchingConfig()
+        self.window = BatchWindow(batching.window_ms / 1000, batching.window_max_requests)
         self.hub = reset_hub()
         self.hub.on_saved = self._on_saved
         self.driver = EngineDriver.from_spec(spec, {**CONNECTOR, "kv_role": "kv_producer"})
@@ -83,6 +92,7 @@ class Prefill(EngineReplica):
         self.parking = ParkingLot(self.two_step.max_parked_per_replica)
         self._stopped = threading.Event()
         threading.Thread(target=self._sweep, name="kv-parking-sweep", daemon=True).start()
+        await self._start()
 
     def record_replica_metadata(self) -> dict[str, str]:
         return {"pair_id": self.replica_id}
@@ -94,10 +104,11 @@ class Prefill(EngineReplica):
         loop = asyncio.get_running_loop()
         outgoing = _Outgoing(decode_id, loop, loop.create_future())
         self._outgoing[xfer_id] = outgoing
-        started = time.perf_counter()
+        started = outgoing.arrived_at
         first_token, num_cached = None, 0
         try:
             async with asyncio.timeout(self.kv.prefill_timeout_s):  # the phase deadline; leaving aborts it
+                await self.window.admit(len(request.prompt_token_ids))
                 async for chunk in self.driver.generate(
                     f"{request.request_id}-prefill", list(request.prompt_token_ids),
                     SamplingSpec(max_tokens=1, temperature=0.0), cache_salt=request.cache_salt,
@@ -112,6 +123,7 @@ class Prefill(EngineReplica):
             raise
         finally:
             self._outgoing.pop(xfer_id, None)
+        observe_transfer(self.transport.backend, sent.send_s, sent.num_bytes)
         return PrefillResult(xfer_id=xfer_id, num_prompt_tokens=len(request.prompt_token_ids),
                              num_bytes=sent.num_bytes, prefill_s=outgoing.gathered_at - started, send_s=sent.send_s,
                              first_token_id=first_token, num_cached_tokens=num_cached)
@@ -133,6 +145,7 @@ class Prefill(EngineReplica):
         text, token_ids, finish, cached = "", (), "length", 0
         sampling = replace(request.sampling, max_tokens=1)
         try:
+            await self.window.admit(len(request.prompt_token_ids))
             async for chunk in self.driver.generate(
                 f"{request.request_id}-park", list(request.prompt_token_ids), sampling,
                 cache_salt=request.cache_salt, kv_transfer_params={PARAMS_KEY: {"xfer_id": xfer_id}},
@@ -175,6 +188,7 @@ class Prefill(EngineReplica):
         self.transport.send(decode_id, header, entry.payload,
                             lambda res, err: loop.call_soon_threadsafe(_settle, done, res, err))
         sent: SendResult = await asyncio.wait_for(done, self.kv.timeout_s)
+        observe_transfer(self.transport.backend, sent.send_s, sent.num_bytes)
         return PrefillResult(xfer_id=xfer_id, num_prompt_tokens=len(entry.prompt_token_ids),
                              num_bytes=sent.num_bytes, prefill_s=0.0, send_s=sent.send_s, first_token_id=None)
 
@@ -185,6 +199,26 @@ class Prefill(EngineReplica):
     def _sweep(self) -> None:
         while not self._stopped.wait(0.5):
             self.parking.sweep()
+
+    # -- load: metrics and the autoscaling signal --------------------------------------------------
+
+    def load(self) -> tuple[EngineLoad, int, int]:
+        num_held, tokens_held = self.window.num_waiting()
+        return self.driver.load, num_held, tokens_held
+
+    def oldest_wait_s(self) -> float:
+        """Age of the oldest prompt still without its KV gathered (0 when none waits)."""
+        waiting = [o.arrived_at for o in list(self._outgoing.values()) if not o.gathered_at]
+        return time.perf_counter() - min(waiting) if waiting else 0.0
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this periodically (num_replicas: auto); app/autoscaling.py:PrefillPolicy reads it."""
+        load, _, tokens_held = self.load()
+        return {"queued_prompt_tokens": float(load.num_queued_prompt_tokens + tokens_held),
+                "oldest_wait_s": self.oldest_wait_s()}
+
+    def _publish_extra(self) -> None:
+        set_parked(self.parking.count(), self.parking.num_bytes())
 
     # -- engine thread ----------------------------------------------------------------------------
 
@@ -225,6 +259,8 @@ class Prefill(EngineReplica):
         return {"num_saved": counters.num_saved, "gather_s": counters.gather_s, "pairs": self.transport.peers(),
                 "num_outgoing": len(self._outgoing), "replica_id": self.replica_id,
                 "num_pairs_formed": self.transport.num_pairs_formed,
+                "num_pairs_formed_at_warmup": self.transport.num_pairs_formed_at_warmup,
+                "pair_setup_s": list(self.transport.pair_setup_s),
                 "num_pairs_dropped": self.transport.num_pairs_dropped}
 
 

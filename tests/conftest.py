@@ -51,14 +51,28 @@ def ray_session() -> Iterator[int]:
 
     started_here = not ray.is_initialized()
     if started_here:
+        # Autoscaling signals every 0.5 s instead of 10 s, and metrics exported every second, so that
+        # scaling and scrape tests finish in bounded time (the processes Ray starts inherit these).
+        os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+        os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
         # More logical CPUs than cores: replicas reserve 1 CPU each but mostly wait on each other.
-        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False, namespace="pdserve-tests")
+        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False, namespace="pdserve-tests",
+                 _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
     if started_here:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_session) -> str:
+    """This node's Prometheus endpoint (Ray's metrics export port)."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
 
 
 @pytest.fixture(scope="session")

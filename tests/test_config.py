@@ -64,3 +64,19 @@ def test_gpu_example_config_validates_with_nccl_and_one_gpu_per_engine():
     assert config.prefill.num_gpus == 1 and config.decode.num_gpus == 1
     assert config.decode.serve_options()["autoscaling_config"]["max_replicas"] == 6
     assert config.auth.enabled  # the documented production config requires keys
+
+
+def test_gpu_example_validates_as_a_serve_config_with_the_joint_policy():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from app.autoscaling import PDJointPolicy
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples" / "serve_config.gpu.yaml").read_text())
+    (application,) = ServeDeploySchema.model_validate(raw).applications
+    policy = application.autoscaling_policy
+    assert policy["policy_function"] == "app.autoscaling:PDJointPolicy"
+    joint = PDJointPolicy(**policy["policy_kwargs"])
+    assert joint.min_ratio < joint.max_ratio
+    config = parse_app_config(application.args)
+    assert config.prefill.num_replicas == "auto" and config.warmup.interval_s == 30

@@ -169,6 +169,11 @@ class KVMailbox:
         with self._lock:
             return len(self._entries)
 
+    def num_expected(self) -> int:
+        """Transfers expected and not arrived yet (requests waiting for their KV)."""
+        with self._lock:
+            return sum(e.state == XferState.EXPECTED for e in self._entries.values())
+
 
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -110,14 +111,17 @@ class PairTransport:
         self._lock = threading.Lock()
         self._join_locks: dict[str, threading.Lock] = {}
         self.num_pairs_formed = 0
+        self.num_pairs_formed_at_warmup = 0  # formed ahead of traffic (warm-up), not on a request's path
         self.num_pairs_dropped = 0
+        self.pair_setup_s: list[float] = []  # how long each join took, newest last (at most 64)
         if backend == "gloo":
             gloo_group.register()
 
     # -- life cycle -----------------------------------------------------------------------------
 
-    def ensure(self, peer_id: str) -> None:
-        """Join the pair group with `peer_id` unless already in it (blocks up to `timeout_s`)."""
+    def ensure(self, peer_id: str, timeout_s: float | None = None, warmup: bool = False) -> None:
+        """Join the pair group with `peer_id` unless already in it (blocks up to `timeout_s`, default the
+        transfer deadline). `warmup` marks a join made ahead of traffic."""
         with self._lock:
             if peer_id in self._pairs:
                 return
@@ -126,12 +130,15 @@ class PairTransport:
             with self._lock:
                 if peer_id in self._pairs:
                     return
-            pair = self._join(peer_id)
+            started = time.perf_counter()
+            pair = self._join(peer_id, timeout_s or self.timeout_s)
             with self._lock:
                 self._pairs[peer_id] = pair
                 self.num_pairs_formed += 1
+                self.num_pairs_formed_at_warmup += warmup
+                self.pair_setup_s = [*self.pair_setup_s[-63:], time.perf_counter() - started]
 
-    def _join(self, peer_id: str) -> _Pair:
+    def _join(self, peer_id: str, timeout_s: float) -> _Pair:
         from ray.util import collective
 
         prefill_id, decode_id = (self.replica_id, peer_id) if self.role == "prefill" else (peer_id, self.replica_id)
@@ -143,7 +150,7 @@ class PairTransport:
             if self.backend == "gloo":
                 collective.init_collective_group(2, rank, backend=gloo_group.BACKEND_NAME, group_name=name)
                 group = collective.get_group_handle(name)
-                group.connect(self.timeout_s)
+                group.connect(timeout_s)
                 comm: GlooPairComm | RayCollectiveComm = GlooPairComm(group, peer_rank)
             else:
                 collective.init_collective_group(2, rank, backend=self.backend, group_name=name)

@@ -1,0 +1,94 @@
+"""Warm-up: what an engine replica does before it reports ready, so real requests pay no set-up.
+
+Life cycle (`warm_up`, called at the end of a Prefill/Decode/Collocated constructor, so also after a
+restart and after every scale-up; optionally repeated every `warmup.interval_s` while idle):
+1. Engine: `num_requests` synthetic prompts of `context_len` random tokens run at once, through the
+   same engine path real requests take (first allocations, kernels, tokenizer-free).
+2. Pairs (disaggregated roles only): ask the other phase's deployment which replicas run
+   (`broadcast("record_replica_metadata")`), then for each one not yet paired, join the pair group from
+   both ends at once: locally (`PairTransport.ensure`) and remotely (`pair_with`, pinned to that
+   replica). The joins count as warm-up joins (`num_pairs_formed_at_warmup` in kv_stats), so a
+   request's path never sets a pair up for a replica that was running when this one started.
+Peers still starting at the same moment are skipped (they are not routable yet); whichever of two
+replicas starts later pairs with the other, and a periodic warm-up catches the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+from app.config import WarmupConfig
+from app.messages import SamplingSpec
+
+logger = logging.getLogger(__name__)
+
+# The other phase's deployment, by role.
+PEER_DEPLOYMENT = {"prefill": "Decode", "decode": "Prefill"}
+LIST_PEERS_TIMEOUT_S = 2.0
+
+
+def synthetic_prompts(num: int, context_len: int, vocab_size: int, max_model_len: int, max_tokens: int,
+                      seed: int = 0) -> list[list[int]]:
+    """`num` prompts of random token ids (no shared prefix), each leaving room for `max_tokens`."""
+    rng = random.Random(seed)
+    length = max(1, min(context_len, max_model_len - max_tokens - 1))
+    return [[rng.randrange(1, vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+async def warm_engine(driver: Any, config: WarmupConfig, max_model_len: int, max_tokens: int, tag: str) -> int:
+    """Run the synthetic requests at once; returns how many finished."""
+    if config.num_requests == 0:
+        return 0
+    vocab_size = driver.engine.model_config.get_vocab_size()
+    prompts = synthetic_prompts(config.num_requests, config.context_len, vocab_size, max_model_len, max_tokens,
+                                seed=hash(tag) & 0xFFFF)
+    sampling = SamplingSpec(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(index: int, prompt: list[int]) -> None:
+        async for _ in driver.generate(f"warmup-{tag}-{index}", prompt, sampling):
+            pass
+
+    results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            logger.warning("warm-up request failed: %s", result)
+    return sum(not isinstance(r, BaseException) for r in results)
+
+
+async def running_peers(peer_deployment: str, app_name: str) -> list[str]:
+    """Pair ids of the running replicas of `peer_deployment` (empty if none answers in time)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(peer_deployment, app_name)
+    try:
+        results = await asyncio.wait_for(
+            handle.broadcast("record_replica_metadata").results_async(return_exceptions=True), LIST_PEERS_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - DeploymentUnavailableError (none running yet), timeout
+        logger.info("no running %s replica to pair with yet (%s)", peer_deployment, type(exc).__name__)
+        return []
+    return sorted(r["pair_id"] for r in results if isinstance(r, dict) and "pair_id" in r)
+
+
+async def pair_with_peers(transport: Any, replica_id: str, peer_deployment: str, app_name: str,
+                          timeout_s: float) -> list[str]:
+    """Form the pair group with every running peer not yet paired; returns the peers paired now."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(peer_deployment, app_name)
+    paired = set(transport.peers())
+    todo = [peer for peer in await running_peers(peer_deployment, app_name) if peer not in paired]
+
+    async def join(peer: str) -> str | None:
+        remote = handle.pair_with.remote(replica_id, replica_pin=peer)
+        local = asyncio.to_thread(transport.ensure, peer, timeout_s, True)
+        results = await asyncio.gather(remote, local, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            logger.warning("warm-up pairing with %s failed: %s", peer, errors[0])
+            return None
+        return peer
+
+    return [peer for peer in await asyncio.gather(*(join(p) for p in todo)) if peer is not None]

@@ -1,0 +1,247 @@
+"""Units of operating pdserve, without Ray: autoscaling decisions on synthetic metrics, the joint
+prefill:decode band, the latency arithmetic behind the metrics, the prefill batch window, warm-up
+prompts and the config that wires them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from app.autoscaling import (
+    DecodePolicy,
+    PDJointPolicy,
+    PrefillPolicy,
+    decode_replicas,
+    joint_replicas,
+    policy_for,
+    prefill_replicas,
+)
+from app.batching import BatchWindow
+from app.config import AppConfig, EngineSpec, parse_app_config
+from app.metrics import PhaseRatio, recompute_reason, tpot
+from app.warmup import synthetic_prompts
+
+
+def _ctx(name: str, current: int, metrics: dict[str, list[float]], total_requests: float = 0.0, **kwargs):
+    """A stand-in for Serve's AutoscalingContext with what the policies read."""
+    return SimpleNamespace(
+        deployment_name=name, current_num_replicas=current, total_num_requests=total_requests,
+        aggregated_metrics={key: {f"r{i}": v for i, v in enumerate(values)} for key, values in metrics.items()},
+        config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)))
+
+
+# -- per-phase decisions ---------------------------------------------------------------------------
+
+def test_prefill_scales_on_queued_prompt_tokens():
+    assert prefill_replicas(1, [9000], [0.1], 4096, 1.0) == 3  # 9000 / 4096 -> 3 replicas
+    assert prefill_replicas(2, [100, 50], [0.0, 0.0], 4096, 1.0) == 1  # light load: fewer
+    assert prefill_replicas(1, [], [], 4096, 1.0) == 0  # idle: down to min_replicas (Serve clamps)
+
+
+def test_prefill_scales_on_queue_wait_when_tokens_look_fine():
+    # few tokens queued, but prompts wait 3x the target: triple the replicas
+    assert prefill_replicas(2, [100, 100], [3.0, 0.5], 4096, 1.0) == 6
+    assert prefill_replicas(2, [100, 100], [0.9, 0.5], 4096, 1.0) == 1  # under the target: tokens decide
+
+
+def test_decode_scales_on_running_sequences_and_kv_usage():
+    assert decode_replicas(1, [40], [0.2], 16, 0.7) == 3  # 40 running / 16 per replica
+    assert decode_replicas(2, [4, 4], [0.95, 0.95], 16, 0.7) == 3  # KV pressure: 2 * 0.95 / 0.7
+    assert decode_replicas(2, [0, 0], [0.0, 0.0], 16, 0.7) == 0
+
+
+def test_policies_read_their_signals_from_the_context():
+    prefill = PrefillPolicy(target_queued_prompt_tokens=1000, target_queue_wait_s=1.0)
+    assert prefill(_ctx("Prefill", 1, {"queued_prompt_tokens": [2500], "oldest_wait_s": [0.2]}))[0] == 3
+    # scaled to zero with requests queued at the handles: a cold start asks for one replica
+    assert prefill(_ctx("Prefill", 0, {}, total_requests=2))[0] == 1
+    assert prefill(_ctx("Prefill", 0, {}, total_requests=0))[0] == 0
+    decode = DecodePolicy(target_running_requests=4, target_kv_usage=0.5)
+    assert decode(_ctx("Decode", 1, {"running_requests": [10], "kv_usage": [0.1]}))[0] == 3
+    # decode never goes below one while requests run or wait there
+    assert decode(_ctx("Decode", 1, {"running_requests": [0], "kv_usage": [0.0]}, total_requests=1))[0] == 1
+
+
+# -- joint policy ---------------------------------------------------------------------------------
+
+def test_joint_band_raises_the_lagging_phase_only():
+    assert joint_replicas(1, 4, 0.5, 2.0) == (2, 4)  # prefill lags: 1/4 < 0.5 -> 2 prefill
+    assert joint_replicas(6, 2, 0.5, 2.0) == (6, 3)  # decode lags: 6/2 > 2 -> 3 decode
+    assert joint_replicas(2, 2, 0.5, 2.0) == (2, 2)  # in the band: unchanged
+    assert joint_replicas(0, 3, 0.0, 2.0) == (0, 3)  # min_ratio 0: prefill may stay at zero
+    assert joint_replicas(2, 0, 0.0, 2.0) == (2, 1)  # prefill without decode serves nothing
+    with pytest.raises(ValueError, match="min_ratio"):
+        joint_replicas(1, 1, 2.0, 1.0)
+
+
+def test_joint_policy_decides_both_deployments_from_synthetic_metrics():
+    policy = PDJointPolicy(min_ratio=0.5, max_ratio=1.0)
+    prefill = _ctx("Prefill", 1, {"queued_prompt_tokens": [100], "oldest_wait_s": [0.0]},
+                   target_queued_prompt_tokens=1000, target_queue_wait_s=1.0)
+    decode = _ctx("Decode", 1, {"running_requests": [64], "kv_usage": [0.3]},
+                  target_running_requests=16, target_kv_usage=0.7)
+    ingress = _ctx("Ingress", 1, {})
+    decisions, _ = policy({"p": prefill, "d": decode, "i": ingress})
+    # decode alone wants 4; prefill alone wants 1, raised to 2 to keep prefill/decode >= 0.5
+    assert decisions == {"p": 2, "d": 4}
+    # a prefill burst: prefill wants 5, decode 1 -> decode raised to 5 (ratio <= 1.0)
+    prefill.aggregated_metrics = {"queued_prompt_tokens": {"r0": 5000}, "oldest_wait_s": {"r0": 0.0}}
+    decode.aggregated_metrics = {"running_requests": {"r0": 2}, "kv_usage": {"r0": 0.1}}
+    assert policy({"p": prefill, "d": decode})[0] == {"p": 5, "d": 5}
+
+
+def test_policy_config_reaches_serve_options():
+    config = parse_app_config({"mode": "disaggregated", "prefill": {"num_replicas": "auto", "min_replicas": 0,
+                                                                    "max_replicas": 3, "upscale_delay_s": 1},
+                               "autoscaling": {"prefill": {"target_queued_prompt_tokens": 512}}})
+    options = config.prefill.serve_options(policy_for("Prefill", config.autoscaling))
+    scaling = options["autoscaling_config"]
+    assert scaling["min_replicas"] == 0 and scaling["max_replicas"] == 3 and scaling["upscale_delay_s"] == 1
+    assert scaling["policy"]["policy_function"] == "app.autoscaling:PrefillPolicy"
+    assert scaling["policy"]["policy_kwargs"]["target_queued_prompt_tokens"] == 512
+    assert policy_for("Decode", config.autoscaling)["policy_function"] == "app.autoscaling:DecodePolicy"
+
+
+# -- metric arithmetic ---------------------------------------------------------------------------
+
+def test_tpot_excludes_the_first_token():
+    assert tpot(ttft_s=0.5, e2e_s=1.5, num_output_tokens=11) == pytest.approx(0.1)
+    assert tpot(0.5, 0.5, 1) == 0.0
+
+
+def test_phase_ratio_is_windowed():
+    ratio = PhaseRatio(window_s=10)
+    assert ratio.ratio() is None
+    assert ratio.add(1.0, 4.0, now=100.0) == pytest.approx(0.25)
+    assert ratio.add(3.0, 4.0, now=105.0) == pytest.approx(0.5)  # (1 + 3) / (4 + 4)
+    assert ratio.add(2.0, 1.0, now=112.0) == pytest.approx(1.0)  # the first sample left the window: 5 / 5
+
+
+@pytest.mark.parametrize(("reason", "label"), [
+    ("KV transfer deadline passed", "deadline"),
+    ("payload checksum mismatch", "checksum"),
+    ("prefill abc failed: boom", "prefill_failed"),
+    ("pairing with prefill failed: timeout", "pairing"),
+    ("no prefill replica free within 0.2 s (decode_locally)", "no_prefill_replica"),
+    ("something else", "other"),
+    (None, "other"),
+])
+def test_recompute_reasons_map_to_few_labels(reason, label):
+    assert recompute_reason(reason) == label
+
+
+# -- prefill batch window -------------------------------------------------------------------------
+
+def test_batch_window_releases_together_after_the_window():
+    async def run() -> list[float]:
+        window = BatchWindow(0.05, max_requests=32)
+        started = time.perf_counter()
+        released: list[float] = []
+
+        async def one(delay: float) -> None:
+            await asyncio.sleep(delay)
+            await window.admit(100)
+            released.append(time.perf_counter() - started)
+
+        task = asyncio.gather(one(0.0), one(0.01), one(0.02))
+        await asyncio.sleep(0.03)
+        assert window.num_waiting() == (3, 300)  # all three held
+        await task
+        assert window.num_waiting() == (0, 0)
+        return released
+
+    released = asyncio.run(run())
+    assert max(released) - min(released) < 0.01  # one release
+    assert min(released) >= 0.045  # not before the window closed
+
+
+def test_batch_window_releases_early_when_full_and_is_a_no_op_when_off():
+    async def run() -> float:
+        window = BatchWindow(5.0, max_requests=2)
+        started = time.perf_counter()
+        await asyncio.gather(window.admit(1), window.admit(1))
+        elapsed = time.perf_counter() - started
+        off = BatchWindow(0.0, max_requests=2)
+        await off.admit(1)
+        assert not off.enabled and off.num_waiting() == (0, 0)
+        return elapsed
+
+    assert asyncio.run(run()) < 1.0  # released at 2 requests, not after 5 s
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+def test_prefill_batching_overrides_only_the_prefill_engine():
+    config = parse_app_config({"prefill_batching": {"max_batch_size": 8, "max_batched_tokens": 8192,
+                                                    "window_ms": 50}})
+    prefill, shared = EngineSpec.for_prefill(config), EngineSpec.from_config(config)
+    assert (prefill.max_num_seqs, prefill.max_num_batched_tokens) == (8, 8192)
+    assert (shared.max_num_seqs, shared.max_num_batched_tokens) == (32, 4096)
+
+
+def test_prefill_batched_tokens_below_the_context_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="max_batched_tokens.*max_model_len"):
+        parse_app_config({"prefill_batching": {"max_batched_tokens": 1024}})
+    with pytest.raises(ValueError, match="window_ms"):
+        parse_app_config({"prefill_batching": {"window_ms": -1}})
+
+
+def test_warmup_defaults_and_prompts():
+    assert AppConfig().warmup.context_len == 256 and AppConfig().warmup.enabled
+    prompts = synthetic_prompts(3, 256, vocab_size=4096, max_model_len=4096, max_tokens=4)
+    assert len(prompts) == 3 and all(len(p) == 256 for p in prompts)
+    assert len({tuple(p[:8]) for p in prompts}) == 3  # no shared prefix: no prefix-cache hits
+    assert all(0 < t < 4096 for p in prompts for t in p)
+    # a context longer than the model leaves room for the generated tokens
+    assert len(synthetic_prompts(1, 5000, 4096, max_model_len=300, max_tokens=4)[0]) == 295
+
+
+# -- pdserve plan arithmetic ----------------------------------------------------------------------
+
+def test_plan_rate_matches_prefill_and_decode():
+    from app.planner import Measurement, plan
+
+    # prefill: 10,000 prompt tokens/s; decode: 1,000 tokens/s. Workload: 500 in, 100 out.
+    measured = Measurement(prefill_tokens_per_s=10_000, decode_tokens_per_s=1_000, decode_batch=16, tpot_s=0.016)
+    result = plan(500, 100, measured, rate=30, peak_factor=2, headroom=0.8)
+    assert result.prefill_requests_per_s == pytest.approx(20)  # 10,000 / 500
+    assert result.decode_requests_per_s == pytest.approx(10)  # 1,000 / 100
+    assert result.prefill_per_decode == pytest.approx(0.5)  # one prefill replica feeds two decode replicas
+    assert (result.num_prefill, result.num_decode) == (2, 4)  # 30 / (20 * 0.8) -> 2; 30 / (10 * 0.8) -> 4
+    assert (result.max_prefill, result.max_decode) == (4, 8)  # at 60 req/s
+    # without a rate: one decode replica's worth at the headroom
+    default = plan(500, 100, measured)
+    assert default.rate == pytest.approx(8) and default.num_decode == 1 and default.num_prefill == 1
+    with pytest.raises(ValueError, match="headroom"):
+        plan(500, 100, measured, headroom=0)
+
+
+def test_plan_length_parsing_and_decode_batch_limit():
+    from app.planner import LengthDist, decode_batch_limit
+
+    assert LengthDist.parse("512") == LengthDist(512, 512)
+    assert LengthDist.parse("256:1024").mean == 640
+    for bad in ("abc", "0", "10:5"):
+        with pytest.raises(ValueError, match="length"):
+            LengthDist.parse(bad)
+    spec = EngineSpec.from_config(AppConfig())  # block 32, max_num_seqs 32
+    assert decode_batch_limit(spec, num_kv_blocks=2048, mean_input=500, mean_output=100) == 32  # max_num_seqs
+    assert decode_batch_limit(spec, num_kv_blocks=40, mean_input=500, mean_output=100) == 2  # 19 blocks each
+
+
+def test_plan_fragment_is_valid_yaml_for_the_config():
+    import yaml
+
+    from app.planner import Measurement, config_fragment, plan
+
+    result = plan(500, 100, Measurement(10_000, 1_000, 16, 0.016), rate=30)
+    fragment = yaml.safe_load(config_fragment(result))
+    args = {key: fragment[key] for key in ("prefill", "decode")}
+    config = parse_app_config({"mode": "disaggregated", **args})
+    assert config.prefill.max_replicas == 4 and config.decode.min_replicas == 4
+    assert fragment["autoscaling_policy"]["policy_function"] == "app.autoscaling:PDJointPolicy"
+    band = fragment["autoscaling_policy"]["policy_kwargs"]
+    assert band["min_ratio"] < 0.5 < band["max_ratio"]
