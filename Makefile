@@ -1,5 +1,6 @@
 # The two commands: `make run` (set up if needed, then serve the app) and `make test`.
-.PHONY: setup run test lint
+# `make compare` (PRESET=small|full) benchmarks pdserve against its baselines (benchmarks/compare.py).
+.PHONY: setup run test lint compare
 
 setup:
 	@bash scripts/setup.sh
@@ -12,3 +13,8 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check .
+
+PRESET ?= small
+compare: setup
+	.venv/bin/python -m pip install -q -e ".[raysllm]"
+	.venv/bin/python benchmarks/compare.py --preset $(PRESET)

@@ -27,35 +27,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from app.bench.workload import LengthDist
 from app.config import AppConfig, EngineSpec
 from app.messages import SamplingSpec
-
-
-@dataclass(frozen=True)
-class LengthDist:
-    """A uniform distribution of token counts, [low, high]."""
-
-    low: int
-    high: int
-
-    @classmethod
-    def parse(cls, text: str) -> LengthDist:
-        """`512` or `256:1024`; raises ValueError saying what to write."""
-        try:
-            low, _, high = text.partition(":")
-            dist = cls(int(low), int(high or low))
-        except ValueError:
-            raise ValueError(f"length {text!r}: write a token count (512) or a range (256:1024)") from None
-        if dist.low < 1 or dist.high < dist.low:
-            raise ValueError(f"length {text!r}: need 1 <= low <= high")
-        return dist
-
-    @property
-    def mean(self) -> float:
-        return (self.low + self.high) / 2
-
-    def sample(self, num: int, rng: random.Random) -> list[int]:
-        return [rng.randint(self.low, self.high) for _ in range(num)]
 
 
 @dataclass(frozen=True)
@@ -106,8 +80,11 @@ def decode_batch_limit(spec: EngineSpec, num_kv_blocks: int, mean_input: float, 
 
 
 def config_fragment(result: Plan, band: float = 0.25) -> str:
-    """The serve_config.yaml lines for this plan."""
-    ratio = result.prefill_per_decode
+    """The serve_config.yaml lines for this plan. The joint band spans the measured ratio and the
+    whole-replica ratios of both recommendations (a band no integer count fits would only push the
+    lagging phase to its max_replicas), widened by `band` on each side."""
+    ratios = (result.prefill_per_decode, result.num_prefill / result.num_decode, result.max_prefill / result.max_decode)
+    low, high = min(ratios) * (1 - band), max(ratios) * (1 + band)
     return "\n".join([
         "# under applications[].args:",
         "prefill:",
@@ -117,7 +94,7 @@ def config_fragment(result: Plan, band: float = 0.25) -> str:
         "# next to args (application level), to keep prefill/decode replicas near the measured ratio:",
         "autoscaling_policy:",
         "  policy_function: app.autoscaling:PDJointPolicy",
-        f"  policy_kwargs: {{min_ratio: {ratio * (1 - band):.2f}, max_ratio: {ratio * (1 + band):.2f}}}",
+        f"  policy_kwargs: {{min_ratio: {low:.2f}, max_ratio: {high:.2f}}}",
     ])
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -76,6 +78,20 @@ async def _run(driver: EngineDriver, window: BatchWindow, arrivals: list[float],
                   sum(len(p) for p in prompts) / makespan)
 
 
+def _measure_setting(spec: EngineSpec, setting: Setting, arrivals_by_rate: dict[float, list[float]],
+                     prompts: list[list[int]]) -> dict[float, Result]:
+    for key, value in engine_env().items():
+        os.environ.setdefault(key, value)
+    driver = EngineDriver.from_spec(spec)
+    try:
+        asyncio.run(_run(driver, BatchWindow(0, 1), [0.0] * 4, prompts[:4]))  # warm-up
+        return {rate: asyncio.run(_run(driver, BatchWindow(setting.window_ms / 1000, setting.window_max_requests),
+                                       arrivals, prompts))
+                for rate, arrivals in arrivals_by_rate.items()}
+    finally:
+        driver.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory (default: the bundled tiny model)")
@@ -101,21 +117,17 @@ def main() -> None:
         arrivals_by_rate[rate] = arrivals
 
     results: dict[tuple[str, float], Result] = {}
-    for setting in SETTINGS:
-        shared = EngineSpec.from_config(config)  # 32 seqs, 4096 tokens per step
-        spec = replace(shared, max_num_seqs=setting.max_batch_size or shared.max_num_seqs,
-                       max_num_batched_tokens=setting.max_batched_tokens or shared.max_num_batched_tokens)
-        driver = EngineDriver.from_spec(spec)
-        try:
-            asyncio.run(_run(driver, BatchWindow(0, 1), [0.0] * 4, prompts[:4]))  # warm-up
-            for rate in rates:
-                window = BatchWindow(setting.window_ms / 1000, setting.window_max_requests)
-                results[setting.name, rate] = asyncio.run(_run(driver, window, arrivals_by_rate[rate], prompts))
-                r = results[setting.name, rate]
+    # vLLM's in-process engine cannot be rebuilt in one process: one child process per setting.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for setting in SETTINGS:
+            shared = EngineSpec.from_config(config)  # 32 seqs, 4096 tokens per step
+            spec = replace(shared, max_num_seqs=setting.max_batch_size or shared.max_num_seqs,
+                           max_num_batched_tokens=setting.max_batched_tokens or shared.max_num_batched_tokens)
+            by_rate = pool.submit(_measure_setting, spec, setting, arrivals_by_rate, prompts).result()
+            for rate, r in by_rate.items():
+                results[setting.name, rate] = r
                 print(f"{setting.name:45s} {rate:5.0f}/s  TTFT p50 {r.ttft_p50 * 1000:7.1f} ms  "
                       f"p90 {r.ttft_p90 * 1000:7.1f} ms  {r.tokens_per_s:9,.0f} tok/s", file=sys.stderr)
-        finally:
-            driver.shutdown()
 
     base = SETTINGS[0].name
     print(f"\nPrefill batching, {args.num_requests} prompts of {args.input_len} tokens, Poisson arrivals; "

@@ -10,7 +10,7 @@ from app.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Prometheus names as Ray exports them: ray_<name>, histograms as _bucket/_sum/_count series.
-_EXPORTED = re.compile(r"\bray_(pdserve_[a-z_]+?)(?:_bucket|_sum|_count)?\b")
+_EXPORTED = re.compile(r"\bray_(pdserve_[a-z0-9_]+?)(?:_bucket|_sum|_count)?\b")
 
 
 def _panels() -> list[dict]:
@@ -41,7 +41,7 @@ def test_every_panel_query_names_an_exported_metric_and_every_metric_has_a_panel
 def test_histogram_quantiles_use_bucket_series_of_histograms():
     for panel in _panels():
         for target in panel["targets"]:
-            for name in re.findall(r"ray_(pdserve_[a-z_]+)_bucket", target["expr"]):
+            for name in re.findall(r"ray_(pdserve_[a-z0-9_]+)_bucket", target["expr"]):
                 assert METRICS[name].kind == "Histogram", name
 
 

@@ -245,3 +245,8 @@ def test_plan_fragment_is_valid_yaml_for_the_config():
     assert fragment["autoscaling_policy"]["policy_function"] == "app.autoscaling:PDJointPolicy"
     band = fragment["autoscaling_policy"]["policy_kwargs"]
     assert band["min_ratio"] < 0.5 < band["max_ratio"]
+    # whole-replica counts stay inside the band: (1 prefill, 1 decode) plans where 0.35 was measured
+    small = plan(640, 160, Measurement(14_940, 1_321, 16, 0.012))
+    assert (small.num_prefill, small.num_decode) == (1, 1) and small.prefill_per_decode == pytest.approx(0.354, 0.01)
+    band = yaml.safe_load(config_fragment(small))["autoscaling_policy"]["policy_kwargs"]
+    assert band["min_ratio"] <= small.prefill_per_decode and band["max_ratio"] >= 1.0

@@ -1,0 +1,170 @@
+"""`pdserve bench` arithmetic on synthetic timings: percentiles, TTFT, TPOT, ITL, throughput, goodput;
+arrival schedules and workloads; and the client against a fake streaming server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+
+import httpx
+import pytest
+
+from app.bench import stats
+from app.bench.client import Timing, run_workload
+from app.bench.workload import Arrivals, BenchRequest, LengthDist, sharegpt_requests, synthetic_requests
+
+
+def _timing(sent: float, chunks: list[float], tokens: int, end: float | None = None, error: str | None = None,
+            prompt: int = 10) -> Timing:
+    return Timing(prompt, tokens, sent_at=sent, chunk_times=chunks, finished_at=end if end is not None else
+                  (chunks[-1] if chunks else sent), num_output_tokens=tokens, error=error)
+
+
+def test_percentiles_interpolate_like_numpy():
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert stats.percentile(values, 50) == 3.0
+    assert stats.percentile(values, 90) == pytest.approx(4.6)
+    assert stats.percentile(values, 99) == pytest.approx(4.96)
+    assert stats.percentile([7.0], 99) == 7.0
+    assert math.isnan(stats.percentile([], 50))
+
+
+def test_request_latencies():
+    t = _timing(sent=1.0, chunks=[1.5, 1.6, 1.8, 2.1], tokens=4, end=2.2)
+    assert stats.ttft(t) == pytest.approx(0.5)
+    assert stats.tpot(t) == pytest.approx((2.1 - 1.5) / 3)  # gaps after the first token, per token
+    assert stats.itls(t) == pytest.approx([0.1, 0.2, 0.3])
+    assert stats.e2e(t) == pytest.approx(1.2)
+    # chunks carrying several tokens: TPOT counts tokens, ITL counts chunks
+    multi = _timing(sent=0.0, chunks=[0.2, 0.6], tokens=5)
+    assert stats.tpot(multi) == pytest.approx(0.1) and stats.itls(multi) == pytest.approx([0.4])
+    assert stats.tpot(_timing(0.0, [0.3], tokens=1)) is None
+
+
+def test_goodput_counts_requests_meeting_every_slo():
+    timings = [
+        _timing(0.0, [0.1, 0.2, 0.3], 3),  # TTFT 100 ms, TPOT 100 ms: meets both
+        _timing(0.0, [0.5, 0.6, 0.7], 3),  # TTFT 500 ms: misses the TTFT SLO
+        _timing(0.0, [0.1, 0.5, 0.9], 3),  # TPOT 400 ms: misses the TPOT SLO
+        _timing(0.0, [0.1], 1),  # one token: no TPOT, meets
+        _timing(0.0, [], 0, end=0.2, error="HTTP 503"),  # failed: never meets
+    ]
+    slo = stats.SLO(ttft_s=0.2, tpot_s=0.15)
+    summary = stats.summarize(timings, duration_s=2.0, slo=slo)
+    assert summary["num_ok"] == 4 and summary["num_failed"] == 1 and summary["errors"] == ["HTTP 503"]
+    assert summary["goodput"] == pytest.approx(1.0)  # 2 good requests / 2 s
+    assert summary["slo_attainment"] == pytest.approx(0.4)  # 2 of 5
+    assert summary["request_throughput"] == pytest.approx(2.0)  # 4 finished / 2 s
+    assert summary["output_token_throughput"] == pytest.approx(5.0)  # 10 tokens / 2 s
+    assert summary["total_token_throughput"] == pytest.approx(25.0)  # (40 prompt + 10 output) / 2 s
+    assert summary["ttft_s"]["p50"] == pytest.approx(0.1)
+    assert summary["tpot_s"]["mean"] == pytest.approx((0.1 + 0.1 + 0.4) / 3)
+    assert stats.summarize(timings, 2.0)["goodput"] == pytest.approx(2.0)  # no SLO: every finished request
+    assert slo.label() == "TTFT <= 200 ms and TPOT <= 150 ms"
+
+
+def test_arrival_schedules_are_seeded():
+    poisson = Arrivals("poisson", rate=4.0)
+    first, again = poisson.schedule(2000, random.Random(1)), poisson.schedule(2000, random.Random(1))
+    assert first == again and first == sorted(first)
+    assert first[-1] / 2000 == pytest.approx(0.25, rel=0.1)  # mean gap 1 / rate
+    assert Arrivals("burst", burst_size=3, burst_interval_s=2.0).schedule(7, random.Random(0)) == \
+        [0, 0, 0, 2.0, 2.0, 2.0, 4.0]
+    assert Arrivals("closed", concurrency=2).schedule(5, random.Random(0)) is None
+    with pytest.raises(ValueError, match="rate"):
+        Arrivals("poisson", rate=0).schedule(1, random.Random(0))
+
+
+def test_synthetic_and_sharegpt_workloads(tmp_path):
+    requests = synthetic_requests(50, LengthDist(10, 20), LengthDist(5, 5), 4096, random.Random(0))
+    assert all(10 <= len(r.prompt) == r.num_prompt_tokens <= 20 and r.max_tokens == 5 for r in requests)
+    assert requests == synthetic_requests(50, LengthDist(10, 20), LengthDist(5, 5), 4096, random.Random(0))
+
+    def tokenizer(text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "a b c"}, {"from": "gpt", "value": "d e"}]},
+        {"conversations": [{"from": "gpt", "value": "skipped: starts with gpt"}]},
+        {"id": "no conversations"},
+    ]))
+    drawn = sharegpt_requests(path, 3, tokenizer, random.Random(0))
+    assert drawn == [BenchRequest("a b c", 3, 2)] * 3
+    with pytest.raises(ValueError, match="no usable conversation"):
+        sharegpt_requests(path, 1, tokenizer, random.Random(0), max_output=1)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable JSON"):
+        sharegpt_requests(tmp_path / "bad.json", 1, tokenizer, random.Random(0))
+
+
+def _fake_server(num_tokens_seen: list[int]) -> httpx.MockTransport:
+    """An SSE /v1/completions that streams max_tokens one-token chunks, or 429 for max_tokens == 99."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert body["stream"] and body["ignore_eos"] and body["stream_options"]["include_usage"]
+        if body["max_tokens"] == 99:
+            return httpx.Response(429, json={"error": {"message": "busy"}})
+        num_tokens_seen.append(body["max_tokens"])
+        events = [{"choices": [{"text": "x"}]} for _ in range(body["max_tokens"])]
+        events.append({"choices": [], "usage": {"completion_tokens": body["max_tokens"]}})
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    return httpx.MockTransport(handle)
+
+
+def test_client_times_each_request_and_keeps_failures():
+    seen: list[int] = []
+    requests = [BenchRequest((1, 2, 3), 3, n) for n in (4, 2, 99, 3)]
+    timings, duration = asyncio.run(run_workload("http://fake", "m", requests, Arrivals("closed", concurrency=2),
+                                                 transport=_fake_server(seen)))
+    assert sorted(seen) == [2, 3, 4] and duration > 0
+    assert [t.num_output_tokens for t in timings] == [4, 2, 0, 3]
+    assert [len(t.chunk_times) for t in timings] == [4, 2, 0, 3]
+    assert timings[2].error.startswith("HTTP 429") and not timings[2].ok
+    assert all(t.ok and t.chunk_times[0] >= t.sent_at for t in timings if t.error is None)
+
+
+def test_comparisons_give_ratios_and_flag_where_ours_is_behind():
+    from app.bench.report import comparisons
+
+    def summary(ttft: float, tpot: float, rps: float, goodput: float) -> dict:
+        q = lambda v: {"mean": v, "p50": v, "p90": v, "p99": v}  # noqa: E731
+        return {"ttft_s": q(ttft), "tpot_s": q(tpot), "e2e_s": q(ttft + tpot), "request_throughput": rps,
+                "goodput": goodput}
+
+    runs = [{"system": "ours", "workload": "w", "rate": 2.0, "summary": summary(0.2, 0.010, 2.0, 1.0)},
+            {"system": "base", "workload": "w", "rate": 2.0, "summary": summary(0.1, 0.020, 2.0, 2.0)},
+            {"system": "base", "workload": "other", "rate": None, "summary": summary(0.1, 0.02, 1.0, 1.0)}]
+    rows = {r["metric"]: r for r in comparisons(runs, "ours", ("base", "absent"))}
+    assert rows["TTFT p50"]["ratio"] == pytest.approx(2.0) and rows["TTFT p50"]["behind"]  # twice the latency
+    assert rows["TPOT p99"]["ratio"] == pytest.approx(0.5) and not rows["TPOT p99"]["behind"]  # half: ahead
+    assert rows["req/s"]["ratio"] == pytest.approx(1.0) and not rows["req/s"]["behind"]  # a tie
+    assert rows["goodput"]["ratio"] == pytest.approx(0.5) and rows["goodput"]["behind"]  # half the goodput
+    assert {r["workload"] for r in rows.values()} == {"w"}  # only workloads both systems ran
+
+
+def test_compare_report_has_the_table_the_ratios_and_where_pdserve_is_behind(tmp_path):
+    from app.bench.report import run_record
+    from benchmarks.compare import write_docs
+
+    def run(system: str, ttft: float, rps: float) -> dict:
+        timings = [_timing(0.0, [ttft, ttft + 0.01, ttft + 0.02], 3) for _ in range(4)]
+        return run_record(system, "steady", 2.0, timings, duration_s=4 / rps, slo=stats.SLO(ttft_s=0.5))
+
+    runs = [run("pdserve-disaggregated", 0.3, 2.0), run("pdserve-collocated", 0.1, 2.0)]
+    results = {"meta": {"date": "2026-11-27", "machine": {"cpus": 2, "platform": "linux", "python": "3.11"},
+                        "versions": {"ray": "2.60.0", "vllm": "0.32.0"}, "results_file": "r.json",
+                        "skipped": {"ray-serve-llm-pd": "missing pyarrow"}, "workloads": "steady"},
+               "runs": runs}
+    out = tmp_path / "benchmarks.md"
+    plot = tmp_path / "benchmarks" / "cdf_steady.png"
+    write_docs(results, [plot], out, "python benchmarks/compare.py --preset small")
+    text = out.read_text()
+    assert "| steady @ 2/s | pdserve-collocated |" in text and "| steady @ 2/s | pdserve-disaggregated |" in text
+    assert "Skipped: ray-serve-llm-pd (missing pyarrow)" in text
+    assert "vs pdserve-collocated, steady @ 2/s: TTFT p50 200% higher (ratio 3.00)" in text
+    assert "](benchmarks/cdf_steady.png)" in text and "python benchmarks/compare.py --preset small" in text
