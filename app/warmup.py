@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import zlib
 from typing import Any
 
 from app.config import WarmupConfig
@@ -44,7 +45,7 @@ async def warm_engine(driver: Any, config: WarmupConfig, max_model_len: int, max
         return 0
     vocab_size = driver.engine.model_config.get_vocab_size()
     prompts = synthetic_prompts(config.num_requests, config.context_len, vocab_size, max_model_len, max_tokens,
-                                seed=hash(tag) & 0xFFFF)
+                                seed=zlib.crc32(tag.encode()))
     sampling = SamplingSpec(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(index: int, prompt: list[int]) -> None:

@@ -168,3 +168,16 @@ def test_compare_report_has_the_table_the_ratios_and_where_pdserve_is_behind(tmp
     assert "Skipped: ray-serve-llm-pd (missing pyarrow)" in text
     assert "vs pdserve-collocated, steady @ 2/s: TTFT p50 200% higher (ratio 3.00)" in text
     assert "](benchmarks/cdf_steady.png)" in text and "python benchmarks/compare.py --preset small" in text
+
+
+def test_plots_are_written_from_results(tmp_path):
+    from app.bench import report
+
+    runs = [report.run_record(system, "steady", rate, [_timing(0.0, [0.1 * rate, 0.2 * rate], 2)] * 3, 1.0,
+                              stats.SLO(ttft_s=0.3))
+            for system in ("a", "b") for rate in (1.0, 2.0)]
+    saved = report.load(report.save({"meta": {}, "runs": runs}, tmp_path / "r.json"))
+    cdf = report.plot_cdfs(saved["runs"], "steady", tmp_path / "cdf.png")
+    goodput = report.plot_goodput(saved["runs"], "steady", tmp_path / "goodput.png")
+    for png in (cdf, goodput):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

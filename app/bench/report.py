@@ -83,13 +83,25 @@ def _sorted_cdf(values: list[float]) -> tuple[list[float], list[float]]:
     return ordered, [(i + 1) / len(ordered) for i in range(len(ordered))]
 
 
-def plot_cdfs(runs: list[dict[str, Any]], workload: str, out: str | Path):
-    """TTFT, TPOT and end-to-end CDFs of one workload, a line per system (the highest rate if several)."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return Path(out)
+
+
+def plot_cdfs(runs: list[dict[str, Any]], workload: str, out: str | Path) -> Path:
+    """TTFT, TPOT and end-to-end CDFs of one workload, a line per system (the highest rate if several)."""
+    plt = _pyplot()
     chosen: dict[str, dict[str, Any]] = {}
     for run in runs:
         if run["workload"] == workload and (run["system"] not in chosen
@@ -107,24 +119,17 @@ def plot_cdfs(runs: list[dict[str, Any]], workload: str, out: str | Path):
         ax.set_title(f"{title}: {workload}")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
-def plot_goodput(runs: list[dict[str, Any]], workload: str, out: str | Path):
+def plot_goodput(runs: list[dict[str, Any]], workload: str, out: str | Path) -> Path:
     """Goodput (and request throughput, dashed) against offered rate for one workload, a line per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     systems = sorted({r["system"] for r in runs if r["workload"] == workload})
     for system in systems:
-        points = sorted((r["rate"], r["summary"]) for r in runs
-                        if r["workload"] == workload and r["system"] == system and r["rate"] is not None)
+        points = sorted(((r["rate"], r["summary"]) for r in runs
+                         if r["workload"] == workload and r["system"] == system and r["rate"] is not None),
+                        key=lambda point: point[0])
         if not points:
             continue
         line, = ax.plot([p[0] for p in points], [p[1]["goodput"] for p in points], marker="o", label=system)
@@ -135,7 +140,4 @@ def plot_goodput(runs: list[dict[str, Any]], workload: str, out: str | Path):
     ax.set_title(f"goodput vs rate: {workload} (dashed: throughput)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
