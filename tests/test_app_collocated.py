@@ -166,3 +166,24 @@ def test_handle_call_raises_openai_error(app):
     with pytest.raises(OpenAIError) as info:
         app["handle"].create_completion.remote({"model": "nope", "prompt": "x"}).result()
     assert "nope" in str(info.value)
+
+
+def test_pdserve_bench_against_the_running_app(app, tmp_path):
+    """`pdserve bench` end to end: each request streams back exactly its output length; JSON and plots written."""
+    from app.bench import report
+    from app.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", "--base-url", app["base"], "--num-requests", "6", "--input-len", "20:60", "--output-len", "8",
+          "--pattern", "poisson", "--rate", "4,8", "--slo-ttft-ms", "5000", "--out", str(out),
+          "--plot-dir", str(tmp_path), "--workload", "smoke"])
+    results = report.load(out)
+    assert results["meta"]["model"] == MODEL_NAME  # found through /v1/models
+    assert [run["rate"] for run in results["runs"]] == [4.0, 8.0]
+    for run in results["runs"]:
+        summary = run["summary"]
+        assert summary["num_ok"] == 6 and summary["num_failed"] == 0
+        assert all(r["num_output_tokens"] == 8 for r in run["requests"])  # ignore_eos: exactly max_tokens
+        assert 0 < summary["ttft_s"]["p50"] <= summary["e2e_s"]["p50"]
+        assert summary["output_token_throughput"] > 0 and summary["slo_attainment"] == 1.0
+    assert (tmp_path / "cdf_smoke.png").exists() and (tmp_path / "goodput.png").exists()
