@@ -5,7 +5,10 @@
 `DisaggregatedRouter`, one request:
 1. Choose the decode replica, then the prefill replica (Serve's router, `choose_replica`; replicas and
    pairs whose circuit breaker is open are avoided), so both ends of the transfer are known before it
-   starts; each replica publishes its pair id through `record_replica_metadata`.
+   starts; each replica publishes its pair id through `record_replica_metadata`. With
+   `autoscaling.prefill.when_no_replica: decode_locally`, if no prefill replica is free within
+   `no_replica_wait_s` (scaled to zero, or all busy), decode runs the prompt itself (reported as a
+   fallback) and one wake-up call waits on the prefill deployment so Serve starts a replica.
 2. Dispatch both at once: prefill runs the prompt and sends its KV to that decode replica, while the
    decode replica pairs up, waits for the KV in the background and then streams tokens.
 3. Stream decode's chunks while watching prefill: a failed prefill is retried once on another prefill
@@ -145,8 +148,15 @@ class DisaggregatedRouter:
                     # No prefill replica free (scaled to zero, or all busy): decode runs the prompt itself.
                     self._wake_prefill()
                     reason = f"no prefill replica free within {self.no_prefill_wait_s} s (decode_locally)"
-                    async for chunk in self.decode.dispatch(d_sel, request, None, xfer_id, reason):
-                        yield chunk
+                    stream = self.decode.dispatch(d_sel, request, None, xfer_id, reason)
+                    finished = False
+                    try:
+                        async for chunk in stream:
+                            yield chunk
+                        finished = True
+                    finally:
+                        if not finished:  # the consumer left: stop generating
+                            stream.cancel()
                     return
             prefill_id = _pair_id(p_sel)
             BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open

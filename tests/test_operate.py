@@ -66,11 +66,16 @@ def _complete(base: str, prompt, max_tokens: int = 8, **extra) -> dict:
     return response.json()
 
 
-def _scrape(url: str) -> dict[str, list]:
-    """Samples by metric name as recorded (Ray's `ray_` prefix removed; the parser strips a counter's `_total`)."""
+def _scrape(url: str, app_name: str = APP) -> dict[str, list]:
+    """This app's samples by metric name as recorded (Ray's `ray_` prefix removed; the parser strips a counter's
+    `_total`). Other apps of the test session export the same names: only `application=<app_name>` counts."""
     families = text_string_to_metric_families(httpx.get(url, timeout=10).text)
-    return {f.name.removeprefix("ray_") + ("_total" if f.type == "counter" else ""): f.samples
-            for f in families if f.name.startswith("ray_pdserve_")}
+    scraped = {}
+    for family in families:
+        samples = [s for s in family.samples if s.labels.get("application") == app_name]
+        if family.name.startswith("ray_pdserve_") and samples:
+            scraped[family.name.removeprefix("ray_") + ("_total" if family.type == "counter" else "")] = samples
+    return scraped
 
 
 def _value(samples: list, suffix: str = "", **labels: str) -> float:
@@ -124,11 +129,13 @@ def test_metrics_endpoint_has_every_documented_metric(app, metrics_url, tokenize
         serve.get_deployment_handle("Ingress", APP).reset_breakers.remote().result(timeout_s=30)
     assert failed["pdserve"]["kv_source"] == "recomputed"
     # 2. every documented metric shows up (gauges are published every second, exported every second)
+    # (gauges are sampled: wait for one taken after the park, not only for the names)
     deadline = time.monotonic() + 60
     while True:
         samples = _scrape(metrics_url)
         missing = sorted(set(METRICS) - set(samples))
-        if not missing or time.monotonic() > deadline:
+        parked_seen = not missing and max(s.value for s in samples["pdserve_parked_kv"]) >= 1
+        if parked_seen or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert not missing, f"not exported: {missing}"
