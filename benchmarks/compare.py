@@ -135,6 +135,33 @@ def ray_serve_llm_app(kv_dir: str):
                                 "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}})
 
 
+SHM = Path("/dev/shm")
+
+
+def shm_entries() -> set[str]:
+    return set(p.name for p in SHM.iterdir()) if SHM.is_dir() else set()
+
+
+def remove_leftover_shm(before: set[str]) -> list[str]:
+    """Remove /dev/shm entries this run created and no live process holds (vLLM's multiprocess engines, killed
+    with their replicas, leave their shared-memory queues behind)."""
+    held: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            held |= {Path(str(fd.readlink())).name for fd in (proc / "fd").iterdir()
+                     if str(fd.readlink()).startswith("/dev/shm/")}
+            held |= {line.split("/dev/shm/")[1].split()[0] for line in (proc / "maps").read_text().splitlines()
+                     if "/dev/shm/" in line}
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    removed = sorted(shm_entries() - before - held)
+    for name in removed:
+        (SHM / name).unlink(missing_ok=True)
+    return removed
+
+
 def wait_ready(base: str, timeout_s: float) -> float:
     """Until one completion succeeds; returns the seconds it took."""
     started = time.monotonic()
@@ -322,6 +349,7 @@ def main() -> None:
     skipped: dict[str, str] = {}
     runs: list[dict[str, Any]] = []
     ready_s: dict[str, float] = {}
+    shm_before = shm_entries()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="pdserve-compare")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
@@ -348,6 +376,8 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        if removed := remove_leftover_shm(shm_before):
+            print(f"removed {len(removed)} shared-memory files the engines left in /dev/shm", flush=True)
 
     import vllm
 
