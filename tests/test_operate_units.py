@@ -5,6 +5,7 @@ prompts and the config that wires them."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
@@ -250,3 +251,62 @@ def test_plan_fragment_is_valid_yaml_for_the_config():
     assert (small.num_prefill, small.num_decode) == (1, 1) and small.prefill_per_decode == pytest.approx(0.354, 0.01)
     band = yaml.safe_load(config_fragment(small))["autoscaling_policy"]["policy_kwargs"]
     assert band["min_ratio"] <= small.prefill_per_decode and band["max_ratio"] >= 1.0
+
+
+class _FakeDriver:
+    """An engine driver stand-in: records prompts, fails the ones marked with token 1."""
+
+    def __init__(self, num_unfinished: int = 0):
+        self.prompts: list[list[int]] = []
+        self.unfinished = num_unfinished
+        self.engine = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: 4096))
+
+    def num_unfinished(self) -> int:
+        return self.unfinished
+
+    def shutdown(self) -> None:
+        pass
+
+    async def generate(self, request_id, prompt, sampling):
+        self.prompts.append(prompt)
+        if request_id.endswith("-1"):
+            raise RuntimeError("boom")
+        yield SimpleNamespace(token_ids=(1,) * sampling.max_tokens)
+
+
+def test_warm_engine_runs_the_synthetic_requests_and_counts_failures_out():
+    from app.config import WarmupConfig
+    from app.warmup import warm_engine
+
+    driver = _FakeDriver()
+    done = asyncio.run(warm_engine(driver, WarmupConfig(num_requests=3, context_len=64), 4096, 4, "t"))
+    assert done == 2  # the request ending in -1 failed; warm-up goes on
+    assert len(driver.prompts) == 3 and all(len(p) == 64 for p in driver.prompts)
+    assert asyncio.run(warm_engine(driver, WarmupConfig(num_requests=0), 4096, 4, "t")) == 0
+
+
+def test_periodic_warmup_runs_only_while_idle():
+    from app.config import WarmupConfig
+    from deployments.engine_replica import EngineReplica
+
+    async def run(num_unfinished: int) -> int:
+        replica = EngineReplica()
+        replica.driver = _FakeDriver(num_unfinished)
+        replica.warmup_config = WarmupConfig(interval_s=0.01)
+        replica._stopped = threading.Event()
+        runs = []
+
+        async def warm_up():
+            runs.append(1)
+            if len(runs) == 3:
+                replica._stopped.set()
+
+        replica.warm_up = warm_up
+        task = asyncio.ensure_future(replica._warm_periodically())
+        await asyncio.sleep(0.2)
+        replica._stopped.set()
+        await task
+        return len(runs)
+
+    assert asyncio.run(run(num_unfinished=0)) == 3  # idle: it repeats
+    assert asyncio.run(run(num_unfinished=5)) == 0  # real requests running: it waits
