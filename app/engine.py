@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +116,9 @@ class EngineDriver:
     # Sleep between steps while requests wait on something outside the engine (a KV transfer):
     # long enough not to spin a core, short enough to be invisible next to a decode step.
     IDLE_POLL_S = 0.002
+    # How stale `load` may get while busy: metrics read it every second, autoscaling every few hundred ms,
+    # so walking the scheduler's queues at every step would be work nobody reads.
+    LOAD_INTERVAL_S = 0.05
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -123,6 +127,7 @@ class EngineDriver:
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
         self.load = EngineLoad()
+        self._load_at = 0.0  # monotonic time `load` was measured
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
@@ -225,8 +230,11 @@ class EngineDriver:
                 except queue.Empty:
                     break
                 command()
-            self.load = self._measure_load()
-            if not self.engine.has_unfinished_requests():
+            busy = self.engine.has_unfinished_requests()
+            now = time.monotonic()
+            if not busy or now - self._load_at >= self.LOAD_INTERVAL_S:  # idle: measured before each sleep
+                self.load, self._load_at = self._measure_load(), now
+            if not busy:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue

@@ -59,16 +59,13 @@ async def warm_engine(driver: Any, config: WarmupConfig, max_model_len: int, max
     return sum(not isinstance(r, BaseException) for r in results)
 
 
-async def running_peers(peer_deployment: str, app_name: str) -> list[str]:
-    """Pair ids of the running replicas of `peer_deployment` (empty if none answers in time)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle(peer_deployment, app_name)
+async def running_peers(handle: Any) -> list[str]:
+    """Pair ids of the running replicas behind the peer deployment's `handle` (empty if none answers in time)."""
     try:
         results = await asyncio.wait_for(
             handle.broadcast("record_replica_metadata").results_async(return_exceptions=True), LIST_PEERS_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - DeploymentUnavailableError (none running yet), timeout
-        logger.info("no running %s replica to pair with yet (%s)", peer_deployment, type(exc).__name__)
+        logger.info("no running %s replica to pair with yet (%s)", handle.deployment_name, type(exc).__name__)
         return []
     return sorted(r["pair_id"] for r in results if isinstance(r, dict) and "pair_id" in r)
 
@@ -80,7 +77,7 @@ async def pair_with_peers(transport: Any, replica_id: str, peer_deployment: str,
 
     handle = serve.get_deployment_handle(peer_deployment, app_name)
     paired = set(transport.peers())
-    todo = [peer for peer in await running_peers(peer_deployment, app_name) if peer not in paired]
+    todo = [peer for peer in await running_peers(handle) if peer not in paired]
 
     async def join(peer: str) -> str | None:
         remote = handle.pair_with.remote(replica_id, replica_pin=peer)

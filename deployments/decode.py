@@ -135,11 +135,7 @@ class Decode(EngineReplica):
         return {"num_loaded": counters.num_loaded, "num_loaded_tokens": counters.num_loaded_tokens,
                 "num_load_errors": counters.num_load_errors, "fallbacks": dict(counters.num_fallbacks),
                 "mailbox_entries": len(self.mailbox), "mailbox_bytes": self.mailbox.num_held_bytes(),
-                "pairs": self.transport.peers(), "replica_id": self.replica_id,
-                "num_pairs_formed": self.transport.num_pairs_formed,
-                "num_pairs_formed_at_warmup": self.transport.num_pairs_formed_at_warmup,
-                "pair_setup_s": list(self.transport.pair_setup_s),
-                "num_pairs_dropped": self.transport.num_pairs_dropped}
+                "replica_id": self.replica_id, **self.transport.stats()}
 
     # -- load: metrics and the autoscaling signal --------------------------------------------------
 

@@ -256,12 +256,8 @@ class Prefill(EngineReplica):
 
     async def kv_stats(self) -> dict:
         counters = self.hub.counters
-        return {"num_saved": counters.num_saved, "gather_s": counters.gather_s, "pairs": self.transport.peers(),
-                "num_outgoing": len(self._outgoing), "replica_id": self.replica_id,
-                "num_pairs_formed": self.transport.num_pairs_formed,
-                "num_pairs_formed_at_warmup": self.transport.num_pairs_formed_at_warmup,
-                "pair_setup_s": list(self.transport.pair_setup_s),
-                "num_pairs_dropped": self.transport.num_pairs_dropped}
+        return {"num_saved": counters.num_saved, "gather_s": counters.gather_s,
+                "num_outgoing": len(self._outgoing), "replica_id": self.replica_id, **self.transport.stats()}
 
 
 def _settle(future: asyncio.Future, result, error) -> None:

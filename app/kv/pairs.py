@@ -195,6 +195,13 @@ class PairTransport:
         for peer_id in self.peers():
             self.drop(peer_id, "replica shutting down")
 
+    def stats(self) -> dict:
+        """The pair groups and their history, for both phases' kv_stats."""
+        with self._lock:
+            return {"pairs": list(self._pairs), "num_pairs_formed": self.num_pairs_formed,
+                    "num_pairs_formed_at_warmup": self.num_pairs_formed_at_warmup,
+                    "pair_setup_s": list(self.pair_setup_s), "num_pairs_dropped": self.num_pairs_dropped}
+
     def peers(self) -> list[str]:
         with self._lock:
             return list(self._pairs)
