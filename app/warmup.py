@@ -80,7 +80,7 @@ async def pair_with_peers(transport: Any, replica_id: str, peer_deployment: str,
     todo = [peer for peer in await running_peers(handle) if peer not in paired]
 
     async def join(peer: str) -> str | None:
-        remote = handle.pair_with.remote(replica_id, replica_pin=peer)
+        remote = handle.pair_with.remote(replica_id, replica_pin=peer, warmup=True)
         local = asyncio.to_thread(transport.ensure, peer, timeout_s, True)
         results = await asyncio.gather(remote, local, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]

@@ -40,7 +40,7 @@ ARGS = {
     "warmup": {"num_requests": 2, "context_len": 64},
 }
 SCALE_TIMEOUT_S = 120
-_seen: dict[str, set[str]] = {}  # replica ids before a scale-up, for the warm-up test
+_seen: dict = {}  # before decode's scale-up: its replica ids, and each prefill replica's warm-up joins
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +178,7 @@ def test_prefill_scales_on_long_prompts_while_decode_stays(app, tokenizer):
 def test_decode_scales_on_long_generations_while_prefill_stays(app, tokenizer):
     assert (_num_running("Prefill"), _num_running("Decode")) == (2, 1)
     _seen["decode"] = {s["replica_id"] for s in _broadcast("Decode", "kv_stats")}
+    _seen.update({s["replica_id"]: s["num_pairs_formed_at_warmup"] for s in _broadcast("Prefill", "kv_stats")})
     prefill_counts: list[int] = []
 
     def decode_scaled() -> bool:
@@ -209,6 +210,10 @@ def test_new_replica_paired_during_warmup_and_serves_without_pair_setup(app, tok
     assert served >= 1
     after = next(s for s in _broadcast("Decode", "kv_stats") if s["replica_id"] == new_id)
     assert after["num_pairs_formed"] == newest["num_pairs_formed"]
+    # the prefill ends of those pairs joined as warm-up joins too (with the warm-up deadline), one each
+    for stats in _broadcast("Prefill", "kv_stats"):
+        assert new_id in stats["pairs"]
+        assert stats["num_pairs_formed_at_warmup"] == _seen[stats["replica_id"]] + 1
 
 
 ZERO_APP, ZERO_PREFIX = "zero", "/zero"
