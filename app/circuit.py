@@ -6,7 +6,7 @@ States, per key (a prefill replica id, or "prefill_id->decode_id" for a pair):
     HALF_OPEN  `open_s` passed: exactly one request (the probe) may go; its success closes the
                breaker, its failure opens it again
 The ingress process holds one `CircuitBreakers` (the request router runs in the caller's process, so
-`PinnableRouter` and `DisaggregatedRouter` share it). `snapshot()` feeds metrics and stats.
+`PinnableRouter` and the orchestrator's `Handoff` share it). `snapshot()` feeds metrics and stats.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`pdserve` command line: build the default model; plan prefill:decode replicas; benchmark an endpoint."""
+"""`pdserve` command line: build the default model; plan prefill:decode replicas; benchmark an endpoint;
+print the configuration table."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "pdserve-tiny-llama"
+from app.config import DEFAULT_MODEL_DIR
 
 
 def _build_model(args: argparse.Namespace) -> None:
-    from app.tiny_model import build_tiny_model
+    from app.tools.tiny_model import build_tiny_model
 
     build_tiny_model(Path(args.out))
 
@@ -32,7 +33,7 @@ def load_app_args(path: str | None) -> dict[str, Any]:
 
 def _plan(args: argparse.Namespace) -> None:
     from app.config import parse_app_config
-    from app.planner import LengthDist, measure, plan, render
+    from app.tools.planner import LengthDist, measure, plan, render
 
     try:
         inputs, outputs = LengthDist.parse(args.input_len), LengthDist.parse(args.output_len)
@@ -53,9 +54,9 @@ def _bench(args: argparse.Namespace) -> None:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from app.bench import report, stats
-    from app.bench.client import run_workload
-    from app.bench.workload import Arrivals, LengthDist, sharegpt_requests, synthetic_requests
+    from app.tools.bench import report, stats
+    from app.tools.bench.client import run_workload
+    from app.tools.bench.workload import Arrivals, LengthDist, sharegpt_requests, synthetic_requests
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -101,6 +102,15 @@ def _first_model(base_url: str, api_key: str | None) -> str:
         sys.exit(f"pdserve bench: could not list models at {base_url}/v1/models ({exc}); pass --model")
 
 
+def _config_table(args: argparse.Namespace) -> None:
+    from app.tools.config_table import config_table, update_readme
+
+    if args.write:
+        print("README.md updated" if update_readme() else "README.md already up to date")
+    else:
+        print(config_table())
+
+
 def format_summary(label: str, summary: dict[str, Any]) -> str:
     def ms(key: str, q: str) -> str:
         return f"{summary[key][q] * 1000:.1f}"
@@ -132,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     planner.add_argument("--repeats", type=int, default=3, help="measurement runs (the median is used)")
     planner.add_argument("--seed", type=int, default=0)
     planner.set_defaults(func=_plan)
+
+    table = sub.add_parser("config-table", help="print the README's configuration table, generated from the models")
+    table.add_argument("--write", action="store_true", help="rewrite the table in README.md instead of printing it")
+    table.set_defaults(func=_config_table)
 
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (streaming), report latencies")
     bench.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")

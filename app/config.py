@@ -1,14 +1,15 @@
-"""Configuration: pydantic models at the YAML boundary, frozen dataclasses inside.
+"""Configuration at the YAML boundary: pydantic models, `extra="forbid"`, frozen.
 
 `AppConfig` is what `serve_config.yaml` puts under `applications[].args`. `build_app` validates it
-once (a wrong key or value fails at start-up with a message naming the key and the fix) and turns
-it into the frozen `EngineSpec` each engine replica receives.
+once (a wrong key or value fails at start-up with a message naming the key and the fix) and hands
+each deployment its own frozen slice (`app/specs.py`); turning options into Serve's deployment
+options and process environment is the deployments' job (`deployments/options.py`). These models are
+the one source of the defaults: the README's configuration table is generated from them
+(`pdserve config-table`, checked by tests/test_config_table.py).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,30 +94,6 @@ class DeploymentOptions(_Strict):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
-
-    def serve_options(self, policy: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The `Deployment.options(...)` keywords for these settings; `policy` is the autoscaling policy
-        (`{"policy_function": ..., "policy_kwargs": ...}`), Serve's queue-length policy if None."""
-        options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-        }
-        if self.num_replicas == "auto":
-            options["autoscaling_config"] = {
-                "min_replicas": self.min_replicas,
-                "max_replicas": self.max_replicas,
-                "initial_replicas": self.initial_replicas,
-                "target_ongoing_requests": max(1, self.max_ongoing_requests // 2),
-                "look_back_period_s": self.look_back_period_s,
-                "upscale_delay_s": self.upscale_delay_s,
-                "downscale_delay_s": self.downscale_delay_s,
-            }
-            if policy is not None:
-                options["autoscaling_config"]["policy"] = policy
-        else:
-            options["num_replicas"] = self.num_replicas
-        return options
 
 
 class FaultInjection(_Strict):
@@ -237,7 +214,7 @@ class AppConfig(_Strict):
     """Application args of `serve_config.yaml` (`applications[].args`)."""
 
     mode: Literal["collocated", "disaggregated"] = Field(
-        "collocated", description="collocated: one engine does both phases; disaggregated: prefill and "
+        "disaggregated", description="collocated: one engine does both phases; disaggregated: prefill and "
         "decode replicas with KV moved between them."
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
@@ -293,54 +270,3 @@ def parse_app_config(args: dict[str, Any] | None) -> AppConfig:
             else:
                 problems.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
         raise ValueError("invalid pdserve application args in serve_config.yaml:\n" + "\n".join(problems)) from None
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Everything an engine replica needs to build its vLLM engine."""
-
-    model_path: str
-    served_name: str
-    dtype: str
-    max_model_len: int
-    block_size: int
-    kv_cache_memory_bytes: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    enable_prefix_caching: bool
-    seed: int
-    cpu_threads: int | None = None
-
-    @classmethod
-    def from_config(cls, config: AppConfig) -> EngineSpec:
-        return cls(
-            model_path=config.model.path,
-            served_name=config.model.served_name,
-            dtype=config.model.dtype,
-            max_model_len=config.model.max_model_len,
-            block_size=config.engine.block_size,
-            kv_cache_memory_bytes=config.engine.kv_cache_memory_mb * 1024 * 1024,
-            max_num_seqs=config.engine.max_num_seqs,
-            max_num_batched_tokens=max(config.engine.max_num_batched_tokens, config.model.max_model_len),
-            enable_prefix_caching=config.engine.enable_prefix_caching,
-            seed=config.engine.seed,
-            cpu_threads=config.engine.cpu_threads,
-        )
-
-    @classmethod
-    def for_prefill(cls, config: AppConfig) -> EngineSpec:
-        """The prefill engine's spec: the prefill_batching overrides applied."""
-        spec, batching = cls.from_config(config), config.prefill_batching
-        return replace(spec, max_num_seqs=batching.max_batch_size or spec.max_num_seqs,
-                       max_num_batched_tokens=batching.max_batched_tokens or spec.max_num_batched_tokens)
-
-
-def engine_env(project_cache: Path | None = None) -> dict[str, str]:
-    """Environment every engine process needs: in-process vLLM and project-owned caches."""
-    cache = project_cache or Path(os.environ.get("PDSERVE_CACHE", REPO_ROOT / ".cache"))
-    return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CACHE_ROOT": str(cache / "vllm"),
-        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }

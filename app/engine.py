@@ -26,10 +26,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from app.config import EngineSpec, engine_env
+from app.config import REPO_ROOT
+from app.errors import EngineError, EngineInputError
 from app.messages import GenerationChunk, SamplingSpec
+from app.specs import EngineSpec
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +53,15 @@ class EngineLoad:
     kv_usage: float = 0.0  # share of KV blocks in use, 0-1
 
 
-class EngineError(RuntimeError):
-    """The engine failed a request (message is safe to show a client)."""
-
-
-class EngineInputError(EngineError):
-    """The engine refused a request's input (a client error)."""
+def engine_env(project_cache: Path | None = None) -> dict[str, str]:
+    """Environment every engine process needs: in-process vLLM and project-owned caches."""
+    cache = project_cache or Path(os.environ.get("PDSERVE_CACHE", REPO_ROOT / ".cache"))
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def build_engine(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None):
@@ -170,9 +176,6 @@ class EngineDriver:
             if not finished:
                 self._submit(lambda: self.engine.abort_request([request_id]))
 
-    def abort(self, request_id: str) -> None:
-        self._submit(lambda: self.engine.abort_request([request_id]))
-
     def wake(self) -> None:
         """Ask the driver to step now (e.g. a KV transfer a waiting request needs has landed)."""
         self._wake.set()
@@ -261,5 +264,4 @@ def _to_chunk(output: Any) -> GenerationChunk:
         finish_reason=(completion.finish_reason or "stop") if output.finished else None,
         num_prompt_tokens=len(output.prompt_token_ids or ()),
         num_cached_tokens=output.num_cached_tokens or 0,
-        kv_transfer_params=output.kv_transfer_params,
     )

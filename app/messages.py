@@ -1,14 +1,19 @@
-"""Messages that cross deployment boundaries (ingress -> engine replicas), frozen and documented.
+"""Messages that cross deployment boundaries (ingress <-> engine replicas), frozen and documented.
 
 - `SamplingSpec`: the sampling parameters pdserve supports, engine-neutral.
 - `GenerateRequest`: one tokenised request as the ingress hands it to an engine replica.
 - `GenerationChunk`: what an engine replica streams back, one per engine step that produced output.
+- `KVReport`: what a response reports about where its prompt ran and where its KV came from.
+- `PrefillResult`: a prefill replica's report once a request's KV was sent.
+- `ParkResult`, `ParkedPrompt`: the two-step API's replies (`prefill_only`, and the claim of parked KV).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+KVSource = Literal["transfer", "prefix_cache", "recomputed"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,52 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class GenerateRequest:
+    """A validated, tokenised request; `cache_salt` keeps prefix-cache reuse inside one tenant."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True)
+class KVReport:
+    """Where a request's prompt ran and where its KV came from: the response's `pdserve` field and the
+    `x-pdserve-*` headers. Fallbacks are never silent, and neither is placement.
+
+    Disaggregated requests always report the placement group (`mode` .. `num_cached_tokens`); the other
+    fields appear only when they say something."""
+
+    mode: Literal["disaggregated"] | None = None
+    prefill_replica: str | None = None
+    decode_replica: str | None = None
+    kv_source: KVSource | None = None  # "recomputed" comes with fallback_reason
+    fallback_reason: str | None = None
+    num_cached_tokens: int | None = None  # prompt tokens decode did not compute
+    fallback: str | None = None  # a fallback the orchestrator took: retried_other_prefill, no_prefill_replica
+    prefix_cache_hit_tokens: int | None = None  # prompt tokens found in the tenant's prefix cache
+    retried_after: str | None = None  # why the ingress ran a non-streaming request a second time
+
+    _PLACEMENT = ("mode", "prefill_replica", "decode_replica", "kv_source", "fallback_reason", "num_cached_tokens")
+
+    def merged(self, later: KVReport | None) -> KVReport:
+        """This report with every field `later` sets."""
+        if later is None:
+            return self
+        return replace(self, **{name: value for name, value in asdict(later).items() if value is not None})
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: value for name, value in asdict(self).items()
+                if value is not None or (self.mode is not None and name in self._PLACEMENT)}
+
+    @property
+    def fallback_kind(self) -> str | None:
+        """The fallback this request took, for headers and the fallbacks metric."""
+        return self.fallback or ("recomputed" if self.kv_source == "recomputed" else None)
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """New output of one request since its previous chunk."""
 
@@ -34,22 +85,10 @@ class GenerationChunk:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int = 0
-    kv_transfer_params: dict[str, Any] | None = None
-    metadata: dict[str, Any] | None = None  # pdserve's own facts (path taken, fallbacks), shown to clients
+    report: KVReport | None = None  # set on the first chunk (and on the last, if it learnt more since)
 
-    def with_metadata(self, **extra: Any) -> GenerationChunk:
-        return replace(self, metadata={**(self.metadata or {}), **extra})
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """A validated, tokenised request; `cache_salt` keeps prefix-cache reuse inside one tenant."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    sampling: SamplingSpec
-    cache_salt: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    def with_report(self, report: KVReport | None) -> GenerationChunk:
+        return self if report is None else replace(self, report=(self.report or KVReport()).merged(report))
 
 
 @dataclass(frozen=True)
@@ -61,5 +100,25 @@ class PrefillResult:
     num_bytes: int
     prefill_s: float  # engine time for the prompt, submit to gathered KV
     send_s: float  # header + payload on the pair's channel
-    first_token_id: int | None
     num_cached_tokens: int = 0  # prompt tokens prefill found in its (tenant-salted) prefix cache
+
+
+@dataclass(frozen=True)
+class ParkResult:
+    """`prefill_only`: the first token, and the id under which the prompt's KV waits."""
+
+    kv_cache_id: str
+    expires_at: float  # wall clock
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class ParkedPrompt:
+    """What a claimed kv_cache_id tells the ingress: the prompt its KV belongs to, and the tenant's salt."""
+
+    prompt_token_ids: tuple[int, ...]
+    cache_salt: str | None

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.protocol import OpenAIError
+from app.api.protocol import OpenAIError
 
 DEFAULT_TENANT = "default"
 

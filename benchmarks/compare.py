@@ -37,10 +37,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.bench import report, stats  # noqa: E402
-from app.bench.client import Timing, run_workload  # noqa: E402
-from app.bench.workload import Arrivals, BenchRequest, LengthDist, synthetic_requests  # noqa: E402
-from app.config import DEFAULT_MODEL_DIR, engine_env  # noqa: E402
+from app.config import DEFAULT_MODEL_DIR  # noqa: E402
+from app.engine import engine_env  # noqa: E402
+from app.tools.bench import report, stats  # noqa: E402
+from app.tools.bench.client import Timing, run_workload  # noqa: E402
+from app.tools.bench.workload import Arrivals, BenchRequest, LengthDist, synthetic_requests  # noqa: E402
 
 MODEL = "pdserve-tiny-llama"
 SYSTEMS = ("pdserve-disaggregated", "pdserve-collocated", "ray-serve-llm-pd")

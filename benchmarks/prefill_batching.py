@@ -27,9 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.batching import BatchWindow  # noqa: E402
-from app.config import EngineSpec, engine_env, parse_app_config  # noqa: E402
-from app.engine import EngineDriver  # noqa: E402
+from app.config import parse_app_config  # noqa: E402
+from app.engine import (
+    EngineDriver,  # noqa: E402
+    engine_env,  # noqa: E402
+)
 from app.messages import SamplingSpec  # noqa: E402
+from app.specs import EngineSpec  # noqa: E402
 
 
 @dataclass(frozen=True)

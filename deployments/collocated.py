@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from app.config import EngineSpec, WarmupConfig
 from app.engine import EngineDriver
 from app.messages import GenerateRequest, GenerationChunk
+from app.specs import CollocatedSpec
 from deployments.engine_replica import EngineReplica
 
 
@@ -22,13 +22,13 @@ from deployments.engine_replica import EngineReplica
 class Collocated(EngineReplica):
     role = "collocated"
 
-    async def __init__(self, spec: EngineSpec, warmup: WarmupConfig | None = None):
-        self.spec, self.warmup_config = spec, warmup or WarmupConfig()
-        self.driver = EngineDriver.from_spec(spec)
+    async def __init__(self, spec: CollocatedSpec):
+        self._init_replica(spec.engine, spec.warmup)
+        self.driver = EngineDriver.from_spec(spec.engine)
         await self._start()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        async for chunk in self.driver.generate(
+        async for chunk in self.engine.generate(
             request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt
         ):
             yield chunk

@@ -1,7 +1,8 @@
 """What every engine replica (Collocated, Prefill, Decode) shares: warm-up, pairing, load reporting
 (Prometheus gauges and Serve autoscaling stats), stats, health and shutdown.
 
-Life cycle: the subclass constructor builds its engine (and transport), then awaits `_start()`:
+Life cycle: the subclass constructor calls `_init_replica` (identity, config), builds its engine (and
+transport), then awaits `_start()`:
 warm-up (app/warmup.py) runs before the constructor returns, so Serve routes nothing to the replica
 until its engine ran and its pair groups exist; then a publisher thread sets the load gauges every
 `PUBLISH_INTERVAL_S`, and, with `warmup.interval_s`, a periodic warm-up runs while the replica idles.
@@ -16,7 +17,9 @@ from typing import Any
 
 from app.config import WarmupConfig
 from app.engine import EngineDriver, EngineLoad
+from app.kv.pairs import PairTransport
 from app.metrics import set_engine_load
+from app.specs import EngineSpec
 from app.warmup import PEER_DEPLOYMENT, pair_with_peers, warm_engine
 
 logger = logging.getLogger(__name__)
@@ -25,19 +28,35 @@ PUBLISH_INTERVAL_S = 1.0
 
 
 class EngineReplica:
-    driver: EngineDriver
+    """Base of the engine deployments. A subclass constructor calls `_init_replica` first, builds its
+    engine (and transport), then awaits `_start()`."""
+
     role: str  # "prefill" | "decode" | "collocated"
+    spec: EngineSpec
     warmup_config: WarmupConfig
     pair_timeout_s: float = 10.0
+    replica_id: str = ""
+    # Set by the subclass constructor; None until then (shutdown may run on a half-built replica).
+    driver: EngineDriver | None = None
+    transport: PairTransport | None = None
+    _stopped: threading.Event | None = None
+
+    def _init_replica(self, spec: EngineSpec, warmup: WarmupConfig) -> None:
+        from ray import serve
+
+        context = serve.get_replica_context()
+        self.spec, self.warmup_config = spec, warmup
+        self.replica_id, self.app_name = context.replica_id.unique_id, context.app_name
+        self._stopped = threading.Event()
+        self.warmup_stats: dict[str, Any] = {"num_runs": 0, "num_requests": 0, "paired": []}
+
+    @property
+    def engine(self) -> EngineDriver:
+        assert self.driver is not None, "the replica's engine is not built yet"
+        return self.driver
 
     async def _start(self) -> None:
         """End of the constructor: warm up, then publish load; Serve marks the replica ready after this."""
-        from ray import serve
-
-        if not hasattr(self, "_stopped"):
-            self._stopped = threading.Event()
-        self.app_name = serve.get_replica_context().app_name
-        self.warmup_stats: dict[str, Any] = {"num_runs": 0, "num_requests": 0, "paired": []}
         if self.warmup_config.enabled:
             await self.warm_up()
             if self.warmup_config.interval_s:
@@ -49,12 +68,11 @@ class EngineReplica:
     async def warm_up(self) -> dict[str, Any]:
         """Synthetic requests through the engine, then pair groups with every running peer replica."""
         max_tokens = 1 if self.role == "prefill" else self.warmup_config.max_tokens
-        done = await warm_engine(self.driver, self.warmup_config, self.spec.max_model_len, max_tokens,
-                                 f"{getattr(self, 'replica_id', self.role)}-{self.warmup_stats['num_runs']}")
+        done = await warm_engine(self.engine, self.warmup_config, self.spec.max_model_len, max_tokens,
+                                 f"{self.replica_id or self.role}-{self.warmup_stats['num_runs']}")
         paired: list[str] = []
-        transport = getattr(self, "transport", None)
-        if transport is not None:
-            paired = await pair_with_peers(transport, self.replica_id, PEER_DEPLOYMENT[self.role], self.app_name,
+        if self.transport is not None:
+            paired = await pair_with_peers(self.transport, self.replica_id, PEER_DEPLOYMENT[self.role], self.app_name,
                                            self.pair_timeout_s)
         self.warmup_stats = {"num_runs": self.warmup_stats["num_runs"] + 1,
                              "num_requests": self.warmup_stats["num_requests"] + done,
@@ -62,10 +80,10 @@ class EngineReplica:
         return self.warmup_stats
 
     async def _warm_periodically(self) -> None:
-        assert self.warmup_config.interval_s is not None
+        assert self.warmup_config.interval_s is not None and self._stopped is not None
         while not self._stopped.is_set():
             await asyncio.sleep(self.warmup_config.interval_s)
-            if self.driver.num_unfinished() == 0:  # never compete with real traffic
+            if self.engine.num_unfinished() == 0:  # never compete with real traffic
                 try:
                     await self.warm_up()
                 except Exception:  # noqa: BLE001 - a failed warm-up must not stop the replica
@@ -75,6 +93,8 @@ class EngineReplica:
         """Join the pair group with `peer_id` (a warming-up peer, or a retried prefill decode did not expect)."""
         if replica_pin is not None and replica_pin != self.replica_id:
             raise RuntimeError(f"pair_with was meant for replica {replica_pin}, not {self.replica_id}")
+        if self.transport is None:
+            raise RuntimeError(f"a {self.role} replica has no pair groups")
         timeout = self.pair_timeout_s if warmup else None
         await asyncio.to_thread(self.transport.ensure, peer_id, timeout, warmup)
 
@@ -82,9 +102,10 @@ class EngineReplica:
 
     def load(self) -> tuple[EngineLoad, int, int]:
         """(engine load, requests waiting outside the engine, their prompt tokens); subclasses add theirs."""
-        return self.driver.load, 0, 0
+        return self.engine.load, 0, 0
 
     def _publish(self) -> None:
+        assert self._stopped is not None
         while not self._stopped.wait(PUBLISH_INTERVAL_S):
             try:
                 load, num_outside, tokens_outside = self.load()
@@ -98,32 +119,30 @@ class EngineReplica:
         pass
 
     async def stats(self) -> dict[str, Any]:
-        load = self.driver.load
+        driver = self.engine
+        load = driver.load
         return {
-            "num_free_blocks": self.driver.num_free_blocks(),
-            "num_total_blocks": self.driver.num_total_blocks(),
-            "num_unfinished": self.driver.num_unfinished(),
-            "replica_id": getattr(self, "replica_id", None),
+            "num_free_blocks": driver.num_free_blocks(),
+            "num_total_blocks": driver.num_total_blocks(),
+            "num_unfinished": driver.num_unfinished(),
+            "replica_id": self.replica_id,
             "load": {"num_running": load.num_running, "num_waiting": load.num_waiting,
                      "num_queued_prompt_tokens": load.num_queued_prompt_tokens, "kv_usage": load.kv_usage},
-            "warmup": getattr(self, "warmup_stats", None),
+            "warmup": self.warmup_stats,
         }
 
     def check_health(self) -> None:
-        if not self.driver.is_alive():
+        if not self.engine.is_alive():
             raise RuntimeError("engine driver thread died")
 
     def shutdown(self) -> None:
         """Stop background threads (`_stopped`), leave every pair group (`transport`), stop the engine."""
-        stopped = getattr(self, "_stopped", None)
-        if stopped is not None:
-            stopped.set()
-        transport = getattr(self, "transport", None)
-        if transport is not None:
-            transport.close()
-        driver = getattr(self, "driver", None)
-        if driver is not None:
-            driver.shutdown()
+        if self._stopped is not None:
+            self._stopped.set()
+        if self.transport is not None:
+            self.transport.close()
+        if self.driver is not None:
+            self.driver.shutdown()
 
     def __del__(self):
         self.shutdown()

@@ -2,8 +2,9 @@
 
 Life cycle of an HTTP request: parse JSON (400 on invalid JSON) -> pydantic request model (400 naming
 the parameter) -> `OpenAIService.prepare_*` (404 unknown model, 400 context errors) -> the engine
-client for the configured mode (collocated engine, or prefill/decode router) -> a JSON response or an
-SSE stream. Every error leaves as an OpenAI-style body; nothing a client sends can crash the replica.
+client for the configured mode (`CollocatedClient`, or the prefill/decode `DisaggregatedClient`) -> a
+JSON response or an SSE stream. Every error leaves as an OpenAI-style body; nothing a client sends can
+crash the replica.
 
 Handle calls (`create_completion`, `create_chat_completion` and their `*_stream` twins) take the same
 request models (or plain dicts) and return the same bodies as HTTP.
@@ -24,10 +25,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.config import AppConfig
-from app.openai_service import OpenAIService
-from app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, validation_error_to_openai
-from app.routing import CollocatedClient
+from app.api.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, validation_error_to_openai
+from app.api.render import kv_headers
+from app.api.service import OpenAIService
+from app.serving.client import CollocatedClient, EngineClient
+from app.specs import IngressSpec
 from app.tenancy import Tenant, TenantDirectory
 
 logger = logging.getLogger(__name__)
@@ -87,19 +89,6 @@ def _validate(model: type, data: Any) -> Any:
         raise validation_error_to_openai(list(exc.errors())) from None
 
 
-def _kv_headers(metadata: dict[str, Any] | None) -> dict[str, str]:
-    """Where the prompt's KV came from, as response headers (fallbacks are never silent)."""
-    if not metadata or "kv_source" not in metadata:
-        return {}
-    headers = {"x-pdserve-kv-source": str(metadata["kv_source"])}
-    fallback = metadata.get("fallback") or ("recomputed" if metadata["kv_source"] == "recomputed" else None)
-    if fallback:
-        headers["x-pdserve-fallback"] = str(fallback)
-    if metadata.get("fallback_reason"):
-        headers["x-pdserve-fallback-reason"] = str(metadata["fallback_reason"])[:200].replace("\n", " ")
-    return headers
-
-
 async def _released(events: AsyncIterator[str], admission) -> AsyncIterator[str]:
     """Release the tenant's concurrency slot when the stream ends, however it ends."""
     try:
@@ -113,27 +102,28 @@ async def _released(events: AsyncIterator[str], admission) -> AsyncIterator[str]
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]):
+    def __init__(self, spec: IngressSpec, engines: dict[str, DeploymentHandle]):
         from transformers import AutoTokenizer
 
-        self.config = AppConfig.model_validate(config)
-        tokenizer = AutoTokenizer.from_pretrained(self.config.model.path)
-        if self.config.mode == "collocated":
+        self.spec = spec
+        tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+        client: EngineClient
+        if spec.mode == "collocated":
             client = CollocatedClient(engines["collocated"])
         else:
-            from app.routing import DisaggregatedRouter
+            from app.serving.orchestrator import DisaggregatedClient
 
-            client = DisaggregatedRouter(engines["prefill"], engines["decode"], self.config)
+            client = DisaggregatedClient(engines["prefill"], engines["decode"], spec.orchestrator)
         self.engines = engines
-        self.tenants = TenantDirectory.from_config(self.config.auth)
-        self.service = OpenAIService(self.config.model.served_name, tokenizer, self.config.model.max_model_len,
-                                     client, retry_dead_replica=self.config.fallback.retry_decode)
+        self.tenants = TenantDirectory.from_config(spec.auth)
+        self.service = OpenAIService(spec.served_name, tokenizer, spec.max_model_len, client,
+                                     retry_dead_replica=spec.retry_decode)
 
     # -- HTTP -----------------------------------------------------------------------------------
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
-        return {"status": "ok", "mode": self.config.mode}
+        return {"status": "ok", "mode": self.spec.mode}
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -142,21 +132,21 @@ class Ingress:
     @api.post("/v1/completions")
     async def http_completions(self, request: Request):
         tenant = self.tenants.authenticate(request.headers.get("authorization"))
-        body = await _parse(request, CompletionRequest, self.config.max_request_body_bytes)
+        body = await _parse(request, CompletionRequest, self.spec.max_request_body_bytes)
         return await self._http(tenant, lambda: self.service.prepare_completion(body, tenant))
 
     @api.post("/v1/chat/completions")
     async def http_chat_completions(self, request: Request):
         tenant = self.tenants.authenticate(request.headers.get("authorization"))
-        body = await _parse(request, ChatCompletionRequest, self.config.max_request_body_bytes)
+        body = await _parse(request, ChatCompletionRequest, self.spec.max_request_body_bytes)
         return await self._http(tenant, lambda: self.service.prepare_chat(body, tenant))
 
     async def _http(self, tenant: Tenant, prepare):
         prepared = prepare()
         if not prepared.stream:
             with self.tenants.admit(tenant):
-                body = await self.service.respond(await self.service.open(prepared))
-            return JSONResponse(body, headers=_kv_headers(body.get("pdserve")))
+                body, report = await self.service.answer(await self.service.open(prepared))
+            return JSONResponse(body, headers=kv_headers(report))
         admission = self.tenants.admit(tenant)
         admission.__enter__()  # held until the stream ends, however it ends
         try:
@@ -165,7 +155,7 @@ class Ingress:
             admission.__exit__(None, None, None)
             raise
         return StreamingResponse(_released(self.service.sse(opened), admission), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **_kv_headers(opened.metadata)})
+                                 headers={"Cache-Control": "no-cache", **kv_headers(opened.report)})
 
     # -- DeploymentHandle -------------------------------------------------------------------------
 
@@ -180,8 +170,7 @@ class Ingress:
 
     async def breaker_stats(self) -> dict[str, dict]:
         """Circuit-breaker state per prefill replica and per (prefill->decode) pair, as this ingress sees it."""
-        states = getattr(self.service.client, "breaker_states", None)
-        return states() if states is not None else {}
+        return self.service.client.breaker_states()
     # `authorization` is what HTTP clients send in the Authorization header ("Bearer <key>").
 
     async def create_completion(self, request: CompletionRequest | dict[str, Any],

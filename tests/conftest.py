@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import DEFAULT_MODEL_DIR, engine_env
+from app.config import DEFAULT_MODEL_DIR
+from app.engine import engine_env
 
 for _key, _value in engine_env().items():  # the offline reference engine runs in this process
     os.environ.setdefault(_key, _value)
@@ -78,8 +79,9 @@ def metrics_url(ray_session) -> str:
 @pytest.fixture(scope="session")
 def offline_engine():
     """vLLM run directly in this process (no Serve): the reference for token-exact tests."""
-    from app.config import AppConfig, EngineSpec
+    from app.config import AppConfig
     from app.engine import EngineDriver
+    from app.specs import EngineSpec
 
     driver = EngineDriver.from_spec(EngineSpec.from_config(AppConfig()))
     yield driver

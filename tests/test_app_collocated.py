@@ -161,7 +161,7 @@ def test_handle_call_equals_http(app, client, tokenizer):
 
 
 def test_handle_call_raises_openai_error(app):
-    from app.protocol import OpenAIError
+    from app.api.protocol import OpenAIError
 
     with pytest.raises(OpenAIError) as info:
         app["handle"].create_completion.remote({"model": "nope", "prompt": "x"}).result()
@@ -170,8 +170,8 @@ def test_handle_call_raises_openai_error(app):
 
 def test_pdserve_bench_against_the_running_app(app, tmp_path):
     """`pdserve bench` end to end: each request streams back exactly its output length; JSON and plots written."""
-    from app.bench import report
     from app.cli import main
+    from app.tools.bench import report
 
     out = tmp_path / "bench.json"
     main(["bench", "--base-url", app["base"], "--num-requests", "6", "--input-len", "20:60", "--output-len", "8",

@@ -11,9 +11,9 @@ import random
 import httpx
 import pytest
 
-from app.bench import stats
-from app.bench.client import Timing, run_workload
-from app.bench.workload import Arrivals, BenchRequest, LengthDist, sharegpt_requests, synthetic_requests
+from app.tools.bench import stats
+from app.tools.bench.client import Timing, run_workload
+from app.tools.bench.workload import Arrivals, BenchRequest, LengthDist, sharegpt_requests, synthetic_requests
 
 
 def _timing(sent: float, chunks: list[float], tokens: int, end: float | None = None, error: str | None = None,
@@ -129,7 +129,7 @@ def test_client_times_each_request_and_keeps_failures():
 
 
 def test_comparisons_give_ratios_and_flag_where_ours_is_behind():
-    from app.bench.report import comparisons
+    from app.tools.bench.report import comparisons
 
     def summary(ttft: float, tpot: float, rps: float, goodput: float) -> dict:
         q = lambda v: {"mean": v, "p50": v, "p90": v, "p99": v}  # noqa: E731
@@ -148,7 +148,7 @@ def test_comparisons_give_ratios_and_flag_where_ours_is_behind():
 
 
 def test_compare_report_has_the_table_the_ratios_and_where_pdserve_is_behind(tmp_path):
-    from app.bench.report import run_record
+    from app.tools.bench.report import run_record
     from benchmarks.compare import write_docs
 
     def run(system: str, ttft: float, rps: float) -> dict:
@@ -171,7 +171,7 @@ def test_compare_report_has_the_table_the_ratios_and_where_pdserve_is_behind(tmp
 
 
 def test_plots_are_written_from_results(tmp_path):
-    from app.bench import report
+    from app.tools.bench import report
 
     runs = [report.run_record(system, "steady", rate, [_timing(0.0, [0.1 * rate, 0.2 * rate], 2)] * 3, 1.0,
                               stats.SLO(ttft_s=0.3))

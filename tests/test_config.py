@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.config import REPO_ROOT, AppConfig, EngineSpec, parse_app_config
+from app.config import REPO_ROOT, AppConfig, parse_app_config
+from app.specs import EngineSpec
+from deployments.options import serve_options
 
 
 def _shipped_args(name: str = "serve_config.yaml") -> dict:
@@ -43,10 +45,10 @@ def test_bad_values_fail_naming_the_key(args, key):
 
 
 def test_deployment_options_map_to_serve_options():
-    fixed = AppConfig().collocated.serve_options()
+    fixed = serve_options(AppConfig().collocated)
     assert fixed["num_replicas"] == 1 and fixed["ray_actor_options"]["num_cpus"] == 1.0
-    auto = parse_app_config({"decode": {"num_replicas": "auto", "min_replicas": 1, "max_replicas": 4,
-                                        "num_gpus": 1}}).decode.serve_options()
+    auto = serve_options(parse_app_config({"decode": {"num_replicas": "auto", "min_replicas": 1, "max_replicas": 4,
+                                                      "num_gpus": 1}}).decode)
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
     assert auto["ray_actor_options"]["num_gpus"] == 1
 
@@ -62,7 +64,7 @@ def test_gpu_example_config_validates_with_nccl_and_one_gpu_per_engine():
     config = parse_app_config(_shipped_args("examples/serve_config.gpu.yaml"))
     assert config.mode == "disaggregated" and config.kv_transfer.backend == "nccl"
     assert config.prefill.num_gpus == 1 and config.decode.num_gpus == 1
-    assert config.decode.serve_options()["autoscaling_config"]["max_replicas"] == 6
+    assert serve_options(config.decode)["autoscaling_config"]["max_replicas"] == 6
     assert config.auth.enabled  # the documented production config requires keys
 
 

@@ -313,3 +313,11 @@ def test_backend_resolution_follows_the_kv_device():
     assert resolve_backend("auto", torch.device("cpu")) == "gloo"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "nccl"
     assert resolve_backend("gloo", torch.device("cuda", 0)) == "gloo"
+
+
+def test_header_of_another_wire_version_is_refused_with_the_versions_this_side_reads():
+    payload = gather_blocks(_layers(3), [0, 1])
+    wire = _header_for(payload, num_tokens=40).encode()
+    wire[1] = 99  # a newer sender
+    with pytest.raises(KVHeaderError, match=r"version 99.*versions \(1,\)"):
+        KVHeader.decode(wire)

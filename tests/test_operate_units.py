@@ -21,9 +21,11 @@ from app.autoscaling import (
     prefill_replicas,
 )
 from app.batching import BatchWindow
-from app.config import AppConfig, EngineSpec, parse_app_config
+from app.config import AppConfig, parse_app_config
 from app.metrics import PhaseRatio, recompute_reason, tpot
+from app.specs import EngineSpec
 from app.warmup import synthetic_prompts
+from deployments.options import serve_options
 
 
 def _ctx(name: str, current: int, metrics: dict[str, list[float]], total_requests: float = 0.0, **kwargs):
@@ -98,7 +100,7 @@ def test_policy_config_reaches_serve_options():
     config = parse_app_config({"mode": "disaggregated", "prefill": {"num_replicas": "auto", "min_replicas": 0,
                                                                     "max_replicas": 3, "upscale_delay_s": 1},
                                "autoscaling": {"prefill": {"target_queued_prompt_tokens": 512}}})
-    options = config.prefill.serve_options(policy_for("Prefill", config.autoscaling))
+    options = serve_options(config.prefill, policy_for("Prefill", config.autoscaling))
     scaling = options["autoscaling_config"]
     assert scaling["min_replicas"] == 0 and scaling["max_replicas"] == 3 and scaling["upscale_delay_s"] == 1
     assert scaling["policy"]["policy_function"] == "app.autoscaling:PrefillPolicy"
@@ -203,7 +205,7 @@ def test_warmup_defaults_and_prompts():
 # -- pdserve plan arithmetic ----------------------------------------------------------------------
 
 def test_plan_rate_matches_prefill_and_decode():
-    from app.planner import Measurement, plan
+    from app.tools.planner import Measurement, plan
 
     # prefill: 10,000 prompt tokens/s; decode: 1,000 tokens/s. Workload: 500 in, 100 out.
     measured = Measurement(prefill_tokens_per_s=10_000, decode_tokens_per_s=1_000, decode_batch=16, tpot_s=0.016)
@@ -221,7 +223,7 @@ def test_plan_rate_matches_prefill_and_decode():
 
 
 def test_plan_length_parsing_and_decode_batch_limit():
-    from app.planner import LengthDist, decode_batch_limit
+    from app.tools.planner import LengthDist, decode_batch_limit
 
     assert LengthDist.parse("512") == LengthDist(512, 512)
     assert LengthDist.parse("256:1024").mean == 640
@@ -236,7 +238,7 @@ def test_plan_length_parsing_and_decode_batch_limit():
 def test_plan_fragment_is_valid_yaml_for_the_config():
     import yaml
 
-    from app.planner import Measurement, config_fragment, plan
+    from app.tools.planner import Measurement, config_fragment, plan
 
     result = plan(500, 100, Measurement(10_000, 1_000, 16, 0.016), rate=30)
     fragment = yaml.safe_load(config_fragment(result))

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
+from app.api.protocol import OpenAIError
 from app.config import AuthConfig
 from app.kv.header import KVHeader, xfer_key
 from app.kv.parking import ParkedKV, ParkingFull, ParkingLot, new_kv_cache_id, replica_of
-from app.protocol import OpenAIError
 from app.tenancy import TenantDirectory, parse_keys
 
 

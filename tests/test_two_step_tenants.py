@@ -176,7 +176,7 @@ def test_missing_or_wrong_key_gets_401(app, headers):
 
 
 def test_handle_calls_authenticate_too(app):
-    from app.protocol import OpenAIError
+    from app.api.protocol import OpenAIError
 
     request = {"model": MODEL_NAME, "prompt": "import os\n", "max_tokens": 3}
     with pytest.raises(OpenAIError) as info:

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 import torch
 
 MAGIC = 0x7064_6B76  # "pdkv"
+# Wire format versions; a receiver refuses any other (both ends of a pair run the same release).
+#   1 (2026-11)  the slots above; checksum_algo 1 = CRC32 of the bytes, 2 = position-weighted sum
+#                (device-independent: computed where the payload lives, CPU or GPU).
 VERSION = 1
+SUPPORTED_VERSIONS = (1,)
 HEADER_SLOTS = 24
 MAX_DIMS = 8
 _DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4, torch.float8_e4m3fn: 5}
@@ -61,8 +65,11 @@ class KVHeader:
     @classmethod
     def decode(cls, wire: torch.Tensor) -> KVHeader:
         slots = wire.cpu().tolist()
-        if slots[0] != MAGIC or slots[1] != VERSION:
-            raise KVHeaderError(f"not a pdserve KV header (magic {slots[0]:#x}, version {slots[1]})")
+        if slots[0] != MAGIC:
+            raise KVHeaderError(f"not a pdserve KV header (magic {slots[0]:#x})")
+        if slots[1] not in SUPPORTED_VERSIONS:
+            raise KVHeaderError(f"KV header version {slots[1]}; this replica reads versions {SUPPORTED_VERSIONS} "
+                                "(run the same pdserve release on prefill and decode)")
         ndim = slots[8]
         if not 2 <= ndim <= MAX_DIMS or slots[5] not in _DTYPE_BY_CODE:
             raise KVHeaderError(f"corrupt KV header (ndim {ndim}, dtype code {slots[5]})")

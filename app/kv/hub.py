@@ -1,17 +1,19 @@
 """The process-wide link between a Serve replica and its engine's connector halves.
 
 vLLM builds the connector itself (scheduler half and worker half, both in the replica's process in
-in-process mode), so the replica cannot hand it objects directly. Both sides meet here instead; one
-engine per process (FACTS.md), so one hub per process.
+in-process mode), so the replica cannot hand it objects directly. The replica and the connector meet
+here instead; one engine per process (FACTS.md), so one hub per process. (The two connector halves
+never talk through the hub: only through the step's connector metadata.)
 - Prefill replica sets `on_saved(xfer_id, header, payload)`: the worker half calls it right after
   the forward pass that completed a prompt, with the gathered blocks.
-- Decode replica sets `mailbox`: the scheduler half asks it whether a request's KV has arrived, the
-  worker half claims the payload from it to scatter into the blocks the scheduler allocated.
+- Decode replica sets `mailbox`: the scheduler half asks it whether a request's KV has arrived and
+  settles where the KV came from; the worker half claims the payload from it to scatter into the
+  blocks the scheduler allocated.
+- The worker half publishes the engine's KV cache (`kv_layers`) and what it did (`counters`).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,15 +26,19 @@ from app.kv.mailbox import KVMailbox
 PARAMS_KEY = "pdserve"
 
 
+def transfer_params(xfer_id: str) -> dict[str, dict[str, str]]:
+    """A request's `kv_transfer_params` that tie it to transfer `xfer_id`."""
+    return {PARAMS_KEY: {"xfer_id": xfer_id}}
+
+
 @dataclass
 class ConnectorCounters:
-    """What the connector did, for tests, metrics and the response's `pdserve` field."""
+    """What the connector's worker half did, for kv_stats, tests and metrics."""
 
     num_saved: int = 0
     num_loaded: int = 0
     num_loaded_tokens: int = 0
     num_load_errors: int = 0
-    num_fallbacks: dict[str, int] = field(default_factory=dict)
     load_s: float = 0.0
     gather_s: float = 0.0
 
@@ -42,26 +48,12 @@ class KVHub:
     on_saved: Callable[[str, KVHeader, torch.Tensor], None] | None = None
     mailbox: KVMailbox | None = None
     kv_layers: list[torch.Tensor] = field(default_factory=list)  # each [num_total_blocks, *block_shape]
-    block_size: int = 0
     counters: ConnectorCounters = field(default_factory=ConnectorCounters)
-    # xfer id -> (where its prompt KV came from, why it fell back); read once by the decode replica.
-    # (Keyed by our transfer id: vLLM renames request ids internally.)
-    # Sources: "transfer", "prefix_cache" (decode had it cached; the transfer is dropped), "recomputed".
-    kv_sources: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def count_fallback(self, xfer_id: str, reason: str) -> None:
-        with self.lock:
-            self.counters.num_fallbacks[reason] = self.counters.num_fallbacks.get(reason, 0) + 1
-            self.kv_sources[xfer_id] = ("recomputed", reason)
-
-    def note_source(self, xfer_id: str, source: str) -> None:
-        with self.lock:
-            self.kv_sources.setdefault(xfer_id, (source, None))
-
-    def pop_source(self, xfer_id: str) -> tuple[str, str | None]:
-        with self.lock:
-            return self.kv_sources.pop(xfer_id, ("unknown", None))
+    @property
+    def device(self) -> torch.device:
+        """Where the engine keeps its KV cache (set once the worker registered it)."""
+        return self.kv_layers[0].device if self.kv_layers else torch.device("cpu")
 
 
 HUB = KVHub()
@@ -69,8 +61,6 @@ HUB = KVHub()
 
 def reset_hub() -> KVHub:
     """A fresh hub (tests build several engines in sequence in one process)."""
-    global HUB
     HUB.on_saved, HUB.mailbox, HUB.kv_layers = None, None, []
     HUB.counters = ConnectorCounters()
-    HUB.kv_sources.clear()
     return HUB

@@ -1,18 +1,27 @@
-"""Decode side: where received KV waits for its request, under a lease.
+"""Decode side: one record per KV transfer, from the moment it is expected (or arrives) until its request ends.
 
-States of one transfer, keyed by its wire key (ordered: a later state never goes back):
-    EXPECTED  the decode call registered it (with a deadline) before or after it arrived
+A `Transfer` record, keyed by the transfer's wire key, holds everything about it: its state, the payload
+while it waits, its deadline or lease, why it failed, and where the request's prompt KV finally came from
+(`source`: "transfer", "prefix_cache" or "recomputed", with `fallback_reason`). States (ordered: a later
+state never goes back):
+    EXPECTED  the decode call registered it (with a deadline) before it arrived
     ARRIVED   the payload is here and its checksum matched
-    FAILED    checksum or header mismatch, broken pair, or the deadline passed; never used
+    FAILED    checksum or header mismatch, broken pair, the deadline passed, or the lease ended; never used
     CLAIMED   the connector took the payload to load it into the engine's blocks
-Arrived KV that nobody claims within its lease is dropped by `sweep()`; so is an expectation whose
-deadline passed (it becomes FAILED first, so the waiting request falls back instead of hanging).
+Who writes what: the pair's receive loop `deliver`s; the decode replica `expect`s (it then owns the record),
+`fail`s it when the orchestrator says prefill failed, reads `report` at the first token and `forget`s it when
+the request ends, however it ends; the connector's scheduler half `settle`s the source once it decided, its
+worker half `claim`s the payload and overrules that decision when the load fails.
+`sweep()` fails owned expectations past their deadline, frees an owned payload whose lease ended (so KV
+waiting behind a long engine queue does not pin memory: the request then recomputes, and says why), and
+drops records nobody owns once their lease ended.
 All methods are thread-safe: the receive loops, the engine thread and the event loop all use it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import threading
 import time
@@ -23,6 +32,10 @@ import torch
 
 from app.kv.channel import Received
 from app.kv.header import KVHeader
+from app.messages import KVSource
+
+DEADLINE_PASSED = "KV transfer deadline passed"
+LEASE_ENDED = "KV lease ended before the request was scheduled"
 
 
 class XferState(enum.IntEnum):
@@ -33,146 +46,195 @@ class XferState(enum.IntEnum):
 
 
 @dataclass
-class _Entry:
+class Transfer:
     state: XferState
-    deadline: float  # monotonic; for ARRIVED this is the lease end
+    deadline: float  # monotonic: the transfer's deadline while EXPECTED, else its lease end
+    owned: bool = False  # a decode request expects it (and will forget it)
     header: KVHeader | None = None
-    payload: torch.Tensor | None = None
-    error: str | None = None
+    payload: torch.Tensor | None = None  # [num_layers, num_blocks, *block_shape] while ARRIVED
+    error: str | None = None  # why it FAILED
+    source: KVSource | None = None  # where the request's prompt KV came from, once decided
+    fallback_reason: str | None = None  # with source "recomputed"
+
+    def fail(self, error: str, lease_end: float) -> None:
+        self.state, self.error, self.payload, self.deadline = XferState.FAILED, error, None, lease_end
 
 
 class KVMailbox:
     def __init__(self, lease_s: float, on_change: Callable[[], None] | None = None):
         self.lease_s = lease_s
-        self._entries: dict[int, _Entry] = {}
+        self._records: dict[int, Transfer] = {}
         self._lock = threading.Lock()
         self._on_change = on_change or (lambda: None)
-        self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
+        self._waiters = _Waiters()  # guarded by _lock
         self._done: dict[int, float] = {}  # forgotten keys -> until when a late arrival is dropped at once
         self.num_expired = 0
         self.num_late = 0
 
+    # -- the decode replica ------------------------------------------------------------------------
+
     def expect(self, key: int, timeout_s: float) -> None:
         with self._lock:
-            if key not in self._entries:
-                self._entries[key] = _Entry(XferState.EXPECTED, time.monotonic() + timeout_s)
+            record = self._records.get(key)
+            if record is None:
+                self._records[key] = Transfer(XferState.EXPECTED, time.monotonic() + timeout_s, owned=True)
+            else:
+                record.owned = True  # it arrived (or failed) before its request asked for it
+
+    def fail(self, key: int, error: str) -> None:
+        with self._lock:
+            record = self._records.get(key)
+            if record is None:
+                self._records[key] = Transfer(XferState.FAILED, time.monotonic() + self.lease_s, error=error)
+            elif record.state in (XferState.EXPECTED, XferState.ARRIVED):
+                record.fail(error, time.monotonic() + self.lease_s)
+            self._waiters.wake(key)
+        self._on_change()  # a decision changed: the engine may schedule a waiting request now
+
+    async def wait_decided(self, key: int) -> tuple[XferState | None, str | None]:
+        """Wait (on the event loop, without polling) until the transfer arrived, failed or is overdue."""
+        with self._lock:
+            record = self._records.get(key)
+            waiting = record is not None and record.state == XferState.EXPECTED
+            if waiting:
+                future = self._waiters.add(key)
+                remaining = max(0.0, record.deadline - time.monotonic())
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, remaining + 0.01)
+            with self._lock:
+                self._waiters.discard(key, future)
+        return self.state(key)
+
+    def report(self, key: int) -> tuple[KVSource | None, str | None]:
+        """Where the request's prompt KV came from, and why it fell back (None: not decided)."""
+        with self._lock:
+            record = self._records.get(key)
+            return (record.source, record.fallback_reason) if record is not None else (None, None)
+
+    def forget(self, key: int) -> None:
+        """The request is done with this transfer (finished, aborted or fell back): drop its record, and
+        drop the transfer itself if it still arrives later."""
+        with self._lock:
+            self._records.pop(key, None)
+            self._done[key] = time.monotonic() + self.lease_s
+
+    # -- the pair's receive loop -----------------------------------------------------------------
 
     def deliver(self, received: Received) -> None:
         key = received.header.xfer_key
+        lease_end = time.monotonic() + self.lease_s
         with self._lock:
             if key in self._done:  # its request is over (fell back, finished, aborted): drop, don't hold
                 self.num_late += 1
                 return
-            entry = self._entries.get(key)
-            if entry is not None and entry.state != XferState.EXPECTED:
+            record = self._records.get(key)
+            if record is not None and record.state != XferState.EXPECTED:
                 return  # late duplicate or already failed: never overwrite a decided transfer
+            if record is None:
+                record = self._records[key] = Transfer(XferState.EXPECTED, lease_end)
             if received.error is not None:
-                self._entries[key] = _Entry(XferState.FAILED, time.monotonic() + self.lease_s, error=received.error)
+                record.fail(received.error, lease_end)
             else:
-                self._entries[key] = _Entry(XferState.ARRIVED, time.monotonic() + self.lease_s, received.header,
-                                            received.payload)
-            waiters = self._waiters.pop(key, [])
-        self._notify(waiters)
+                record.state, record.deadline = XferState.ARRIVED, lease_end
+                record.header, record.payload = received.header, received.payload
+            self._waiters.wake(key)
+        self._on_change()  # a decision changed: the engine may schedule a waiting request now
 
-    def fail(self, key: int, error: str) -> None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry.state in (XferState.EXPECTED, XferState.ARRIVED):
-                self._entries[key] = _Entry(XferState.FAILED, time.monotonic() + self.lease_s, error=error)
-            waiters = self._waiters.pop(key, [])
-        self._notify(waiters)
-
-    async def wait_decided(self, key: int) -> tuple[XferState | None, str | None]:
-        """Wait (on the event loop, without polling) until the transfer arrived, failed or is overdue."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.state == XferState.EXPECTED:
-                self._waiters.setdefault(key, []).append((loop, future))
-                remaining = max(0.0, entry.deadline - time.monotonic())
-            else:
-                remaining = None
-        if remaining is not None:
-            try:
-                await asyncio.wait_for(future, remaining + 0.01)
-            except TimeoutError:
-                pass
-            finally:
-                with self._lock:
-                    left = [w for w in self._waiters.get(key, []) if w[1] is not future]
-                    if left:
-                        self._waiters[key] = left
-                    else:
-                        self._waiters.pop(key, None)
-        return self.state(key)
-
-    def _notify(self, waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
-        for loop, future in waiters:
-            loop.call_soon_threadsafe(_resolve, future)
-        self._on_change()
+    # -- the connector -----------------------------------------------------------------------------
 
     def state(self, key: int) -> tuple[XferState | None, str | None]:
         """Current state and error; an expectation past its deadline turns FAILED here."""
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
+            record = self._records.get(key)
+            if record is None:
                 return None, None
-            if entry.state == XferState.EXPECTED and time.monotonic() > entry.deadline:
-                entry.state, entry.error = XferState.FAILED, "KV transfer deadline passed"
-            return entry.state, entry.error
+            if record.state == XferState.EXPECTED and time.monotonic() > record.deadline:
+                record.fail(DEADLINE_PASSED, time.monotonic() + self.lease_s)
+            return record.state, record.error
 
     def claim(self, key: int) -> tuple[KVHeader, torch.Tensor]:
         """Take an ARRIVED payload (once); raises KeyError if it is not (or no longer) there."""
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry.state != XferState.ARRIVED:
+            record = self._records.get(key)
+            if record is None or record.state != XferState.ARRIVED:
                 raise KeyError(f"KV transfer {key:#x} is not available")
-            header, payload = entry.header, entry.payload
-            entry.state, entry.payload = XferState.CLAIMED, None
+            header, payload = record.header, record.payload
+            record.state, record.payload = XferState.CLAIMED, None
             assert header is not None and payload is not None
             return header, payload
 
-    def forget(self, key: int) -> None:
-        """The request is done with this transfer (finished, aborted or fell back): drop it, and drop
-        the transfer itself if it still arrives later."""
+    def settle(self, key: int, source: KVSource, reason: str | None = None, overrule: bool = False) -> None:
+        """Where the prompt KV comes from: the scheduler's first decision stands, unless the worker's load
+        failed (`overrule`: vLLM then recomputes the prompt)."""
         with self._lock:
-            self._entries.pop(key, None)
-            self._done[key] = time.monotonic() + self.lease_s
+            record = self._records.get(key)
+            if record is not None and (record.source is None or overrule):
+                record.source, record.fallback_reason = source, reason
+
+    # -- upkeep ------------------------------------------------------------------------------------
 
     def sweep(self) -> int:
-        """Drop leases that ended and turn overdue expectations into failures; returns how many changed."""
+        """Fail overdue expectations, free ended leases, drop unowned records; returns how many changed."""
         now = time.monotonic()
-        dropped = failed = 0
+        changed = 0
         with self._lock:
-            for key, entry in list(self._entries.items()):
-                if now <= entry.deadline:
+            for key, record in list(self._records.items()):
+                if now <= record.deadline:
                     continue
-                if entry.state == XferState.EXPECTED:
-                    entry.state, entry.error = XferState.FAILED, "KV transfer deadline passed"
-                    entry.deadline = now + self.lease_s
-                    failed += 1
+                if not record.owned:
+                    del self._records[key]
+                    self.num_expired += 1
+                elif record.state == XferState.EXPECTED:
+                    record.fail(DEADLINE_PASSED, now + self.lease_s)
+                elif record.state == XferState.ARRIVED:
+                    record.fail(LEASE_ENDED, now + self.lease_s)
+                    self.num_expired += 1
                 else:
-                    del self._entries[key]
-                    dropped += 1
-            self.num_expired += dropped
+                    continue  # decided, nothing held: its request forgets it
+                changed += 1
             for key in [k for k, until in self._done.items() if until < now]:
                 del self._done[key]
-        return dropped + failed
+        return changed
 
     def num_held_bytes(self) -> int:
         with self._lock:
-            return sum(e.payload.numel() * e.payload.element_size() for e in self._entries.values()
-                       if e.payload is not None)
+            return sum(r.payload.numel() * r.payload.element_size() for r in self._records.values()
+                       if r.payload is not None)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return len(self._records)
 
     def num_expected(self) -> int:
         """Transfers expected and not arrived yet (requests waiting for their KV)."""
         with self._lock:
-            return sum(e.state == XferState.EXPECTED for e in self._entries.values())
+            return sum(r.state == XferState.EXPECTED for r in self._records.values())
+
+
+class _Waiters:
+    """Event-loop futures waiting for a transfer's decision, by key (callers hold the mailbox's lock)."""
+
+    def __init__(self):
+        self._by_key: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
+
+    def add(self, key: int) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._by_key.setdefault(key, []).append((loop, future))
+        return future
+
+    def discard(self, key: int, future: asyncio.Future) -> None:
+        left = [w for w in self._by_key.get(key, []) if w[1] is not future]
+        if left:
+            self._by_key[key] = left
+        else:
+            self._by_key.pop(key, None)
+
+    def wake(self, key: int) -> None:
+        """Resolve the key's waiters, each on its own loop."""
+        for loop, future in self._by_key.pop(key, []):
+            loop.call_soon_threadsafe(_resolve, future)
 
 
 def _resolve(future: asyncio.Future) -> None:

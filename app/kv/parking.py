@@ -4,7 +4,7 @@ Life cycle of one `kv_cache_id` (opaque: the prefill replica's id and 192 random
 1. `park` after the prompt ran: the gathered payload (a copy; the engine's blocks are already free)
    waits under a lease of `ttl_s`. Past `max_entries` (replica) or the tenant's own limit: 429.
 2. `claim` by the same tenant takes it out (used once). An unknown, used, expired or other tenant's
-   id all raise the same `KeyError`, so a tenant cannot even detect another tenant's KV.
+   id all raise the same `KVCacheNotFound`, so a tenant cannot even detect another tenant's KV.
 3. `release` puts a claimed entry back if the decode request turned out invalid (nothing is lost);
    otherwise the claimed payload is sent to the decode replica and dropped.
 4. `sweep` frees entries whose lease ended.
@@ -20,14 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from app.errors import KVCacheNotFound, ParkingFull
 from app.kv.header import KVHeader
-from app.protocol import OpenAIError
 
-
-class ParkingFull(Exception):
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
+__all__ = ["KVCacheNotFound", "ParkedKV", "ParkingFull", "ParkingLot", "new_kv_cache_id", "replica_of"]
 
 
 @dataclass
@@ -60,8 +56,9 @@ def replica_of(kv_cache_id: str) -> str | None:
 
 
 class ParkingLot:
-    def __init__(self, max_entries: int):
+    def __init__(self, max_entries: int, retry_after_s: float = 1.0):
         self.max_entries = max_entries
+        self.retry_after_s = retry_after_s  # told to a client refused for lack of room
         self._entries: dict[str, ParkedKV] = {}
         self._claimed: dict[str, ParkedKV] = {}
         self._lock = threading.Lock()
@@ -72,10 +69,10 @@ class ParkingLot:
         with self._lock:
             if len(self._entries) + len(self._claimed) >= self.max_entries:
                 raise ParkingFull(f"parked KV is at capacity ({self.max_entries} entries on this replica)",
-                                  "parked_kv_capacity")
+                                  "parked_kv_capacity", self.retry_after_s)
             if tenant_limit is not None and sum(e.tenant == tenant for e in self._entries.values()) >= tenant_limit:
                 raise ParkingFull(f"this tenant already parks {tenant_limit} KV caches (its limit)",
-                                  "tenant_parked_kv_limit")
+                                  "tenant_parked_kv_limit", self.retry_after_s)
 
     def park(self, entry: ParkedKV) -> None:
         with self._lock:
@@ -85,7 +82,7 @@ class ParkingLot:
         with self._lock:
             entry = self._entries.get(kv_cache_id)
             if entry is None or entry.tenant != tenant or entry.expires_at < time.time():
-                raise KeyError(kv_cache_id)
+                raise KVCacheNotFound(kv_cache_id)
             del self._entries[kv_cache_id]
             self._claimed[kv_cache_id] = entry
             return entry
@@ -98,7 +95,10 @@ class ParkingLot:
 
     def take_claimed(self, kv_cache_id: str) -> ParkedKV:
         with self._lock:
-            return self._claimed.pop(kv_cache_id)
+            entry = self._claimed.pop(kv_cache_id, None)
+        if entry is None:
+            raise KVCacheNotFound(kv_cache_id)
+        return entry
 
     def sweep(self) -> int:
         now = time.time()
@@ -116,9 +116,3 @@ class ParkingLot:
     def num_bytes(self) -> int:
         with self._lock:
             return sum(e.payload.numel() * e.payload.element_size() for e in self._entries.values())
-
-
-def kv_cache_not_found() -> OpenAIError:
-    # One answer for unknown, used, expired and other tenants' ids: nothing to tell them apart.
-    return OpenAIError(404, "kv_cache_id not found: it is unknown, was already used, or expired; run the "
-                       "prefill_only request again", param="kv_cache_id", code="kv_cache_not_found")

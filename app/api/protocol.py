@@ -1,4 +1,4 @@
-"""OpenAI-compatible request models (the HTTP and handle boundary) and error helpers.
+"""OpenAI-compatible request models (the HTTP and handle boundary) and the OpenAI error type.
 
 Unknown fields are refused (`extra="forbid"`), and parameters OpenAI defines but pdserve does not
 implement are accepted by name only to be refused with a message that says so, never ignored.
@@ -50,12 +50,6 @@ class OpenAIError(Exception):
 
 def _rebuild_error(status, message, type, param, code, headers) -> OpenAIError:
     return OpenAIError(status, message, type=type, param=param, code=code, headers=headers)
-
-
-def short_error(exc: BaseException, limit: int = 300) -> str:
-    """The last non-blank line of an exception's text (Ray wraps remote errors in tracebacks)."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:limit]
 
 
 class StreamOptions(BaseModel):
@@ -120,8 +114,9 @@ class _SamplingFields(BaseModel):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
+        given = self.model_dump(include=set(_UNSUPPORTED_DEFAULTS))
         for name, unused in _UNSUPPORTED_DEFAULTS.items():
-            if getattr(self, name) not in unused:
+            if given[name] not in unused:
                 raise UnsupportedParameter(name)
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")

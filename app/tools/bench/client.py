@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from app.bench.workload import Arrivals, BenchRequest
+from app.tools.bench.workload import Arrivals, BenchRequest
 
 
 @dataclass

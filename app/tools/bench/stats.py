@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from app.bench.client import Timing
+from app.tools.bench.client import Timing
 
 QUANTILES = (50, 90, 99)
 

@@ -14,8 +14,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from app.bench import stats
-from app.bench.client import Timing
+from app.tools.bench import stats
+from app.tools.bench.client import Timing
 
 
 def run_record(system: str, workload: str, rate: float | None, timings: list[Timing], duration_s: float,

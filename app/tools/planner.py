@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from app.bench.workload import LengthDist
-from app.config import AppConfig, EngineSpec
+from app.config import AppConfig
 from app.messages import SamplingSpec
+from app.specs import EngineSpec
+from app.tools.bench.workload import LengthDist
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""Domain errors -> OpenAI errors: the one place that decides what status and body a failure gets.
+
+Errors raised in an engine replica reach the ingress wrapped by Ray (`RayTaskError`, whose `cause` is
+the original); `causes()` unwraps them, so a replica raises plain domain errors (`app/errors.py`) and
+never builds HTTP answers itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from app.api.protocol import OpenAIError
+from app.errors import (
+    EngineInputError,
+    KVCacheNotFound,
+    KVTransferFailed,
+    ParkingFull,
+    TwoStepUnsupported,
+    short_error,
+)
+
+_MAX_DEPTH = 4
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps (Ray's task errors, `raise ... from`), outermost first."""
+    from ray.exceptions import RayTaskError
+
+    seen: BaseException | None = exc
+    for _ in range(_MAX_DEPTH):
+        if seen is None:
+            return
+        if isinstance(seen, RayTaskError):  # its dual class looks like the cause but lacks its fields
+            seen = seen.cause
+            continue
+        yield seen
+        seen = seen.__cause__
+
+
+def kv_cache_not_found() -> OpenAIError:
+    # One answer for unknown, used, expired and other tenants' ids: nothing to tell them apart.
+    return OpenAIError(404, "kv_cache_id not found: it is unknown, was already used, or expired; run the "
+                       "prefill_only request again", param="kv_cache_id", code="kv_cache_not_found")
+
+
+def _from_domain(exc: BaseException) -> OpenAIError | None:
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, EngineInputError):
+        return OpenAIError(400, short_error(exc), code="invalid_request")
+    if isinstance(exc, KVCacheNotFound):
+        return kv_cache_not_found()
+    if isinstance(exc, ParkingFull):
+        return OpenAIError(429, exc.message, type="rate_limit_error", code=exc.code,
+                           headers={"Retry-After": str(int(exc.retry_after_s))})
+    if isinstance(exc, KVTransferFailed):
+        return OpenAIError(503, f"the prompt's KV did not arrive intact ({exc.reason}) and local recompute is off "
+                           "(kv_transfer.on_failure: fail); retry the request", type="server_error",
+                           code="kv_transfer_failed", headers={"Retry-After": "1"})
+    if isinstance(exc, TwoStepUnsupported):
+        return OpenAIError(400, "disagg_mode needs the disaggregated serving mode (this app runs collocated)",
+                           param="disagg_mode", code="unsupported_parameter")
+    if type(exc).__name__ == "BackPressureError":  # a phase's queue is full (max_queued_requests)
+        return OpenAIError(429, "the server is at capacity; retry shortly", type="rate_limit_error",
+                           code="server_busy", headers={"Retry-After": "1"})
+    return None
+
+
+def as_openai_error(exc: BaseException) -> OpenAIError:
+    """The OpenAI error for `exc` (also through Ray's wrapping), else a 500 that names the cause."""
+    for seen in causes(exc):
+        mapped = _from_domain(seen)
+        if mapped is not None:
+            return mapped
+    return OpenAIError(500, f"generation failed: {short_error(exc)}", type="server_error")
+
+
+def replica_died(exc: BaseException) -> bool:
+    """Did `exc` come from an engine replica dying (not from the request itself)?"""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return any(isinstance(seen, RayActorError | ActorUnavailableError)
+               or type(seen).__name__ in ("ReplicaUnavailableError", "ActorDiedError") for seen in causes(exc))

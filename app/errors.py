@@ -1,0 +1,53 @@
+"""Domain errors: what went wrong, in the serving library's terms. None of them knows about HTTP.
+
+The engine clients, the KV layer and the engine replicas raise these; they cross Ray processes
+pickled by their constructor arguments (kept in `args`). The ingress maps them to OpenAI error
+bodies and statuses in one place (`app/api/errors.py`).
+"""
+
+from __future__ import annotations
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request (message is safe to show a client)."""
+
+
+class EngineInputError(EngineError):
+    """The engine refused a request's input (a client error)."""
+
+
+class KVCacheNotFound(KeyError):
+    """A kv_cache_id that is unknown, used, expired or another tenant's: one error for all four, so a
+    tenant cannot tell them apart."""
+
+    def __str__(self) -> str:
+        return "kv_cache_id not found"
+
+
+class ParkingFull(Exception):
+    """No room to park one more KV cache (on this replica, or for this tenant)."""
+
+    def __init__(self, message: str, code: str, retry_after_s: float = 1.0):
+        super().__init__(message, code, retry_after_s)
+        self.message, self.code, self.retry_after_s = message, code, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class KVTransferFailed(Exception):
+    """The prompt's KV did not arrive intact and recomputing it is off (`kv_transfer.on_failure: fail`)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TwoStepUnsupported(Exception):
+    """`disagg_mode` asked of an app that runs collocated."""
+
+
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """The last non-blank line of an exception's text (Ray wraps remote errors in tracebacks)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:limit]

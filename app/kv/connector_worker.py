@@ -1,0 +1,90 @@
+"""The worker half of `PDConnector`: moves KV between the engine's paged cache and transfer payloads.
+
+It acts only on the step's `PDConnectorMetadata` from the scheduler half:
+- `wait_for_save` (prefill; after the forward, before the scheduler can free the blocks) gathers each
+  `SaveSpec`'s blocks into one payload, checksums it and hands header + payload to the replica
+  (`hub.on_saved`), which sends it on the pair's channel. The blocks are free to reuse once the step ends.
+- `start_load_kv` (decode; before the forward) claims each `LoadSpec`'s payload from the mailbox, checks
+  its header against the engine (tokens, blocks, shape, dtype) and scatters it into the allocated blocks.
+  A failed load reports its blocks through `get_block_ids_with_load_errors`, which makes vLLM recompute
+  them, and marks the transfer's record recomputed with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import torch
+
+from app.kv.connector_meta import LoadSpec, PDConnectorMetadata
+from app.kv.header import KVHeader, KVHeaderError, xfer_key
+from app.kv.hub import KVHub
+from app.kv.payload import checksum, default_checksum_algo, gather_blocks, scatter_blocks
+
+logger = logging.getLogger(__name__)
+
+
+def _layer_index(name: str) -> int:
+    found = re.findall(r"\.(\d+)\.", name)
+    return int(found[0]) if found else 0
+
+
+class PDConnectorWorker:
+    def __init__(self, block_size: int, hub: KVHub):
+        self.block_size = block_size
+        self.hub = hub
+        self._load_error_blocks: set[int] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        # each [num_total_blocks, *block_shape], in layer order
+        self.hub.kv_layers = [kv_caches[name] for name in sorted(kv_caches, key=_layer_index)]
+
+    def start_load_kv(self, metadata: PDConnectorMetadata) -> None:
+        counters = self.hub.counters
+        for load in metadata.loads:
+            started = time.perf_counter()
+            try:
+                self._load(load)
+            except (KeyError, KVHeaderError, ValueError) as exc:
+                # vLLM recomputes blocks reported here (kv_load_failure_policy="recompute").
+                logger.warning("KV load for %s failed, recomputing: %s", load.request_id, exc)
+                self._load_error_blocks.update(load.block_ids)
+                counters.num_load_errors += 1
+                if self.hub.mailbox is not None:  # the scheduler said "transfer"; the prompt is recomputed instead
+                    self.hub.mailbox.settle(xfer_key(load.xfer_id), "recomputed", f"KV load failed: {exc}",
+                                            overrule=True)
+                continue
+            counters.num_loaded += 1
+            counters.load_s += time.perf_counter() - started
+
+    def _load(self, load: LoadSpec) -> None:
+        mailbox = self.hub.mailbox
+        assert mailbox is not None, "decode replica did not attach its mailbox"
+        header, payload = mailbox.claim(xfer_key(load.xfer_id))
+        layers = self.hub.kv_layers
+        header.check(num_tokens=load.num_tokens, block_size=self.block_size, block_shape=tuple(layers[0].shape[1:]),
+                     num_layers=len(layers), dtype=layers[0].dtype)
+        # payload: [num_layers, num_prompt_blocks, *block_shape]; locally cached blocks are skipped
+        part = payload[:, load.first_block : load.first_block + len(load.block_ids)]
+        scatter_blocks(layers, list(load.block_ids), part)
+        self.hub.counters.num_loaded_tokens += load.num_tokens - 1 - load.first_block * self.block_size
+
+    def wait_for_save(self, metadata: PDConnectorMetadata) -> None:
+        counters = self.hub.counters
+        for save in metadata.saves:
+            started = time.perf_counter()
+            payload = gather_blocks(self.hub.kv_layers, list(save.block_ids))  # [L, num_blocks, *block_shape]
+            algo = default_checksum_algo(payload)
+            header = KVHeader(xfer_key=xfer_key(save.xfer_id), num_tokens=save.num_tokens,
+                              num_blocks=len(save.block_ids), dtype=payload.dtype, shape=tuple(payload.shape),
+                              checksum_algo=algo, checksum=checksum(payload, algo))
+            counters.gather_s += time.perf_counter() - started
+            counters.num_saved += 1
+            if self.hub.on_saved is not None:
+                self.hub.on_saved(save.xfer_id, header, payload)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_error_blocks = self._load_error_blocks, set()
+        return errors

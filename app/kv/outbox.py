@@ -1,0 +1,102 @@
+"""Prefill side: the transfers on their way out, from the prompt's submit to the end of its send.
+
+Life cycle of one `Outgoing` (keyed by transfer id):
+1. `open(xfer_id, decode_id)` before the prompt enters the engine (`decode_id` None: park the KV).
+2. The engine thread calls `on_saved` with the gathered header + payload in the step that completed the
+   prompt: the payload is queued on the pair's sender thread (or handed back for parking). Fault
+   injection (drills) acts here: fail, corrupt after the checksum, or delay the send.
+3. `done` resolves on the replica's event loop with the `SendResult` (or the error); a request that gives
+   up first marks its transfer `cancelled`, so a queued send never goes out late.
+4. `close(xfer_id)` whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from app.config import FaultInjection
+from app.kv.channel import SendResult
+from app.kv.header import KVHeader
+from app.kv.pairs import PairTransport
+
+
+@dataclass
+class Outgoing:
+    decode_id: str | None  # None: park the KV here instead of sending it
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future  # SendResult, or (header, payload) when parking
+    arrived_at: float = field(default_factory=time.perf_counter)
+    gathered_at: float = 0.0
+    cancelled: bool = False  # the request gave up (deadline): the KV must not be sent late
+
+
+class KVOutbox:
+    def __init__(self, transport: PairTransport, faults: FaultInjection):
+        self.transport = transport
+        self._outgoing: dict[str, Outgoing] = {}
+        self.set_faults(faults)
+
+    def set_faults(self, faults: FaultInjection) -> None:
+        self._faults = faults
+        self._fault_rng = random.Random(faults.seed)
+
+    def open(self, xfer_id: str, decode_id: str | None) -> Outgoing:
+        loop = asyncio.get_running_loop()
+        outgoing = self._outgoing[xfer_id] = Outgoing(decode_id, loop, loop.create_future())
+        return outgoing
+
+    def close(self, xfer_id: str) -> None:
+        self._outgoing.pop(xfer_id, None)
+
+    def __len__(self) -> int:
+        return len(self._outgoing)
+
+    def oldest_wait_s(self) -> float:
+        """Age of the oldest prompt still without its KV gathered (0 when none waits)."""
+        waiting = [o.arrived_at for o in list(self._outgoing.values()) if not o.gathered_at]
+        return time.perf_counter() - min(waiting) if waiting else 0.0
+
+    def on_saved(self, xfer_id: str, header: KVHeader, payload: torch.Tensor) -> None:
+        """Engine thread: the prompt's KV is gathered; hand it to the pair's sender (or park it)."""
+        outgoing = self._outgoing.get(xfer_id)
+        if outgoing is None:
+            return  # the caller gave up already
+        outgoing.gathered_at = time.perf_counter()
+        if outgoing.decode_id is None:
+            outgoing.loop.call_soon_threadsafe(settle, outgoing.done, (header, payload), None)
+            return
+
+        def done(result: SendResult | None, error: BaseException | None) -> None:
+            outgoing.loop.call_soon_threadsafe(settle, outgoing.done, result, error)
+
+        faults = self._faults
+        if faults.fail_fraction and self._fault_rng.random() < faults.fail_fraction:
+            done(None, RuntimeError("injected transfer failure"))
+            return
+        if faults.corrupt_fraction and self._fault_rng.random() < faults.corrupt_fraction:
+            payload.view(-1)[0] += 1.0  # after the checksum: decode's verification must catch it
+        decode_id = outgoing.decode_id
+
+        def send() -> None:
+            self.transport.send(decode_id, header, payload, done, lambda: outgoing.cancelled)
+
+        if faults.delay_s:
+            threading.Timer(faults.delay_s, send).start()
+            return
+        send()
+
+
+def settle(future: asyncio.Future, result, error) -> None:
+    """Resolve `future` once (on its loop)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

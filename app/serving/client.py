@@ -1,0 +1,84 @@
+"""The seam between the OpenAI layer and the engines: `EngineClient`, and its collocated implementation.
+
+The OpenAI layer (`app/api/`) holds one `EngineClient` and uses nothing else of the serving side: a
+request goes in as a `GenerateRequest`, `GenerationChunk`s come out, and domain errors
+(`app/errors.py`) say what failed. What a client can do is declared, not probed: `supports_two_step`
+says whether the two-step methods work (a client without it raises `TwoStepUnsupported`).
+
+Implementations: `CollocatedClient` (below: Serve picks a `Collocated` replica, its stream is the
+answer) and `DisaggregatedClient` (`app/serving/orchestrator.py`: prefill and decode replicas, KV
+moved between them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Literal, Protocol
+
+from ray.serve.handle import DeploymentHandle
+
+from app.errors import TwoStepUnsupported
+from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
+
+
+class EngineClient(Protocol):
+    mode: Literal["collocated", "disaggregated"]  # the `mode` tag of the latency metrics
+    supports_two_step: bool  # prefill_only / claim / release / decode_only work
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        """Run one request; the first chunk carries its `KVReport`."""
+        ...
+
+    async def prefill_only(self, request: GenerateRequest, tenant: str, tenant_parked_limit: int | None
+                           ) -> ParkResult:
+        """Run the prompt and park its KV (`ParkingFull` when there is no room)."""
+        ...
+
+    async def claim(self, kv_cache_id: str, tenant: str) -> ParkedPrompt:
+        """Take a parked entry for a decode_only request (`KVCacheNotFound` unless it is there for `tenant`)."""
+        ...
+
+    async def release(self, kv_cache_id: str) -> None:
+        """Give a claimed entry back (its decode_only request was refused)."""
+        ...
+
+    def decode_only(self, request: GenerateRequest, kv_cache_id: str) -> AsyncIterator[GenerationChunk]:
+        """Stream `request`, its KV sent from the claimed parked entry."""
+        ...
+
+    def breaker_states(self) -> dict[str, dict]:
+        """Circuit-breaker state per target (empty where there are none)."""
+        ...
+
+
+class CollocatedClient:
+    mode: Literal["collocated"] = "collocated"
+    supports_two_step = False
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle.options(stream=True)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        first = True
+        async for chunk in self.handle.generate.remote(request):
+            if first:
+                first = False
+                chunk = chunk.with_report(KVReport(prefix_cache_hit_tokens=chunk.num_cached_tokens))
+            yield chunk
+
+    async def prefill_only(self, request: GenerateRequest, tenant: str, tenant_parked_limit: int | None
+                           ) -> ParkResult:
+        raise TwoStepUnsupported()
+
+    async def claim(self, kv_cache_id: str, tenant: str) -> ParkedPrompt:
+        raise TwoStepUnsupported()
+
+    async def release(self, kv_cache_id: str) -> None:
+        raise TwoStepUnsupported()
+
+    async def decode_only(self, request: GenerateRequest, kv_cache_id: str) -> AsyncIterator[GenerationChunk]:
+        raise TwoStepUnsupported()
+        yield  # an async generator, like the protocol's
+
+    def breaker_states(self) -> dict[str, dict]:
+        return {}

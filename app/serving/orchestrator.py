@@ -1,0 +1,136 @@
+"""`DisaggregatedClient`: the prefill/decode orchestrator, an `EngineClient` for `mode: disaggregated`.
+
+One request (`generate`):
+1. Choose the decode replica, then the prefill replica (Serve's router, `choose_replica`; replicas and
+   pairs whose circuit breaker is open are avoided), so both ends of the transfer are known before it
+   starts; each replica publishes its pair id through `record_replica_metadata`. With
+   `autoscaling.prefill.when_no_replica: decode_locally`, if no prefill replica is free within
+   `no_replica_wait_s` (scaled to zero, or all busy), decode runs the prompt itself (reported as a
+   fallback) and one wake-up call waits on the prefill deployment so Serve starts a replica.
+2. Dispatch both at once with a fresh transfer id: prefill runs the prompt and sends its KV to that
+   decode replica, while the decode replica pairs up, waits for the KV and then streams tokens.
+3. `Handoff` streams decode's chunks while it watches prefill (retry, breakers, telling decode).
+
+Two-step API: `prefill_only` runs the prompt on a prefill replica that parks its KV and answers with a
+`kv_cache_id`; `decode_only` claims that entry on the replica the id names (calls pinned with the
+`replica_pin` keyword, which `PinnableRouter` honours), then streams from a decode replica exactly as
+steps 2-3, with the parked KV as the transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from ray.serve.handle import DeploymentHandle
+
+from app.circuit import BREAKERS
+from app.circuit import configure as configure_breakers
+from app.errors import KVCacheNotFound
+from app.kv.parking import replica_of
+from app.messages import GenerateRequest, GenerationChunk, ParkedPrompt, ParkResult
+from app.metrics import PhaseRatio
+from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
+from app.specs import OrchestratorSpec
+
+logger = logging.getLogger(__name__)
+
+
+class DisaggregatedClient:
+    mode: Literal["disaggregated"] = "disaggregated"
+    supports_two_step = True
+
+    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, spec: OrchestratorSpec):
+        self.prefill = prefill
+        self.decode = decode.options(stream=True)
+        self.spec = spec
+        self.phase_ratio = PhaseRatio()
+        self.handoff = Handoff(prefill, decode, spec.notify_timeout_s, self.phase_ratio)
+        self._wake_up: asyncio.Future | None = None  # an outstanding call that makes Serve start a prefill replica
+        configure_breakers(spec.breaker_failures, spec.breaker_window_s, spec.breaker_open_s)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        xfer_id = secrets.token_hex(16)
+        # 1. choose both ends (decode first: prefill replicas whose pair with it is failing are avoided)
+        async with self.decode.generate.choose_replica(request) as d_sel, contextlib.AsyncExitStack() as stack:
+            decode_id = pair_id(d_sel)
+            choosing = stack.enter_async_context(
+                self.prefill.prefill.choose_replica(request, avoid=open_pairs(decode_id)))
+            if self.spec.when_no_prefill == "wait":
+                p_sel = await choosing
+            else:
+                try:
+                    p_sel = await asyncio.wait_for(choosing, self.spec.no_prefill_wait_s)
+                except TimeoutError:
+                    self._wake_prefill()
+                    reason = f"no prefill replica free within {self.spec.no_prefill_wait_s} s (decode_locally)"
+                    async for chunk in self._cancel_on_exit(self.decode.dispatch(d_sel, request, None, xfer_id,
+                                                                                 reason)):
+                        yield chunk
+                    return
+            prefill_id = pair_id(p_sel)
+            BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
+            # 2. dispatch both
+            prefill_call = self.prefill.dispatch(p_sel, request, decode_id, xfer_id)
+            stream = self.decode.dispatch(d_sel, request, prefill_id, xfer_id)
+            # 3. stream decode's tokens while watching prefill
+            transfer = Transfer(request, prefill_id, decode_id, xfer_id)
+            async for chunk in self.handoff.stream(transfer, stream, prefill_call, self.spec.retry_other_prefill):
+                yield chunk
+
+    @staticmethod
+    async def _cancel_on_exit(stream) -> AsyncIterator[GenerationChunk]:
+        finished = False
+        try:
+            async for chunk in stream:
+                yield chunk
+            finished = True
+        finally:
+            if not finished:  # the consumer left: stop generating
+                stream.cancel()
+
+    def _wake_prefill(self) -> None:
+        """Leave one call waiting for a prefill replica: Serve counts it as queued and scales prefill up
+        from zero (the cold-start path), while requests meanwhile decode locally."""
+        if self._wake_up is None or self._wake_up.done():
+            self._wake_up = asyncio.ensure_future(self._call_ready())
+
+    async def _call_ready(self) -> None:
+        try:
+            await self.prefill.record_replica_metadata.remote()
+        except Exception:  # noqa: BLE001 - only a nudge
+            logger.debug("prefill wake-up call failed", exc_info=True)
+
+    def breaker_states(self) -> dict[str, dict]:
+        return BREAKERS.snapshot()
+
+    # -- two-step API -----------------------------------------------------------------------------
+
+    async def prefill_only(self, request: GenerateRequest, tenant: str, tenant_parked_limit: int | None
+                           ) -> ParkResult:
+        return await self.prefill.prefill_park.remote(request, tenant, tenant_parked_limit)
+
+    async def claim(self, kv_cache_id: str, tenant: str) -> ParkedPrompt:
+        replica_id = replica_of(kv_cache_id)
+        if replica_id is None:
+            raise KVCacheNotFound()
+        return await self.prefill.claim_parked.remote(kv_cache_id, tenant, replica_pin=replica_id)
+
+    async def release(self, kv_cache_id: str) -> None:
+        await self.prefill.release_parked.remote(kv_cache_id, replica_pin=replica_of(kv_cache_id))
+
+    async def decode_only(self, request: GenerateRequest, kv_cache_id: str) -> AsyncIterator[GenerationChunk]:
+        prefill_id = replica_of(kv_cache_id)
+        assert prefill_id is not None, "claim() checked the id"
+        xfer_id = secrets.token_hex(16)
+        async with self.decode.generate.choose_replica(request) as d_sel:
+            decode_id = pair_id(d_sel)
+            prefill_call = self.prefill.send_parked.remote(kv_cache_id, decode_id, xfer_id, replica_pin=prefill_id)
+            stream = self.decode.dispatch(d_sel, request, prefill_id, xfer_id)
+            transfer = Transfer(request, prefill_id, decode_id, xfer_id)
+            async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
+                yield chunk

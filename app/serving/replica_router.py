@@ -1,0 +1,64 @@
+"""`PinnableRouter`: the Serve request-router plugin that the Prefill and Decode deployments use.
+
+Serve's power-of-two router, plus two things the orchestrator needs:
+- pinning: a call with `replica_pin=<replica id>` goes to exactly that replica (calls about one transfer
+  or one parked KV cache must reach the replica that holds it);
+- avoiding: `choose_replica(..., avoid=[ids])` and open circuit breakers (`app/circuit.py`) take replicas
+  out of the choice, unless none would be left.
+It runs in the caller's process (the ingress), where the orchestrator records into the same breakers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+PIN_KWARG = "replica_pin"
+AVOID_KWARG = "avoid"
+
+
+class PinnableRouter(PowerOfTwoChoicesRequestRouter):
+    """Serve's power-of-two router, plus: a call with `replica_pin=<replica id>` goes to that replica (or,
+    if it is gone, to any replica, which then answers that it has nothing); `avoid=[ids]` (given to
+    `choose_replica`) and open circuit breakers take replicas out of the choice unless none is left."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        pin = kwargs.get(PIN_KWARG)
+        if pin is not None:
+            matches = [r for r in candidate_replicas if r.replica_id.unique_id == pin]
+            return [matches] if matches else [candidate_replicas]
+        avoid = set(kwargs.get(AVOID_KWARG) or ())
+        # Serve may hand this class over by value, with its own copy of this module's globals: look the
+        # process's breakers up in sys.modules, where the ingress's router records into them.
+        breakers = importlib.import_module("app.circuit").BREAKERS
+        usable = [r for r in candidate_replicas
+                  if r.replica_id.unique_id not in avoid and not breakers.is_open(r.replica_id.unique_id)]
+        if len(usable) == len(candidate_replicas) or not usable:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        # Power of two choices among the usable replicas (the parent class would draw from all of them).
+        return [random.sample(usable, min(2, len(usable)))]
+
+    def _fulfill_next_pending_request(self, replica, request_metadata=None) -> None:
+        """Serve hands a chosen replica to the oldest pending request, which may not be the one it was
+        chosen for; never give a pinned request another replica, nor an `avoid`ing one a replica it avoids."""
+        replica_id = replica.replica_id.unique_id
+        live = {r.replica_id.unique_id for r in self._replicas_list}
+        for pending in self._pending_requests_to_fulfill:
+            if not pending.future.done() and _accepts(pending.kwargs, replica_id, live):
+                self._pending_requests_to_fulfill.remove(pending)
+                self._cancel_routing_task_for_pending_request(pending)
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                self._remove_pending_request_from_indices(pending)
+                return
+
+
+def _accepts(kwargs: dict, replica_id: str, live: set[str]) -> bool:
+    pin = kwargs.get(PIN_KWARG)
+    if pin is not None:
+        return pin == replica_id or pin not in live  # a gone pin: any replica answers "not here"
+    avoid = set(kwargs.get(AVOID_KWARG) or ())
+    return replica_id not in avoid or live <= avoid

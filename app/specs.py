@@ -1,0 +1,134 @@
+"""The frozen slice of the configuration each deployment receives.
+
+`build_app` validates `AppConfig` once and binds each deployment with its own slice, built here:
+    Ingress     IngressSpec        (the OpenAI layer, tenants, and the engine client's OrchestratorSpec)
+    Collocated  CollocatedSpec     (EngineSpec + warm-up)
+    Prefill     PrefillSpec        (EngineSpec with prefill_batching applied, KV transport, two-step, warm-up)
+    Decode      DecodeSpec         (EngineSpec, KV transport, warm-up)
+Defaults live only in the pydantic models (`app/config.py`): every field here is filled from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from app.config import AppConfig, AuthConfig, KVTransferConfig, TwoStepConfig, WarmupConfig
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything an engine replica needs to build its vLLM engine."""
+
+    model_path: str
+    served_name: str
+    dtype: str
+    max_model_len: int
+    block_size: int
+    kv_cache_memory_bytes: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    seed: int
+    cpu_threads: int | None
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> EngineSpec:
+        return cls(
+            model_path=config.model.path,
+            served_name=config.model.served_name,
+            dtype=config.model.dtype,
+            max_model_len=config.model.max_model_len,
+            block_size=config.engine.block_size,
+            kv_cache_memory_bytes=config.engine.kv_cache_memory_mb * 1024 * 1024,
+            max_num_seqs=config.engine.max_num_seqs,
+            # Prompts are not chunked: one step must hold the longest prompt.
+            max_num_batched_tokens=max(config.engine.max_num_batched_tokens, config.model.max_model_len),
+            enable_prefix_caching=config.engine.enable_prefix_caching,
+            seed=config.engine.seed,
+            cpu_threads=config.engine.cpu_threads,
+        )
+
+    @classmethod
+    def for_prefill(cls, config: AppConfig) -> EngineSpec:
+        """The prefill engine's spec: the prefill_batching overrides applied."""
+        spec, batching = cls.from_config(config), config.prefill_batching
+        return replace(spec, max_num_seqs=batching.max_batch_size or spec.max_num_seqs,
+                       max_num_batched_tokens=batching.max_batched_tokens or spec.max_num_batched_tokens)
+
+
+@dataclass(frozen=True)
+class OrchestratorSpec:
+    """What the prefill/decode orchestrator (`DisaggregatedClient`) needs."""
+
+    retry_other_prefill: bool
+    breaker_failures: int
+    breaker_window_s: float
+    breaker_open_s: float
+    when_no_prefill: Literal["wait", "decode_locally"]
+    no_prefill_wait_s: float
+    notify_timeout_s: float  # how long the first token waits for prefill's report
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> OrchestratorSpec:
+        fallback, scaling = config.fallback, config.autoscaling.prefill
+        return cls(retry_other_prefill=fallback.retry_other_prefill, breaker_failures=fallback.breaker_failures,
+                   breaker_window_s=fallback.breaker_window_s, breaker_open_s=fallback.breaker_open_s,
+                   when_no_prefill=scaling.when_no_replica, no_prefill_wait_s=scaling.no_replica_wait_s,
+                   notify_timeout_s=config.kv_transfer.timeout_s)
+
+
+@dataclass(frozen=True)
+class IngressSpec:
+    mode: Literal["collocated", "disaggregated"]
+    model_path: str  # for the tokenizer
+    served_name: str
+    max_model_len: int
+    max_request_body_bytes: int
+    retry_decode: bool
+    auth: AuthConfig
+    orchestrator: OrchestratorSpec
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> IngressSpec:
+        return cls(mode=config.mode, model_path=config.model.path, served_name=config.model.served_name,
+                   max_model_len=config.model.max_model_len, max_request_body_bytes=config.max_request_body_bytes,
+                   retry_decode=config.fallback.retry_decode, auth=config.auth,
+                   orchestrator=OrchestratorSpec.from_config(config))
+
+
+@dataclass(frozen=True)
+class CollocatedSpec:
+    engine: EngineSpec
+    warmup: WarmupConfig
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> CollocatedSpec:
+        return cls(EngineSpec.from_config(config), config.warmup)
+
+
+@dataclass(frozen=True)
+class PrefillSpec:
+    engine: EngineSpec
+    kv: KVTransferConfig
+    two_step: TwoStepConfig
+    warmup: WarmupConfig
+    window_s: float  # the prefill batch window (0: none)
+    window_max_requests: int
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> PrefillSpec:
+        batching = config.prefill_batching
+        return cls(EngineSpec.for_prefill(config), config.kv_transfer, config.two_step, config.warmup,
+                   batching.window_ms / 1000, batching.window_max_requests)
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    engine: EngineSpec
+    kv: KVTransferConfig
+    warmup: WarmupConfig
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> DecodeSpec:
+        return cls(EngineSpec.from_config(config), config.kv_transfer, config.warmup)
