@@ -1,5 +1,5 @@
-"""KV transfer pieces without engines: payload, checksum, header, channel, mailbox, gloo pair group, and
-the NCCL path of `PairTransport` with Ray's collective calls replaced by an in-memory link."""
+"""KV transfer pieces without engines: payload, checksum, header, channel, mailbox, gloo pair group and
+backend choice (the NCCL pair group and the NCCL path of `PairTransport`: tests/test_nccl_group_units.py)."""
 
 from __future__ import annotations
 
@@ -253,59 +253,7 @@ def test_gloo_watch_receive_fails_when_the_peer_goes_away():
     g0.destroy_group()
 
 
-# 6. the NCCL path, with the collective calls replaced ------------------------------------------
-
-def test_nccl_pair_transport_logic_with_collective_calls_replaced(monkeypatch):
-    """Group naming, ranks, FIFO framing and drop of the NCCL branch, on an in-memory link."""
-    from ray.util import collective
-
-    from app.kv import pairs
-
-    links: dict[tuple[str, int], queue.Queue] = {}  # (group, destination rank) -> FIFO, like one NCCL stream
-    groups: dict[str, set[int]] = {}
-    calls: list[tuple] = []
-
-    def init_collective_group(world_size, rank, backend, group_name):
-        calls.append(("init", world_size, rank, backend, group_name))
-        groups.setdefault(group_name, set()).add(rank)
-
-    def send(tensor, dst_rank, group_name):
-        links.setdefault((group_name, dst_rank), queue.Queue()).put(tensor.clone())
-
-    def recv(tensor, src_rank, group_name):
-        rank = 1 - src_rank
-        tensor.copy_(links.setdefault((group_name, rank), queue.Queue()).get(timeout=5))
-
-    monkeypatch.setattr(collective, "init_collective_group", init_collective_group)
-    monkeypatch.setattr(collective, "send", send)
-    monkeypatch.setattr(collective, "recv", recv)
-    monkeypatch.setattr(collective, "is_group_initialized", lambda name: name in groups)
-    monkeypatch.setattr(collective, "destroy_collective_group", lambda name: groups.pop(name, None))
-
-    delivered: queue.Queue = queue.Queue()
-    prefill = pairs.PairTransport("prefill", "P1", "nccl", 5, torch.device("cpu"))
-    decode = pairs.PairTransport("decode", "D1", "nccl", 5, torch.device("cpu"), deliver=delivered.put)
-    prefill.ensure("D1")
-    decode.ensure("P1")
-    decode.ensure("P1")  # idempotent
-    assert ("init", 2, 0, "nccl", "pdkv-P1-D1") in calls and ("init", 2, 1, "nccl", "pdkv-P1-D1") in calls
-    assert len([c for c in calls if c[2] == 1]) == 1
-
-    sent: queue.Queue = queue.Queue()
-    payloads = [gather_blocks(_layers(10 + i), [0, 3]) for i in range(4)]
-    for i, payload in enumerate(payloads):
-        prefill.send("D1", _header_for(payload, f"n{i}"), payload, lambda res, err: sent.put((res, err)))
-    got = [delivered.get(timeout=5) for _ in payloads]
-    assert [g.header.xfer_key for g in got] == [xfer_key(f"n{i}") for i in range(4)]
-    assert all(torch.equal(g.payload, p) for g, p in zip(got, payloads, strict=True))
-    assert all(sent.get(timeout=5)[1] is None for _ in payloads)
-
-    prefill.drop("D1", "test")
-    assert "pdkv-P1-D1" not in groups and prefill.peers() == []
-    prefill.send("D1", _header_for(payloads[0]), payloads[0], lambda res, err: sent.put((res, err)))
-    assert isinstance(sent.get(timeout=5)[1], ChannelBroken)
-    decode.close()
-
+# 6. backend choice (the NCCL pair group and its transport: tests/test_nccl_group_units.py) ---------
 
 def test_backend_resolution_follows_the_kv_device():
     from app.kv.pairs import resolve_backend

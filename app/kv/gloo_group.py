@@ -8,39 +8,27 @@ send/recv carry gloo message tags.
 
 Life cycle: `init_collective_group(2, rank, backend="pdserve_gloo", group_name=...)` only records the
 group (Ray holds a process-wide lock during construction, so nothing may block there); `connect()`
-then rendezvouses outside that lock: rank 0 opens a `TCPStore` on a free port and publishes its address
-in Ray's internal KV under the group name, rank 1 polls for it, both build the gloo group, rank 0
-deletes the key. `destroy_group()` drops the process group; a blocked peer then sees its connection
-close and fails, which breaks the pair on its side too.
+then rendezvouses outside that lock (`app.kv.rendezvous`, shared with the NCCL pair group): rank 0 opens
+a `TCPStore` on a free port and publishes its address in Ray's internal KV under the group name, rank 1
+polls for it, both build the gloo group, rank 0 deletes the key. `destroy_group()` drops the process
+group; a blocked peer then sees its connection close and fails, which breaks the pair on its side too.
 """
 
 from __future__ import annotations
 
 import datetime
 import threading
-import time
 
 import torch
 import torch.distributed as dist
 from ray.util.collective.collective_group.base_collective_group import BaseGroup
 
+from app.kv import rendezvous
+
 BACKEND_NAME = "PDSERVE_GLOO"
 # Idle receive loops wait on their pair for as long as it lives; liveness comes from the TCP
 # connection (a dead peer fails the wait) and from the sender's own per-send timeout.
 _IDLE_TIMEOUT = datetime.timedelta(days=30)
-
-
-def _rendezvous_key(group_name: str) -> bytes:
-    return f"pdserve:gloo:{group_name}".encode()
-
-
-def _node_ip() -> str:
-    import ray
-
-    try:
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray (unit tests)
-        return "127.0.0.1"
 
 
 class PairGlooGroup(BaseGroup):
@@ -64,38 +52,13 @@ class PairGlooGroup(BaseGroup):
 
     def connect(self, timeout_s: float, kv_put=None, kv_get=None, kv_del=None) -> None:
         """Form the gloo group with the peer (blocks up to `timeout_s`); idempotent."""
-        from ray.experimental import internal_kv
-
-        kv_put = kv_put or internal_kv._internal_kv_put
-        kv_get = kv_get or internal_kv._internal_kv_get
-        kv_del = kv_del or internal_kv._internal_kv_del
         with self._lock:
             if self._pg is not None:
                 return
-            key = _rendezvous_key(self.group_name)
-            timeout = datetime.timedelta(seconds=timeout_s)
-            if self.rank == 0:
-                store = dist.TCPStore(_node_ip(), 0, self.world_size, is_master=True, timeout=timeout,
-                                      wait_for_workers=False)
-                kv_put(key, f"{_node_ip()}:{store.port}".encode(), overwrite=True)
-            else:
-                host, port = self._wait_for_address(key, kv_get, timeout_s)
-                store = dist.TCPStore(host, port, self.world_size, is_master=False, timeout=timeout)
-            pg = dist.ProcessGroupGloo(store, self.rank, self.world_size, _IDLE_TIMEOUT)
-            if self.rank == 0:
-                kv_del(key)
+            with rendezvous.pair_store("gloo", self.group_name, self.rank, self.world_size, timeout_s,
+                                       kv_put, kv_get, kv_del) as store:
+                pg = dist.ProcessGroupGloo(store, self.rank, self.world_size, _IDLE_TIMEOUT)
             self._store, self._pg = store, pg
-
-    @staticmethod
-    def _wait_for_address(key: bytes, kv_get, timeout_s: float) -> tuple[str, int]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = kv_get(key)
-            if value:
-                host, port = value.decode().rsplit(":", 1)
-                return host, int(port)
-            time.sleep(0.02)
-        raise TimeoutError(f"no rendezvous address for {key.decode()} within {timeout_s:.1f}s (is the peer up?)")
 
     @property
     def is_connected(self) -> bool:

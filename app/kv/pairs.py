@@ -10,8 +10,10 @@ both replica ids (prefill is rank 0, decode rank 1). One replica can be in many 
    group is destroyed, and the next `ensure` forms a new one. A replaced replica has a new id, so
    its pairs are new groups; the old ones break on first use and are dropped.
 
-Backends: "gloo" is pdserve's `PDSERVE_GLOO` (CPU, tags, per-send timeout); "nccl" is Ray's
-built-in NCCL group (GPU; FIFO order per pair, no tags, no per-send timeout).
+Backends: "gloo" is pdserve's `PDSERVE_GLOO` (CPU, tags, per-send timeout); "nccl" is pdserve's
+`PDSERVE_NCCL` (GPU; headers through the pair's store, payloads over NCCL, FIFO per pair, every NCCL
+operation waited for with the transfer deadline and aborted past it). Both join the same way and are
+dropped the same way.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from typing import Literal
 
 import torch
 
-from app.kv import gloo_group
+from app.kv import gloo_group, nccl_group
 from app.kv.channel import ChannelBroken, KVReceiver, KVSender, Received, SendResult
 from app.kv.header import KVHeader
+from app.kv.nccl_group import NcclPairComm
 
 logger = logging.getLogger(__name__)
 
@@ -64,32 +67,10 @@ class GlooPairComm:
         self.group.destroy_group()
 
 
-class RayCollectiveComm:
-    """Point-to-point through `ray.util.collective` (the NCCL backend on GPUs)."""
-
-    def __init__(self, group_name: str, peer_rank: int, device: torch.device):
-        self.group_name = group_name
-        self.peer_rank = peer_rank
-        self.device = device
-
-    def send(self, tensor: torch.Tensor, tag: int, timeout_s: float | None) -> None:
-        from ray.util import collective
-
-        collective.send(tensor, self.peer_rank, self.group_name)  # NCCL: FIFO per pair, tag not needed
-
-    def recv(self, tensor: torch.Tensor, tag: int) -> None:
-        from ray.util import collective
-
-        collective.recv(tensor, self.peer_rank, self.group_name)
-
-    def close(self) -> None:
-        pass  # the group itself is destroyed by PairTransport.drop
-
-
 @dataclass
 class _Pair:
     group_name: str
-    comm: GlooPairComm | RayCollectiveComm
+    comm: GlooPairComm | NcclPairComm
     sender: KVSender | None = None
     receiver: KVReceiver | None = None
 
@@ -116,6 +97,10 @@ class PairTransport:
         self.pair_setup_s: list[float] = []  # how long each join took, newest last (at most 64)
         if backend == "gloo":
             gloo_group.register()
+        elif backend == "nccl":
+            nccl_group.register()
+        else:
+            raise ValueError(f"unknown KV transfer backend {backend!r} (gloo or nccl)")
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -151,10 +136,12 @@ class PairTransport:
                 collective.init_collective_group(2, rank, backend=gloo_group.BACKEND_NAME, group_name=name)
                 group = collective.get_group_handle(name)
                 group.connect(timeout_s)
-                comm: GlooPairComm | RayCollectiveComm = GlooPairComm(group, peer_rank)
-            else:
-                collective.init_collective_group(2, rank, backend=self.backend, group_name=name)
-                comm = RayCollectiveComm(name, peer_rank, self.device)
+                comm: GlooPairComm | NcclPairComm = GlooPairComm(group, peer_rank)
+            else:  # the communicator is created and warmed up here, not at the first transfer
+                collective.init_collective_group(2, rank, backend=nccl_group.BACKEND_NAME, group_name=name)
+                group = collective.get_group_handle(name)
+                group.connect(timeout_s, device=self.device)
+                comm = NcclPairComm(group, peer_rank, self.timeout_s)
         except BaseException as exc:
             if collective.is_group_initialized(name):
                 collective.destroy_collective_group(name)

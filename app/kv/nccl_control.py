@@ -1,0 +1,112 @@
+"""The NCCL pair group's store side: the ranks' check-in at connect, and its control messages.
+
+A pair's `TCPStore` (rank 0 hosts it, `app.kv.rendezvous`) carries what must not wait in NCCL:
+- at connect every rank checks in (`check_in`), and rank 0 waits for all, so no NCCL set-up waits on a
+  rank that never came;
+- a transfer's header travels as a control message (`StoreControl`): rank r's n-th message is the key
+  `ctl/<r>/<n>`, so messages are FIFO per receiving rank. The receiver blocks in a store wait on the CPU,
+  on a connection of its own, and posts no NCCL receive until a header has announced the payload; an idle
+  pair thus holds no kernel on the GPU.
+Closing: `close()` wakes this side's waiting receive with a closing marker; when rank 0's store goes
+(its process died or destroyed the group) rank 1's wait fails at once. Either breaks the pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import threading
+from collections.abc import Callable
+from typing import NoReturn
+
+import torch.distributed as dist
+
+from app.kv.nccl_ops import IDLE_TIMEOUT, NcclPairError, remaining
+
+_CLOSED = b"\x00pdserve:pair-closed"  # what `close()` puts under the key a receive waits on
+
+
+def check_in(store: dist.TCPStore, rank: int, world_size: int, deadline: float, group_name: str) -> None:
+    """Every rank checks in on the store; rank 0 waits for all until `deadline` (`TimeoutError` past it)."""
+    if rank != 0:
+        store.set(f"joined/{rank}", b"1")
+        return
+    keys = [f"joined/{r}" for r in range(1, world_size)]
+    if not keys:
+        return
+    try:
+        store.wait(keys, datetime.timedelta(seconds=max(remaining(deadline), 0.001)))
+    except dist.DistStoreError as exc:
+        raise TimeoutError(f"peer never joined pair group {group_name}: {exc}") from exc
+
+
+class StoreControl:
+    """Small FIFO messages between the ranks of one pair, through the pair's store.
+
+    `broken()` gives the group's broken reason (None while usable); `fail(reason)` breaks the group, as a
+    lost store does."""
+
+    def __init__(self, store: dist.TCPStore, rank: int, group_name: str, deadline: float,
+                 broken: Callable[[], str | None], fail: Callable[[str], None]):
+        self.rank, self.group_name = rank, group_name
+        self.store: dist.TCPStore | None = store  # sends and wake-ups (rank 0: the store's own client)
+        # A second connection, only for the blocking wait (a wait holds its connection).
+        self._ctl: dist.TCPStore | None = dist.TCPStore(
+            store.host, store.port, None, is_master=False,
+            timeout=datetime.timedelta(seconds=max(remaining(deadline), 1.0)))
+        self._broken, self._fail = broken, fail
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._sent = self._received = 0
+        self._waiting: str | None = None  # the key a receive waits on now
+
+    def send(self, data: bytes, dst_rank: int) -> None:
+        """Queue a small message for `dst_rank` (FIFO); returns at once."""
+        store = self.store
+        if store is None:
+            raise NcclPairError(f"pair group {self.group_name} was destroyed")
+        with self._send_lock:
+            key = f"ctl/{dst_rank}/{self._sent}"
+            self._sent += 1
+            store.set(key, data)
+
+    def recv(self, timeout_s: float | None = None) -> bytes:
+        """The next message for this rank. Waits on the CPU, posting nothing on the GPU; `timeout_s=None`
+        waits until one comes, `close()` is called, or the store goes away."""
+        with self._recv_lock:
+            ctl = self._ctl
+            key = f"ctl/{self.rank}/{self._received}"
+            self._waiting = key  # before the check below: a `close()` after it sees the key and wakes us
+            try:
+                if ctl is None or self._broken() is not None:  # closed before it could see our key
+                    raise NcclPairError(f"pair group {self.group_name} was destroyed")
+                ctl.wait([key], IDLE_TIMEOUT if timeout_s is None else datetime.timedelta(seconds=timeout_s))
+                value = ctl.get(key)
+                ctl.delete_key(key)
+            except dist.DistStoreError as exc:
+                if timeout_s is not None and "timeout" in str(exc).lower() and self._broken() is None:
+                    raise TimeoutError(f"no control message on {self.group_name} within {timeout_s}s") from exc
+                self._lost(exc)
+            except NcclPairError:
+                raise
+            except Exception as exc:  # the store's host (rank 0) is gone
+                self._lost(exc)
+            finally:
+                self._waiting = None
+            if value == _CLOSED or self._broken() is not None:
+                raise NcclPairError(f"pair group {self.group_name} was destroyed")
+            self._received += 1
+            return value
+
+    def _lost(self, exc: Exception) -> NoReturn:
+        self._fail(f"control channel lost: {exc}")
+        raise NcclPairError(f"control channel of {self.group_name} lost: {exc}") from exc
+
+    def close(self) -> None:
+        """Drop both connections (rank 0's store closes with its last reference) and wake a waiting
+        receive. The group is marked broken before this, so a receive that starts later fails at once."""
+        store, waiting = self.store, self._waiting
+        self.store = self._ctl = None
+        if waiting is not None and store is not None:
+            with contextlib.suppress(Exception):
+                store.set(waiting, _CLOSED)
