@@ -53,8 +53,9 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of repeated prompt prefixes.")
     seed: int = Field(0, description="Engine seed for sampling without a per-request seed.")
     cpu_threads: int | None = Field(
-        None, ge=1, description="torch threads per engine replica (CPU); None leaves vLLM's default."
-    )
+        None, ge=1, description="Compute (torch/OpenMP) threads of each engine replica's engine thread, on CPU. None: "
+        "the CPUs its deployment reserves (num_cpus, rounded down, at least 1), as Ray sets OMP_NUM_THREADS for "
+        "its workers; more threads than reserved cores slow decode down.")
 
     @field_validator("block_size")
     @classmethod

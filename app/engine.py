@@ -8,9 +8,11 @@ groups are not visible. So each replica builds a synchronous `LLMEngine` in in-p
 Life cycle of a request:
 1. `generate()` (on the replica's event loop) registers a stream and queues an `add` command.
 2. The driver thread applies queued commands between steps, then calls `engine.step()`, which
-   batches every running request; each step's `RequestOutput` deltas go to their streams through
-   `loop.call_soon_threadsafe`.
-3. The stream yields `GenerationChunk`s until the request finishes. If the consumer goes away
+   batches every running request; each step's `RequestOutput` deltas go to their streams in one
+   `loop.call_soon_threadsafe` per consumer loop.
+3. The stream yields `GenerationChunk`s until the request finishes: the first as soon as it exists, later
+   ones joined with whatever else of the same request is already waiting (a consumer that fell behind
+   catches up in one item per hop, not one per token). If the consumer goes away
    (client disconnect, cancellation), `generate()`'s `finally` queues an `abort`, so the engine
    frees the request's blocks.
 Only the driver thread touches the engine; everything else talks to it through the command queue.
@@ -20,27 +22,47 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from app.config import REPO_ROOT
+from app.engine_setup import build_engine, engine_env, set_compute_threads, to_vllm_sampling
 from app.errors import EngineError, EngineInputError
 from app.messages import GenerationChunk, SamplingSpec
 from app.specs import EngineSpec
+
+# Re-exported: callers build engines and their environment through this module.
+__all__ = ["EngineDriver", "EngineError", "EngineInputError", "EngineLoad", "build_engine", "engine_env"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _Stream:
+    """One request's outputs on their way to its consumer; touched only on the consumer's loop."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    items: deque = field(default_factory=deque)  # GenerationChunk | BaseException, oldest first
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, item: GenerationChunk | BaseException) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def take(self) -> GenerationChunk | BaseException:
+        """The next item; chunks that are already waiting travel on as one (never holding the first back)."""
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        item = self.items.popleft()
+        while (isinstance(item, GenerationChunk) and item.finish_reason is None and self.items
+               and isinstance(self.items[0], GenerationChunk)):
+            item = _joined(item, self.items.popleft())
+        return item
 
 
 @dataclass(frozen=True)
@@ -53,69 +75,6 @@ class EngineLoad:
     kv_usage: float = 0.0  # share of KV blocks in use, 0-1
 
 
-def engine_env(project_cache: Path | None = None) -> dict[str, str]:
-    """Environment every engine process needs: in-process vLLM and project-owned caches."""
-    cache = project_cache or Path(os.environ.get("PDSERVE_CACHE", REPO_ROOT / ".cache"))
-    return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CACHE_ROOT": str(cache / "vllm"),
-        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-
-
-def build_engine(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None):
-    """Build an in-process vLLM `LLMEngine` for `spec`."""
-    for key, value in engine_env().items():
-        os.environ.setdefault(key, value)
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
-        raise RuntimeError("pdserve needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (in-process engine)")
-    if spec.cpu_threads:
-        import torch
-
-        torch.set_num_threads(spec.cpu_threads)
-    from vllm.config import KVTransferConfig
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.engine.llm_engine import LLMEngine
-
-    args = EngineArgs(
-        model=spec.model_path,
-        tokenizer=spec.model_path,
-        served_model_name=spec.served_name,
-        dtype=spec.dtype,
-        max_model_len=spec.max_model_len,
-        block_size=spec.block_size,
-        kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
-        max_num_seqs=spec.max_num_seqs,
-        max_num_batched_tokens=spec.max_num_batched_tokens,
-        enable_prefix_caching=spec.enable_prefix_caching,
-        seed=spec.seed,
-        enforce_eager=True,
-        distributed_executor_backend="uni",
-        disable_log_stats=True,
-        kv_transfer_config=KVTransferConfig(**kv_transfer_config) if kv_transfer_config else None,
-    )
-    return LLMEngine.from_engine_args(args)
-
-
-def to_vllm_sampling(sampling: SamplingSpec, extra_args: dict[str, Any] | None = None):
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    return SamplingParams(
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        seed=sampling.seed,
-        stop=list(sampling.stop) or None,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        ignore_eos=sampling.ignore_eos,
-        output_kind=RequestOutputKind.DELTA,
-        extra_args=extra_args,
-    )
-
-
 class EngineDriver:
     """Owns one in-process `LLMEngine` and the thread that steps it."""
 
@@ -126,8 +85,9 @@ class EngineDriver:
     # so walking the scheduler's queues at every step would be work nobody reads.
     LOAD_INTERVAL_S = 0.05
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, num_threads: int | None = None):
         self.engine = engine
+        self.num_threads = num_threads  # compute threads of the engine thread (None: the process default)
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -139,7 +99,7 @@ class EngineDriver:
 
     @classmethod
     def from_spec(cls, spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None) -> EngineDriver:
-        return cls(build_engine(spec, kv_transfer_config))
+        return cls(build_engine(spec, kv_transfer_config), spec.cpu_threads)
 
     # -- asyncio side ---------------------------------------------------------------------------
 
@@ -166,7 +126,7 @@ class EngineDriver:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                item = await stream.take()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish_reason is not None
@@ -223,9 +183,21 @@ class EngineDriver:
     def _deliver(self, request_id: str, item: Any) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.put, item)
+
+    def _deliver_step(self, outputs: list[Any]) -> None:
+        # One loop callback per consumer loop, not one per request: each wake-up costs this thread the GIL.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, GenerationChunk]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, _to_chunk(output)))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _run(self) -> None:
+        if self.num_threads:
+            set_compute_threads(self.num_threads)
         while not self._stopped:
             while True:
                 try:
@@ -249,11 +221,21 @@ class EngineDriver:
                     self._deliver(request_id, EngineError(f"engine step failed: {exc}"))
                     self.engine.abort_request([request_id])
                 continue
-            for output in outputs:
-                self._deliver(output.request_id, _to_chunk(output))
+            self._deliver_step(outputs)
             if not outputs:
                 self._wake.wait(timeout=self.IDLE_POLL_S)
                 self._wake.clear()
+
+
+def _put_all(batch: list[tuple[_Stream, GenerationChunk]]) -> None:
+    for stream, chunk in batch:
+        stream.put(chunk)
+
+
+def _joined(first: GenerationChunk, then: GenerationChunk) -> GenerationChunk:
+    """Two consecutive deltas of one request as one."""
+    return replace(first, text=first.text + then.text, token_ids=first.token_ids + then.token_ids,
+                   finish_reason=then.finish_reason)
 
 
 def _to_chunk(output: Any) -> GenerationChunk:

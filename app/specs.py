@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from app.config import AppConfig, AuthConfig, KVTransferConfig, TwoStepConfig, WarmupConfig
+from app.config import AppConfig, AuthConfig, DeploymentOptions, KVTransferConfig, TwoStepConfig, WarmupConfig
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,14 @@ class EngineSpec:
     max_num_batched_tokens: int
     enable_prefix_caching: bool
     seed: int
-    cpu_threads: int | None
+    cpu_threads: int | None  # None: the process's default
 
     @classmethod
-    def from_config(cls, config: AppConfig) -> EngineSpec:
+    def from_config(cls, config: AppConfig, options: DeploymentOptions | None = None) -> EngineSpec:
+        """The engine of a replica of the deployment with `options` (None: outside a deployment)."""
+        threads = config.engine.cpu_threads
+        if threads is None and options is not None:
+            threads = max(1, int(options.num_cpus))  # one compute thread per reserved core
         return cls(
             model_path=config.model.path,
             served_name=config.model.served_name,
@@ -46,13 +50,13 @@ class EngineSpec:
             max_num_batched_tokens=max(config.engine.max_num_batched_tokens, config.model.max_model_len),
             enable_prefix_caching=config.engine.enable_prefix_caching,
             seed=config.engine.seed,
-            cpu_threads=config.engine.cpu_threads,
+            cpu_threads=threads,
         )
 
     @classmethod
     def for_prefill(cls, config: AppConfig) -> EngineSpec:
         """The prefill engine's spec: the prefill_batching overrides applied."""
-        spec, batching = cls.from_config(config), config.prefill_batching
+        spec, batching = cls.from_config(config, config.prefill), config.prefill_batching
         return replace(spec, max_num_seqs=batching.max_batch_size or spec.max_num_seqs,
                        max_num_batched_tokens=batching.max_batched_tokens or spec.max_num_batched_tokens)
 
@@ -86,6 +90,7 @@ class IngressSpec:
     max_model_len: int
     max_request_body_bytes: int
     retry_decode: bool
+    warm_path: bool  # send a request through the whole path before reporting ready (warmup.enabled)
     auth: AuthConfig
     orchestrator: OrchestratorSpec
 
@@ -93,7 +98,7 @@ class IngressSpec:
     def from_config(cls, config: AppConfig) -> IngressSpec:
         return cls(mode=config.mode, model_path=config.model.path, served_name=config.model.served_name,
                    max_model_len=config.model.max_model_len, max_request_body_bytes=config.max_request_body_bytes,
-                   retry_decode=config.fallback.retry_decode, auth=config.auth,
+                   retry_decode=config.fallback.retry_decode, warm_path=config.warmup.enabled, auth=config.auth,
                    orchestrator=OrchestratorSpec.from_config(config))
 
 
@@ -104,7 +109,7 @@ class CollocatedSpec:
 
     @classmethod
     def from_config(cls, config: AppConfig) -> CollocatedSpec:
-        return cls(EngineSpec.from_config(config), config.warmup)
+        return cls(EngineSpec.from_config(config, config.collocated), config.warmup)
 
 
 @dataclass(frozen=True)
@@ -131,4 +136,4 @@ class DecodeSpec:
 
     @classmethod
     def from_config(cls, config: AppConfig) -> DecodeSpec:
-        return cls(EngineSpec.from_config(config), config.kv_transfer, config.warmup)
+        return cls(EngineSpec.from_config(config, config.decode), config.kv_transfer, config.warmup)

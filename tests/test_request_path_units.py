@@ -199,3 +199,33 @@ def test_no_capability_probing_on_the_request_path():
                                                                                                    "getattr"):
                 probes.append(f"{path.relative_to(REPO)}:{node.lineno} {node.func.id}")
     assert not probes, probes
+
+
+# 6. the engine driver's streams ---------------------------------------------------------------------
+
+def test_engine_stream_joins_waiting_deltas_but_never_holds_the_first_back():
+    import asyncio
+
+    from app.engine import _Stream
+
+    def chunk(text: str, token: int, finish: str | None = None) -> GenerationChunk:
+        return GenerationChunk(text, (token,), finish, 5, num_cached_tokens=4)
+
+    async def scenario() -> list:
+        stream, taken = _Stream(asyncio.get_running_loop()), []
+        stream.put(chunk("a", 1))
+        taken.append(await stream.take())  # alone: out at once
+        for i, text in enumerate("bcd"):  # the consumer fell behind by three steps
+            stream.put(chunk(text, 2 + i))
+        taken.append(await stream.take())
+        stream.put(chunk("e", 5))
+        stream.put(RuntimeError("engine step failed"))
+        stream.put(chunk("f", 6, "length"))
+        taken += [await stream.take() for _ in range(3)]
+        return taken
+
+    first, caught_up, before_error, error, last = asyncio.run(scenario())
+    assert (first.text, first.token_ids) == ("a", (1,))
+    assert (caught_up.text, caught_up.token_ids, caught_up.num_cached_tokens) == ("bcd", (2, 3, 4), 4)
+    assert before_error.text == "e" and isinstance(error, RuntimeError)  # an error is never merged away
+    assert (last.text, last.finish_reason) == ("f", "length")

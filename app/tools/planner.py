@@ -121,7 +121,7 @@ def measure(config: AppConfig, inputs: LengthDist, outputs: LengthDist, decode_b
     from app.engine import EngineDriver
 
     rng = random.Random(seed)
-    spec = EngineSpec.from_config(config)
+    spec = EngineSpec.from_config(config, config.decode)  # compute threads as a replica gets them
     driver = EngineDriver.from_spec(spec)
     try:
         vocab = driver.engine.model_config.get_vocab_size()

@@ -1,0 +1,81 @@
+"""Building an in-process vLLM engine: the process environment it needs, the `LLMEngine` itself, the
+compute threads of the thread that steps it, and pdserve's sampling spec in vLLM's terms."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from app.config import REPO_ROOT
+from app.messages import SamplingSpec
+from app.specs import EngineSpec
+
+
+def engine_env(project_cache: Path | None = None) -> dict[str, str]:
+    """Environment every engine process needs: in-process vLLM and project-owned caches."""
+    cache = project_cache or Path(os.environ.get("PDSERVE_CACHE", REPO_ROOT / ".cache"))
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def build_engine(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None):
+    """Build an in-process vLLM `LLMEngine` for `spec`."""
+    for key, value in engine_env().items():
+        os.environ.setdefault(key, value)
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        raise RuntimeError("pdserve needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (in-process engine)")
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    args = EngineArgs(
+        model=spec.model_path,
+        tokenizer=spec.model_path,
+        served_model_name=spec.served_name,
+        dtype=spec.dtype,
+        max_model_len=spec.max_model_len,
+        block_size=spec.block_size,
+        kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
+        max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        enable_prefix_caching=spec.enable_prefix_caching,
+        seed=spec.seed,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        disable_log_stats=True,
+        kv_transfer_config=KVTransferConfig(**kv_transfer_config) if kv_transfer_config else None,
+    )
+    return LLMEngine.from_engine_args(args)
+
+
+def set_compute_threads(num_threads: int) -> None:
+    """Set the calling thread's torch/OpenMP compute threads. OpenMP keeps this per thread, so it must run
+    in the thread that steps the engine: set in the replica's constructor, it never reached the engine
+    thread. (vLLM's CPU worker replaces `torch.set_num_threads` with a no-op once it has started; this is
+    the builtin underneath.)"""
+    import torch
+
+    torch._C.set_num_threads(num_threads)
+
+
+def to_vllm_sampling(sampling: SamplingSpec, extra_args: dict[str, Any] | None = None):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        ignore_eos=sampling.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=extra_args,
+    )
