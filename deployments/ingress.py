@@ -8,12 +8,17 @@ crash the replica.
 
 Handle calls (`create_completion`, `create_chat_completion` and their `*_stream` twins) take the same
 request models (or plain dicts) and return the same bodies as HTTP.
+
+Start-up: the constructor ends with `warm_path` (one plain and one streamed request through the engines,
+with `warmup.enabled`), so the app is ready only once a request can go all the way through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +38,8 @@ from app.specs import IngressSpec
 from app.tenancy import Tenant, TenantDirectory
 
 logger = logging.getLogger(__name__)
+
+WARM_PATH_TIMEOUT_S = 300.0  # engine replicas on a real model can take minutes to load
 
 api = FastAPI(title="pdserve", description="Disaggregated LLM serving on Ray Serve (OpenAI-compatible).")
 
@@ -98,11 +105,30 @@ async def _released(events: AsyncIterator[str], admission) -> AsyncIterator[str]
         admission.__exit__(None, None, None)
 
 
+async def warm_path(service: OpenAIService) -> None:
+    """Before Serve routes anything here: one streamed and one plain request through the whole path
+    (tokenizer, engine client, handles and their routers, the engine replicas and their pair), so the first
+    real request after "ready" costs what the tenth does. It waits for the engine replicas (they report
+    ready after their own warm-up); past `WARM_PATH_TIMEOUT_S`, or if it fails, the ingress starts anyway."""
+    request = CompletionRequest(model=service.served_name, prompt="def warm_up():\n", max_tokens=2, temperature=0)
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(WARM_PATH_TIMEOUT_S):
+            await service.respond(await service.open(service.prepare_completion(request)))
+            streamed = request.model_copy(update={"stream": True})
+            async for _ in service.sse(await service.open(service.prepare_completion(streamed))):
+                pass
+    except Exception as exc:  # noqa: BLE001 - a cold first request is better than no ingress
+        logger.warning("warming the request path failed after %.1f s: %s", time.perf_counter() - started, exc)
+        return
+    logger.info("request path warm after %.1f s", time.perf_counter() - started)
+
+
 # Defined after every module-level helper it uses: Serve captures the class when it is decorated.
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, spec: IngressSpec, engines: dict[str, DeploymentHandle]):
+    async def __init__(self, spec: IngressSpec, engines: dict[str, DeploymentHandle]):
         from transformers import AutoTokenizer
 
         self.spec = spec
@@ -118,6 +144,8 @@ class Ingress:
         self.tenants = TenantDirectory.from_config(spec.auth)
         self.service = OpenAIService(spec.served_name, tokenizer, spec.max_model_len, client,
                                      retry_dead_replica=spec.retry_decode)
+        if spec.warm_path:
+            await warm_path(self.service)
 
     # -- HTTP -----------------------------------------------------------------------------------
 
