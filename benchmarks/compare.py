@@ -272,7 +272,9 @@ def write_docs(results: dict[str, Any], plots: list[Path], out: Path, command: s
              f"`{meta['results_file']}`; plots below; `notebooks/02_benchmarks.ipynb` redraws them.", "",
              "Systems: **pdserve-disaggregated** (1 prefill + 1 decode replica, KV over pdserve's gloo pair groups), "
              "**pdserve-collocated** (2 replicas, each does both phases), **ray-serve-llm-pd** (Ray Serve LLM "
-             "`build_pd_openai_app`, 1 prefill + 1 decode, KV through vLLM's ExampleConnector on local disk).", ""]
+             "`build_pd_openai_app`, 1 prefill + 1 decode, KV through vLLM's ExampleConnector on local disk).", "",
+             "Per-request cost against vLLM's own OpenAI server: [overhead.md](overhead.md) "
+             "(`benchmarks/overhead.py --docs`).", ""]
     if meta.get("skipped"):
         lines += [f"Skipped: {', '.join(f'{k} ({v})' for k, v in meta['skipped'].items())}.", ""]
     lines += ["Workloads: " + meta["workloads"], "",

@@ -1,0 +1,242 @@
+"""What a request costs through pdserve against vLLM's own OpenAI server, same model, same engine knobs.
+
+    .venv/bin/python benchmarks/overhead.py --docs         # about 6 minutes on 2 cores; writes docs/overhead.md
+    .venv/bin/python benchmarks/overhead.py --systems vllm,pdserve-disaggregated --repeats 3
+
+Each system is started as its users start it (`python -m vllm.entrypoints.openai.api_server ...`,
+`serve run` of a config that differs from serve_config.yaml only in `mode`), warmed with three requests,
+then measured with pdserve's own load generator (streaming, greedy, `ignore_eos`, 64 output tokens):
+- lone requests, one after the other, at 100, 500 and 1000 prompt tokens (TTFT and TPOT medians);
+- 48 requests kept 16 at a time, 500-token prompts (output tokens/s, TTFT and TPOT p50).
+vLLM's server runs first and last, so every ratio is against the mean of a baseline measured before
+and after on the same machine in the same run. Results: a table on stdout, JSON in
+benchmarks/results/overhead.json, and with `--docs` docs/overhead.md. Only one system runs at a time;
+nothing else should run beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app.config import DEFAULT_MODEL_DIR  # noqa: E402
+from app.engine import engine_env  # noqa: E402
+from app.tools.bench import report, stats  # noqa: E402
+from app.tools.bench.client import run_workload  # noqa: E402
+from app.tools.bench.workload import Arrivals, BenchRequest  # noqa: E402
+
+MODEL = "pdserve-tiny-llama"
+PORT = 8000
+LONE_LENGTHS = (100, 500, 1000)
+OUTPUT_TOKENS = 64
+PYTHON = sys.executable
+SETTLE_S = 15  # after a system stopped: its processes' last work must not land on the next one's numbers
+
+
+def _requests(num: int, length: int, seed: int) -> list[BenchRequest]:
+    # Distinct random prompts (no prefix-cache hits), the same for every system.
+    import random
+
+    rng = random.Random(seed)
+    return [BenchRequest(tuple(rng.randrange(1, 4000) for _ in range(length)), length, OUTPUT_TOKENS)
+            for _ in range(num)]
+
+
+def _vllm_command(serve_args: dict[str, Any]) -> list[str]:
+    engine = serve_args["engine"]
+    return [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_DIR),
+            "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", str(serve_args["model"]
+                                                                                       ["max_model_len"]),
+            "--block-size", str(engine["block_size"]), "--enforce-eager",
+            "--kv-cache-memory-bytes", str(engine["kv_cache_memory_mb"] << 20), "--host", "127.0.0.1",
+            "--port", str(PORT)]
+
+
+def _pdserve_command(mode: str, config_dir: Path, repo: Path) -> list[str]:
+    config = yaml.safe_load((repo / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["mode"] = mode
+    config["http_options"]["port"] = PORT
+    path = config_dir / f"serve_config.{mode}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return [str(Path(PYTHON).parent / "serve"), "run", str(path)]
+
+
+def _start(command: list[str], log: Path, is_vllm: bool, repo: Path) -> subprocess.Popen:
+    env = {**os.environ, **engine_env(), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(repo)}
+    if is_vllm:  # vLLM's server runs as its users run it: engine core in a process of its own
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    # Ctrl-C must reach it even when this script was started in the background (which ignores SIGINT,
+    # and children inherit that).
+    return subprocess.Popen(command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _wait_ready(process: subprocess.Popen, timeout_s: float = 240) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("server not ready in time")
+
+
+def _port_open() -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops either server; then the whole process group if it or its port lingers
+    (the next system must not find this one still answering)."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 30
+    while _port_open() and time.monotonic() < deadline:
+        time.sleep(1)
+    if process.poll() is None or _port_open():
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    time.sleep(SETTLE_S)
+
+
+def _measure(seed: int) -> dict[str, Any]:
+    base = f"http://127.0.0.1:{PORT}"
+    closed1 = Arrivals("closed", concurrency=1)
+    # The first requests after "ready": the first is what a user meets after a deploy or a restart.
+    warm, _ = asyncio.run(run_workload(base, MODEL, _requests(3, 100, seed + 99), closed1))
+    result: dict[str, Any] = {"first_ttft_ms": stats.ttft(warm[0]) * 1e3 if warm[0].ok else None, "lone": {}}
+    for length in LONE_LENGTHS:
+        timings, _ = asyncio.run(run_workload(base, MODEL, _requests(5, length, seed + length), closed1))
+        ok = [t for t in timings if t.ok]
+        result["lone"][str(length)] = {
+            "ttft_ms": statistics.median(stats.ttft(t) for t in ok) * 1e3,
+            "tpot_ms": statistics.median(v for t in ok if (v := stats.tpot(t)) is not None) * 1e3,
+            "num_ok": len(ok)}
+    timings, duration = asyncio.run(run_workload(base, MODEL, _requests(48, 500, seed + 16),
+                                                 Arrivals("closed", concurrency=16)))
+    summary = stats.summarize(timings, duration)
+    result["concurrent16"] = {"output_tok_s": summary["output_token_throughput"],
+                              "ttft_p50_ms": summary["ttft_s"]["p50"] * 1e3,
+                              "tpot_p50_ms": summary["tpot_s"]["p50"] * 1e3, "num_ok": summary["num_ok"]}
+    return result
+
+
+def _ratio_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    base = runs["vllm"]
+
+    def mean(key: tuple[str, ...], of: list[dict[str, Any]]) -> float:
+        values = []
+        for run in of:
+            value: Any = run
+            for part in key:
+                value = value[part]
+            values.append(value)
+        return statistics.mean(values)
+
+    keys = [(f"TTFT @{n}", ("lone", str(n), "ttft_ms")) for n in LONE_LENGTHS]
+    keys += [(f"TPOT @{n}", ("lone", str(n), "tpot_ms")) for n in LONE_LENGTHS]
+    keys += [("first request after ready: TTFT", ("first_ttft_ms",)),
+             ("16 streams: output tok/s", ("concurrent16", "output_tok_s")),
+             ("16 streams: TTFT p50", ("concurrent16", "ttft_p50_ms")),
+             ("16 streams: TPOT p50", ("concurrent16", "tpot_p50_ms"))]
+    systems = [s for s in runs if s != "vllm"]
+    rows = ["| | vLLM server, mean (before / after) | " + " | ".join(systems) + " |",
+            "|---|---|" + "---|" * len(systems)]
+    for label, key in keys:
+        reference = mean(key, base)
+        unit = "" if "tok/s" in label else " ms"
+        cells = [f"x{mean(key, runs[s]) / reference:.2f} ({mean(key, runs[s]):.1f}{unit})" for s in systems]
+        each = " / ".join(f"{mean(key, [run]):.1f}" for run in base)  # before / after: the baseline's own noise
+        rows.append(f"| {label} | {reference:.1f}{unit} ({each}) | " + " | ".join(cells) + " |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", default="vllm,pdserve-disaggregated,pdserve-collocated")
+    parser.add_argument("--repeats", type=int, default=1, help="measurements of each pdserve system")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/overhead.json"))
+    parser.add_argument("--docs", action="store_true", help="write docs/overhead.md from this run")
+    parser.add_argument("--pdserve-repo", type=Path, default=REPO,
+                        help="serve pdserve from this checkout (e.g. a worktree of an older commit, for before/after)")
+    args = parser.parse_args()
+    serve_args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
+    systems = [s for s in args.systems.split(",") if s != "vllm"]
+    order = ["vllm", *[s for s in systems for _ in range(args.repeats)], "vllm"]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for system in order:
+            command = (_vllm_command(serve_args) if system == "vllm"
+                       else _pdserve_command(system.removeprefix("pdserve-"), Path(scratch), args.pdserve_repo))
+            process = _start(command, Path(scratch) / f"{system}.log", system == "vllm", args.pdserve_repo)
+            try:
+                ready_s = _wait_ready(process)
+                print(f"{system}: ready in {ready_s:.0f} s", flush=True)
+                measured = _measure(args.seed)
+            finally:
+                _stop(process)
+            runs.setdefault(system, []).append({"ready_s": ready_s, **measured})
+            print(f"  {measured}", flush=True)
+    rows = _ratio_rows(runs)
+    print("\n".join(rows))
+    report.save({"machine": report.machine(), "runs": runs, "order": order}, args.out)
+    print(f"results: {args.out}")
+    if args.docs:
+        print(f"docs: {_write_docs(rows, runs, order, ' '.join(sys.argv[1:]))}")
+
+
+def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: list[str], argv: str) -> Path:
+    machine = report.machine()
+    ready = {system: statistics.mean(r["ready_s"] for r in results) for system, results in runs.items()}
+    command = f".venv/bin/python benchmarks/overhead.py {argv}".strip()
+    lines = ["# Per-request cost: pdserve against vLLM's own OpenAI server", "",
+             f"Generated by `{command}` on {time.strftime('%Y-%m-%d')}. "
+             f"Machine: {machine['cpus']} CPU cores, {machine['platform']}, Python {machine['python']}. Model: the "
+             f"bundled {MODEL} (float32), the same engine knobs everywhere (serve_config.yaml's: block 32, 256 MiB KV "
+             "cache). Order of runs: " + ", ".join(order) + " (vLLM's server before and after; its column is the "
+             "mean). Raw numbers: `benchmarks/results/overhead.json`.", "",
+             "Streaming, greedy, `ignore_eos`, 64 output tokens. Lone: 5 requests one after the other per prompt "
+             "length, medians. 16 streams: 48 requests of 500 prompt tokens kept 16 at a time. First request: the "
+             "TTFT of the first request after the server said it was ready (100 prompt tokens). Cells: ratio to vLLM's "
+             "server (value); below 1 is better than vLLM's server for latencies, above 1 for tokens/s.", "",
+             *rows, "",
+             "Ready after start: " + ", ".join(f"{system} {seconds:.0f} s" for system, seconds in ready.items()) + ".",
+             ""]
+    out = REPO / "docs" / "overhead.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+if __name__ == "__main__":
+    main()
