@@ -62,7 +62,8 @@ class Prefill(EngineReplica):
             faults = FaultInjection.model_validate_json(os.environ[FAULTS_ENV])
         self.outbox = KVOutbox(self.transport, faults)
         self.hub.on_saved = self.outbox.on_saved
-        self.parking = ParkingLot(spec.two_step.max_parked_per_replica, retry_after_s=spec.two_step.ttl_s)
+        self.parking = ParkingLot(spec.two_step.max_parked_per_replica, retry_after_s=spec.two_step.ttl_s,
+                                  claim_timeout_s=spec.kv.timeout_s + spec.kv.prefill_timeout_s)
         threading.Thread(target=self._sweep, name="kv-parking-sweep", daemon=True).start()
         await self._start()
 
@@ -101,10 +102,11 @@ class Prefill(EngineReplica):
     async def prefill_park(self, request: GenerateRequest, tenant: str, tenant_parked_limit: int | None
                            ) -> ParkResult:
         """Run the prompt (one token, the request's sampling) and park its KV; `ParkingFull` when full."""
-        self.parking.check_room(tenant, tenant_parked_limit)
+        reservation = self.parking.reserve(tenant, tenant_parked_limit)
         xfer_id = secrets.token_hex(16)
         outgoing = self.outbox.open(xfer_id, None)
         text, token_ids, finish, cached = "", (), "length", 0
+        parked = False
         try:
             await self.window.admit(len(request.prompt_token_ids))
             async for chunk in self.engine.generate(
@@ -114,12 +116,15 @@ class Prefill(EngineReplica):
                 text, token_ids = text + chunk.text, token_ids + chunk.token_ids
                 finish, cached = chunk.finish_reason or finish, chunk.num_cached_tokens
             header, payload = await asyncio.wait_for(outgoing.done, self.kv.timeout_s)
+            kv_cache_id = new_kv_cache_id(self.replica_id)
+            expires_at = time.time() + self.two_step.ttl_s
+            self.parking.park(ParkedKV(kv_cache_id, tenant, tuple(request.prompt_token_ids), request.cache_salt,
+                                       header, payload, expires_at), reservation)
+            parked = True
         finally:
             self.outbox.close(xfer_id)
-        kv_cache_id = new_kv_cache_id(self.replica_id)
-        expires_at = time.time() + self.two_step.ttl_s
-        self.parking.park(ParkedKV(kv_cache_id, tenant, tuple(request.prompt_token_ids), request.cache_salt, header,
-                                   payload, expires_at))
+            if not parked:
+                self.parking.cancel(reservation)
         return ParkResult(kv_cache_id, expires_at, text, tuple(token_ids), finish, len(request.prompt_token_ids),
                           cached)
 

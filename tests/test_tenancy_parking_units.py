@@ -112,3 +112,33 @@ def test_parking_lot_limits_per_replica_and_per_tenant():
     with pytest.raises(ParkingFull) as replica_full:
         lot.check_room("bob", tenant_limit=2)
     assert replica_full.value.code == "parked_kv_capacity"
+
+
+def test_reservations_hold_room_while_prompts_run_so_concurrent_requests_cannot_overshoot():
+    lot = ParkingLot(max_entries=3)
+    first, second = lot.reserve("alice", tenant_limit=2), lot.reserve("alice", tenant_limit=2)
+    with pytest.raises(ParkingFull) as tenant_full:
+        lot.reserve("alice", tenant_limit=2)  # both of alice's prompts are still running: no third
+    assert tenant_full.value.code == "tenant_parked_kv_limit"
+    lot.park(_parked("a1", "alice"), first)
+    lot.cancel(second)  # that prompt failed: its place is free again
+    third = lot.reserve("alice", tenant_limit=2)
+    lot.reserve("bob", tenant_limit=2)
+    with pytest.raises(ParkingFull) as replica_full:
+        lot.reserve("carol", tenant_limit=None)  # 1 parked + 2 reserved = the replica's 3
+    assert replica_full.value.code == "parked_kv_capacity"
+    lot.park(_parked("a2", "alice"), third)
+    assert lot.count("alice") == 2
+
+
+def test_a_claim_nobody_sends_or_releases_expires_and_counts_until_then():
+    lot = ParkingLot(max_entries=2, claim_timeout_s=0.0)
+    lot.park(_parked("a", "alice"))
+    lot.claim("a", "alice")  # the decode_only request is cancelled before its send
+    assert lot.count() == 1 and lot.num_bytes() > 0  # still held here, and shown
+    with pytest.raises(ParkingFull):
+        lot.check_room("alice", tenant_limit=1)
+    time.sleep(0.01)
+    assert lot.sweep() == 1 and lot.count() == 0 and lot.num_bytes() == 0 and lot.num_expired == 1
+    with pytest.raises(KeyError):
+        lot.take_claimed("a")
