@@ -73,6 +73,9 @@ class DeploymentOptions(_Strict):
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound (num_replicas: auto).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (engine replicas on GPU: 1).")
+    cpu_affinity: list[int] | None = Field(
+        None, description="Cores the thread that steps an engine replica's engine (and its compute threads) may run "
+        "on, e.g. [0] for prefill and [1] for decode on a 2-core node (CPU engines; None: any core).")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests Serve lets into one replica at once.")
     max_queued_requests: int = Field(
         256, ge=-1, description="Requests waiting for a replica of this deployment, per caller, before new ones "

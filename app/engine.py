@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from app.engine_setup import build_engine, engine_env, set_compute_threads, to_vllm_sampling
+from app.engine_setup import build_engine, configure_engine_thread, engine_env, to_vllm_sampling
 from app.errors import EngineError, EngineInputError
 from app.messages import GenerationChunk, SamplingSpec
 from app.specs import EngineSpec
@@ -85,9 +85,10 @@ class EngineDriver:
     # so walking the scheduler's queues at every step would be work nobody reads.
     LOAD_INTERVAL_S = 0.05
 
-    def __init__(self, engine: Any, num_threads: int | None = None):
+    def __init__(self, engine: Any, num_threads: int | None = None, cpu_affinity: tuple[int, ...] | None = None):
         self.engine = engine
         self.num_threads = num_threads  # compute threads of the engine thread (None: the process default)
+        self.cpu_affinity = cpu_affinity  # cores of the engine thread and the compute threads it starts
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -99,7 +100,7 @@ class EngineDriver:
 
     @classmethod
     def from_spec(cls, spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None) -> EngineDriver:
-        return cls(build_engine(spec, kv_transfer_config), spec.cpu_threads)
+        return cls(build_engine(spec, kv_transfer_config), spec.cpu_threads, spec.cpu_affinity)
 
     # -- asyncio side ---------------------------------------------------------------------------
 
@@ -196,8 +197,7 @@ class EngineDriver:
             loop.call_soon_threadsafe(_put_all, batch)
 
     def _run(self) -> None:
-        if self.num_threads:
-            set_compute_threads(self.num_threads)
+        configure_engine_thread(self.num_threads, self.cpu_affinity)
         while not self._stopped:
             while True:
                 try:

@@ -53,14 +53,19 @@ def build_engine(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = N
     return LLMEngine.from_engine_args(args)
 
 
-def set_compute_threads(num_threads: int) -> None:
-    """Set the calling thread's torch/OpenMP compute threads. OpenMP keeps this per thread, so it must run
-    in the thread that steps the engine: set in the replica's constructor, it never reached the engine
-    thread. (vLLM's CPU worker replaces `torch.set_num_threads` with a no-op once it has started; this is
-    the builtin underneath.)"""
-    import torch
+def configure_engine_thread(num_threads: int | None, cpu_affinity: tuple[int, ...] | None) -> None:
+    """Run in the thread that steps the engine, before its first step. `cpu_affinity` pins that thread (and the
+    compute threads it starts, which inherit it); `num_threads` sets its torch/OpenMP compute threads, which
+    OpenMP keeps per thread: set in the replica's constructor, it never reached the engine thread. (vLLM's CPU
+    worker replaces `torch.set_num_threads` with a no-op once it has started; this is the builtin underneath.)
+    One engine per process (FACTS.md): a second engine in the same process that steps with another thread count
+    fails vLLM's CPU attention check ("thread_num ... 2 vs. 1")."""
+    if cpu_affinity:
+        os.sched_setaffinity(0, cpu_affinity)  # 0: the calling thread
+    if num_threads:
+        import torch
 
-    torch._C.set_num_threads(num_threads)
+        torch._C.set_num_threads(num_threads)
 
 
 def to_vllm_sampling(sampling: SamplingSpec, extra_args: dict[str, Any] | None = None):

@@ -31,6 +31,7 @@ class EngineSpec:
     enable_prefix_caching: bool
     seed: int
     cpu_threads: int | None  # None: the process's default
+    cpu_affinity: tuple[int, ...] | None  # cores the engine thread may run on (None: any)
 
     @classmethod
     def from_config(cls, config: AppConfig, options: DeploymentOptions | None = None) -> EngineSpec:
@@ -51,6 +52,7 @@ class EngineSpec:
             enable_prefix_caching=config.engine.enable_prefix_caching,
             seed=config.engine.seed,
             cpu_threads=threads,
+            cpu_affinity=tuple(options.cpu_affinity) if options is not None and options.cpu_affinity else None,
         )
 
     @classmethod

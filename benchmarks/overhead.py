@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -67,9 +68,16 @@ def _vllm_command(serve_args: dict[str, Any]) -> list[str]:
             "--port", str(PORT)]
 
 
-def _pdserve_command(mode: str, config_dir: Path, repo: Path) -> list[str]:
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def _pdserve_command(mode: str, config_dir: Path, repo: Path, extra_args: dict[str, Any]) -> list[str]:
     config = yaml.safe_load((repo / "serve_config.yaml").read_text())
-    config["applications"][0]["args"]["mode"] = mode
+    config["applications"][0]["args"] = _merged(config["applications"][0]["args"], {**extra_args, "mode": mode})
     config["http_options"]["port"] = PORT
     path = config_dir / f"serve_config.{mode}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -188,6 +196,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/overhead.json"))
     parser.add_argument("--docs", action="store_true", help="write docs/overhead.md from this run")
+    parser.add_argument("--args", default="{}", help="JSON merged into serve_config.yaml's app args for pdserve "
+                        "(e.g. '{\"decode\": {\"cpu_affinity\": [1]}}')")
     parser.add_argument("--pdserve-repo", type=Path, default=REPO,
                         help="serve pdserve from this checkout (e.g. a worktree of an older commit, for before/after)")
     args = parser.parse_args()
@@ -198,7 +208,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for system in order:
             command = (_vllm_command(serve_args) if system == "vllm"
-                       else _pdserve_command(system.removeprefix("pdserve-"), Path(scratch), args.pdserve_repo))
+                       else _pdserve_command(system.removeprefix("pdserve-"), Path(scratch), args.pdserve_repo,
+                                             json.loads(args.args)))
             process = _start(command, Path(scratch) / f"{system}.log", system == "vllm", args.pdserve_repo)
             try:
                 ready_s = _wait_ready(process)

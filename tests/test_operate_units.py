@@ -185,6 +185,42 @@ def test_prefill_batching_overrides_only_the_prefill_engine():
     assert (shared.max_num_seqs, shared.max_num_batched_tokens) == (32, 4096)
 
 
+def test_each_engine_gets_compute_threads_and_cores_from_its_own_deployment():
+    from app.specs import DecodeSpec, PrefillSpec
+
+    config = parse_app_config({"prefill": {"num_cpus": 0.9, "cpu_affinity": [0]},
+                               "decode": {"num_cpus": 3, "cpu_affinity": [1]}})
+    prefill, decode = PrefillSpec.from_config(config).engine, DecodeSpec.from_config(config).engine
+    assert (prefill.cpu_threads, prefill.cpu_affinity) == (1, (0,))  # at least one thread, floor(num_cpus)
+    assert (decode.cpu_threads, decode.cpu_affinity) == (3, (1,))
+    pinned = parse_app_config({"engine": {"cpu_threads": 2}, "decode": {"num_cpus": 1}})
+    assert DecodeSpec.from_config(pinned).engine.cpu_threads == 2  # an explicit count wins
+    assert EngineSpec.from_config(config).cpu_threads is None  # outside a deployment: the process default
+
+
+def test_engine_thread_settings_apply_to_the_thread_that_steps_the_engine():
+    # In a process of its own: OpenMP settings leak into other threads' engines (vLLM's CPU attention then
+    # fails its thread-count check), so this process's offline engine must never see them.
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, os, threading, torch\n"
+        "from app.engine_setup import configure_engine_thread\n"
+        "seen = {}\n"
+        "def engine_thread():\n"
+        "    configure_engine_thread(1, (0,))\n"
+        "    seen.update(cores=sorted(os.sched_getaffinity(0)), threads=torch.get_num_threads())\n"
+        "before = sorted(os.sched_getaffinity(0))\n"
+        "t = threading.Thread(target=engine_thread); t.start(); t.join()\n"
+        "print(json.dumps({**seen, 'caller_before': before, 'caller_after': sorted(os.sched_getaffinity(0))}))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (seen["cores"], seen["threads"]) == ([0], 1)
+    assert seen["caller_after"] == seen["caller_before"]  # only the engine thread is pinned
+
+
 def test_prefill_batched_tokens_below_the_context_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="max_batched_tokens.*max_model_len"):
         parse_app_config({"prefill_batching": {"max_batched_tokens": 1024}})
