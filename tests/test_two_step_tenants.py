@@ -90,6 +90,23 @@ def test_two_step_completion_equals_one_shot_streaming_and_not(app, offline_engi
     assert text == want
 
 
+def test_sampled_two_step_with_a_seed_equals_one_shot_and_starts_with_prefills_token(app, tokenizer):
+    # What two-step means for sampled requests: prefill_only samples its one token with the request's sampling;
+    # decode_only samples the whole answer again from the parked prompt. With a seed both draw the same first
+    # token, so the two steps reproduce the one-shot answer; without one, decode's first token may differ.
+    prompt = prompt_of_length(tokenizer, 60, offset=23)
+    sampling = {"max_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": 1234}
+    one_shot = _post(app, "/v1/completions", {"prompt": prompt, **sampling}).json()["choices"][0]["text"]
+    parked = _post(app, "/v1/completions", {"prompt": prompt, **sampling, "disagg_mode": "prefill_only"}).json()
+    rest = _post(app, "/v1/completions", {"disagg_mode": "decode_only", "kv_cache_id": parked["kv_cache_id"],
+                                          **sampling}).json()
+    first = parked["choices"][0]["text"]
+    assert rest["choices"][0]["text"] == one_shot and rest["pdserve"]["kv_source"] == "transfer"
+    assert first and one_shot.startswith(first)
+    greedy = _post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0}).json()
+    assert greedy["choices"][0]["text"] != one_shot  # the seeded answer really was sampled
+
+
 def test_two_step_chat_equals_one_shot(app, offline_engine, tokenizer):
     messages = [{"role": "user", "content": "import json\n\ndef load(path):"}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
