@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 from typing import Any
 
@@ -68,3 +70,19 @@ def stop_app(name: str) -> None:
     from ray import serve
 
     serve.delete(name, _blocking=True)
+
+
+def in_thread(fn, *args) -> queue.Queue:
+    """Run fn(*args) on a daemon thread; the queue gets ("ok", result, seconds) or ("error", exc, seconds).
+    (Stdlib only: the GPU tests import it on a machine without Ray or vLLM.)"""
+    out: queue.Queue = queue.Queue()
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            out.put(("ok", fn(*args), time.monotonic() - started))
+        except BaseException as exc:  # noqa: BLE001
+            out.put(("error", exc, time.monotonic() - started))
+
+    threading.Thread(target=run, daemon=True).start()
+    return out

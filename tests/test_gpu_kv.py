@@ -20,7 +20,6 @@ import queue
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from app.kv.channel import TAG_PAYLOAD, KVReceiver, KVSender
 from app.kv.header import HEADER_SLOTS, KVHeader, xfer_key
 from app.kv.nccl_group import NcclPairComm, NcclPairError, PairNccl
 from app.kv.payload import CHECKSUM_WEIGHTED, checksum, gather_blocks, scatter_blocks
+from tests.helpers import in_thread
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -160,21 +160,6 @@ def _dict_kv(store: dict) -> dict:
             "kv_del": lambda k: store.pop(k, None)}
 
 
-def _in_thread(fn, *args) -> queue.Queue:
-    """fn(*args) on a daemon thread; the queue gets (status, result or exception, seconds)."""
-    out: queue.Queue = queue.Queue()
-
-    def run() -> None:
-        started = time.monotonic()
-        try:
-            out.put(("ok", fn(*args), time.monotonic() - started))
-        except BaseException as exc:  # noqa: BLE001
-            out.put(("error", exc, time.monotonic() - started))
-
-    threading.Thread(target=run, daemon=True).start()
-    return out
-
-
 def _cuda_usable(timeout_s: float = 15.0) -> bool:
     """A kernel runs and the whole device synchronises (no NCCL kernel left spinning) within timeout_s."""
     def probe() -> bool:
@@ -184,7 +169,7 @@ def _cuda_usable(timeout_s: float = 15.0) -> bool:
         return ok
 
     try:
-        status, value, _ = _in_thread(probe).get(timeout=timeout_s)
+        status, value, _ = in_thread(probe).get(timeout=timeout_s)
     except queue.Empty:
         return False
     return status == "ok" and value
@@ -244,7 +229,7 @@ def test_idle_pair_holds_no_gpu_kernel_and_destroy_leaves_nothing_behind():
     group = PairNccl(1, 0, "gpu-idle")
     group.connect(60, device="cuda", **_dict_kv(kv))
     host, port = group._control.store.host, group._control.store.port
-    idle = _in_thread(group.recv_control, 0, None)  # how decode waits for the next transfer
+    idle = in_thread(group.recv_control, 0, None)  # how decode waits for the next transfer
     time.sleep(0.3)
     started = time.monotonic()
     assert _cuda_usable(10)  # a device-wide synchronise is not held up by the idle pair
@@ -410,7 +395,7 @@ def test_nccl_operation_with_no_peer_fails_within_its_deadline_and_the_process_s
     group = PairNccl(1, 0, "gpu-deadline")
     group.connect(60, device="cuda", **_dict_kv(kv))
     buf = torch.empty(2**20, dtype=torch.uint8, device="cuda")
-    status, exc, took = _in_thread(group.recv_tagged, buf, 0, TAG_PAYLOAD, 2.0).get(timeout=40)
+    status, exc, took = in_thread(group.recv_tagged, buf, 0, TAG_PAYLOAD, 2.0).get(timeout=40)
     print(f"\none-rank receive with no send: {status} after {took:.2f}s (deadline 2 s): "
           f"{type(exc).__name__}: {str(exc)[:160]}")
     assert status == "error" and isinstance(exc, (NcclPairError, TimeoutError)) and took < 2 + 12
@@ -425,7 +410,7 @@ def test_nccl_operation_with_no_peer_fails_within_its_deadline_and_the_process_s
     y = torch.zeros_like(x)
     again.send_recv(x, y, 0, timeout_s=10)
     assert torch.equal(x, y)
-    status, exc, took = _in_thread(again.send_tagged, buf, 0, TAG_PAYLOAD, 2.0).get(timeout=40)
+    status, exc, took = in_thread(again.send_tagged, buf, 0, TAG_PAYLOAD, 2.0).get(timeout=40)
     print(f"one-rank send with no receive: {status} after {took:.2f}s (deadline 2 s): "
           f"{type(exc).__name__}: {str(exc)[:160]}")
     assert status == "error" and took < 2 + 12 and not again.is_connected

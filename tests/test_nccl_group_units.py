@@ -22,6 +22,7 @@ from app.kv.channel import TAG_PAYLOAD, ChannelBroken, KVReceiver, KVSender
 from app.kv.header import KVHeader, xfer_key
 from app.kv.nccl_group import NcclPairComm, NcclPairError, PairNccl
 from app.kv.payload import CHECKSUM_CRC32, checksum
+from tests.helpers import in_thread
 
 CPU = torch.device("cpu")
 
@@ -201,21 +202,6 @@ def _connected(name: str, delay_s: float = 0.0, timeout_s: float = 20) -> tuple[
     return groups, wire, store
 
 
-def _in_thread(fn, *args) -> queue.Queue:
-    """Run fn(*args) on a thread; the queue gets ("ok", result, seconds) or ("error", exc, seconds)."""
-    out: queue.Queue = queue.Queue()
-
-    def run() -> None:
-        started = time.monotonic()
-        try:
-            out.put(("ok", fn(*args), time.monotonic() - started))
-        except BaseException as exc:  # noqa: BLE001
-            out.put(("error", exc, time.monotonic() - started))
-
-    threading.Thread(target=run, daemon=True).start()
-    return out
-
-
 # -- the group ----------------------------------------------------------------------------------------
 
 def test_connect_creates_the_communicator_and_warms_up_both_ways_without_idle_timeout():
@@ -234,7 +220,7 @@ def test_send_returns_only_once_the_peer_received_the_bytes():
     (g0, g1), wire, _ = _connected("n-send", delay_s=0.15)
     x = torch.arange(16.0)
     got = torch.zeros(16)
-    receiver = _in_thread(lambda: (time.sleep(0.3), g1.recv_tagged(got, 0, TAG_PAYLOAD, timeout_s=5)))
+    receiver = in_thread(lambda: (time.sleep(0.3), g1.recv_tagged(got, 0, TAG_PAYLOAD, timeout_s=5)))
     started = time.monotonic()
     g0.send_tagged(x, 1, TAG_PAYLOAD, timeout_s=5)
     took = time.monotonic() - started
@@ -271,7 +257,7 @@ def test_receive_with_no_sender_times_out_and_aborts():
 
 def test_a_failed_work_breaks_the_group():
     (g0, g1), wire, _ = _connected("n-fail")
-    pending = _in_thread(g1.recv_tagged, torch.empty(4), 0, TAG_PAYLOAD, None)
+    pending = in_thread(g1.recv_tagged, torch.empty(4), 0, TAG_PAYLOAD, None)
     time.sleep(0.1)
     wire.fail_rank(1, "remote process exited")  # NCCL's async error on the peer's death
     status, exc, _ = pending.get(timeout=5)
@@ -296,8 +282,8 @@ def test_an_operation_nccl_refuses_at_enqueue_breaks_the_group():
 def test_destroy_interrupts_pending_operations_and_leaves_nothing_behind():
     (g0, g1), wire, store = _connected("n-destroy")
     host, port = g0._control.store.host, g0._control.store.port
-    receive = _in_thread(g1.recv_tagged, torch.empty(4), 0, TAG_PAYLOAD, None)  # no deadline
-    control = _in_thread(g1.recv_control, 0, None)
+    receive = in_thread(g1.recv_tagged, torch.empty(4), 0, TAG_PAYLOAD, None)  # no deadline
+    control = in_thread(g1.recv_control, 0, None)
     time.sleep(0.2)
     g1.destroy_group()
     for pending in (receive, control):
@@ -320,7 +306,7 @@ def test_control_messages_are_fifo_post_nothing_on_the_gpu_and_fail_when_rank_0_
     with pytest.raises(TimeoutError):  # a bounded wait that times out leaves the pair usable
         g1.recv_control(0, 0.2)
     assert g1.is_connected
-    idle = _in_thread(g1.recv_control, 0, None)
+    idle = in_thread(g1.recv_control, 0, None)
     time.sleep(0.3)
     assert wire.pending(1) == 0 and len(wire.pgs[1].grouped_calls) == 1  # idle: no NCCL receive posted
     g0.destroy_group()  # rank 0 hosts the store: its going fails rank 1's wait, breaking the pair there too
@@ -348,7 +334,7 @@ def test_connect_gives_up_when_the_communicator_never_forms():
     wire, store = FakeWire(), {}
     g0, g1 = _group("n-hang", 0, wire), _group("n-hang", 1, wire)
     g1.new_process_group = lambda s, r, size, timeout: _NeverInitPG(wire, r, size, timeout)
-    results = [_in_thread(lambda g=g: g.connect(0.8, device=CPU, **_kv(store))) for g in (g0, g1)]
+    results = [in_thread(lambda g=g: g.connect(0.8, device=CPU, **_kv(store))) for g in (g0, g1)]
     for pending in results:
         status, exc, took = pending.get(timeout=15)
         assert status == "error" and isinstance(exc, TimeoutError) and took < 3
@@ -453,7 +439,7 @@ def test_nccl_pair_transport_joins_transfers_and_drops(monkeypatch):
     delivered: queue.Queue = queue.Queue()
     prefill = pairs.PairTransport("prefill", "P1", "nccl", 5, CPU)
     decode = pairs.PairTransport("decode", "D1", "nccl", 5, CPU, deliver=delivered.put)
-    joined = _in_thread(lambda: (setattr(me, "rank", 0), prefill.ensure("D1", warmup=True)))
+    joined = in_thread(lambda: (setattr(me, "rank", 0), prefill.ensure("D1", warmup=True)))
     me.rank = 1
     decode.ensure("P1", warmup=True)
     assert joined.get(timeout=20)[0] == "ok"

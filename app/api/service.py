@@ -73,9 +73,7 @@ class OpenAIService:
     async def open(self, prepared: Prepared) -> Opened:
         try:
             opened = await self._open(prepared)
-        except OpenAIError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a claim's domain error leaves as an OpenAI error
+        except Exception as exc:  # noqa: BLE001 - a claim's domain error leaves as an OpenAI error (these pass as is)
             raise as_openai_error(exc) from None
         if not prepared.stream or opened.chunks is None:
             return opened
