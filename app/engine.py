@@ -108,7 +108,7 @@ class EngineDriver:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling: SamplingSpec,
+        sampling: SamplingSpec | Any,  # Any: vllm.SamplingParams
         *,
         cache_salt: str | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
@@ -179,7 +179,7 @@ class EngineDriver:
         try:
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:  # noqa: BLE001 - a bad request must not kill the driver
-            self._deliver(request_id, EngineInputError(str(exc)))
+            self._deliver(request_id, EngineInputError(str(exc), _parameter_of(exc)))
 
     def _deliver(self, request_id: str, item: Any) -> None:
         stream = self._streams.get(request_id)
@@ -227,6 +227,13 @@ class EngineDriver:
                 self._wake.clear()
 
 
+def _parameter_of(exc: Exception) -> str | None:
+    """The request field vLLM's input checks blame (its `VLLMValidationError.parameter`), if any."""
+    from vllm.exceptions import VLLMValidationError
+
+    return exc.parameter if isinstance(exc, VLLMValidationError) else None
+
+
 def _put_all(batch: list[tuple[_Stream, GenerationChunk]]) -> None:
     for stream, chunk in batch:
         stream.put(chunk)
@@ -234,16 +241,25 @@ def _put_all(batch: list[tuple[_Stream, GenerationChunk]]) -> None:
 
 def _joined(first: GenerationChunk, then: GenerationChunk) -> GenerationChunk:
     """Two consecutive deltas of one request as one."""
+    logprobs = first.logprobs + then.logprobs if first.logprobs is not None and then.logprobs is not None else None
     return replace(first, text=first.text + then.text, token_ids=first.token_ids + then.token_ids,
-                   finish_reason=then.finish_reason)
+                   finish_reason=then.finish_reason, logprobs=logprobs,
+                   cumulative_logprob=then.cumulative_logprob, stop_reason=then.stop_reason)
 
 
 def _to_chunk(output: Any) -> GenerationChunk:
     completion = output.outputs[0]
+    logprobs = completion.logprobs
+    prompt_logprobs = output.prompt_logprobs
     return GenerationChunk(
         text=completion.text,
         token_ids=tuple(completion.token_ids),
         finish_reason=(completion.finish_reason or "stop") if output.finished else None,
         num_prompt_tokens=len(output.prompt_token_ids or ()),
         num_cached_tokens=output.num_cached_tokens or 0,
+        # vLLM may hold these in its flat form; plain tuples of {token_id: Logprob} pickle and join simply
+        logprobs=tuple(logprobs) if logprobs is not None else None,
+        cumulative_logprob=completion.cumulative_logprob,
+        prompt_logprobs=tuple(prompt_logprobs) if prompt_logprobs else None,
+        stop_reason=completion.stop_reason,
     )

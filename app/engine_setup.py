@@ -68,9 +68,18 @@ def configure_engine_thread(num_threads: int | None, cpu_affinity: tuple[int, ..
         torch._C.set_num_threads(num_threads)
 
 
-def to_vllm_sampling(sampling: SamplingSpec, extra_args: dict[str, Any] | None = None):
+def to_vllm_sampling(sampling: SamplingSpec | Any, extra_args: dict[str, Any] | None = None):
+    """vLLM's `SamplingParams` for a request, streaming deltas (every hop passes deltas on). `sampling` is a
+    `SamplingSpec` or already vLLM's `SamplingParams` (copied: the caller's object is left as it was)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
+
+    if isinstance(sampling, SamplingParams):
+        params = sampling.clone()
+        params.output_kind = RequestOutputKind.DELTA
+        if extra_args:
+            params.extra_args = {**(params.extra_args or {}), **extra_args}
+        return params
 
     return SamplingParams(
         max_tokens=sampling.max_tokens,

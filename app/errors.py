@@ -13,7 +13,14 @@ class EngineError(RuntimeError):
 
 
 class EngineInputError(EngineError):
-    """The engine refused a request's input (a client error)."""
+    """The engine refused a request's input (a client error); `parameter` names the request field, if known."""
+
+    def __init__(self, message: str, parameter: str | None = None):
+        super().__init__(message, parameter)
+        self.message, self.parameter = message, parameter
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class KVCacheNotFound(KeyError):

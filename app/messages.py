@@ -1,7 +1,8 @@
 """Messages that cross deployment boundaries (ingress <-> engine replicas), frozen and documented.
 
-- `SamplingSpec`: the sampling parameters pdserve supports, engine-neutral.
-- `GenerateRequest`: one tokenised request as the ingress hands it to an engine replica.
+- `SamplingSpec`: pdserve's own short form of sampling (warm-up, prefill's one token, the two-step API).
+- `GenerateRequest`: one tokenised request as the ingress hands it to an engine replica; its sampling is
+  a `SamplingSpec` or vLLM's own `SamplingParams` (what vLLM's request models build from an OpenAI body).
 - `GenerationChunk`: what an engine replica streams back, one per engine step that produced output.
 - `KVReport`: what a response reports about where its prompt ran and where its KV came from.
 - `PrefillResult`: a prefill replica's report once a request's KV was sent.
@@ -13,12 +14,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-KVSource = Literal["transfer", "prefix_cache", "recomputed"]
+# transfer: moved from prefill; prefix_cache: decode had it; local: placed on decode by the router (not a
+# fallback); recomputed: a fallback, its reason in `fallback_reason`
+KVSource = Literal["transfer", "prefix_cache", "local", "recomputed"]
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """The sampling parameters pdserve supports, in engine-neutral form."""
+    """A short form of vLLM's `SamplingParams` for pdserve's own requests."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -36,8 +39,13 @@ class GenerateRequest:
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
-    sampling: SamplingSpec
+    sampling: SamplingSpec | Any  # Any: vllm.SamplingParams (n == 1; the ingress fans `n` out)
     cache_salt: str | None = None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs need the whole prompt computed by the engine that answers (not loaded as KV)."""
+        return not isinstance(self.sampling, SamplingSpec) and self.sampling.prompt_logprobs is not None
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class KVReport:
     fallback: str | None = None  # a fallback the orchestrator took: retried_other_prefill, no_prefill_replica
     prefix_cache_hit_tokens: int | None = None  # prompt tokens found in the tenant's prefix cache
     retried_after: str | None = None  # why the ingress ran a non-streaming request a second time
+    placement_reason: str | None = None  # why the router ran the prompt on the decode replica (kv_source "local")
 
     _PLACEMENT = ("mode", "prefill_replica", "decode_replica", "kv_source", "fallback_reason", "num_cached_tokens")
 
@@ -86,6 +95,11 @@ class GenerationChunk:
     num_prompt_tokens: int
     num_cached_tokens: int = 0
     report: KVReport | None = None  # set on the first chunk (and on the last, if it learnt more since)
+    # Only when the request asked for them (vLLM's types: per token {token_id: Logprob}):
+    logprobs: tuple[dict, ...] | None = None  # one per token of `token_ids`
+    cumulative_logprob: float | None = None
+    prompt_logprobs: tuple[dict | None, ...] | None = None  # first chunk only
+    stop_reason: int | str | None = None  # the stop string or token id that ended it (last chunk)
 
     def with_report(self, report: KVReport | None) -> GenerationChunk:
         return self if report is None else replace(self, report=(self.report or KVReport()).merged(report))

@@ -23,6 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from app.messages import KVReport
+
 logger = logging.getLogger(__name__)
 
 # Latency buckets in seconds: 1 ms .. 2 min.
@@ -123,6 +125,13 @@ def record_fallback(kind: str) -> None:
     """A request that did not take the plain path (kinds in `METRICS`)."""
     _inc("pdserve_fallbacks_total", kind=kind)
 
+
+def record_report_fallbacks(report: KVReport) -> None:
+    """The fallbacks one finished request's report names (each request counted once)."""
+    if report.fallback:
+        record_fallback(report.fallback)
+    if report.kv_source == "recomputed":
+        record_fallback("recomputed")
 
 def set_breaker_state(target: str, state: int) -> None:
     _set("pdserve_circuit_breaker_state", state, target=target)

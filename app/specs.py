@@ -87,8 +87,9 @@ class OrchestratorSpec:
 @dataclass(frozen=True)
 class IngressSpec:
     mode: Literal["collocated", "disaggregated"]
-    model_path: str  # for the tokenizer
+    model_path: str  # for the tokenizer and vLLM's config of the model
     served_name: str
+    dtype: str
     max_model_len: int
     max_request_body_bytes: int
     retry_decode: bool
@@ -99,7 +100,8 @@ class IngressSpec:
     @classmethod
     def from_config(cls, config: AppConfig) -> IngressSpec:
         return cls(mode=config.mode, model_path=config.model.path, served_name=config.model.served_name,
-                   max_model_len=config.model.max_model_len, max_request_body_bytes=config.max_request_body_bytes,
+                   dtype=config.model.dtype, max_model_len=config.model.max_model_len,
+                   max_request_body_bytes=config.max_request_body_bytes,
                    retry_decode=config.fallback.retry_decode, warm_path=config.warmup.enabled, auth=config.auth,
                    orchestrator=OrchestratorSpec.from_config(config))
 

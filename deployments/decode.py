@@ -22,6 +22,7 @@ import asyncio
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from ray import serve
 
@@ -62,10 +63,11 @@ class Decode(EngineReplica):
         return {"pair_id": self.replica_id}
 
     async def generate(self, request: GenerateRequest, prefill_id: str | None, xfer_id: str,
-                       local_reason: str | None = None) -> AsyncIterator[GenerationChunk]:
-        """Stream `request`; its KV comes from `prefill_id` (None: no prefill replica, run the prompt here)."""
+                       local_reason: str | None = None, placed_locally: bool = False) -> AsyncIterator[GenerationChunk]:
+        """Stream `request`; its KV comes from `prefill_id` (None: run the prompt here, because no prefill replica
+        was free, or, with `placed_locally`, because the router placed it here for `local_reason`)."""
         if prefill_id is None:
-            async for chunk in self._generate_locally(request, local_reason or "no prefill replica"):
+            async for chunk in self._generate_locally(request, local_reason or "no prefill replica", placed_locally):
                 yield chunk
             return
         key = xfer_key(xfer_id)
@@ -102,17 +104,23 @@ class Decode(EngineReplica):
         return KVReport(mode="disaggregated", prefill_replica=prefill_id, decode_replica=self.replica_id,
                         kv_source=source, fallback_reason=reason, num_cached_tokens=chunk.num_cached_tokens)
 
-    async def _generate_locally(self, request: GenerateRequest, reason: str) -> AsyncIterator[GenerationChunk]:
-        """`prefill.when_no_replica: decode_locally`: the prompt runs here, reported as a fallback."""
-        record_recompute(reason)
+    async def _generate_locally(self, request: GenerateRequest, reason: str, placed: bool
+                                ) -> AsyncIterator[GenerationChunk]:
+        """The prompt runs here: placed here by the router (`placed`, reported as placement, not counted as a
+        fallback), or `prefill.when_no_replica: decode_locally` (reported and counted as a fallback)."""
+        if placed:
+            report = KVReport(mode="disaggregated", decode_replica=self.replica_id, kv_source="local",
+                              placement_reason=reason)
+        else:
+            record_recompute(reason)
+            report = KVReport(mode="disaggregated", decode_replica=self.replica_id, kv_source="recomputed",
+                              fallback="no_prefill_replica", fallback_reason=reason)
         first = True
         async for chunk in self.engine.generate(request.request_id, list(request.prompt_token_ids), request.sampling,
                                                 cache_salt=request.cache_salt):
             if first:
                 first = False
-                chunk = chunk.with_report(KVReport(
-                    mode="disaggregated", decode_replica=self.replica_id, kv_source="recomputed",
-                    fallback="no_prefill_replica", fallback_reason=reason, num_cached_tokens=chunk.num_cached_tokens))
+                chunk = chunk.with_report(replace(report, num_cached_tokens=chunk.num_cached_tokens))
             yield chunk
 
     async def transfer_failed(self, xfer_id: str, reason: str, replica_pin: str | None = None) -> None:

@@ -1,13 +1,17 @@
 """`Ingress`: the OpenAI-compatible HTTP front door, also callable through a DeploymentHandle.
 
-Life cycle of an HTTP request: parse JSON (400 on invalid JSON) -> pydantic request model (400 naming
-the parameter) -> `OpenAIService.prepare_*` (404 unknown model, 400 context errors) -> the engine
-client for the configured mode (`CollocatedClient`, or the prefill/decode `DisaggregatedClient`) -> a
-JSON response or an SSE stream. Every error leaves as an OpenAI-style body; nothing a client sends can
-crash the replica.
+Life cycle of an HTTP request: authenticate the tenant (401) and admit it (429 over its concurrency) ->
+parse JSON (413 over the size limit, 400 on invalid JSON) -> one of two paths:
+- plain requests (everything vLLM's own server takes) go to `VLLMFront`: vLLM's request models and
+  serving classes over `PDServeEngine`, which runs the prompt on the engine client for the configured
+  mode (`CollocatedClient`, or the prefill/decode `DisaggregatedClient`);
+- two-step requests (`disagg_mode` / `kv_cache_id`, pdserve's own API) go to `OpenAIService` with
+  pdserve's request models, which take the basic sampling parameters and refuse the rest by name.
+-> a JSON response (with the `pdserve` field) or an SSE stream (with `x-pdserve-*` headers). Every error
+leaves as an OpenAI-style body; nothing a client sends can crash the replica.
 
 Handle calls (`create_completion`, `create_chat_completion` and their `*_stream` twins) take the same
-request models (or plain dicts) and return the same bodies as HTTP.
+request bodies (dicts, or pdserve's request models) and return the same bodies as HTTP.
 
 Start-up: the constructor ends with `warm_path` (one plain and one streamed request through the engines,
 with `warmup.enabled`), so the app is ready only once a request can go all the way through.
@@ -33,6 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, validation_error_to_openai
 from app.api.render import kv_headers
 from app.api.service import OpenAIService
+from app.api.vllm_engine import RequestScope
+from app.api.vllm_front import Answer, Kind, VLLMFront, sse_to_dicts
 from app.serving.client import CollocatedClient, EngineClient
 from app.specs import IngressSpec
 from app.tenancy import Tenant, TenantDirectory
@@ -70,7 +76,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _error_response(OpenAIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
-async def _parse(request: Request, model: type, max_bytes: int) -> Any:
+async def _read_json(request: Request, max_bytes: int) -> Any:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise OpenAIError(413, f"request body of {declared} bytes is over the {max_bytes}-byte limit",
@@ -82,7 +88,19 @@ async def _parse(request: Request, model: type, max_bytes: int) -> Any:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OpenAIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    return _validate(model, data)
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+_TWO_STEP_FIELDS = ("disagg_mode", "kv_cache_id")
+
+
+def _is_two_step(body: Any) -> bool:
+    """pdserve's own two-step API (its request models), as opposed to a request vLLM's server would take."""
+    if isinstance(body, CompletionRequest | ChatCompletionRequest):
+        return True
+    return isinstance(body, dict) and any(body.get(name) is not None for name in _TWO_STEP_FIELDS)
 
 
 def _validate(model: type, data: Any) -> Any:
@@ -105,18 +123,19 @@ async def _released(events: AsyncIterator[str], admission) -> AsyncIterator[str]
         admission.__exit__(None, None, None)
 
 
-async def warm_path(service: OpenAIService) -> None:
+async def warm_path(front: VLLMFront, served_name: str) -> None:
     """Before Serve routes anything here: one streamed and one plain request through the whole path
     (tokenizer, engine client, handles and their routers, the engine replicas and their pair), so the first
     real request after "ready" costs what the tenth does. It waits for the engine replicas (they report
     ready after their own warm-up); past `WARM_PATH_TIMEOUT_S`, or if it fails, the ingress starts anyway."""
-    request = CompletionRequest(model=service.served_name, prompt="def warm_up():\n", max_tokens=2, temperature=0)
+    request = {"model": served_name, "prompt": "def warm_up():\n", "max_tokens": 2, "temperature": 0}
     started = time.perf_counter()
     try:
         async with asyncio.timeout(WARM_PATH_TIMEOUT_S):
-            await service.respond(await service.open(service.prepare_completion(request)))
-            streamed = request.model_copy(update={"stream": True})
-            async for _ in service.sse(await service.open(service.prepare_completion(streamed))):
+            await front.run("completion", request, RequestScope())
+            answer = await front.run("completion", {**request, "stream": True}, RequestScope())
+            assert answer.events is not None
+            async for _ in answer.events:
                 pass
     except Exception as exc:  # noqa: BLE001 - a cold first request is better than no ingress
         logger.warning("warming the request path failed after %.1f s: %s", time.perf_counter() - started, exc)
@@ -144,8 +163,10 @@ class Ingress:
         self.tenants = TenantDirectory.from_config(spec.auth)
         self.service = OpenAIService(spec.served_name, tokenizer, spec.max_model_len, client,
                                      retry_dead_replica=spec.retry_decode)
+        self.front = VLLMFront.build(spec.served_name, spec.model_path, spec.dtype, spec.max_model_len, client,
+                                     retry_dead_replica=spec.retry_decode)
         if spec.warm_path:
-            await warm_path(self.service)
+            await warm_path(self.front, spec.served_name)
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -155,19 +176,36 @@ class Ingress:
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        return self.service.models()
+        return await self.front.models_list()
 
     @api.post("/v1/completions")
     async def http_completions(self, request: Request):
-        tenant = self.tenants.authenticate(request.headers.get("authorization"))
-        body = await _parse(request, CompletionRequest, self.spec.max_request_body_bytes)
-        return await self._http(tenant, lambda: self.service.prepare_completion(body, tenant))
+        return await self._http_request("completion", request)
 
     @api.post("/v1/chat/completions")
     async def http_chat_completions(self, request: Request):
+        return await self._http_request("chat", request)
+
+    async def _http_request(self, kind: Kind, request: Request):
         tenant = self.tenants.authenticate(request.headers.get("authorization"))
-        body = await _parse(request, ChatCompletionRequest, self.spec.max_request_body_bytes)
-        return await self._http(tenant, lambda: self.service.prepare_chat(body, tenant))
+        body = await _read_json(request, self.spec.max_request_body_bytes)
+        if _is_two_step(body):
+            model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+            prepare = self.service.prepare_chat if kind == "chat" else self.service.prepare_completion
+            return await self._http(tenant, lambda: prepare(_validate(model, body), tenant))
+        scope = RequestScope(cache_salt=tenant.cache_salt)
+        admission = self.tenants.admit(tenant)
+        admission.__enter__()  # held until the answer (or its stream) ends, however it ends
+        try:
+            answer = await self.front.run(kind, body, scope, request)
+        except BaseException:
+            admission.__exit__(None, None, None)
+            raise
+        if answer.events is None:
+            admission.__exit__(None, None, None)
+            return JSONResponse(answer.body, headers=kv_headers(answer.report))
+        return StreamingResponse(_released(answer.events, admission), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **kv_headers(answer.report)})
 
     async def _http(self, tenant: Tenant, prepare):
         prepared = prepare()
@@ -221,19 +259,35 @@ class Ingress:
         async for event in self._stream(ChatCompletionRequest, request, authorization):
             yield event
 
-    def _prepare(self, model: type, request: Any, authorization: str | None):
-        tenant = self.tenants.authenticate(authorization)
+    def _prepare(self, model: type, request: Any, tenant: Tenant):
         body = _validate(model, request)
         prepare = self.service.prepare_chat if model is ChatCompletionRequest else self.service.prepare_completion
-        return tenant, prepare(body, tenant)
+        return prepare(body, tenant)
+
+    async def _answer(self, model: type, request: Any, tenant: Tenant, stream: bool) -> Answer:
+        if not isinstance(request, dict):
+            raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
+        kind: Kind = "chat" if model is ChatCompletionRequest else "completion"
+        return await self.front.run(kind, {**request, "stream": stream}, RequestScope(cache_salt=tenant.cache_salt))
 
     async def _respond(self, model: type, request: Any, authorization: str | None) -> dict[str, Any]:
-        tenant, prepared = self._prepare(model, request, authorization)
+        tenant = self.tenants.authenticate(authorization)
         with self.tenants.admit(tenant):
-            return await self.service.respond(await self.service.open(prepared))
+            if _is_two_step(request):
+                return await self.service.respond(await self.service.open(self._prepare(model, request, tenant)))
+            answer = await self._answer(model, request, tenant, stream=False)
+            assert answer.body is not None
+            return answer.body
 
     async def _stream(self, model: type, request: Any, authorization: str | None) -> AsyncIterator[dict]:
-        tenant, prepared = self._prepare(model, request, authorization)
+        tenant = self.tenants.authenticate(authorization)
         with self.tenants.admit(tenant):
-            async for event in self.service.stream(await self.service.open(prepared)):
+            if _is_two_step(request):
+                prepared = self._prepare(model, request, tenant)
+                async for event in self.service.stream(await self.service.open(prepared)):
+                    yield event
+                return
+            answer = await self._answer(model, request, tenant, stream=True)
+            assert answer.events is not None
+            async for event in sse_to_dicts(answer.events):
                 yield event

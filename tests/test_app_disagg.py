@@ -327,8 +327,9 @@ def test_decode_killed_mid_stream_ends_the_stream_with_an_error_event(app, token
     assert events[-1] == "data: [DONE]"  # a clean end
     import json
 
-    last = json.loads(events[-2][len("data: "):])
-    assert last["error"]["type"] == "server_error"
+    last = json.loads(events[-2][len("data: "):])  # vLLM's error event, with pdserve's reason
+    assert last["error"]["type"] == "InternalServerError" and last["error"]["code"] == 500
+    assert last["error"]["message"].startswith("generation failed")
 
 
 def test_decode_killed_mid_request_is_retried_for_non_streaming(app, offline_engine, tokenizer):

@@ -47,7 +47,7 @@ def _from_domain(exc: BaseException) -> OpenAIError | None:
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, EngineInputError):
-        return OpenAIError(400, short_error(exc), code="invalid_request")
+        return OpenAIError(400, short_error(exc), param=exc.parameter, code="invalid_request")
     if isinstance(exc, KVCacheNotFound):
         return kv_cache_not_found()
     if isinstance(exc, ParkingFull):
@@ -66,13 +66,18 @@ def _from_domain(exc: BaseException) -> OpenAIError | None:
     return None
 
 
-def as_openai_error(exc: BaseException) -> OpenAIError:
-    """The OpenAI error for `exc` (also through Ray's wrapping), else a 500 that names the cause."""
+def domain_error(exc: BaseException) -> OpenAIError | None:
+    """The OpenAI error for a pdserve domain error in `exc` (also through Ray's wrapping), else None."""
     for seen in causes(exc):
         mapped = _from_domain(seen)
         if mapped is not None:
             return mapped
-    return OpenAIError(500, f"generation failed: {short_error(exc)}", type="server_error")
+    return None
+
+
+def as_openai_error(exc: BaseException) -> OpenAIError:
+    """The OpenAI error for `exc` (also through Ray's wrapping), else a 500 that names the cause."""
+    return domain_error(exc) or OpenAIError(500, f"generation failed: {short_error(exc)}", type="server_error")
 
 
 def replica_died(exc: BaseException) -> bool:

@@ -25,7 +25,7 @@ from app.api.protocol import ChatCompletionRequest, CompletionRequest, OpenAIErr
 from app.api.render import SSE_DONE, Folded, Renderer, sse_event
 from app.errors import short_error
 from app.messages import GenerationChunk, KVReport
-from app.metrics import observe_request, record_fallback
+from app.metrics import observe_request, record_fallback, record_report_fallbacks
 from app.serving.client import EngineClient
 from app.tenancy import Tenant
 
@@ -143,7 +143,10 @@ class OpenAIService:
         if folded.finish_reason == "abort":
             raise _aborted()
         report = folded.final_report()
-        _record_fallbacks(report)
+        if report is not None:
+            record_report_fallbacks(report)
+        if folded.retried_after:
+            record_fallback("retried_dead_replica")
         return self.renderer.body(prepared, folded), report
 
     async def _prefill_only(self, prepared: Prepared) -> dict[str, Any]:
@@ -169,7 +172,8 @@ class OpenAIService:
                     raise _aborted()
                 if chunk.text or chunk.finish_reason:
                     yield self.renderer.text_chunk(prepared, chunk.text, chunk.finish_reason)
-            _record_fallbacks(folded.final_report())
+            if folded.report is not None:
+                record_report_fallbacks(folded.report)
             if prepared.include_usage:
                 yield self.renderer.usage_chunk(prepared, folded)
         except Exception as exc:  # noqa: BLE001 - a broken stream still ends cleanly
@@ -180,17 +184,6 @@ class OpenAIService:
         async for event in self.stream(opened):
             yield sse_event(event)
         yield SSE_DONE
-
-
-def _record_fallbacks(report: KVReport | None) -> None:
-    if report is None:
-        return
-    if report.fallback:
-        record_fallback(report.fallback)
-    if report.kv_source == "recomputed":
-        record_fallback("recomputed")
-    if report.retried_after:
-        record_fallback("retried_dead_replica")
 
 
 async def _prepend(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:

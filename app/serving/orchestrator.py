@@ -39,6 +39,9 @@ from app.specs import OrchestratorSpec
 
 logger = logging.getLogger(__name__)
 
+# vLLM computes prompt logprobs only for prompt tokens it runs itself, never for KV it loads.
+PROMPT_LOGPROBS_PLACEMENT = "prompt_logprobs: the prompt runs on the decode replica, which computes its logprobs"
+
 
 class DisaggregatedClient:
     mode: Literal["disaggregated"] = "disaggregated"
@@ -55,6 +58,12 @@ class DisaggregatedClient:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         xfer_id = secrets.token_hex(16)
+        if request.wants_prompt_logprobs:  # 0. a prompt whose logprobs are asked for runs where it decodes
+            async with self.decode.generate.choose_replica(request) as d_sel:
+                async for chunk in self._cancel_on_exit(self.decode.dispatch(
+                        d_sel, request, None, xfer_id, PROMPT_LOGPROBS_PLACEMENT, placed_locally=True)):
+                    yield chunk
+            return
         # 1. choose both ends (decode first: prefill replicas whose pair with it is failing are avoided)
         async with self.decode.generate.choose_replica(request) as d_sel, contextlib.AsyncExitStack() as stack:
             decode_id = pair_id(d_sel)

@@ -1,0 +1,257 @@
+"""`PDServeEngine`: vLLM's `EngineClient` over pdserve's own engine client, so vLLM's OpenAI serving
+classes (request models, chat templates, `n`, logprobs, echo, tools, structured output, response shapes)
+run unchanged in the ingress while the prompt runs on pdserve's replicas (collocated, or prefill ->
+KV transfer -> decode).
+
+Life cycle of one `generate` call (vLLM's serving class calls it once per prompt):
+1. The caller's `RequestScope` (tenant salt, arrival time, where the `KVReport` goes) is read from a
+   context variable when `generate` is called, before the generator runs.
+2. `n` is fanned out here: `n` pdserve requests with `n == 1`, seeded `seed + index` as vLLM's own
+   parallel sampling does, streamed together; each output carries its choice `index`.
+3. pdserve's chunks become vLLM `RequestOutput`s: deltas as they come (streaming), or one final output
+   (non-streaming, `FINAL_ONLY`). A non-streaming request whose engine replica died before it finished is
+   run once more (nothing reached the client yet), reported as `retried_after`.
+4. The first chunk's `KVReport` (and any later fields) lands in the scope for the `pdserve` field and
+   headers; latency metrics and fallback counters are recorded once per request.
+Only `generate` is served; the engine-management calls of vLLM's protocol are refused (pdserve's
+replicas are managed by Serve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from http import HTTPStatus
+from typing import Any
+
+from vllm.engine.protocol import EngineClient as VLLMEngineClient
+from vllm.exceptions import GenerationError, RetryableRequestError, VLLMValidationError
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from app.api.errors import as_openai_error, replica_died
+from app.api.vllm_outputs import Choice, child_params, request_output
+from app.errors import short_error
+from app.messages import GenerateRequest, GenerationChunk, KVReport
+from app.metrics import observe_request, record_fallback, record_report_fallbacks
+from app.serving.client import EngineClient
+
+
+@dataclass
+class RequestScope:
+    """One HTTP or handle request, as the engine adapter sees it."""
+
+    cache_salt: str | None = None  # the tenant's: prefix-cache reuse stays inside one tenant
+    arrived_at: float = field(default_factory=time.perf_counter)
+    report: KVReport | None = None  # choice 0's, merged over its chunks
+    retried_after: str | None = None
+    first_token_at: float | None = None  # perf_counter time the first output token reached the ingress
+    num_outputs: int = 0  # RequestOutputs handed to the serving class so far
+    failure: BaseException | None = None  # why generation failed, if it did
+
+    def final_report(self) -> KVReport | None:
+        if self.retried_after is None:
+            return self.report
+        return replace(self.report or KVReport(), retried_after=self.retried_after)
+
+
+SCOPE: ContextVar[RequestScope | None] = ContextVar("pdserve_request_scope", default=None)
+
+
+def salted(tenant_salt: str | None, request_salt: str | None) -> str | None:
+    """A request's own `cache_salt` (vLLM's field) narrows reuse further inside its tenant, never across."""
+    if tenant_salt is None or request_salt is None:
+        return tenant_salt or request_salt
+    return f"{tenant_salt}:{request_salt}"
+
+
+class PDServeEngine(VLLMEngineClient):
+    """The engine vLLM's serving classes see; `client` is pdserve's (collocated or disaggregated)."""
+
+    def __init__(self, client: EngineClient, vllm_config: Any, renderer: Any, retry_dead_replica: bool = True):
+        self.client = client
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.renderer = renderer
+        self.input_processor = None  # inputs are processed by the engine replica that runs them
+        self.retry_dead_replica = retry_dead_replica
+
+    # -- what the serving classes call ------------------------------------------------------------
+
+    def generate(self, prompt: Any, sampling_params: SamplingParams, request_id: str, **_: Any
+                 ) -> AsyncIterator[RequestOutput]:
+        """vLLM's `generate`; LoRA, priority, tracing and data-parallel hints do not apply to pdserve."""
+        scope = SCOPE.get() or RequestScope()  # read now: the generator may run in another task's context
+        if not isinstance(prompt, dict) or prompt.get("type", "token") != "token":
+            raise VLLMValidationError("pdserve serves text and token-id prompts only", parameter="prompt")
+        prompt_ids = tuple(prompt["prompt_token_ids"])
+        salt = salted(scope.cache_salt, prompt.get("cache_salt"))
+        return self._watched(scope, self._generate(scope, request_id, prompt_ids, salt, sampling_params))
+
+    @staticmethod
+    async def _watched(scope: RequestScope, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Counts outputs and keeps the failure: vLLM's stream generators turn exceptions into error events,
+        and the front needs to know whether one came before any output (then it is an HTTP status)."""
+        try:
+            async for output in outputs:
+                scope.num_outputs += 1
+                yield output
+        except Exception as exc:
+            scope.failure = exc
+            if scope.num_outputs:  # mid-stream: vLLM's serving class sends this as an error event, in our words
+                raise _generation_error(exc) from exc
+            raise
+
+    async def _generate(self, scope: RequestScope, request_id: str, prompt_ids: tuple[int, ...],
+                        salt: str | None, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
+        n = params.n
+        children = [GenerateRequest(f"{request_id}-{index}-{uuid.uuid4().hex[:8]}", prompt_ids,
+                                    child_params(params, index), salt) for index in range(n)]
+        outputs: list[Choice] = [Choice(index) for index in range(n)]
+        async for index, chunk in _merged([self._run(scope, child, i, final_only) for i, child in enumerate(children)]):
+            choice = outputs[index]
+            choice.add(chunk)
+            finished = all(c.finish_reason is not None for c in outputs)
+            if finished and scope.first_token_at is not None:
+                num_tokens = sum(c.num_tokens for c in outputs)
+                observe_request(self.client.mode, scope.first_token_at - scope.arrived_at,
+                                time.perf_counter() - scope.arrived_at, num_tokens)
+            # usage's cached tokens: what the tenant's prefix cache served, not the KV decode loaded
+            num_cached = (scope.report.prefix_cache_hit_tokens if scope.report else None) or 0
+            if not final_only:
+                yield request_output(request_id, prompt_ids, [choice.delta(chunk)], num_cached, finished,
+                                      chunk.prompt_logprobs)
+            elif finished:
+                yield request_output(request_id, prompt_ids, [c.whole() for c in outputs], num_cached, True,
+                                      outputs[0].prompt_logprobs)
+
+    async def _run(self, scope: RequestScope, request: GenerateRequest, index: int, final_only: bool
+                   ) -> AsyncIterator[GenerationChunk]:
+        """One choice's chunks. Non-streaming, they are held until it finishes: if its engine replica dies first,
+        nothing has reached the client, so it runs once more from the start (reported as `retried_after`)."""
+        if not final_only:
+            async for chunk in self._reported(scope, request, index):
+                yield chunk
+            return
+        try:
+            chunks = [chunk async for chunk in self._reported(scope, request, index)]
+        except Exception as exc:
+            if not (self.retry_dead_replica and replica_died(exc)):
+                raise
+            scope.retried_after = f"replica died: {short_error(exc)}"
+            record_fallback("retried_dead_replica")
+            retry = replace(request, request_id=f"{request.request_id}-retry")
+            chunks = [chunk async for chunk in self._reported(scope, retry, index)]
+        for chunk in chunks:
+            yield chunk
+
+    async def _reported(self, scope: RequestScope, request: GenerateRequest, index: int
+                        ) -> AsyncIterator[GenerationChunk]:
+        """Pass chunks through; the first token's time and choice 0's report go to the scope, fallbacks to
+        the counters once the choice finished."""
+        report: KVReport | None = None
+        async for chunk in self.client.generate(request):
+            if chunk.token_ids and scope.first_token_at is None:
+                scope.first_token_at = time.perf_counter()
+            if chunk.report is not None:
+                report = (report or KVReport()).merged(chunk.report)
+                if index == 0:
+                    scope.report = report
+            yield chunk
+        if report is not None:
+            record_report_fallbacks(report)
+
+    async def abort(self, request_id: str | Any) -> None:
+        """Closing a `generate` stream aborts its requests on their replicas; nothing else to do."""
+
+    # -- the rest of vLLM's engine protocol ---------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return True
+
+    @property
+    def is_stopped(self) -> bool:
+        return False
+
+    @property
+    def errored(self) -> bool:
+        return False
+
+    @property
+    def dead_error(self) -> BaseException:
+        return RuntimeError("pdserve's engines are replicas managed by Serve")
+
+    async def is_tracing_enabled(self) -> bool:
+        return False
+
+    async def do_log_stats(self) -> None:
+        return None
+
+    async def check_health(self) -> None:
+        return None
+
+    async def notify_kv_transfer_request_rejected(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def encode(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError("pdserve serves generation, not pooling or embeddings")
+
+    async def add_lora(self, *args: Any, **kwargs: Any) -> bool:
+        raise NotImplementedError("pdserve does not serve LoRA adapters")
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        return None
+
+    async def _unsupported(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("engine management goes through pdserve's replicas, not the ingress")
+
+    start_profile = stop_profile = reset_mm_cache = reset_encoder_cache = reset_prefix_cache = _unsupported
+    sleep = release_kv_cache_memory = wake_up = is_sleeping = _unsupported
+    pause_generation = resume_generation = is_paused = _unsupported
+
+
+def _generation_error(exc: BaseException) -> GenerationError:
+    """A failure after the first output, as the error vLLM's stream generators report with its status."""
+    error = as_openai_error(exc)
+    failure = RetryableRequestError(error.message) if error.status == 503 else GenerationError(error.message)
+    failure.status_code = HTTPStatus(error.status)
+    return failure
+
+
+async def _merged(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """(index, chunk) from every stream as they come; one stream is passed straight through (no task)."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[GenerationChunk]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+        else:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()  # the consumer left or a choice failed: stop the others too

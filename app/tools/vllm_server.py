@@ -1,0 +1,120 @@
+"""vLLM's own OpenAI server, started as its users start it: the reference pdserve's API is checked against.
+
+Life cycle: `VLLMServer(...)` builds the command line (`python -m vllm.entrypoints.openai.api_server`, the
+engine knobs pdserve's defaults use); `start()` launches it in a session of its own and waits until
+`/v1/models` answers; `stop()` presses Ctrl-C (it then exits in seconds and cleans up after itself), kills
+its process group if anything lingers, and removes the /dev/shm files its processes had mapped that a kill
+left behind (only those: other programs' shared memory is never touched).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from app.config import DEFAULT_MODEL_DIR
+from app.engine_setup import engine_env
+
+
+def _shm_of_group(pgid: int) -> set[Path]:
+    """/dev/shm files mapped or open in the processes of process group `pgid`."""
+    found: set[Path] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(proc.name)) != pgid:
+                continue
+            for line in (proc / "maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    found.add(Path(line.split(maxsplit=5)[-1]))
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    found.add(Path(target))
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def _default_sigint() -> None:
+    # A process started from a background job inherits SIGINT ignored; Ctrl-C must reach the server.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@dataclass
+class VLLMServer:
+    port: int
+    model: str = str(DEFAULT_MODEL_DIR)
+    served_name: str = "pdserve-tiny-llama"
+    max_model_len: int = 4096
+    block_size: int = 32
+    kv_cache_memory_bytes: int = 256 << 20
+    log: Path | None = None
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--served-model-name", self.served_name, "--dtype", "float32",
+                "--max-model-len", str(self.max_model_len), "--block-size", str(self.block_size), "--enforce-eager",
+                # without it, its memory check refuses to start on a small CPU machine (FACTS.md)
+                "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
+                "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def start(self, timeout_s: float = 240) -> float:
+        """Start it and wait until it answers; returns seconds to ready."""
+        env = {**os.environ, **engine_env()}
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # its engine core runs as in any vLLM deployment
+        out = self.log.open("w") if self.log else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=_default_sigint)
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited with {self.process.returncode} before it was ready"
+                                   + (f"; see {self.log}" if self.log else ""))
+            try:
+                if httpx.get(f"{self.base_url}/v1/models", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"vLLM's server was not ready in {timeout_s} s")
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        self.process = None
+        shm = _shm_of_group(process.pid)
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # anything of its session still there (engine core)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+        for path in shm:
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> VLLMServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

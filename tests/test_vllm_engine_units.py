@@ -1,0 +1,145 @@
+"""`PDServeEngine` (vLLM's engine protocol over pdserve's engine client) without Ray: a fake client streams
+`GenerationChunk`s, and the adapter must turn them into the `RequestOutput`s vLLM's serving classes expect."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from app.api.vllm_engine import SCOPE, PDServeEngine, RequestScope, salted
+from app.messages import GenerateRequest, GenerationChunk, KVReport
+
+
+class _Config:
+    model_config = object()
+
+
+class FakeClient:
+    """Answers each request with `len(text)` one-character chunks; records what it was asked."""
+
+    mode = "collocated"
+
+    def __init__(self, text: str = "abc", die_first: bool = False):
+        self.text = text
+        self.die_first = die_first
+        self.requests: list[GenerateRequest] = []
+        self.closed: list[str] = []
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        self.requests.append(request)
+        try:
+            for i, ch in enumerate(self.text):
+                if self.die_first and len(self.requests) == 1 and i == 1:
+                    from ray.exceptions import ActorDiedError
+
+                    raise ActorDiedError()
+                last = i == len(self.text) - 1
+                yield GenerationChunk(text=ch, token_ids=(ord(ch),), finish_reason="length" if last else None,
+                                      num_prompt_tokens=len(request.prompt_token_ids),
+                                      report=KVReport(kv_source="transfer") if i == 0 else None)
+                await asyncio.sleep(0)
+        finally:
+            self.closed.append(request.request_id)
+
+
+def _run(engine: PDServeEngine, params: SamplingParams, scope: RequestScope | None = None) -> list:
+    async def go():
+        token = SCOPE.set(scope or RequestScope(cache_salt="tenant-a"))
+        try:
+            stream = engine.generate({"type": "token", "prompt_token_ids": [1, 2, 3], "cache_salt": "mine"},
+                                     params, "req-1")
+        finally:
+            SCOPE.reset(token)
+        return [out async for out in stream]
+
+    return asyncio.run(go())
+
+
+def test_streaming_deltas_become_request_outputs_and_the_scope_gets_the_report():
+    client = FakeClient("abc")
+    scope = RequestScope(cache_salt="tenant-a")
+    outs = _run(PDServeEngine(client, _Config(), None), SamplingParams(max_tokens=3,
+                                                                         output_kind=RequestOutputKind.DELTA), scope)
+    assert [o.outputs[0].text for o in outs] == ["a", "b", "c"]
+    assert [o.finished for o in outs] == [False, False, True]
+    assert outs[-1].outputs[0].finish_reason == "length" and outs[0].prompt_token_ids == [1, 2, 3]
+    assert scope.report is not None and scope.report.kv_source == "transfer" and scope.num_outputs == 3
+    # the tenant's salt comes first: a request's own cache_salt narrows reuse inside its tenant, never across
+    assert client.requests[0].cache_salt == "tenant-a:mine"
+
+
+def test_final_only_gives_one_whole_output():
+    outs = _run(PDServeEngine(FakeClient("hello"), _Config(), None),
+                SamplingParams(max_tokens=5, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert len(outs) == 1 and outs[0].finished
+    assert outs[0].outputs[0].text == "hello" and outs[0].outputs[0].token_ids == [ord(c) for c in "hello"]
+
+
+def test_n_fans_out_with_vllm_child_seeds_and_indexes():
+    client = FakeClient("xy")
+    outs = _run(PDServeEngine(client, _Config(), None),
+                SamplingParams(n=3, seed=10, temperature=1.0, max_tokens=2, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert sorted(r.sampling.seed for r in client.requests) == [10, 11, 12]
+    assert all(r.sampling.n == 1 for r in client.requests)
+    assert len({r.request_id for r in client.requests}) == 3
+    assert [o.index for o in outs[0].outputs] == [0, 1, 2] and {o.text for o in outs[0].outputs} == {"xy"}
+
+
+def test_unseeded_n_leaves_seeds_unset():
+    client = FakeClient("x")
+    _run(PDServeEngine(client, _Config(), None),
+         SamplingParams(n=2, temperature=1.0, max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert [r.sampling.seed for r in client.requests] == [None, None]
+
+
+def test_a_dead_replica_is_retried_once_for_non_streaming_and_reported():
+    client = FakeClient("abc", die_first=True)
+    scope = RequestScope()
+    outs = _run(PDServeEngine(client, _Config(), None),
+                SamplingParams(max_tokens=3, output_kind=RequestOutputKind.FINAL_ONLY), scope)
+    assert outs[-1].outputs[0].text == "abc"  # the dead replica's partial output is not kept
+    assert len(client.requests) == 2 and scope.final_report().retried_after.startswith("replica died")
+
+
+def test_a_dead_replica_fails_a_stream_and_the_scope_keeps_why():
+    client = FakeClient("abc", die_first=True)
+    scope = RequestScope()
+    with pytest.raises(Exception, match="died|Actor"):
+        _run(PDServeEngine(client, _Config(), None),
+             SamplingParams(max_tokens=3, output_kind=RequestOutputKind.DELTA), scope)
+    assert scope.failure is not None and scope.num_outputs == 1 and len(client.requests) == 1
+
+
+def test_leaving_early_closes_every_choice():
+    client = FakeClient("abcdef")
+
+    async def go():
+        token = SCOPE.set(RequestScope())
+        try:
+            stream = PDServeEngine(client, _Config(), None).generate(
+                {"type": "token", "prompt_token_ids": [1]},
+                SamplingParams(n=2, temperature=1.0, max_tokens=6, output_kind=RequestOutputKind.DELTA), "r")
+        finally:
+            SCOPE.reset(token)
+        await anext(stream)
+        await stream.aclose()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(go())
+    assert len(client.closed) == 2
+
+
+def test_only_token_prompts_are_served():
+    from vllm.exceptions import VLLMValidationError
+
+    engine = PDServeEngine(FakeClient(), _Config(), None)
+    with pytest.raises(VLLMValidationError):
+        engine.generate({"type": "embeds", "prompt_embeds": None}, SamplingParams(), "r")
+
+
+def test_salts():
+    assert salted(None, None) is None
+    assert salted("t", None) == "t" and salted(None, "r") == "r" and salted("t", "r") == "t:r"
