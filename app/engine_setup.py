@@ -93,3 +93,11 @@ def to_vllm_sampling(sampling: SamplingSpec | Any, extra_args: dict[str, Any] | 
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
     )
+
+
+def freeze_gc_heap() -> None:
+    """After start-up: move everything alive to the oldest generation and freeze it (vLLM's server does the same);
+    with vLLM and torch loaded that is millions of objects no later collection needs to walk again."""
+    from vllm.utils.gc_utils import freeze_gc_heap as freeze
+
+    freeze()

@@ -17,6 +17,7 @@ from typing import Any
 
 from app.config import WarmupConfig
 from app.engine import EngineDriver, EngineLoad
+from app.engine_setup import freeze_gc_heap
 from app.kv.pairs import PairTransport
 from app.metrics import set_engine_load
 from app.specs import EngineSpec
@@ -56,12 +57,15 @@ class EngineReplica:
         return self.driver
 
     async def _start(self) -> None:
-        """End of the constructor: warm up, then publish load; Serve marks the replica ready after this."""
+        """End of the constructor: warm up, then publish load; Serve marks the replica ready after this. Last, the
+        heap built so far (model, engine, vLLM's modules) is frozen out of the garbage collector's reach, as vLLM's
+        own server does after start-up: the collections that serving triggers then walk only what serving made."""
         if self.warmup_config.enabled:
             await self.warm_up()
             if self.warmup_config.interval_s:
                 asyncio.get_running_loop().create_task(self._warm_periodically())
         threading.Thread(target=self._publish, name="pdserve-metrics", daemon=True).start()
+        freeze_gc_heap()
 
     # -- warm-up and pairing ------------------------------------------------------------------------
 
