@@ -39,6 +39,7 @@ from app.api.render import kv_headers
 from app.api.service import OpenAIService
 from app.api.vllm_engine import RequestScope
 from app.api.vllm_front import Answer, Kind, VLLMFront, sse_to_dicts
+from app.engine_setup import freeze_gc_heap
 from app.serving.client import CollocatedClient, EngineClient
 from app.specs import IngressSpec
 from app.tenancy import Tenant, TenantDirectory
@@ -148,10 +149,7 @@ async def warm_path(front: VLLMFront, served_name: str) -> None:
 @serve.ingress(api)
 class Ingress:
     async def __init__(self, spec: IngressSpec, engines: dict[str, DeploymentHandle]):
-        from transformers import AutoTokenizer
-
         self.spec = spec
-        tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         client: EngineClient
         if spec.mode == "collocated":
             client = CollocatedClient(engines["collocated"])
@@ -161,12 +159,13 @@ class Ingress:
             client = DisaggregatedClient(engines["prefill"], engines["decode"], spec.orchestrator)
         self.engines = engines
         self.tenants = TenantDirectory.from_config(spec.auth)
-        self.service = OpenAIService(spec.served_name, tokenizer, spec.max_model_len, client,
-                                     retry_dead_replica=spec.retry_decode)
         self.front = VLLMFront.build(spec.served_name, spec.model_path, spec.dtype, spec.max_model_len, client,
+                                     retry_dead_replica=spec.retry_decode)
+        self.service = OpenAIService(spec.served_name, self.front.tokenizer, spec.max_model_len, client,
                                      retry_dead_replica=spec.retry_decode)
         if spec.warm_path:
             await warm_path(self.front, spec.served_name)
+        freeze_gc_heap()  # vLLM's modules and config are loaded here too: keep collections off that heap
 
     # -- HTTP -----------------------------------------------------------------------------------
 

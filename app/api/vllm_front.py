@@ -55,6 +55,7 @@ class VLLMFront:
         from vllm.renderers.online_renderer import OnlineRenderer
 
         renderer = renderer_from_config(vllm_config)
+        self.tokenizer = renderer.tokenizer  # the two-step path tokenises with the same tokenizer
         self.engine = PDServeEngine(client, vllm_config, renderer, retry_dead_replica)
         self.models = OpenAIServingModels(self.engine, [BaseModelPath(name=served_name, model_path=model_path)])
         # vLLM's server defaults: the model's own chat template, no tool parser (tool_choice "auto" refused
