@@ -180,6 +180,29 @@ def test_prefix_cache_hits_stay_inside_a_tenant(app, tokenizer):
     assert cached(BOB) >= 64
 
 
+def test_a_requests_own_cache_salt_never_reaches_another_tenants_cache(app, tokenizer):
+    """vLLM's `cache_salt` field narrows reuse inside the tenant; the tenant's salt always comes first."""
+    prompt = prompt_of_length(tokenizer, 100, offset=41)
+
+    def cached(key: str) -> int:
+        body = _post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "cache_salt": "shared"}, key).json()
+        return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(ALICE) == 0
+    assert cached(ALICE) >= 64
+    assert cached(BOB) == 0  # the same prompt and the same cache_salt from bob: still none of alice's blocks
+
+
+def test_two_step_refuses_what_it_does_not_take_by_name(app, tokenizer):
+    for extra, name in (({"top_k": 5}, "top_k"), ({"logprobs": 2}, "logprobs")):
+        response = _post(app, "/v1/completions", {"prompt": "import os\n", "max_tokens": 2,
+                                                  "disagg_mode": "prefill_only", **extra})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == name and "disagg_mode" in error["message"]
+    assert _wait_parked_empty() == 0  # nothing was parked for the refused requests
+
+
 # 4. authentication -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Basic {ALICE}"},

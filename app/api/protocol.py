@@ -1,7 +1,8 @@
-"""OpenAI-compatible request models (the HTTP and handle boundary) and the OpenAI error type.
+"""pdserve's own request models, for its two-step API (`disagg_mode`, `kv_cache_id`), and the OpenAI error type.
 
-Unknown fields are refused (`extra="forbid"`), and parameters OpenAI defines but pdserve does not
-implement are accepted by name only to be refused with a message that says so, never ignored.
+Every other request is validated by vLLM's own request models (`app/api/vllm_front.py`). A two-step request
+takes the basic sampling parameters below; anything else is refused by name (`extra="forbid"`, and the
+OpenAI parameters listed in `_UNSUPPORTED_DEFAULTS`), with a message that says how to send it instead.
 """
 
 from __future__ import annotations
@@ -134,9 +135,14 @@ class _SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+_TWO_STEP_HINT = ("pdserve's two-step API (disagg_mode) takes max_tokens, temperature, top_p, seed, stop, "
+                  "presence_penalty, frequency_penalty, ignore_eos and stream; remove it, or send the request "
+                  "without disagg_mode")
+
+
 class UnsupportedParameter(ValueError):
     def __init__(self, name: str):
-        super().__init__(f"`{name}` is not supported by pdserve; remove it from the request")
+        super().__init__(f"`{name}` is not supported with disagg_mode: {_TWO_STEP_HINT}")
         self.name = name
 
 
@@ -229,7 +235,7 @@ def validation_error_to_openai(errors: list[dict[str, Any]]) -> OpenAIError:
     message = err.get("msg", "invalid request")
     message = message.removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
-        message = f"unknown parameter `{param}`"
+        message = f"unknown parameter `{param}` with disagg_mode: {_TWO_STEP_HINT}"
         return OpenAIError(400, message, param=param, code="unknown_parameter")
     if err.get("type") == "missing":
         message = f"missing required parameter `{param}`"

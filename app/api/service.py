@@ -1,4 +1,5 @@
-"""The OpenAI API logic shared by the HTTP routes and the DeploymentHandle methods.
+"""pdserve's own OpenAI path, for two-step requests (`disagg_mode`) over HTTP and DeploymentHandle calls;
+every other request goes through vLLM's serving classes (`vllm_front.py`).
 
 Life cycle of one request:
 1. `prepare_*` (`RequestPreparer`): model name, tokens, context checks -> `Prepared`.
