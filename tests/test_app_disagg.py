@@ -113,6 +113,7 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
         text, meta = "", {}
         async with client.stream("POST", f"{app['base']}/v1/completions", json=body) as response:
             assert response.status_code == 200
+            meta["kv_source"] = response.headers.get("x-pdserve-kv-source")
             async for line in response.aiter_lines():
                 if line.startswith("data: {"):
                     import json
@@ -128,6 +129,7 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
 
     results = asyncio.run(run_all())
     assert [text for text, _ in results] == wants
+    assert [meta["kv_source"] for _, meta in results] == ["transfer"] * 16  # each prompt's KV moved, none recomputed
     pairs = {peer for stats in _broadcast("Decode", "kv_stats") for peer in stats["pairs"]}
     assert len(pairs) == 2  # both prefill replicas paired with decode replicas
 
@@ -168,6 +170,50 @@ def test_failed_transfer_falls_back_at_once_and_is_counted(app, offline_engine, 
         for reason, count in stats["fallbacks"].items():
             fallbacks[reason] = fallbacks.get(reason, 0) + count
     assert any("injected" in reason for reason in fallbacks)
+
+
+def test_vllm_parameters_through_the_recompute_fallback_equal_the_transfer_path(app, tokenizer):
+    """logprobs, n (seeded) and structured output come from the decode replica, so a failed transfer (decode
+    recomputes the prompt) must not change them; tests/test_vllm_conformance.py checks the transfer path itself
+    against vLLM's server."""
+    body = {"model": MODEL_NAME, "prompt": prompt_of_length(tokenizer, 50, offset=90), "max_tokens": 10,
+            "temperature": 0.8, "seed": 4, "n": 2, "logprobs": 2, "structured_outputs": {"regex": "[a-z ]{3,10}"}}
+
+    def choices(response: httpx.Response) -> list:
+        assert response.status_code == 200, response.text
+        return [{k: c[k] for k in ("index", "text", "logprobs", "finish_reason")} for c in response.json()["choices"]]
+
+    via_transfer = httpx.post(f"{app['base']}/v1/completions", json=body, timeout=60)
+    assert via_transfer.json()["pdserve"]["kv_source"] == "transfer"
+    _broadcast("Prefill", "set_fault_injection", {"fail_fraction": 1.0})
+    try:
+        recomputed = httpx.post(f"{app['base']}/v1/completions", json=body, timeout=60)
+    finally:
+        _broadcast("Prefill", "set_fault_injection", {})
+    assert recomputed.json()["pdserve"]["kv_source"] == "recomputed"
+    want, got = choices(via_transfer), choices(recomputed)
+    assert [c["text"] for c in got] == [c["text"] for c in want]
+    for w, g in zip(want, got, strict=True):
+        assert g["logprobs"]["tokens"] == w["logprobs"]["tokens"]
+        assert all(abs(a - b) < 1e-3 for a, b in zip(g["logprobs"]["token_logprobs"], w["logprobs"]["token_logprobs"],
+                                                       strict=True))
+
+
+def test_prompt_logprobs_run_on_the_decode_replica_as_a_placement(app, tokenizer):
+    fallbacks_before = _decode_fallbacks()
+    response = httpx.post(f"{app['base']}/v1/completions", timeout=60, json={
+        "model": MODEL_NAME, "prompt": prompt_of_length(tokenizer, 40, offset=60), "max_tokens": 3,
+        "temperature": 0, "prompt_logprobs": 1})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["choices"][0]["prompt_logprobs"]) == 40  # first position None, then one per prompt token
+    assert body["pdserve"]["kv_source"] == "local" and "prompt_logprobs" in body["pdserve"]["placement_reason"]
+    assert "fallback" not in body["pdserve"] and response.headers["x-pdserve-kv-source"] == "local"
+    assert _decode_fallbacks() == fallbacks_before  # a placement, not a fallback
+
+
+def _decode_fallbacks() -> int:
+    return sum(sum(stats["fallbacks"].values()) for stats in _broadcast("Decode", "kv_stats"))
 
 
 def test_late_transfer_misses_its_deadline_and_does_not_wedge_the_pair(app, offline_engine, tokenizer):
@@ -345,7 +391,8 @@ def test_decode_killed_mid_request_is_retried_for_non_streaming(app, offline_eng
     response = result["response"]
     assert response.status_code == 200, response.text
     body = response.json()
-    assert victim in str(body["pdserve"].get("retried_after")) or "died" in body["pdserve"]["retried_after"]
+    assert body["pdserve"]["retried_after"].startswith("replica died")
+    assert body["pdserve"]["decode_replica"] not in (None, victim)  # the second run went to a live replica
     assert body["choices"][0]["text"] == offline_generate(offline_engine, prompt, 400, ignore_eos=True)[0]
 
 

@@ -1,8 +1,8 @@
 """Schema-guided fuzzing of the HTTP API (hypothesis), and backpressure past a phase's queue.
 
 Bodies mix valid fields, wrong types, out-of-range values, unknown keys, two-step fields and raw
-garbage; the disaggregated app (the default mode) must answer each with a 2xx or an OpenAI-style 4xx,
-and serve a normal request afterwards. The app's decode phase admits one request and queues one, so
+garbage; the disaggregated app (the default mode) must answer each with a 2xx or an OpenAI-style 4xx
+(an accepted stream must also end without an error event), and serve a normal request afterwards. The app's decode phase admits one request and queues one, so
 a burst past that gets 429 with Retry-After instead of piling up.
 """
 
@@ -56,7 +56,10 @@ _bodies = st.fixed_dictionaries({}, optional=_fields)
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    run_app({"mode": "disaggregated", "kv_transfer": {"timeout_s": 1.0, "prefill_timeout_s": 10.0},
+    # A short context: an accepted chat request without max_tokens generates up to the context's end, as on
+    # vLLM's server, and a fuzz run should not spend minutes on that.
+    run_app({"mode": "disaggregated", "model": {"max_model_len": 512},
+             "kv_transfer": {"timeout_s": 1.0, "prefill_timeout_s": 10.0},
              "decode": {"max_ongoing_requests": 1, "max_queued_requests": 1}}, APP, PREFIX)
     with httpx.Client(base_url=f"http://127.0.0.1:{ray_session}{PREFIX}", timeout=60) as client:
         yield client
@@ -68,6 +71,12 @@ def _check(response: httpx.Response) -> None:
     if response.status_code >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    elif response.headers.get("content-type", "").startswith("text/event-stream"):
+        # an accepted stream must not fail after its 200: every event is a chunk, and it ends cleanly
+        events = [line for line in response.text.splitlines() if line]
+        assert events and events[-1] == "data: [DONE]", response.text[-500:]
+        for event in events[:-1]:
+            assert "error" not in json.loads(event.removeprefix("data: ")), event
 
 
 @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
