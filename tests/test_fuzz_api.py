@@ -2,8 +2,9 @@
 
 Bodies mix valid fields, wrong types, out-of-range values, unknown keys, two-step fields and raw
 garbage; the disaggregated app (the default mode) must answer each with a 2xx or an OpenAI-style 4xx
-(an accepted stream must also end without an error event), and serve a normal request afterwards. The app's decode phase admits one request and queues one, so
-a burst past that gets 429 with Retry-After instead of piling up.
+(an accepted stream must also end without an error event), and serve a normal request afterwards.
+The app's decode phase admits one request and queues one, so a burst past that gets 429 with
+Retry-After instead of piling up.
 """
 
 from __future__ import annotations
