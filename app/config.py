@@ -149,6 +149,20 @@ class TwoStepConfig(_Strict):
     max_parked_per_replica: int = Field(64, ge=1, description="Parked KV caches one prefill replica holds (429 past).")
 
 
+class PlacementConfig(_Strict):
+    """Disaggregated mode: where each prompt runs. The decode replica is chosen first; then the prompt prefills
+    on a prefill replica (its KV moved over) or on that decode replica itself (no hop, no transfer, but its
+    running replies wait for the prefill)."""
+
+    policy: Literal["adaptive", "always_remote", "always_local"] = Field(
+        "adaptive", description="adaptive: short prompts prefill on their decode replica, longer ones on a prefill "
+        "replica; always_remote: every prompt on a prefill replica; always_local: every prompt on its decode replica.")
+    local_max_prompt_tokens: int = Field(
+        224, ge=0, description="adaptive: prompts of at most this many tokens prefill on their decode replica. "
+        "A local prefill stalls that replica's running replies for as long as it takes: `pdserve plan` prints the "
+        "length whose prefill fits in two decode steps on your model and hardware (226 for the default model here).")
+
+
 class WarmupConfig(_Strict):
     """Synthetic requests every engine replica runs before it reports ready (also after a restart or a
     scale-up); they also form its pair groups with every running replica of the other phase."""
@@ -226,6 +240,8 @@ class AppConfig(_Strict):
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig, description="KV transport.")
     fallback: FallbackConfig = Field(default_factory=FallbackConfig, description="Retries and circuit breakers.")
     two_step: TwoStepConfig = Field(default_factory=TwoStepConfig, description="prefill_only / decode_only.")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig,
+                                       description="Disaggregated mode: where each prompt prefills.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, per-tenant limits.")
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger HTTP request bodies get 413.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Replica warm-up.")

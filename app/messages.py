@@ -41,6 +41,7 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingSpec | Any  # Any: vllm.SamplingParams (n == 1; the ingress fans `n` out)
     cache_salt: str | None = None
+    remote_prefill: bool = False  # disaggregated: prefill on a prefill replica whatever the placement policy says
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -71,6 +71,9 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
     MetricDef("pdserve_fallbacks_total", "Counter", "requests", ("kind",),
               "Requests that left the plain path: retried_other_prefill, recomputed, failed_fast, "
               "retried_dead_replica, no_prefill_replica."),
+    MetricDef("pdserve_placements_total", "Counter", "requests", ("placement", "reason"),
+              "Disaggregated requests by where their prompt prefilled (local: on the decode replica; remote: on a "
+              "prefill replica) and why: short_prompt, long_prompt, policy, prompt_logprobs, forced."),
     MetricDef("pdserve_kv_recomputes_total", "Counter", "requests", ("reason",),
               "Prompts a decode replica recomputed instead of loading KV, by reason: deadline, checksum, "
               "prefill_failed, pairing, no_prefill_replica, other."),
@@ -124,6 +127,10 @@ def _observe(name: str, value: float, **tags: str) -> None:
 def record_fallback(kind: str) -> None:
     """A request that did not take the plain path (kinds in `METRICS`)."""
     _inc("pdserve_fallbacks_total", kind=kind)
+
+
+def record_placement(placement: str, reason: str) -> None:
+    _inc("pdserve_placements_total", placement=placement, reason=reason)
 
 
 def record_report_fallbacks(report: KVReport) -> None:

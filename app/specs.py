@@ -74,6 +74,8 @@ class OrchestratorSpec:
     when_no_prefill: Literal["wait", "decode_locally"]
     no_prefill_wait_s: float
     notify_timeout_s: float  # how long the first token waits for prefill's report
+    placement: Literal["adaptive", "always_remote", "always_local"]
+    local_max_prompt_tokens: int  # adaptive: prompts up to this length prefill on their decode replica
 
     @classmethod
     def from_config(cls, config: AppConfig) -> OrchestratorSpec:
@@ -81,7 +83,8 @@ class OrchestratorSpec:
         return cls(retry_other_prefill=fallback.retry_other_prefill, breaker_failures=fallback.breaker_failures,
                    breaker_window_s=fallback.breaker_window_s, breaker_open_s=fallback.breaker_open_s,
                    when_no_prefill=scaling.when_no_replica, no_prefill_wait_s=scaling.no_replica_wait_s,
-                   notify_timeout_s=config.kv_transfer.timeout_s)
+                   notify_timeout_s=config.kv_transfer.timeout_s, placement=config.placement.policy,
+                   local_max_prompt_tokens=config.placement.local_max_prompt_tokens)
 
 
 @dataclass(frozen=True)

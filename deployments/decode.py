@@ -120,7 +120,9 @@ class Decode(EngineReplica):
                                                 cache_salt=request.cache_salt):
             if first:
                 first = False
-                chunk = chunk.with_report(replace(report, num_cached_tokens=chunk.num_cached_tokens))
+                # the prompt ran here: what this engine found cached is the tenant's prefix-cache hit
+                chunk = chunk.with_report(replace(report, num_cached_tokens=chunk.num_cached_tokens,
+                                                  prefix_cache_hit_tokens=chunk.num_cached_tokens))
             yield chunk
 
     async def transfer_failed(self, xfer_id: str, reason: str, replica_pin: str | None = None) -> None:

@@ -133,8 +133,9 @@ async def warm_path(front: VLLMFront, served_name: str) -> None:
     started = time.perf_counter()
     try:
         async with asyncio.timeout(WARM_PATH_TIMEOUT_S):
-            await front.run("completion", request, RequestScope())
-            answer = await front.run("completion", {**request, "stream": True}, RequestScope())
+            # remote_prefill: short prompts place locally, and the transfer path is the one to warm
+            await front.run("completion", request, RequestScope(remote_prefill=True))
+            answer = await front.run("completion", {**request, "stream": True}, RequestScope(remote_prefill=True))
             assert answer.events is not None
             async for _ in answer.events:
                 pass

@@ -46,6 +46,7 @@ class RequestScope:
     """One HTTP or handle request, as the engine adapter sees it."""
 
     cache_salt: str | None = None  # the tenant's: prefix-cache reuse stays inside one tenant
+    remote_prefill: bool = False  # disaggregated: on a prefill replica whatever the placement (the warm path)
     arrived_at: float = field(default_factory=time.perf_counter)
     report: KVReport | None = None  # choice 0's, merged over its chunks
     retried_after: str | None = None
@@ -111,7 +112,7 @@ class PDServeEngine(VLLMEngineClient):
         final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
         n = params.n
         children = [GenerateRequest(f"{request_id}-{index}-{uuid.uuid4().hex[:8]}", prompt_ids,
-                                    child_params(params, index), salt) for index in range(n)]
+                                    child_params(params, index), salt, scope.remote_prefill) for index in range(n)]
         outputs: list[Choice] = [Choice(index) for index in range(n)]
         async for index, chunk in _merged([self._run(scope, child, i, final_only) for i, child in enumerate(children)]):
             choice = outputs[index]

@@ -1,6 +1,8 @@
 """`DisaggregatedClient`: the prefill/decode orchestrator, an `EngineClient` for `mode: disaggregated`.
 
 One request (`generate`):
+0. Placement (`placement.py`): short prompts (and those asking for prompt logprobs) prefill on the decode
+   replica chosen for them, reported as `kv_source: local` with the reason; the rest go on:
 1. Choose the decode replica, then the prefill replica (Serve's router, `choose_replica`; replicas and
    pairs whose circuit breaker is open are avoided), so both ends of the transfer are known before it
    starts; each replica publishes its pair id through `record_replica_metadata`. With
@@ -32,15 +34,14 @@ from app.circuit import BREAKERS
 from app.circuit import configure as configure_breakers
 from app.errors import KVCacheNotFound
 from app.kv.parking import replica_of
-from app.messages import GenerateRequest, GenerationChunk, ParkedPrompt, ParkResult
-from app.metrics import PhaseRatio
+from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
+from app.metrics import PhaseRatio, record_placement
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
+from app.serving.placement import place
 from app.specs import OrchestratorSpec
 
 logger = logging.getLogger(__name__)
 
-# vLLM computes prompt logprobs only for prompt tokens it runs itself, never for KV it loads.
-PROMPT_LOGPROBS_PLACEMENT = "prompt_logprobs: the prompt runs on the decode replica, which computes its logprobs"
 
 
 class DisaggregatedClient:
@@ -58,12 +59,23 @@ class DisaggregatedClient:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         xfer_id = secrets.token_hex(16)
-        if request.wants_prompt_logprobs:  # 0. a prompt whose logprobs are asked for runs where it decodes
+        # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
+        placement = place(request, self.spec.placement, self.spec.local_max_prompt_tokens)
+        record_placement(placement.where, placement.reason)
+        if placement.local:
             async with self.decode.generate.choose_replica(request) as d_sel:
                 async for chunk in self._cancel_on_exit(self.decode.dispatch(
-                        d_sel, request, None, xfer_id, PROMPT_LOGPROBS_PLACEMENT, placed_locally=True)):
+                        d_sel, request, None, xfer_id, placement.detail, placed_locally=True)):
                     yield chunk
             return
+        first = True
+        async for chunk in self._remote(request, xfer_id):
+            if first:
+                first = False
+                chunk = chunk.with_report(KVReport(placement_reason=placement.detail))
+            yield chunk
+
+    async def _remote(self, request: GenerateRequest, xfer_id: str) -> AsyncIterator[GenerationChunk]:
         # 1. choose both ends (decode first: prefill replicas whose pair with it is failing are avoided)
         async with self.decode.generate.choose_replica(request) as d_sel, contextlib.AsyncExitStack() as stack:
             decode_id = pair_id(d_sel)
