@@ -279,8 +279,10 @@ def test_plan_fragment_is_valid_yaml_for_the_config():
     result = plan(500, 100, Measurement(10_000, 1_000, 16, 0.016), rate=30)
     fragment = yaml.safe_load(config_fragment(result))
     args = {key: fragment[key] for key in ("prefill", "decode")}
-    config = parse_app_config({"mode": "disaggregated", **args})
+    config = parse_app_config({"mode": "disaggregated", **args, "placement": fragment["placement"]})
     assert config.prefill.max_replicas == 4 and config.decode.min_replicas == 4
+    # 10,000 prompt tokens/s x 16 ms per decode step x 2 steps of stall budget
+    assert config.placement.local_max_prompt_tokens == result.local_max_prompt_tokens == 320
     assert fragment["autoscaling_policy"]["policy_function"] == "app.autoscaling:PDJointPolicy"
     band = fragment["autoscaling_policy"]["policy_kwargs"]
     assert band["min_ratio"] < 0.5 < band["max_ratio"]

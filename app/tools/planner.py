@@ -52,6 +52,17 @@ class Plan:
     num_decode: int
     max_prefill: int  # replicas at `peak_rate`
     max_decode: int
+    local_max_prompt_tokens: int  # placement: the longest prompt whose prefill fits the stall budget
+
+
+# A prompt prefilled on a decode replica holds up its running replies for the prefill's length: adaptive
+# placement keeps prompts local while that stall is at most this many decode steps at the planned batch.
+STALL_BUDGET_STEPS = 2.0
+
+
+def local_prefill_limit(measured: Measurement, stall_steps: float = STALL_BUDGET_STEPS) -> int:
+    """The longest prompt one decode replica prefills within `stall_steps` decode steps (TPOT at its batch)."""
+    return int(measured.prefill_tokens_per_s * measured.tpot_s * stall_steps)
 
 
 def plan(mean_input: float, mean_output: float, measured: Measurement, rate: float | None = None,
@@ -71,7 +82,8 @@ def plan(mean_input: float, mean_output: float, measured: Measurement, rate: flo
 
     return Plan(prefill_capacity, decode_capacity, decode_capacity / prefill_capacity, rate, peak_rate,
                 replicas(rate, prefill_capacity), replicas(rate, decode_capacity),
-                replicas(peak_rate, prefill_capacity), replicas(peak_rate, decode_capacity))
+                replicas(peak_rate, prefill_capacity), replicas(peak_rate, decode_capacity),
+                local_prefill_limit(measured))
 
 
 def decode_batch_limit(spec: EngineSpec, num_kv_blocks: int, mean_input: float, mean_output: float) -> int:
@@ -92,6 +104,8 @@ def config_fragment(result: Plan, band: float = 0.25) -> str:
         f"  num_replicas: auto\n  min_replicas: {result.num_prefill}\n  max_replicas: {result.max_prefill}",
         "decode:",
         f"  num_replicas: auto\n  min_replicas: {result.num_decode}\n  max_replicas: {result.max_decode}",
+        f"placement:  # a local prefill delays running replies by at most {STALL_BUDGET_STEPS:g} decode steps",
+        f"  local_max_prompt_tokens: {result.local_max_prompt_tokens}",
         "# next to args (application level), to keep prefill/decode replicas near the measured ratio:",
         "autoscaling_policy:",
         "  policy_function: app.autoscaling:PDJointPolicy",
@@ -172,6 +186,8 @@ def render(inputs: LengthDist, outputs: LengthDist, measured: Measurement, resul
         ("rate-matched prefill:decode replicas", f"{result.prefill_per_decode:.2f} : 1"),
         (f"replicas at {result.rate:.2f} req/s (prefill, decode)", f"{result.num_prefill}, {result.num_decode}"),
         (f"replicas at peak {result.peak_rate:.2f} req/s", f"{result.max_prefill}, {result.max_decode}"),
+        (f"placement: longest local prompt (stall <= {STALL_BUDGET_STEPS:g} decode steps)",
+         f"{result.local_max_prompt_tokens}"),
     ]
     for row in rows:
         table.add_row(*row)
