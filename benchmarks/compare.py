@@ -44,8 +44,9 @@ from app.tools.bench.client import Timing, run_workload  # noqa: E402
 from app.tools.bench.workload import Arrivals, BenchRequest, LengthDist, synthetic_requests  # noqa: E402
 
 MODEL = "pdserve-tiny-llama"
-SYSTEMS = ("pdserve-disaggregated", "pdserve-collocated", "ray-serve-llm-pd")
-BASELINES = ("pdserve-collocated", "ray-serve-llm-pd")
+# pdserve-disaggregated: the default (adaptive placement); pdserve-always-remote: every prompt on a prefill replica
+SYSTEMS = ("pdserve-disaggregated", "pdserve-always-remote", "pdserve-collocated", "ray-serve-llm-pd")
+BASELINES = ("pdserve-collocated", "pdserve-always-remote", "ray-serve-llm-pd")
 # The engine knobs every system gets.
 ENGINE = {"dtype": "float32", "max_model_len": 4096, "block_size": 32, "max_num_seqs": 32,
           "max_num_batched_tokens": 4096, "enable_prefix_caching": True, "kv_cache_memory_mb": 256}
@@ -83,9 +84,10 @@ PRESETS = {
 
 # -- systems ----------------------------------------------------------------------------------------
 
-def pdserve_app(mode: str):
+def pdserve_app(system: str):
     from deployments.builder import build_app
 
+    mode = "collocated" if system == "collocated" else "disaggregated"
     engine = {k: v for k, v in ENGINE.items() if k not in ("dtype", "max_model_len")}
     args: dict[str, Any] = {"mode": mode, "model": {"dtype": "float32", "max_model_len": ENGINE["max_model_len"]},
                             "engine": engine, "kv_transfer": {"timeout_s": 5, "prefill_timeout_s": 60}}
@@ -94,6 +96,8 @@ def pdserve_app(mode: str):
     else:
         args["prefill"] = {"num_replicas": 1, "num_cpus": 1, "max_ongoing_requests": 128}
         args["decode"] = {"num_replicas": 1, "num_cpus": 1, "max_ongoing_requests": 128}
+    if system == "always-remote":
+        args["placement"] = {"policy": "always_remote"}
     args["ingress"] = {"num_cpus": 0.1, "max_ongoing_requests": 512}
     return build_app(args)
 
