@@ -24,8 +24,10 @@ from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
 pytestmark = pytest.mark.slow
 APP = "pd"
 PREFIX = "/pd"
+# always_remote: these tests are about the transfer path (tests/test_placement.py covers the default, adaptive)
 ARGS = {
     "mode": "disaggregated",
+    "placement": {"policy": "always_remote"},
     "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 10.0},
     "prefill": {"num_replicas": 2, "num_cpus": 1},
     "decode": {"num_replicas": 2, "num_cpus": 1},

@@ -59,7 +59,8 @@ _bodies = st.fixed_dictionaries({}, optional=_fields)
 def app(ray_session):
     # A short context: an accepted chat request without max_tokens generates up to the context's end, as on
     # vLLM's server, and a fuzz run should not spend minutes on that.
-    run_app({"mode": "disaggregated", "model": {"max_model_len": 512},
+    # always_remote: garbage meets the transfer path, the more fragile one, whatever the prompt's length.
+    run_app({"mode": "disaggregated", "model": {"max_model_len": 512}, "placement": {"policy": "always_remote"},
              "kv_transfer": {"timeout_s": 1.0, "prefill_timeout_s": 10.0},
              "decode": {"max_ongoing_requests": 1, "max_queued_requests": 1}}, APP, PREFIX)
     with httpx.Client(base_url=f"http://127.0.0.1:{ray_session}{PREFIX}", timeout=60) as client:

@@ -30,8 +30,9 @@ pytestmark = pytest.mark.slow
 APP, PREFIX = "ops", "/ops"
 SCALING = {"num_replicas": "auto", "min_replicas": 1, "max_replicas": 2, "num_cpus": 1,
            "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 600}
-ARGS = {
+ARGS = {  # always_remote: every prompt goes through the prefill phase whose scaling is tested
     "mode": "disaggregated",
+    "placement": {"policy": "always_remote"},
     "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 20.0},
     "prefill": SCALING,
     "decode": SCALING,
@@ -219,6 +220,7 @@ def test_new_replica_paired_during_warmup_and_serves_without_pair_setup(app, tok
 ZERO_APP, ZERO_PREFIX = "zero", "/zero"
 ZERO_ARGS = {
     "mode": "disaggregated",
+    "placement": {"policy": "always_remote"},
     "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 20.0},
     "prefill": {"num_replicas": "auto", "min_replicas": 0, "max_replicas": 1, "num_cpus": 1,
                 "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 3},

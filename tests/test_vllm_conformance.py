@@ -99,7 +99,9 @@ IGNORED = {"id", "created", "system_fingerprint", "pdserve"}
 def servers(ray_session, tmp_path_factory):
     vllm = VLLMServer(free_port(), log=tmp_path_factory.mktemp("vllm") / "server.log")
     vllm.start()
-    run_app({}, "conf_disagg", "/conf-disagg")
+    # always_remote: every prompt's KV moves (short prompts would otherwise prefill on decode, which
+    # test_placement.py compares with the transfer path)
+    run_app({"placement": {"policy": "always_remote"}}, "conf_disagg", "/conf-disagg")
     run_app({"mode": "collocated"}, "conf_colo", "/conf-colo")
     base = f"http://127.0.0.1:{ray_session}"
     try:
