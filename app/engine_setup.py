@@ -77,8 +77,9 @@ def to_vllm_sampling(sampling: SamplingSpec | Any, extra_args: dict[str, Any] | 
     if isinstance(sampling, SamplingParams):
         params = sampling.clone()
         params.output_kind = RequestOutputKind.DELTA
-        if extra_args:
-            params.extra_args = {**(params.extra_args or {}), **extra_args}
+        # kv_transfer_params steer pdserve's connector: only the replica's own (in `extra_args`) ever count
+        kept = {k: v for k, v in (params.extra_args or {}).items() if k != "kv_transfer_params"}
+        params.extra_args = {**kept, **(extra_args or {})} or None
         return params
 
     return SamplingParams(

@@ -7,19 +7,21 @@ Life cycle of one `generate` call (vLLM's serving class calls it once per prompt
 1. The caller's `RequestScope` (tenant salt, arrival time, where the `KVReport` goes) is read from a
    context variable when `generate` is called, before the generator runs.
 2. `n` is fanned out here: `n` pdserve requests with `n == 1`, seeded `seed + index` as vLLM's own
-   parallel sampling does, streamed together; each output carries its choice `index`.
+   parallel sampling does, streamed together (vLLM's `merge_async_iterators`: one failing choice stops the
+   others); each output carries its choice `index`. A client's `kv_transfer_params` never go through: only
+   pdserve sets them, for its own transfers.
 3. pdserve's chunks become vLLM `RequestOutput`s: deltas as they come (streaming), or one final output
    (non-streaming, `FINAL_ONLY`). A non-streaming request whose engine replica died before it finished is
    run once more (nothing reached the client yet), reported as `retried_after`.
 4. The first chunk's `KVReport` (and any later fields) lands in the scope for the `pdserve` field and
-   headers; latency metrics and fallback counters are recorded once per request.
+   headers; latency metrics are recorded once per prompt, fallback counters once per choice (each choice
+   is a request of its own on the replicas, with its own transfer).
 Only `generate` is served; the engine-management calls of vLLM's protocol are refused (pdserve's
 replicas are managed by Serve).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,6 +34,7 @@ from vllm.engine.protocol import EngineClient as VLLMEngineClient
 from vllm.exceptions import GenerationError, RetryableRequestError, VLLMValidationError
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.utils.async_utils import merge_async_iterators
 
 from app.api.errors import as_openai_error, replica_died
 from app.api.vllm_outputs import Choice, child_params, request_output
@@ -86,7 +89,9 @@ class PDServeEngine(VLLMEngineClient):
     def generate(self, prompt: Any, sampling_params: SamplingParams, request_id: str, **_: Any
                  ) -> AsyncIterator[RequestOutput]:
         """vLLM's `generate`; LoRA, priority, tracing and data-parallel hints do not apply to pdserve."""
-        scope = SCOPE.get() or RequestScope()  # read now: the generator may run in another task's context
+        scope = SCOPE.get()  # read now: the generator may run in another task's context
+        if scope is None:  # it carries the tenant's cache salt: never run without it
+            raise RuntimeError("PDServeEngine.generate called outside a request scope (set app.api.vllm_engine.SCOPE)")
         if not isinstance(prompt, dict) or prompt.get("type", "token") != "token":
             raise VLLMValidationError("pdserve serves text and token-id prompts only", parameter="prompt")
         prompt_ids = tuple(prompt["prompt_token_ids"])
@@ -110,26 +115,27 @@ class PDServeEngine(VLLMEngineClient):
     async def _generate(self, scope: RequestScope, request_id: str, prompt_ids: tuple[int, ...],
                         salt: str | None, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
-        n = params.n
+        prompt_list = list(prompt_ids)  # RequestOutput wants a list; built once, not per delta
         children = [GenerateRequest(f"{request_id}-{index}-{uuid.uuid4().hex[:8]}", prompt_ids,
-                                    child_params(params, index), salt, scope.remote_prefill) for index in range(n)]
-        outputs: list[Choice] = [Choice(index) for index in range(n)]
-        async for index, chunk in _merged([self._run(scope, child, i, final_only) for i, child in enumerate(children)]):
+                                    child_params(params, index), salt, scope.remote_prefill)
+                    for index in range(params.n)]
+        outputs: list[Choice] = [Choice(index, keep=final_only) for index in range(params.n)]
+        async for index, chunk in merge_async_iterators(*(self._run(scope, child, i, final_only)
+                                                          for i, child in enumerate(children))):
             choice = outputs[index]
             choice.add(chunk)
             finished = all(c.finish_reason is not None for c in outputs)
-            if finished and scope.first_token_at is not None:
-                num_tokens = sum(c.num_tokens for c in outputs)
+            if finished and scope.first_token_at is not None:  # TPOT per sequence: the longest choice's tokens
                 observe_request(self.client.mode, scope.first_token_at - scope.arrived_at,
-                                time.perf_counter() - scope.arrived_at, num_tokens)
+                                time.perf_counter() - scope.arrived_at, max(c.num_tokens for c in outputs))
             # usage's cached tokens: what the tenant's prefix cache served, not the KV decode loaded
             num_cached = (scope.report.prefix_cache_hit_tokens if scope.report else None) or 0
             if not final_only:
-                yield request_output(request_id, prompt_ids, [choice.delta(chunk)], num_cached, finished,
-                                      chunk.prompt_logprobs)
+                yield request_output(request_id, prompt_list, [choice.delta(chunk)], num_cached, finished,
+                                     chunk.prompt_logprobs)
             elif finished:
-                yield request_output(request_id, prompt_ids, [c.whole() for c in outputs], num_cached, True,
-                                      outputs[0].prompt_logprobs)
+                yield request_output(request_id, prompt_list, [c.whole() for c in outputs], num_cached, True,
+                                     outputs[0].prompt_logprobs)
 
     async def _run(self, scope: RequestScope, request: GenerateRequest, index: int, final_only: bool
                    ) -> AsyncIterator[GenerationChunk]:
@@ -161,7 +167,7 @@ class PDServeEngine(VLLMEngineClient):
                 scope.first_token_at = time.perf_counter()
             if chunk.report is not None:
                 report = (report or KVReport()).merged(chunk.report)
-                if index == 0:
+                if index == 0 or scope.report is None:  # choice 0's, or whichever answered first until it does
                     scope.report = report
             yield chunk
         if report is not None:
@@ -223,36 +229,3 @@ def _generation_error(exc: BaseException) -> GenerationError:
     failure = RetryableRequestError(error.message) if error.status == 503 else GenerationError(error.message)
     failure.status_code = HTTPStatus(error.status)
     return failure
-
-
-async def _merged(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """(index, chunk) from every stream as they come; one stream is passed straight through (no task)."""
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
-        return
-    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[GenerationChunk]) -> None:
-        try:
-            async for chunk in stream:
-                await queue.put((index, chunk))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            await queue.put((index, exc))
-        else:
-            await queue.put((index, None))
-
-    tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()  # the consumer left or a choice failed: stop the others too
