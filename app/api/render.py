@@ -8,7 +8,7 @@ an engine.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from app.api.prepare import Prepared
@@ -24,7 +24,6 @@ class Folded:
     num_completion_tokens: int = 0
     finish_reason: str | None = None
     report: KVReport | None = None
-    retried_after: str | None = None  # set when the ingress ran the request a second time
 
     def add(self, chunk: GenerationChunk) -> None:
         self.text += chunk.text
@@ -33,11 +32,6 @@ class Folded:
             self.finish_reason = chunk.finish_reason
         if chunk.report is not None:
             self.report = (self.report or KVReport()).merged(chunk.report)
-
-    def final_report(self) -> KVReport | None:
-        if self.retried_after is None:
-            return self.report
-        return replace(self.report or KVReport(), retried_after=self.retried_after)
 
     def usage(self) -> dict[str, Any]:
         usage: dict[str, Any] = {"prompt_tokens": self.num_prompt_tokens,
@@ -81,7 +75,7 @@ class Renderer:
         body = self._envelope(prepared, "chat.completion" if prepared.kind == "chat" else "text_completion")
         body["choices"] = [choice]
         body["usage"] = folded.usage()
-        report = folded.final_report()
+        report = folded.report
         if report is not None:
             body["pdserve"] = report.to_json()
         return body

@@ -7,9 +7,8 @@ Life cycle of one request:
    orchestrator). A decode_only request claims its parked KV here (and releases it if the request then
    turns out invalid, so nothing is lost); a stream's first chunk is awaited here, so failures before any
    token get their HTTP status and the headers can say where the KV came from.
-3. `respond` folds the chunks into one OpenAI body (a non-streaming request whose engine replica died
-   is run again once); `stream` / `sse` turn them into OpenAI stream chunks, ending with `data: [DONE]`
-   (an error mid-stream is sent as an error event before it).
+3. `respond` folds the chunks into one OpenAI body; `stream` / `sse` turn them into OpenAI stream chunks,
+   ending with `data: [DONE]` (an error mid-stream is sent as an error event before it).
 Latency metrics (TTFT, TPOT, end to end) and fallback counters are recorded here, once per request.
 """
 
@@ -18,17 +17,18 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from app.api.errors import as_openai_error, replica_died
+from app.api.errors import as_openai_error
 from app.api.prepare import Prepared, RequestPreparer
 from app.api.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from app.api.render import SSE_DONE, Folded, Renderer, sse_event
-from app.errors import short_error
 from app.messages import GenerationChunk, KVReport
-from app.metrics import observe_request, record_fallback, record_report_fallbacks
+from app.metrics import observe_request, record_report_fallbacks
 from app.serving.client import EngineClient
 from app.tenancy import Tenant
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,19 +47,12 @@ def _aborted() -> OpenAIError:
 class OpenAIService:
     """Validates, runs and formats OpenAI requests for one served model."""
 
-    def __init__(self, served_name: str, tokenizer: Any, max_model_len: int, client: EngineClient,
-                 retry_dead_replica: bool = True):
+    def __init__(self, served_name: str, tokenizer: Any, max_model_len: int, client: EngineClient):
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.client = client
-        self.retry_dead_replica = retry_dead_replica
         self.preparer = RequestPreparer(served_name, tokenizer, max_model_len, client.supports_two_step)
         self.renderer = Renderer(served_name)
-
-    def models(self) -> dict[str, Any]:
-        card = {"id": self.served_name, "object": "model", "created": 0, "owned_by": "pdserve",
-                "max_model_len": self.max_model_len}
-        return {"object": "list", "data": [card]}
 
     # 1. validation and tokenisation -----------------------------------------------------------
 
@@ -84,7 +77,7 @@ class OpenAIService:
             return opened
         except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
             raise as_openai_error(exc) from None
-        return Opened(opened.prepared, _prepend(first, opened.chunks), first.report)
+        return Opened(opened.prepared, prepend(first, opened.chunks), first.report)
 
     async def _open(self, prepared: Prepared) -> Opened:
         if prepared.disagg_mode == "prefill_only":
@@ -132,23 +125,12 @@ class OpenAIService:
             async for chunk in opened.chunks:
                 folded.add(chunk)
         except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
-            if not (self.retry_dead_replica and prepared.disagg_mode is None and replica_died(exc)):
-                raise as_openai_error(exc) from None
-            # Its engine replica died mid-request: nothing reached the client yet, so run it again once.
-            folded = Folded(num_prompt, retried_after=f"replica died: {short_error(exc)}")
-            try:
-                async for chunk in self.client.generate(prepared.request):
-                    folded.add(chunk)
-            except Exception as retry_exc:  # noqa: BLE001
-                raise as_openai_error(retry_exc) from None
+            raise as_openai_error(exc) from None
         if folded.finish_reason == "abort":
             raise _aborted()
-        report = folded.final_report()
-        if report is not None:
-            record_report_fallbacks(report)
-        if folded.retried_after:
-            record_fallback("retried_dead_replica")
-        return self.renderer.body(prepared, folded), report
+        if folded.report is not None:
+            record_report_fallbacks(folded.report)
+        return self.renderer.body(prepared, folded), folded.report
 
     async def _prefill_only(self, prepared: Prepared) -> dict[str, Any]:
         try:
@@ -187,7 +169,8 @@ class OpenAIService:
         yield SSE_DONE
 
 
-async def _prepend(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`first`, then the rest (a stream whose first item was awaited to learn how it starts)."""
     yield first
     async for chunk in rest:
         yield chunk

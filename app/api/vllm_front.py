@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from app.api.errors import causes, domain_error
+from app.api.errors import as_openai_error, causes, domain_error
 from app.api.protocol import OpenAIError
+from app.api.service import prepend
 from app.api.vllm_engine import SCOPE, PDServeEngine, RequestScope
-from app.errors import EngineInputError
+from app.errors import EngineInputError, short_error
 from app.messages import KVReport
 from app.serving.client import EngineClient
 
@@ -95,8 +96,18 @@ class VLLMFront:
             request = model.model_validate(data)
         except ValidationError as exc:
             raise _validation_error(exc) from None
-        except Exception as exc:  # noqa: BLE001 - vLLM's validators also raise its own errors directly
-            raise error_of(exc) from None
+        except Exception as exc:  # noqa: BLE001 - vLLM's validators also raise directly; the body is all there is
+            # A validator that trips over the body (vLLM's `structured_outputs: []` raises AttributeError, a 500 on
+            # its own server) is still the body's fault: a 400, never a 5xx.
+            mapped = error_of(exc)
+            if mapped.status >= 500:
+                mapped = OpenAIError(400, f"invalid request: {short_error(exc)}", type="BadRequestError", code=400)
+            raise mapped from None
+        if request.use_beam_search and not request.stream:  # (streamed, vLLM refuses it itself)
+            # vLLM's beam search drives the engine step by step through an input processor the ingress has not
+            raise OpenAIError(400, "use_beam_search is not supported by pdserve; sample with n and best-of on "
+                              "the client, or send the request to vLLM's server", type="BadRequestError",
+                              param="use_beam_search", code=400)
         # 2. render and run
         token = SCOPE.set(scope)
         try:
@@ -124,7 +135,7 @@ class VLLMFront:
         if scope.failure is not None and not scope.num_outputs:  # failed before any token: an HTTP status
             await result.aclose()
             raise error_of(scope.failure)
-        return Answer(scope.report, events=_prepend(first, result))
+        return Answer(scope.report, events=prepend(first, result))
 
 
 def sse_to_dicts(events: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
@@ -138,16 +149,17 @@ def sse_to_dicts(events: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
 
 
 def error_of(exc: BaseException) -> OpenAIError:
-    """An engine's refusal of the input and everything vLLM knows as vLLM's server answers them; pdserve's
-    own domain errors (parked KV, transfers, capacity) as pdserve answers them."""
+    """An engine's refusal of the input and everything vLLM checks in the ingress as vLLM's server answers
+    them; pdserve's own domain errors (parked KV, transfers, capacity) and any other failure of a replica as
+    pdserve answers them (a replica's ValueError is not the client's fault)."""
+    from ray.exceptions import RayError
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     refused = next((seen for seen in causes(exc) if isinstance(seen, EngineInputError)), None)
     if refused is not None:  # vLLM's input checks, run on the replica: the body vLLM's server gives them
         return OpenAIError(400, refused.message, type="BadRequestError", param=refused.parameter, code=400)
-    mapped = domain_error(exc)
-    if mapped is not None:
-        return mapped
+    if isinstance(exc, RayError) or domain_error(exc) is not None:
+        return as_openai_error(exc)
 
     return _from_vllm(create_error_response(exc if isinstance(exc, Exception) else RuntimeError(str(exc))))
 
@@ -160,6 +172,7 @@ def _from_vllm(response: Any) -> OpenAIError:
 def _validation_error(exc: ValidationError) -> OpenAIError:
     """A request model's refusal in the words of vLLM's server (`N validation error(s):` and the errors)."""
     from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_loc_for_param
+    from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
     from vllm.exceptions import VLLMValidationError
 
     errors = exc.errors(include_url=False)
@@ -174,12 +187,11 @@ def _validation_error(exc: ValidationError) -> OpenAIError:
         param = clean_loc_for_param(("body", *errors[0].get("loc", ())))
     label = "error" if len(errors) == 1 else "errors"
     lines = [f"  {{'type': {e['type']!r}, 'loc': {clean_loc_for_param(('body', *e['loc']))!r}, 'msg': {e['msg']!r}}}"
-             for e in errors[:10]]
-    message = "\n".join([f"{len(errors)} validation {label}:", *lines])
+             for e in errors[:_MAX_REPORTED]]
+    if len(errors) > _MAX_REPORTED:
+        lines.append(f"  ...and {len(errors) - _MAX_REPORTED} more {label}")
+    message = sanitize_message("\n".join([f"{len(errors)} validation {label}:", *lines]))
     return OpenAIError(400, message, type="Bad Request", param=param, code=400)
 
 
-async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    yield first
-    async for event in rest:
-        yield event
+_MAX_REPORTED = 10  # as vLLM's handler
