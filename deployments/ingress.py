@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -97,10 +97,15 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
 _TWO_STEP_FIELDS = ("disagg_mode", "kv_cache_id")
 
 
+def _as_body(request: Any) -> Any:
+    """A handle call's request as the JSON body HTTP would carry (pdserve's request models: the fields set)."""
+    if isinstance(request, CompletionRequest | ChatCompletionRequest):
+        return request.model_dump(exclude_unset=True)
+    return request
+
+
 def _is_two_step(body: Any) -> bool:
-    """pdserve's own two-step API (its request models), as opposed to a request vLLM's server would take."""
-    if isinstance(body, CompletionRequest | ChatCompletionRequest):
-        return True
+    """pdserve's own two-step API, as opposed to a request vLLM's server would take."""
     return isinstance(body, dict) and any(body.get(name) is not None for name in _TWO_STEP_FIELDS)
 
 
@@ -162,8 +167,7 @@ class Ingress:
         self.tenants = TenantDirectory.from_config(spec.auth)
         self.front = VLLMFront.build(spec.served_name, spec.model_path, spec.dtype, spec.max_model_len, client,
                                      retry_dead_replica=spec.retry_decode)
-        self.service = OpenAIService(spec.served_name, self.front.tokenizer, spec.max_model_len, client,
-                                     retry_dead_replica=spec.retry_decode)
+        self.service = OpenAIService(spec.served_name, self.front.tokenizer, spec.max_model_len, client)
         if spec.warm_path:
             await warm_path(self.front, spec.served_name)
         freeze_gc_heap()  # vLLM's modules and config are loaded here too: keep collections off that heap
@@ -192,12 +196,16 @@ class Ingress:
         if _is_two_step(body):
             model = ChatCompletionRequest if kind == "chat" else CompletionRequest
             prepare = self.service.prepare_chat if kind == "chat" else self.service.prepare_completion
-            return await self._http(tenant, lambda: prepare(_validate(model, body), tenant))
-        scope = RequestScope(cache_salt=tenant.cache_salt)
+            return await self._http(tenant, lambda: self._two_step(prepare(_validate(model, body), tenant)))
+        return await self._http(tenant, lambda: self.front.run(kind, body, RequestScope(cache_salt=tenant.cache_salt),
+                                                               request))
+
+    async def _http(self, tenant: Tenant, run: Callable[[], Awaitable[Answer]]):
+        """`run`'s answer as JSON or an SSE stream; the tenant's concurrency slot is held until it ends."""
         admission = self.tenants.admit(tenant)
         admission.__enter__()  # held until the answer (or its stream) ends, however it ends
         try:
-            answer = await self.front.run(kind, body, scope, request)
+            answer = await run()
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -207,21 +215,12 @@ class Ingress:
         return StreamingResponse(_released(answer.events, admission), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **kv_headers(answer.report)})
 
-    async def _http(self, tenant: Tenant, prepare):
-        prepared = prepare()
+    async def _two_step(self, prepared) -> Answer:
+        opened = await self.service.open(prepared)
         if not prepared.stream:
-            with self.tenants.admit(tenant):
-                body, report = await self.service.answer(await self.service.open(prepared))
-            return JSONResponse(body, headers=kv_headers(report))
-        admission = self.tenants.admit(tenant)
-        admission.__enter__()  # held until the stream ends, however it ends
-        try:
-            opened = await self.service.open(prepared)
-        except BaseException:
-            admission.__exit__(None, None, None)
-            raise
-        return StreamingResponse(_released(self.service.sse(opened), admission), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **kv_headers(opened.report)})
+            body, report = await self.service.answer(opened)
+            return Answer(report, body=body)
+        return Answer(opened.report, events=self.service.sse(opened))
 
     # -- DeploymentHandle -------------------------------------------------------------------------
 
@@ -237,6 +236,10 @@ class Ingress:
     async def breaker_stats(self) -> dict[str, dict]:
         """Circuit-breaker state per prefill replica and per (prefill->decode) pair, as this ingress sees it."""
         return self.service.client.breaker_states()
+
+    async def placement_stats(self) -> dict[str, int]:
+        """The prefill backlog this ingress places by (disaggregated mode)."""
+        return self.service.client.placement_state()
     # `authorization` is what HTTP clients send in the Authorization header ("Bearer <key>").
 
     async def create_completion(self, request: CompletionRequest | dict[str, Any],
@@ -271,7 +274,7 @@ class Ingress:
         return await self.front.run(kind, {**request, "stream": stream}, RequestScope(cache_salt=tenant.cache_salt))
 
     async def _respond(self, model: type, request: Any, authorization: str | None) -> dict[str, Any]:
-        tenant = self.tenants.authenticate(authorization)
+        tenant, request = self.tenants.authenticate(authorization), _as_body(request)
         with self.tenants.admit(tenant):
             if _is_two_step(request):
                 return await self.service.respond(await self.service.open(self._prepare(model, request, tenant)))
@@ -280,7 +283,7 @@ class Ingress:
             return answer.body
 
     async def _stream(self, model: type, request: Any, authorization: str | None) -> AsyncIterator[dict]:
-        tenant = self.tenants.authenticate(authorization)
+        tenant, request = self.tenants.authenticate(authorization), _as_body(request)
         with self.tenants.admit(tenant):
             if _is_two_step(request):
                 prepared = self._prepare(model, request, tenant)
