@@ -158,9 +158,10 @@ class PlacementConfig(_Strict):
         "adaptive", description="adaptive: short prompts prefill on their decode replica, longer ones on a prefill "
         "replica; always_remote: every prompt on a prefill replica; always_local: every prompt on its decode replica.")
     local_max_prompt_tokens: int = Field(
-        224, ge=0, description="adaptive: prompts of at most this many tokens prefill on their decode replica. "
-        "A local prefill stalls that replica's running replies for as long as it takes: `pdserve plan` prints the "
-        "length whose prefill fits in two decode steps on your model and hardware (226 for the default model here).")
+        224, ge=0, description="adaptive: a prompt of at most this many tokens prefills on its decode replica while "
+        "at least as many prompt tokens are queued at prefill. A local prefill stalls that replica's running replies: "
+        "`pdserve plan` prints the length whose prefill fits in two decode steps (226 for the default model here; "
+        "224 is the block multiple below it).")
 
 
 class WarmupConfig(_Strict):

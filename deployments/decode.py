@@ -53,6 +53,7 @@ class Decode(EngineReplica):
         self.mailbox = KVMailbox(spec.kv.lease_s, on_change=self._wake)
         self.hub.mailbox = self.mailbox
         self.fallbacks: Counter[str] = Counter()  # requests that did not use transferred KV, by reason
+        self.num_placed_locally = 0  # prompts the router placed here (not fallbacks)
         self.driver = EngineDriver.from_spec(spec.engine, kv_transfer_config("kv_consumer"))
         self.transport = PairTransport("decode", self.replica_id, resolve_backend(spec.kv.backend, self.hub.device),
                                        spec.kv.timeout_s, self.hub.device, deliver=self.mailbox.deliver)
@@ -109,9 +110,11 @@ class Decode(EngineReplica):
         """The prompt runs here: placed here by the router (`placed`, reported as placement, not counted as a
         fallback), or `prefill.when_no_replica: decode_locally` (reported and counted as a fallback)."""
         if placed:
+            self.num_placed_locally += 1
             report = KVReport(mode="disaggregated", decode_replica=self.replica_id, kv_source="local",
                               placement_reason=reason)
         else:
+            self.fallbacks["no_prefill_replica"] += 1
             record_recompute(reason)
             report = KVReport(mode="disaggregated", decode_replica=self.replica_id, kv_source="recomputed",
                               fallback="no_prefill_replica", fallback_reason=reason)
@@ -138,6 +141,7 @@ class Decode(EngineReplica):
         counters = self.hub.counters
         return {"num_loaded": counters.num_loaded, "num_loaded_tokens": counters.num_loaded_tokens,
                 "num_load_errors": counters.num_load_errors, "fallbacks": dict(self.fallbacks),
+                "num_placed_locally": self.num_placed_locally,
                 "mailbox_entries": len(self.mailbox), "mailbox_bytes": self.mailbox.num_held_bytes(),
                 "replica_id": self.replica_id, **self.transport.stats()}
 

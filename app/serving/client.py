@@ -50,6 +50,10 @@ class EngineClient(Protocol):
         """Circuit-breaker state per target (empty where there are none)."""
         ...
 
+    def placement_state(self) -> dict[str, int]:
+        """What placement decides from (empty where nothing is placed)."""
+        ...
+
 
 class CollocatedClient:
     mode: Literal["collocated"] = "collocated"
@@ -81,4 +85,7 @@ class CollocatedClient:
         yield  # an async generator, like the protocol's
 
     def breaker_states(self) -> dict[str, dict]:
+        return {}
+
+    def placement_state(self) -> dict[str, int]:
         return {}

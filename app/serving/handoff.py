@@ -28,6 +28,7 @@ from app.circuit import BREAKERS
 from app.errors import short_error
 from app.messages import GenerateRequest, GenerationChunk, KVReport, PrefillResult
 from app.metrics import PhaseRatio
+from app.serving.placement import PrefillBacklog
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,12 @@ class PrefillOutcome:
 
 class Handoff:
     def __init__(self, prefill: DeploymentHandle, decode_calls: DeploymentHandle, notify_timeout_s: float,
-                 phase_ratio: PhaseRatio):
+                 phase_ratio: PhaseRatio, backlog: PrefillBacklog):
         self.prefill = prefill
         self.decode_calls = decode_calls
         self.notify_timeout_s = notify_timeout_s
         self.phase_ratio = phase_ratio
+        self.backlog = backlog
 
     async def stream(self, transfer: Transfer, stream: DeploymentResponseGenerator, prefill_call: DeploymentResponse,
                      retry: bool) -> AsyncIterator[GenerationChunk]:
@@ -96,6 +98,14 @@ class Handoff:
             self.phase_ratio.add(outcome.result.prefill_s + outcome.result.send_s, time.perf_counter() - first_at)
 
     async def _watch(self, transfer: Transfer, call: DeploymentResponse, retry: bool) -> PrefillOutcome:
+        num_tokens = len(transfer.request.prompt_token_ids)
+        self.backlog.add(num_tokens)
+        try:
+            return await self._outcome(transfer, call, retry)
+        finally:
+            self.backlog.remove(num_tokens)
+
+    async def _outcome(self, transfer: Transfer, call: DeploymentResponse, retry: bool) -> PrefillOutcome:
         prefill_id, decode_id = transfer.prefill_id, transfer.decode_id
         try:
             result = await call

@@ -1,8 +1,8 @@
 """`DisaggregatedClient`: the prefill/decode orchestrator, an `EngineClient` for `mode: disaggregated`.
 
 One request (`generate`):
-0. Placement (`placement.py`): short prompts (and those asking for prompt logprobs) prefill on the decode
-   replica chosen for them, reported as `kv_source: local` with the reason; the rest go on:
+0. Placement (`placement.py`): a short prompt while prefill is backlogged (and one asking for prompt logprobs)
+   prefills on the decode replica chosen for it, reported as `kv_source: local` with the reason; the rest go on:
 1. Choose the decode replica, then the prefill replica (Serve's router, `choose_replica`; replicas and
    pairs whose circuit breaker is open are avoided), so both ends of the transfer are known before it
    starts; each replica publishes its pair id through `record_replica_metadata`. With
@@ -37,7 +37,7 @@ from app.kv.parking import replica_of
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
 from app.metrics import PhaseRatio, record_placement
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
-from app.serving.placement import place
+from app.serving.placement import PrefillBacklog, place
 from app.specs import OrchestratorSpec
 
 logger = logging.getLogger(__name__)
@@ -53,14 +53,15 @@ class DisaggregatedClient:
         self.decode = decode.options(stream=True)
         self.spec = spec
         self.phase_ratio = PhaseRatio()
-        self.handoff = Handoff(prefill, decode, spec.notify_timeout_s, self.phase_ratio)
+        self.backlog = PrefillBacklog()  # prompt tokens dispatched to prefill replicas, not answered yet
+        self.handoff = Handoff(prefill, decode, spec.notify_timeout_s, self.phase_ratio, self.backlog)
         self._wake_up: asyncio.Future | None = None  # an outstanding call that makes Serve start a prefill replica
         configure_breakers(spec.breaker_failures, spec.breaker_window_s, spec.breaker_open_s)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         xfer_id = secrets.token_hex(16)
         # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
-        placement = place(request, self.spec.placement, self.spec.local_max_prompt_tokens)
+        placement = place(request, self.spec.placement, self.spec.local_max_prompt_tokens, self.backlog.num_tokens)
         record_placement(placement.where, placement.reason)
         if placement.local:
             async with self.decode.generate.choose_replica(request) as d_sel:
@@ -128,6 +129,10 @@ class DisaggregatedClient:
 
     def breaker_states(self) -> dict[str, dict]:
         return BREAKERS.snapshot()
+
+    def placement_state(self) -> dict[str, int]:
+        backlog = self.backlog
+        return {"prefill_backlog_tokens": backlog.num_tokens, "prefill_backlog_requests": backlog.num_requests}
 
     # -- two-step API -----------------------------------------------------------------------------
 

@@ -10,9 +10,12 @@ Rules, first match wins:
 1. `prompt_logprobs` asked for: local (vLLM computes prompt logprobs only for tokens it runs itself).
 2. The caller asked for a remote prefill (the ingress's warm path, which must warm the transfer path).
 3. `placement.policy` always_local / always_remote.
-4. adaptive: prompts of at most `placement.local_max_prompt_tokens` local, longer ones remote.
-Not yet used (issue 13): the tokens the decode replica already has cached, the prefill backlog, and
-decode pressure.
+4. adaptive, with L = `placement.local_max_prompt_tokens` (the prompt length a decode replica prefills within
+   its stall budget): a prompt of at most L tokens runs locally while the prefill backlog is at least L
+   tokens (there it would wait at least as long as its local prefill stalls decode); otherwise remote.
+   The backlog is what this ingress has dispatched to prefill replicas and not seen finish
+   (`PrefillBacklog`): exact with one ingress replica, a lower bound with several.
+Not yet used (issue 13): the tokens the decode replica already has cached, and decode pressure.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Literal
 from app.messages import GenerateRequest
 
 Policy = Literal["adaptive", "always_remote", "always_local"]
-Reason = Literal["prompt_logprobs", "forced", "policy", "short_prompt", "long_prompt"]
+Reason = Literal["prompt_logprobs", "forced", "policy", "prefill_busy", "prefill_idle", "long_prompt"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,24 @@ class Placement:
         return "local" if self.local else "remote"
 
 
-def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int) -> Placement:
+class PrefillBacklog:
+    """Prompt tokens this ingress has on prefill replicas: added at dispatch, removed once prefill answered."""
+
+    def __init__(self) -> None:
+        self.num_tokens = 0
+        self.num_requests = 0
+
+    def add(self, num_tokens: int) -> None:
+        self.num_tokens += num_tokens
+        self.num_requests += 1
+
+    def remove(self, num_tokens: int) -> None:
+        self.num_tokens -= num_tokens
+        self.num_requests -= 1
+
+
+def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int, backlog_tokens: int = 0
+          ) -> Placement:
     num_prompt = len(request.prompt_token_ids)
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
@@ -48,8 +68,12 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
         return Placement(True, "policy", "placement.policy: always_local")
     if policy == "always_remote":
         return Placement(False, "policy", "placement.policy: always_remote")
-    if num_prompt <= local_max_prompt_tokens:
-        return Placement(True, "short_prompt", f"prompt of {num_prompt} tokens <= placement.local_max_prompt_tokens "
-                         f"({local_max_prompt_tokens})")
-    return Placement(False, "long_prompt", f"prompt of {num_prompt} tokens > placement.local_max_prompt_tokens "
-                     f"({local_max_prompt_tokens})")
+    limit = local_max_prompt_tokens
+    if num_prompt > limit:
+        return Placement(False, "long_prompt", f"prompt of {num_prompt} tokens > placement.local_max_prompt_tokens "
+                         f"({limit})")
+    if backlog_tokens < limit:
+        return Placement(False, "prefill_idle", f"prompt of {num_prompt} tokens, {backlog_tokens} prompt tokens "
+                         f"queued at prefill < {limit}: prefill is free enough")
+    return Placement(True, "prefill_busy", f"prompt of {num_prompt} tokens <= {limit}, and {backlog_tokens} prompt "
+                     f"tokens queued at prefill >= {limit}: it would wait longer there than it stalls decode")
