@@ -40,6 +40,7 @@ from app.engine import engine_env  # noqa: E402
 from app.tools.bench import report, stats  # noqa: E402
 from app.tools.bench.client import run_workload  # noqa: E402
 from app.tools.bench.workload import Arrivals, BenchRequest  # noqa: E402
+from app.tools.vllm_server import VLLMServer, default_sigint, wait_ready  # noqa: E402
 
 MODEL = "pdserve-tiny-llama"
 PORT = 8000
@@ -60,12 +61,8 @@ def _requests(num: int, length: int, seed: int) -> list[BenchRequest]:
 
 def _vllm_command(serve_args: dict[str, Any]) -> list[str]:
     engine = serve_args["engine"]
-    return [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_DIR),
-            "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", str(serve_args["model"]
-                                                                                       ["max_model_len"]),
-            "--block-size", str(engine["block_size"]), "--enforce-eager",
-            "--kv-cache-memory-bytes", str(engine["kv_cache_memory_mb"] << 20), "--host", "127.0.0.1",
-            "--port", str(PORT)]
+    return VLLMServer(PORT, str(DEFAULT_MODEL_DIR), MODEL, serve_args["model"]["max_model_len"], engine["block_size"],
+                      engine["kv_cache_memory_mb"] << 20).command()
 
 
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -91,25 +88,11 @@ def _start(command: list[str], log: Path, is_vllm: bool, repo: Path) -> subproce
     # Ctrl-C must reach it even when this script was started in the background (which ignores SIGINT,
     # and children inherit that).
     return subprocess.Popen(command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=_default_sigint)
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                            start_new_session=True, preexec_fn=default_sigint)
 
 
 def _wait_ready(process: subprocess.Popen, timeout_s: float = 240) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("server not ready in time")
+    return wait_ready(process, f"http://127.0.0.1:{PORT}", timeout_s, poll_s=1)
 
 
 def _port_open() -> bool:

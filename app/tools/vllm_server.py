@@ -44,7 +44,22 @@ def _shm_of_group(pgid: int) -> set[Path]:
     return found
 
 
-def _default_sigint() -> None:
+def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float = 240, poll_s: float = 0.5) -> float:
+    """Seconds until an OpenAI server started as `process` answers `/v1/models` (either server: vLLM's, pdserve)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base_url}/v1/models", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"server not ready in {timeout_s} s")
+
+
+def default_sigint() -> None:
     # A process started from a background job inherits SIGINT ignored; Ctrl-C must reach the server.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -68,7 +83,7 @@ class VLLMServer:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                 "--served-model-name", self.served_name, "--dtype", "float32",
                 "--max-model-len", str(self.max_model_len), "--block-size", str(self.block_size), "--enforce-eager",
-                # without it, its memory check refuses to start on a small CPU machine (FACTS.md)
+                # without it, its memory check refuses to start on a small CPU machine
                 "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
                 "--host", "127.0.0.1", "--port", str(self.port)]
 
@@ -78,20 +93,12 @@ class VLLMServer:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # its engine core runs as in any vLLM deployment
         out = self.log.open("w") if self.log else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=_default_sigint)
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited with {self.process.returncode} before it was ready"
-                                   + (f"; see {self.log}" if self.log else ""))
-            try:
-                if httpx.get(f"{self.base_url}/v1/models", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"vLLM's server was not ready in {timeout_s} s")
+                                        start_new_session=True, preexec_fn=default_sigint)
+        try:
+            return wait_ready(self.process, self.base_url, timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"vLLM's server: {exc}" + (f"; see {self.log}" if self.log else "")) from None
 
     def stop(self) -> None:
         process = self.process
