@@ -101,6 +101,10 @@ BAD_INPUTS = [
     ("/v1/completions", {"model": MODEL_NAME, "prompt": [99999]}, 400, 400),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "disagg_mode": "prefill_only"}, 400,
      "unsupported_parameter"),  # pdserve's two-step API needs the disaggregated mode
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "use_beam_search": True}, 400, 400),
+    # vLLM's own server answers 500 here (its validator raises AttributeError); a bad body is a 400
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}],
+                              "structured_outputs": []}, 400, 400),
     ("/v1/chat/completions", {"model": MODEL_NAME, "messages": []}, 400, 400),
     ("/v1/chat/completions", {"model": MODEL_NAME, "messages": "hello"}, 400, 400),
 ]

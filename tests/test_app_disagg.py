@@ -212,6 +212,7 @@ def test_prompt_logprobs_run_on_the_decode_replica_as_a_placement(app, tokenizer
     assert body["pdserve"]["kv_source"] == "local" and "prompt_logprobs" in body["pdserve"]["placement_reason"]
     assert "fallback" not in body["pdserve"] and response.headers["x-pdserve-kv-source"] == "local"
     assert _decode_fallbacks() == fallbacks_before  # a placement, not a fallback
+    assert sum(s["num_placed_locally"] for s in _broadcast("Decode", "kv_stats")) >= 1
 
 
 def _decode_fallbacks() -> int:

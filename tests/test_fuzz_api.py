@@ -51,6 +51,17 @@ _fields = {
     "disagg_mode": st.sampled_from(["prefill_only", "decode_only", "both"]) | _json,
     "kv_cache_id": st.text(max_size=60) | st.just("kvc-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA") | _json,
     "made_up": _json,
+    # vLLM's extensions, which its request models take and pdserve's replicas then see
+    "top_k": st.integers(-2, 50) | _json,
+    "min_tokens": st.integers(-1, 20) | _json,
+    "repetition_penalty": st.floats(-1, 3) | _json,
+    "stop_token_ids": st.lists(st.integers(-1, 5000), max_size=3) | _json,
+    "structured_outputs": st.fixed_dictionaries({}, optional={"regex": st.sampled_from(["[a-z]+", "(", ""]),
+                                                              "choice": st.lists(st.text(max_size=4), max_size=2)})
+    | _json,
+    "kv_transfer_params": st.fixed_dictionaries({}, optional={"pdserve": _json}) | _json,
+    "use_beam_search": st.booleans() | _json,
+    "prompt_logprobs": st.integers(-1, 3) | _json,
 }
 _bodies = st.fixed_dictionaries({}, optional=_fields)
 

@@ -1,6 +1,7 @@
-"""Placement in the default (adaptive) disaggregated app: short prompts prefill on their decode replica, long
-ones on a prefill replica with the KV moved; both give the same greedy tokens as the offline engine, each
-response says where its prompt ran and why, placements are counted (and are not fallbacks).
+"""Placement in the default (adaptive) disaggregated app: a short prompt behind a prefill backlog prefills on its
+decode replica, every other prompt on a prefill replica with the KV moved; both give the same greedy tokens as
+the offline engine, each response says where its prompt ran and why, placements are counted (and are not
+fallbacks).
 
 The rule itself is unit-tested at the bottom (no Ray)."""
 
@@ -37,42 +38,94 @@ def test_the_warm_path_warmed_the_transfer_path_although_its_prompt_is_short(app
     assert sum(s["num_loaded"] for s in _decode_stats()) == 2
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("num_tokens", "where"), [(40, "local"), (LOCAL_MAX, "local"), (LOCAL_MAX + 1, "transfer"),
-                                                   (300, "transfer")])
-def test_each_placement_gives_the_offline_tokens_and_says_where_and_why(app, offline_engine, tokenizer, num_tokens,
-                                                                        where):
-    prompt = prompt_of_length(tokenizer, num_tokens, offset=7 * num_tokens)
-    want, want_ids = offline_generate(offline_engine, prompt, 24)
-    response = httpx.post(f"{app}/v1/completions", timeout=60, json={
-        "model": MODEL_NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True})
+def _complete(app: str, prompt: list[int], max_tokens: int = 24) -> httpx.Response:
+    return httpx.post(f"{app}/v1/completions", timeout=120, json={
+        "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True})
+
+
+def _check(response: httpx.Response, want_ids: list[int], where: str, reason: str) -> dict:
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["choices"][0]["token_ids"] == want_ids and body["choices"][0]["text"] == want
+    assert body["choices"][0]["token_ids"] == want_ids
     report = body["pdserve"]
     assert report["kv_source"] == where and response.headers["x-pdserve-kv-source"] == where
-    assert f"prompt of {num_tokens} tokens" in report["placement_reason"]
+    assert reason in report["placement_reason"], report
     assert "fallback" not in report and report["fallback_reason"] is None
-    if where == "local":
-        assert report["prefill_replica"] is None and report["decode_replica"]
-    else:
-        assert report["prefill_replica"] and report["num_cached_tokens"] == num_tokens - 1  # loaded, not recomputed
+    return report
 
 
 @pytest.mark.slow
-def test_streams_of_both_placements_and_no_fallback_counted(app, offline_engine, tokenizer):
-    before = sum(sum(s["fallbacks"].values()) for s in _decode_stats())
-    for num_tokens in (30, 200):
-        prompt = prompt_of_length(tokenizer, num_tokens, offset=900 + num_tokens)
-        want, _ = offline_generate(offline_engine, prompt, 16)
-        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{app}/v1/completions", json=body, timeout=60) as response:
-            assert response.status_code == 200
-            source = response.headers["x-pdserve-kv-source"]
-            text = "".join(__import__("json").loads(line[6:])["choices"][0]["text"]
-                           for line in response.iter_lines() if line.startswith("data: {"))
-        assert text == want and source == ("local" if num_tokens <= LOCAL_MAX else "transfer")
-    assert sum(sum(s["fallbacks"].values()) for s in _decode_stats()) == before
+@pytest.mark.parametrize("num_tokens", [40, LOCAL_MAX + 1, 300])
+def test_with_prefill_idle_every_prompt_goes_remote_and_gives_the_offline_tokens(app, offline_engine, tokenizer,
+                                                                                num_tokens):
+    prompt = prompt_of_length(tokenizer, num_tokens, offset=7 * num_tokens)
+    _, want_ids = offline_generate(offline_engine, prompt, 24)
+    reason = "queued at prefill" if num_tokens <= LOCAL_MAX else f"> placement.local_max_prompt_tokens ({LOCAL_MAX})"
+    report = _check(_complete(app, prompt), want_ids, "transfer", reason)
+    assert report["prefill_replica"] and report["num_cached_tokens"] == num_tokens - 1  # loaded, not recomputed
+
+
+@pytest.mark.slow
+def test_a_short_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_tokens(
+        app, offline_engine, tokenizer):
+    import threading
+    import time
+
+    ingress = serve.get_deployment_handle("Ingress", APP)
+    short = prompt_of_length(tokenizer, 40, offset=1700)
+    _, want_ids = offline_generate(offline_engine, short, 24)
+    long_prompt = prompt_of_length(tokenizer, 3500, offset=0)  # a few hundred ms of prefill here
+    backlog = threading.Thread(target=_complete, args=(app, long_prompt, 1))
+    backlog.start()
+    deadline = time.monotonic() + 30
+    while ingress.placement_stats.remote().result()["prefill_backlog_tokens"] < LOCAL_MAX:
+        assert time.monotonic() < deadline, "the long prompt never reached prefill"
+        time.sleep(0.005)
+    report = _check(_complete(app, short), want_ids, "local", "queued at prefill")
+    backlog.join(120)
+    assert report["prefill_replica"] is None and report["decode_replica"]
+    assert ingress.placement_stats.remote().result() == {"prefill_backlog_tokens": 0, "prefill_backlog_requests": 0}
+
+
+@pytest.mark.slow
+def test_a_clients_kv_transfer_params_cannot_touch_the_connector(app, tokenizer):
+    """vLLM's request models take `kv_transfer_params`; pdserve's connector must never see a client's."""
+    prompt = prompt_of_length(tokenizer, 20, offset=333)
+    for bogus in ({"pdserve": {}}, {"pdserve": {"xfer": "0" * 32}}, {"do_remote_prefill": True}):
+        for extra in ({}, {"prompt_logprobs": 1}):  # the transfer path, and (prompt_logprobs) the local one
+            response = httpx.post(f"{app}/v1/completions", timeout=60, json={
+                "model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0,
+                "kv_transfer_params": bogus, **extra})
+            assert response.status_code == 200, response.text
+            assert response.json()["pdserve"]["kv_source"] == ("local" if extra else "transfer")
+    assert _complete(app, prompt, 4).status_code == 200  # the replicas still serve
+
+
+@pytest.mark.slow
+def test_placements_are_counted_by_reason(app, tokenizer, metrics_url):
+    import time
+
+    def count(placement: str, reason: str) -> float:
+        text = httpx.get(metrics_url, timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("ray_pdserve_placements_total{") and f'placement="{placement}"' in line
+                   and f'reason="{reason}"' in line)
+
+    _complete(app, prompt_of_length(tokenizer, 10, offset=444), 2)
+    _complete(app, prompt_of_length(tokenizer, 150, offset=555), 2)
+    deadline = time.monotonic() + 15  # metrics are exported every second
+    while time.monotonic() < deadline and not (count("remote", "prefill_idle") and count("remote", "long_prompt")):
+        time.sleep(0.5)
+    assert count("remote", "prefill_idle") >= 1 and count("remote", "long_prompt") >= 1
+    assert count("local", "prefill_busy") >= 1  # the backlog test's short prompt
+    assert count("remote", "forced") >= 2  # the warm path's two requests
+
+
+@pytest.mark.slow
+def test_local_placements_are_not_fallbacks(app):
+    stats = _decode_stats()
+    assert sum(s["num_placed_locally"] for s in stats) >= 1  # the backlog test's short prompt, and prompt_logprobs
+    assert sum(sum(s["fallbacks"].values()) for s in stats) == 0
 
 
 # -- the rule ------------------------------------------------------------------------------------------
@@ -81,10 +134,23 @@ def _request(num_tokens: int, **extra) -> GenerateRequest:
     return GenerateRequest("r", tuple(range(1, num_tokens + 1)), SamplingSpec(max_tokens=4), **extra)
 
 
-def test_adaptive_places_by_prompt_length_with_the_threshold_inclusive():
-    assert place(_request(64), "adaptive", 64).local and place(_request(64), "adaptive", 64).reason == "short_prompt"
-    remote = place(_request(65), "adaptive", 64)
-    assert not remote.local and remote.reason == "long_prompt" and "65 tokens > " in remote.detail
+def test_adaptive_places_short_prompts_locally_only_behind_a_prefill_backlog():
+    busy = place(_request(64), "adaptive", 64, backlog_tokens=64)  # both thresholds inclusive
+    assert busy.local and busy.reason == "prefill_busy"
+    idle = place(_request(64), "adaptive", 64, backlog_tokens=63)
+    assert not idle.local and idle.reason == "prefill_idle"
+    long = place(_request(65), "adaptive", 64, backlog_tokens=10_000)
+    assert not long.local and long.reason == "long_prompt" and "65 tokens > " in long.detail
+
+
+def test_the_backlog_counts_dispatched_prompts_until_prefill_answers():
+    from app.serving.placement import PrefillBacklog
+
+    backlog = PrefillBacklog()
+    backlog.add(100)
+    backlog.add(30)
+    backlog.remove(100)
+    assert (backlog.num_tokens, backlog.num_requests) == (30, 1)
 
 
 def test_policies_and_overrides():

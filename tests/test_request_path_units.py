@@ -149,7 +149,7 @@ def test_folded_chunks_keep_the_latest_report_and_count_usage():
     folded.add(GenerationChunk("a", (1,), None, 10, report=KVReport(mode="disaggregated", kv_source="transfer")))
     folded.add(GenerationChunk("b", (2,), "length", 10, report=KVReport(prefix_cache_hit_tokens=4)))
     assert folded.text == "ab" and folded.finish_reason == "length"
-    assert folded.final_report() == KVReport(mode="disaggregated", kv_source="transfer", prefix_cache_hit_tokens=4)
+    assert folded.report == KVReport(mode="disaggregated", kv_source="transfer", prefix_cache_hit_tokens=4)
     assert folded.usage() == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12,
                               "prompt_tokens_details": {"cached_tokens": 4}}
 

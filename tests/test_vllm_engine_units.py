@@ -22,11 +22,13 @@ class FakeClient:
 
     mode = "collocated"
 
-    def __init__(self, text: str = "abc", die_first: bool = False):
+    def __init__(self, text: str = "abc", die_first: bool = False, pause_s: float = 0.0):
         self.text = text
         self.die_first = die_first
+        self.pause_s = pause_s
         self.requests: list[GenerateRequest] = []
         self.closed: list[str] = []
+        self.num_yielded = 0
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         self.requests.append(request)
@@ -40,7 +42,8 @@ class FakeClient:
                 yield GenerationChunk(text=ch, token_ids=(ord(ch),), finish_reason="length" if last else None,
                                       num_prompt_tokens=len(request.prompt_token_ids),
                                       report=KVReport(kv_source="transfer") if i == 0 else None)
-                await asyncio.sleep(0)
+                self.num_yielded += 1
+                await asyncio.sleep(self.pause_s)
         finally:
             self.closed.append(request.request_id)
 
@@ -104,13 +107,34 @@ def test_a_dead_replica_is_retried_once_for_non_streaming_and_reported():
     assert len(client.requests) == 2 and scope.final_report().retried_after.startswith("replica died")
 
 
-def test_a_dead_replica_fails_a_stream_and_the_scope_keeps_why():
+def test_a_dead_replica_fails_a_stream_as_vllms_generation_error_and_the_scope_keeps_why():
+    from vllm.exceptions import GenerationError
+
     client = FakeClient("abc", die_first=True)
     scope = RequestScope()
-    with pytest.raises(Exception, match="died|Actor"):
+    with pytest.raises(GenerationError) as info:  # vLLM's stream generators send it as a 500 error event
         _run(PDServeEngine(client, _Config(), None),
              SamplingParams(max_tokens=3, output_kind=RequestOutputKind.DELTA), scope)
+    assert info.value.status_code == 500 and str(info.value).startswith("generation failed")
     assert scope.failure is not None and scope.num_outputs == 1 and len(client.requests) == 1
+
+
+def test_one_failing_choice_stops_its_siblings():
+    class OneFails(FakeClient):
+        async def generate(self, request):
+            if request.sampling.seed == 1:  # choice 1 of seed 0
+                self.requests.append(request)
+                await asyncio.sleep(0.05)
+                raise RuntimeError("boom")
+                yield
+            async for chunk in super().generate(request):
+                yield chunk
+
+    client = OneFails("x" * 100, pause_s=0.01)  # choice 0 would take a second
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(PDServeEngine(client, _Config(), None), SamplingParams(
+            n=2, seed=0, temperature=1.0, max_tokens=100, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert len(client.closed) == 1 and client.num_yielded < 50  # choice 0 was stopped, not left running
 
 
 def test_leaving_early_closes_every_choice():
@@ -136,8 +160,27 @@ def test_only_token_prompts_are_served():
     from vllm.exceptions import VLLMValidationError
 
     engine = PDServeEngine(FakeClient(), _Config(), None)
-    with pytest.raises(VLLMValidationError):
-        engine.generate({"type": "embeds", "prompt_embeds": None}, SamplingParams(), "r")
+    token = SCOPE.set(RequestScope())
+    try:
+        with pytest.raises(VLLMValidationError):
+            engine.generate({"type": "embeds", "prompt_embeds": None}, SamplingParams(), "r")
+    finally:
+        SCOPE.reset(token)
+
+
+def test_a_generate_call_without_a_request_scope_is_refused():
+    """The scope carries the tenant's cache salt: running without one would drop it, so it fails closed."""
+    with pytest.raises(RuntimeError, match="scope"):
+        PDServeEngine(FakeClient(), _Config(), None).generate({"type": "token", "prompt_token_ids": [1]},
+                                                              SamplingParams(), "r")
+
+
+def test_a_clients_kv_transfer_params_never_reach_the_replicas():
+    client = FakeClient("ab")
+    params = SamplingParams(max_tokens=2, output_kind=RequestOutputKind.FINAL_ONLY,
+                            extra_args={"kv_transfer_params": {"pdserve": {}}, "other": 1})
+    _run(PDServeEngine(client, _Config(), None), params)
+    assert client.requests[0].sampling.extra_args == {"other": 1}
 
 
 def test_salts():
