@@ -164,6 +164,19 @@ class PlacementConfig(_Strict):
         "224 is the block multiple below it).")
 
 
+class TokenBusConfig(_Strict):
+    """How streamed tokens reach the ingress (app/token_bus.py). The first chunk of every request, its errors and
+    its end go through its Serve call; with the bus on, every later delta goes from the engine thread to the ingress
+    over a ZeroMQ socket, one message per engine step and ingress (a Serve stream item per token costs the engine
+    replica's process GIL time that slows its engine steps: docs/overhead.md)."""
+
+    enabled: bool = Field(True, description="Stream tokens after the first over the bus (false: every token through "
+                          "its Serve call).")
+    host: str | None = Field(None, description="Address the ingress's bus socket binds (on a random free port) and "
+                             "engine replicas connect to (None: the ingress node's address as Ray knows it). Engine "
+                             "nodes must be able to reach it over TCP.")
+
+
 class WarmupConfig(_Strict):
     """Synthetic requests every engine replica runs before it reports ready (also after a restart or a
     scale-up); they also form its pair groups with every running replica of the other phase."""
@@ -244,6 +257,8 @@ class AppConfig(_Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig,
                                        description="Disaggregated mode: where each prompt prefills.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, per-tenant limits.")
+    token_bus: TokenBusConfig = Field(default_factory=TokenBusConfig,
+                                      description="Streamed tokens from engine replicas to the ingress.")
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger HTTP request bodies get 413.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Replica warm-up.")
     prefill_batching: PrefillBatchingConfig = Field(default_factory=PrefillBatchingConfig,

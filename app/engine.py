@@ -12,7 +12,9 @@ Life cycle of a request:
    `loop.call_soon_threadsafe` per consumer loop.
 3. The stream yields `GenerationChunk`s until the request finishes: the first as soon as it exists, later
    ones joined with whatever else of the same request is already waiting (a consumer that fell behind
-   catches up in one item per hop, not one per token). If the consumer goes away
+   catches up in one item per hop, not one per token). A request with a `reply_to` (the ingress's token bus,
+   app/token_bus.py) yields only its first chunk: the driver thread sends every later delta to the bus itself,
+   one message per ingress per step, and the stream ends when the last one was sent. If the consumer goes away
    (client disconnect, cancellation), `generate()`'s `finally` queues an `abort`, so the engine
    frees the request's blocks.
 Only the driver thread touches the engine; everything else talks to it through the command queue.
@@ -27,13 +29,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine_setup import build_engine, configure_engine_thread, engine_env, to_vllm_sampling
 from app.errors import EngineError, EngineInputError
-from app.messages import GenerationChunk, SamplingSpec
+from app.messages import BusTarget, GenerationChunk, SamplingSpec
 from app.specs import EngineSpec
+from app.token_bus import BusSender
 
 # Re-exported: callers build engines and their environment through this module.
 __all__ = ["EngineDriver", "EngineError", "EngineInputError", "EngineLoad", "build_engine", "engine_env"]
@@ -46,8 +49,10 @@ class _Stream:
     """One request's outputs on their way to its consumer; touched only on the consumer's loop."""
 
     loop: asyncio.AbstractEventLoop
-    items: deque = field(default_factory=deque)  # GenerationChunk | BaseException, oldest first
+    bus: BusTarget | None = None  # where chunks after the first go (None: all through this stream)
+    items: deque = field(default_factory=deque)  # GenerationChunk | BaseException | _SENT, oldest first
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False  # its first chunk was delivered (driver thread only)
 
     def put(self, item: GenerationChunk | BaseException) -> None:
         self.items.append(item)
@@ -61,7 +66,7 @@ class _Stream:
         item = self.items.popleft()
         while (isinstance(item, GenerationChunk) and item.finish_reason is None and self.items
                and isinstance(self.items[0], GenerationChunk)):
-            item = _joined(item, self.items.popleft())
+            item = item.joined(self.items.popleft())
         return item
 
 
@@ -95,6 +100,7 @@ class EngineDriver:
         self._stopped = False
         self.load = EngineLoad()
         self._load_at = 0.0  # monotonic time `load` was measured
+        self._bus = BusSender()  # driver thread only
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
@@ -112,11 +118,13 @@ class EngineDriver:
         *,
         cache_salt: str | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
+        reply_to: BusTarget | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """Run one request; yields its output deltas; aborts it if the consumer stops early."""
+        """Run one request; yields its output deltas (with `reply_to`, only the first: the rest go to that bus);
+        aborts it if the consumer stops early."""
         if request_id in self._streams:
             raise EngineError(f"duplicate request id {request_id}")
-        stream = _Stream(loop=asyncio.get_running_loop())
+        stream = _Stream(loop=asyncio.get_running_loop(), bus=reply_to)
         self._streams[request_id] = stream
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids)}
         if cache_salt is not None:
@@ -130,6 +138,9 @@ class EngineDriver:
                 item = await stream.take()
                 if isinstance(item, BaseException):
                     raise item
+                if item is _SENT:  # the last delta went to the bus
+                    finished = True
+                    break
                 finished = item.finish_reason is not None
                 yield item
         finally:
@@ -188,16 +199,34 @@ class EngineDriver:
 
     def _deliver_step(self, outputs: list[Any]) -> None:
         # One loop callback per consumer loop, not one per request: each wake-up costs this thread the GIL.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, GenerationChunk]]] = {}
+        # Deltas of requests with a bus go out as one message per ingress, from this thread.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        by_bus: dict[str, tuple[bytes, list[tuple[int, GenerationChunk]]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, _to_chunk(output)))
+            if stream is None:
+                continue
+            chunk = _to_chunk(output)
+            if stream.bus is not None and stream.started:
+                by_bus.setdefault(stream.bus.endpoint, (stream.bus.secret, []))[1].append((stream.bus.key, chunk))
+                if chunk.finish_reason is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, _SENT))
+                continue
+            stream.started = True
+            by_loop.setdefault(stream.loop, []).append((stream, chunk))
+        if by_bus:
+            self._bus.send(by_bus)
         for loop, batch in by_loop.items():
             loop.call_soon_threadsafe(_put_all, batch)
 
     def _run(self) -> None:
         configure_engine_thread(self.num_threads, self.cpu_affinity)
+        try:
+            self._loop()
+        finally:
+            self._bus.close()
+
+    def _loop(self) -> None:
         while not self._stopped:
             while True:
                 try:
@@ -234,17 +263,12 @@ def _parameter_of(exc: Exception) -> str | None:
     return exc.parameter if isinstance(exc, VLLMValidationError) else None
 
 
-def _put_all(batch: list[tuple[_Stream, GenerationChunk]]) -> None:
+_SENT = object()  # a stream's end marker: its last delta went to the bus
+
+
+def _put_all(batch: list[tuple[_Stream, Any]]) -> None:
     for stream, chunk in batch:
         stream.put(chunk)
-
-
-def _joined(first: GenerationChunk, then: GenerationChunk) -> GenerationChunk:
-    """Two consecutive deltas of one request as one."""
-    logprobs = first.logprobs + then.logprobs if first.logprobs is not None and then.logprobs is not None else None
-    return replace(first, text=first.text + then.text, token_ids=first.token_ids + then.token_ids,
-                   finish_reason=then.finish_reason, logprobs=logprobs,
-                   cumulative_logprob=then.cumulative_logprob, stop_reason=then.stop_reason)
 
 
 def _to_chunk(output: Any) -> GenerationChunk:

@@ -2,7 +2,8 @@
 
 - `SamplingSpec`: pdserve's own short form of sampling (warm-up, prefill's one token, the two-step API).
 - `GenerateRequest`: one tokenised request as the ingress hands it to an engine replica; its sampling is
-  a `SamplingSpec` or vLLM's own `SamplingParams` (what vLLM's request models build from an OpenAI body).
+  a `SamplingSpec` or vLLM's own `SamplingParams` (what vLLM's request models build from an OpenAI body);
+  `BusTarget`: where its chunks after the first go (the ingress's token bus).
 - `GenerationChunk`: what an engine replica streams back, one per engine step that produced output.
 - `KVReport`: what a response reports about where its prompt ran and where its KV came from.
 - `PrefillResult`: a prefill replica's report once a request's KV was sent.
@@ -34,6 +35,15 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class BusTarget:
+    """Where an engine replica sends a request's chunks after the first (app/token_bus.py)."""
+
+    endpoint: str  # tcp://host:port of the ingress's PULL socket
+    secret: bytes  # the bus's secret: the ingress drops messages without it
+    key: int  # the request's key on that bus
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """A validated, tokenised request; `cache_salt` keeps prefix-cache reuse inside one tenant."""
 
@@ -42,6 +52,7 @@ class GenerateRequest:
     sampling: SamplingSpec | Any  # Any: vllm.SamplingParams (n == 1; the ingress fans `n` out)
     cache_salt: str | None = None
     remote_prefill: bool = False  # disaggregated: prefill on a prefill replica whatever the placement policy says
+    reply_to: BusTarget | None = None  # chunks after the first go there, not through the streaming call
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -104,6 +115,13 @@ class GenerationChunk:
 
     def with_report(self, report: KVReport | None) -> GenerationChunk:
         return self if report is None else replace(self, report=(self.report or KVReport()).merged(report))
+
+    def joined(self, then: GenerationChunk) -> GenerationChunk:
+        """This delta and the next one of the same request, as one."""
+        logprobs = self.logprobs + then.logprobs if self.logprobs is not None and then.logprobs is not None else None
+        return replace(self, text=self.text + then.text, token_ids=self.token_ids + then.token_ids,
+                       finish_reason=then.finish_reason, logprobs=logprobs,
+                       cumulative_logprob=then.cumulative_logprob, stop_reason=then.stop_reason)
 
 
 @dataclass(frozen=True)

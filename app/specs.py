@@ -13,7 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from app.config import AppConfig, AuthConfig, DeploymentOptions, KVTransferConfig, TwoStepConfig, WarmupConfig
+from app.config import (
+    AppConfig,
+    AuthConfig,
+    DeploymentOptions,
+    KVTransferConfig,
+    TokenBusConfig,
+    TwoStepConfig,
+    WarmupConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class IngressSpec:
     max_request_body_bytes: int
     retry_decode: bool
     warm_path: bool  # send a request through the whole path before reporting ready (warmup.enabled)
+    token_bus: TokenBusConfig
     auth: AuthConfig
     orchestrator: OrchestratorSpec
 
@@ -105,7 +114,8 @@ class IngressSpec:
         return cls(mode=config.mode, model_path=config.model.path, served_name=config.model.served_name,
                    dtype=config.model.dtype, max_model_len=config.model.max_model_len,
                    max_request_body_bytes=config.max_request_body_bytes,
-                   retry_decode=config.fallback.retry_decode, warm_path=config.warmup.enabled, auth=config.auth,
+                   retry_decode=config.fallback.retry_decode, warm_path=config.warmup.enabled,
+                   token_bus=config.token_bus, auth=config.auth,
                    orchestrator=OrchestratorSpec.from_config(config))
 
 

@@ -29,6 +29,7 @@ class Collocated(EngineReplica):
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         async for chunk in self.engine.generate(
-            request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt
+            request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt,
+            reply_to=request.reply_to,
         ):
             yield chunk

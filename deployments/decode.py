@@ -88,7 +88,7 @@ class Decode(EngineReplica):
             first = True
             async for chunk in self.engine.generate(
                 request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt,
-                kv_transfer_params=transfer_params(xfer_id),
+                kv_transfer_params=transfer_params(xfer_id), reply_to=request.reply_to,
             ):
                 if first:
                     first = False
@@ -120,7 +120,7 @@ class Decode(EngineReplica):
                               fallback="no_prefill_replica", fallback_reason=reason)
         first = True
         async for chunk in self.engine.generate(request.request_id, list(request.prompt_token_ids), request.sampling,
-                                                cache_salt=request.cache_salt):
+                                                cache_salt=request.cache_salt, reply_to=request.reply_to):
             if first:
                 first = False
                 # the prompt ran here: what this engine found cached is the tenant's prefix-cache hit

@@ -43,6 +43,7 @@ from app.engine_setup import freeze_gc_heap
 from app.serving.client import CollocatedClient, EngineClient
 from app.specs import IngressSpec
 from app.tenancy import Tenant, TenantDirectory
+from app.token_bus import TokenBus
 
 logger = logging.getLogger(__name__)
 
@@ -157,12 +158,13 @@ class Ingress:
     async def __init__(self, spec: IngressSpec, engines: dict[str, DeploymentHandle]):
         self.spec = spec
         client: EngineClient
+        self.bus = TokenBus(spec.token_bus.host) if spec.token_bus.enabled else None
         if spec.mode == "collocated":
-            client = CollocatedClient(engines["collocated"])
+            client = CollocatedClient(engines["collocated"], self.bus)
         else:
             from app.serving.orchestrator import DisaggregatedClient
 
-            client = DisaggregatedClient(engines["prefill"], engines["decode"], spec.orchestrator)
+            client = DisaggregatedClient(engines["prefill"], engines["decode"], spec.orchestrator, self.bus)
         self.engines = engines
         self.tenants = TenantDirectory.from_config(spec.auth)
         self.front = VLLMFront.build(spec.served_name, spec.model_path, spec.dtype, spec.max_model_len, client,
@@ -171,6 +173,10 @@ class Ingress:
         if spec.warm_path:
             await warm_path(self.front, spec.served_name)
         freeze_gc_heap()  # vLLM's modules and config are loaded here too: keep collections off that heap
+
+    def __del__(self):
+        if getattr(self, "bus", None) is not None:
+            self.bus.close()
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -240,6 +246,10 @@ class Ingress:
     async def placement_stats(self) -> dict[str, int]:
         """The prefill backlog this ingress places by (disaggregated mode)."""
         return self.service.client.placement_state()
+
+    async def token_bus_stats(self) -> dict[str, int]:
+        """Messages this ingress's token bus received and dropped, and the streams open on it (empty: bus off)."""
+        return self.bus.stats() if self.bus is not None else {}
     # `authorization` is what HTTP clients send in the Authorization header ("Bearer <key>").
 
     async def create_completion(self, request: CompletionRequest | dict[str, Any],

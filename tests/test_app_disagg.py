@@ -70,7 +70,7 @@ def test_the_ingress_sent_requests_through_the_whole_path_before_it_was_ready(ap
 def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, offline_engine, tokenizer,
                                                                   num_tokens, offset):
     prompt = prompt_of_length(tokenizer, num_tokens, offset)
-    want, _ = offline_generate(offline_engine, prompt, 20)
+    want, want_ids = offline_generate(offline_engine, prompt, 20)
     loaded_before = sum(s["num_loaded_tokens"] for s in _broadcast("Decode", "kv_stats"))
     # 1. non-streaming
     body = _complete(app, prompt, 20)
@@ -80,9 +80,13 @@ def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, o
     # 2. the connector loaded the prompt's KV (all but the last token), it did not recompute it
     loaded_after = sum(s["num_loaded_tokens"] for s in _broadcast("Decode", "kv_stats"))
     assert loaded_after - loaded_before == num_tokens - 1
-    # 3. streaming
+    # 3. streaming: the first token by decode's Serve stream, each later one in a token-bus message of its step
+    bus_before = app["handle"].token_bus_stats.remote().result()
     stream = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream) == want
+    bus_after = app["handle"].token_bus_stats.remote().result()
+    assert bus_after["num_messages"] - bus_before["num_messages"] == len(want_ids) - 1
+    assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
 
 
 def test_prompt_fully_prefix_cached_on_decode_drops_its_transfer_without_wedging(app, offline_engine, tokenizer):
@@ -129,9 +133,14 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
         async with httpx.AsyncClient(timeout=180) as client:
             return await asyncio.gather(*(stream_one(client, p) for p in prompts))
 
+    bus_before = app["handle"].token_bus_stats.remote().result()
     results = asyncio.run(run_all())
     assert [text for text, _ in results] == wants
     assert [meta["kv_source"] for _, meta in results] == ["transfer"] * 16  # each prompt's KV moved, none recomputed
+    bus_after = app["handle"].token_bus_stats.remote().result()
+    # every stream's later tokens came by the bus, a step's deltas for all of them in one message per decode replica
+    assert 23 <= bus_after["num_messages"] - bus_before["num_messages"] < 16 * 23
+    assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
     pairs = {peer for stats in _broadcast("Decode", "kv_stats") for peer in stats["pairs"]}
     assert len(pairs) == 2  # both prefill replicas paired with decode replicas
 

@@ -106,7 +106,8 @@ def servers(ray_session, tmp_path_factory):
     # always_remote: every prompt's KV moves (short prompts would otherwise prefill on decode, which
     # test_placement.py compares with the transfer path)
     run_app({"placement": {"policy": "always_remote"}}, "conf_disagg", "/conf-disagg")
-    run_app({"placement": {"policy": "always_local"}}, "conf_local", "/conf-local")  # every prompt on decode
+    # every prompt on decode, and every token through its Serve stream (the token bus off): that path stays vLLM's
+    run_app({"placement": {"policy": "always_local"}, "token_bus": {"enabled": False}}, "conf_local", "/conf-local")
     run_app({"mode": "collocated"}, "conf_colo", "/conf-colo")
     base = f"http://127.0.0.1:{ray_session}"
     try:

@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.errors import TwoStepUnsupported
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
+from app.token_bus import TokenBus, streamed
 
 
 class EngineClient(Protocol):
@@ -59,12 +60,13 @@ class CollocatedClient:
     mode: Literal["collocated"] = "collocated"
     supports_two_step = False
 
-    def __init__(self, handle: DeploymentHandle):
+    def __init__(self, handle: DeploymentHandle, bus: TokenBus | None = None):
         self.handle = handle.options(stream=True)
+        self.bus = bus
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         first = True
-        async for chunk in self.handle.generate.remote(request):
+        async for chunk in streamed(self.bus, request, self.handle.generate.remote):
             if first:
                 first = False
                 chunk = chunk.with_report(KVReport(prefix_cache_hit_tokens=chunk.num_cached_tokens))

@@ -39,6 +39,7 @@ from app.metrics import PhaseRatio, record_placement
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
 from app.serving.placement import PrefillBacklog, place
 from app.specs import OrchestratorSpec
+from app.token_bus import TokenBus, streamed
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ class DisaggregatedClient:
     mode: Literal["disaggregated"] = "disaggregated"
     supports_two_step = True
 
-    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, spec: OrchestratorSpec):
+    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, spec: OrchestratorSpec,
+                 bus: TokenBus | None = None):
         self.prefill = prefill
         self.decode = decode.options(stream=True)
         self.spec = spec
+        self.bus = bus  # decode's tokens after the first (None: all through its Serve stream)
         self.phase_ratio = PhaseRatio()
         self.backlog = PrefillBacklog()  # prompt tokens dispatched to prefill replicas, not answered yet
         self.handoff = Handoff(prefill, decode, spec.notify_timeout_s, self.phase_ratio, self.backlog)
@@ -65,7 +68,7 @@ class DisaggregatedClient:
         record_placement(placement.where, placement.reason)
         if placement.local:
             async with self.decode.generate.choose_replica(request) as d_sel:
-                async for chunk in self._cancel_on_exit(self.decode.dispatch(
+                async for chunk in self._cancel_on_exit(self._decode_call(
                         d_sel, request, None, xfer_id, placement.detail, placed_locally=True)):
                     yield chunk
             return
@@ -90,19 +93,23 @@ class DisaggregatedClient:
                 except TimeoutError:
                     self._wake_prefill()
                     reason = f"no prefill replica free within {self.spec.no_prefill_wait_s} s (decode_locally)"
-                    async for chunk in self._cancel_on_exit(self.decode.dispatch(d_sel, request, None, xfer_id,
-                                                                                 reason)):
+                    async for chunk in self._cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id,
+                                                                              reason)):
                         yield chunk
                     return
             prefill_id = pair_id(p_sel)
             BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
             # 2. dispatch both
             prefill_call = self.prefill.dispatch(p_sel, request, decode_id, xfer_id)
-            stream = self.decode.dispatch(d_sel, request, prefill_id, xfer_id)
+            stream = self._decode_call(d_sel, request, prefill_id, xfer_id)
             # 3. stream decode's tokens while watching prefill
             transfer = Transfer(request, prefill_id, decode_id, xfer_id)
             async for chunk in self.handoff.stream(transfer, stream, prefill_call, self.spec.retry_other_prefill):
                 yield chunk
+
+    def _decode_call(self, d_sel, request: GenerateRequest, *args, **kwargs):
+        """Decode's streaming call on the chosen replica, its tokens after the first on the bus (if on)."""
+        return streamed(self.bus, request, lambda r: self.decode.dispatch(d_sel, r, *args, **kwargs))
 
     @staticmethod
     async def _cancel_on_exit(stream) -> AsyncIterator[GenerationChunk]:
@@ -156,7 +163,7 @@ class DisaggregatedClient:
         async with self.decode.generate.choose_replica(request) as d_sel:
             decode_id = pair_id(d_sel)
             prefill_call = self.prefill.send_parked.remote(kv_cache_id, decode_id, xfer_id, replica_pin=prefill_id)
-            stream = self.decode.dispatch(d_sel, request, prefill_id, xfer_id)
+            stream = self._decode_call(d_sel, request, prefill_id, xfer_id)
             transfer = Transfer(request, prefill_id, decode_id, xfer_id)
             async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
                 yield chunk
