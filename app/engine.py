@@ -80,6 +80,42 @@ class EngineLoad:
     kv_usage: float = 0.0  # share of KV blocks in use, 0-1
 
 
+class _Outlet:
+    """Where each request's outputs go: its stream on its consumer's loop, or, after the first, its token bus.
+    `streams` is changed on consumer loops and read by the driver thread; the rest runs on the driver thread."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, _Stream] = {}
+        self.bus = BusSender()
+
+    def deliver(self, request_id: str, item: Any) -> None:
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.put, item)
+
+    def deliver_step(self, outputs: list[Any]) -> None:
+        # One loop callback per consumer loop, not one per request: each wake-up costs this thread the GIL.
+        # Deltas of requests with a bus go out as one message per ingress, from this thread.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        by_bus: dict[str, tuple[bytes, list[tuple[int, GenerationChunk]]]] = {}
+        for output in outputs:
+            stream = self.streams.get(output.request_id)
+            if stream is None:
+                continue
+            chunk = _to_chunk(output)
+            if stream.bus is not None and stream.started:
+                by_bus.setdefault(stream.bus.endpoint, (stream.bus.secret, []))[1].append((stream.bus.key, chunk))
+                if chunk.finish_reason is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, _SENT))
+                continue
+            stream.started = True
+            by_loop.setdefault(stream.loop, []).append((stream, chunk))
+        if by_bus:
+            self.bus.send(by_bus)
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
 class EngineDriver:
     """Owns one in-process `LLMEngine` and the thread that steps it."""
 
@@ -96,11 +132,10 @@ class EngineDriver:
         self.cpu_affinity = cpu_affinity  # cores of the engine thread and the compute threads it starts
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._outlet = _Outlet()
         self._stopped = False
         self.load = EngineLoad()
         self._load_at = 0.0  # monotonic time `load` was measured
-        self._bus = BusSender()  # driver thread only
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
@@ -122,10 +157,10 @@ class EngineDriver:
     ) -> AsyncIterator[GenerationChunk]:
         """Run one request; yields its output deltas (with `reply_to`, only the first: the rest go to that bus);
         aborts it if the consumer stops early."""
-        if request_id in self._streams:
+        if request_id in self._outlet.streams:
             raise EngineError(f"duplicate request id {request_id}")
         stream = _Stream(loop=asyncio.get_running_loop(), bus=reply_to)
-        self._streams[request_id] = stream
+        self._outlet.streams[request_id] = stream
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids)}
         if cache_salt is not None:
             prompt["cache_salt"] = cache_salt
@@ -144,7 +179,7 @@ class EngineDriver:
                 finished = item.finish_reason is not None
                 yield item
         finally:
-            self._streams.pop(request_id, None)
+            self._outlet.streams.pop(request_id, None)
             if not finished:
                 self._submit(lambda: self.engine.abort_request([request_id]))
 
@@ -190,41 +225,14 @@ class EngineDriver:
         try:
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:  # noqa: BLE001 - a bad request must not kill the driver
-            self._deliver(request_id, EngineInputError(str(exc), _parameter_of(exc)))
-
-    def _deliver(self, request_id: str, item: Any) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.put, item)
-
-    def _deliver_step(self, outputs: list[Any]) -> None:
-        # One loop callback per consumer loop, not one per request: each wake-up costs this thread the GIL.
-        # Deltas of requests with a bus go out as one message per ingress, from this thread.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
-        by_bus: dict[str, tuple[bytes, list[tuple[int, GenerationChunk]]]] = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue
-            chunk = _to_chunk(output)
-            if stream.bus is not None and stream.started:
-                by_bus.setdefault(stream.bus.endpoint, (stream.bus.secret, []))[1].append((stream.bus.key, chunk))
-                if chunk.finish_reason is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream, _SENT))
-                continue
-            stream.started = True
-            by_loop.setdefault(stream.loop, []).append((stream, chunk))
-        if by_bus:
-            self._bus.send(by_bus)
-        for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            self._outlet.deliver(request_id, EngineInputError(str(exc), _parameter_of(exc)))
 
     def _run(self) -> None:
         configure_engine_thread(self.num_threads, self.cpu_affinity)
         try:
             self._loop()
         finally:
-            self._bus.close()
+            self._outlet.bus.close()
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -246,11 +254,11 @@ class EngineDriver:
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving
                 logger.exception("engine step failed")
-                for request_id in list(self._streams):
-                    self._deliver(request_id, EngineError(f"engine step failed: {exc}"))
+                for request_id in list(self._outlet.streams):
+                    self._outlet.deliver(request_id, EngineError(f"engine step failed: {exc}"))
                     self.engine.abort_request([request_id])
                 continue
-            self._deliver_step(outputs)
+            self._outlet.deliver_step(outputs)
             if not outputs:
                 self._wake.wait(timeout=self.IDLE_POLL_S)
                 self._wake.clear()

@@ -46,7 +46,6 @@ from app.tenancy import Tenant, TenantDirectory
 from app.token_bus import TokenBus
 
 logger = logging.getLogger(__name__)
-
 WARM_PATH_TIMEOUT_S = 300.0  # engine replicas on a real model can take minutes to load
 
 api = FastAPI(title="pdserve", description="Disaggregated LLM serving on Ray Serve (OpenAI-compatible).")
@@ -131,10 +130,10 @@ async def _released(events: AsyncIterator[str], admission) -> AsyncIterator[str]
 
 
 async def warm_path(front: VLLMFront, served_name: str) -> None:
-    """Before Serve routes anything here: one streamed and one plain request through the whole path
-    (tokenizer, engine client, handles and their routers, the engine replicas and their pair), so the first
-    real request after "ready" costs what the tenth does. It waits for the engine replicas (they report
-    ready after their own warm-up); past `WARM_PATH_TIMEOUT_S`, or if it fails, the ingress starts anyway."""
+    """Before Serve routes anything here: one streamed and one plain request through the whole path (tokenizer,
+    engine client, handles and routers, engine replicas, their pair, the token bus), so the first real request after
+    "ready" costs what the tenth does. It waits for the engine replicas (ready after their own warm-up); past
+    `WARM_PATH_TIMEOUT_S`, or if it fails, the ingress starts anyway."""
     request = {"model": served_name, "prompt": "def warm_up():\n", "max_tokens": 2, "temperature": 0}
     started = time.perf_counter()
     try:
@@ -173,10 +172,6 @@ class Ingress:
         if spec.warm_path:
             await warm_path(self.front, spec.served_name)
         freeze_gc_heap()  # vLLM's modules and config are loaded here too: keep collections off that heap
-
-    def __del__(self):
-        if getattr(self, "bus", None) is not None:
-            self.bus.close()
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -247,8 +242,7 @@ class Ingress:
         """The prefill backlog this ingress places by (disaggregated mode)."""
         return self.service.client.placement_state()
 
-    async def token_bus_stats(self) -> dict[str, int]:
-        """Messages this ingress's token bus received and dropped, and the streams open on it (empty: bus off)."""
+    async def token_bus_stats(self) -> dict[str, int]:  # messages in, dropped, streams open (empty: bus off)
         return self.bus.stats() if self.bus is not None else {}
     # `authorization` is what HTTP clients send in the Authorization header ("Bearer <key>").
 
