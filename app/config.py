@@ -114,8 +114,7 @@ class KVTransferConfig(_Strict):
     """How KV blocks move from prefill to decode replicas."""
 
     backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="Collective backend: auto picks nccl on GPU replicas, pdserve's gloo on CPU."
-    )
+        "auto", description="Collective backend: auto picks nccl on GPU replicas, pdserve's gloo on CPU.")
     timeout_s: float = Field(1.0, gt=0, description="Deadline for one KV transfer (header + payload) once the "
                              "prompt ran; a late transfer fails on both ends.")
     prefill_timeout_s: float = Field(30.0, gt=0, description="Deadline for the prefill phase (queue + prompt); "
@@ -158,23 +157,17 @@ class PlacementConfig(_Strict):
         "adaptive", description="adaptive: short prompts prefill on their decode replica, longer ones on a prefill "
         "replica; always_remote: every prompt on a prefill replica; always_local: every prompt on its decode replica.")
     local_max_prompt_tokens: int = Field(
-        224, ge=0, description="adaptive: a prompt of at most this many tokens prefills on its decode replica while "
-        "at least as many prompt tokens are queued at prefill. A local prefill stalls that replica's running replies: "
-        "`pdserve plan` prints the length whose prefill fits in two decode steps (226 for the default model here; "
-        "224 is the block multiple below it).")
+        224, ge=0, description="adaptive: a prompt of at most this many tokens prefills on its decode replica when it "
+        "holds no other request, or while as many prompt tokens are queued at prefill. `pdserve plan` prints the "
+        "length whose prefill stalls decode for two steps (226 for the default model here; 224 is the block below).")
 
 
 class TokenBusConfig(_Strict):
-    """How streamed tokens reach the ingress (app/token_bus.py). The first chunk of every request, its errors and
-    its end go through its Serve call; with the bus on, every later delta goes from the engine thread to the ingress
-    over a ZeroMQ socket, one message per engine step and ingress (a Serve stream item per token costs the engine
-    replica's process GIL time that slows its engine steps: docs/overhead.md)."""
+    """Tokens after a request's first: engine thread -> ingress over ZeroMQ, one message per step (app/token_bus.py)."""
 
-    enabled: bool = Field(True, description="Stream tokens after the first over the bus (false: every token through "
-                          "its Serve call).")
-    host: str | None = Field(None, description="Address the ingress's bus socket binds (on a random free port) and "
-                             "engine replicas connect to (None: the ingress node's address as Ray knows it). Engine "
-                             "nodes must be able to reach it over TCP.")
+    enabled: bool = Field(True, description="false: every token through its request's Serve call.")
+    host: str | None = Field(None, description="Address the ingress's bus binds (a free port) and engine replicas "
+                             "reach over TCP (None: the ingress node's address as Ray knows it).")
 
 
 class WarmupConfig(_Strict):
@@ -257,8 +250,7 @@ class AppConfig(_Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig,
                                        description="Disaggregated mode: where each prompt prefills.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants, per-tenant limits.")
-    token_bus: TokenBusConfig = Field(default_factory=TokenBusConfig,
-                                      description="Streamed tokens from engine replicas to the ingress.")
+    token_bus: TokenBusConfig = Field(default_factory=TokenBusConfig, description="Tokens to the ingress.")
     max_request_body_bytes: int = Field(1 << 20, ge=1024, description="Larger HTTP request bodies get 413.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Replica warm-up.")
     prefill_batching: PrefillBatchingConfig = Field(default_factory=PrefillBatchingConfig,

@@ -1,7 +1,7 @@
-"""Placement in the default (adaptive) disaggregated app: a short prompt behind a prefill backlog prefills on its
-decode replica, every other prompt on a prefill replica with the KV moved; both give the same greedy tokens as
-the offline engine, each response says where its prompt ran and why, placements are counted (and are not
-fallbacks).
+"""Placement in the default (adaptive) disaggregated app: a short prompt prefills on its decode replica when that
+replica holds nothing else, or behind a prefill backlog; every other prompt on a prefill replica with the KV moved;
+both give the same greedy tokens as the offline engine, each response says where its prompt ran and why,
+placements are counted (and are not fallbacks).
 
 The rule itself is unit-tested at the bottom (no Ray)."""
 
@@ -55,14 +55,41 @@ def _check(response: httpx.Response, want_ids: list[int], where: str, reason: st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_tokens", [40, LOCAL_MAX + 1, 300])
-def test_with_prefill_idle_every_prompt_goes_remote_and_gives_the_offline_tokens(app, offline_engine, tokenizer,
-                                                                                num_tokens):
+@pytest.mark.parametrize("num_tokens", [LOCAL_MAX + 1, 300])
+def test_a_long_prompt_goes_remote_and_gives_the_offline_tokens(app, offline_engine, tokenizer, num_tokens):
     prompt = prompt_of_length(tokenizer, num_tokens, offset=7 * num_tokens)
     _, want_ids = offline_generate(offline_engine, prompt, 24)
-    reason = "queued at prefill" if num_tokens <= LOCAL_MAX else f"> placement.local_max_prompt_tokens ({LOCAL_MAX})"
-    report = _check(_complete(app, prompt), want_ids, "transfer", reason)
+    report = _check(_complete(app, prompt), want_ids, "transfer", f"> placement.local_max_prompt_tokens ({LOCAL_MAX})")
     assert report["prefill_replica"] and report["num_cached_tokens"] == num_tokens - 1  # loaded, not recomputed
+
+
+@pytest.mark.slow
+def test_a_short_prompt_on_an_idle_decode_replica_runs_there_and_gives_the_offline_tokens(
+        app, offline_engine, tokenizer):
+    prompt = prompt_of_length(tokenizer, 40, offset=280)
+    _, want_ids = offline_generate(offline_engine, prompt, 24)
+    report = _check(_complete(app, prompt), want_ids, "local", "holds no other request")
+    assert report["prefill_replica"] is None and report["decode_replica"]
+
+
+@pytest.mark.slow
+def test_a_short_prompt_beside_a_running_reply_with_prefill_idle_goes_remote(app, offline_engine, tokenizer):
+    import threading
+    import time
+
+    ingress = serve.get_deployment_handle("Ingress", APP)
+    prompt = prompt_of_length(tokenizer, 40, offset=2100)
+    _, want_ids = offline_generate(offline_engine, prompt, 24)
+    running = threading.Thread(target=_complete, args=(app, prompt_of_length(tokenizer, 30, offset=2500), 1500))
+    running.start()  # a long reply on the (only) decode replica
+    deadline = time.monotonic() + 30
+    while ingress.placement_stats.remote().result()["decode_requests"] < 1:
+        assert time.monotonic() < deadline, "the long reply never reached decode"
+        time.sleep(0.005)
+    report = _check(_complete(app, prompt), want_ids, "transfer", "queued at prefill")
+    running.join(120)
+    assert report["prefill_replica"] and report["num_cached_tokens"] == 39  # loaded, not recomputed
+    assert ingress.placement_stats.remote().result()["decode_requests"] == 0
 
 
 @pytest.mark.slow
@@ -84,13 +111,14 @@ def test_a_short_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_of
     report = _check(_complete(app, short), want_ids, "local", "queued at prefill")
     backlog.join(120)
     assert report["prefill_replica"] is None and report["decode_replica"]
-    assert ingress.placement_stats.remote().result() == {"prefill_backlog_tokens": 0, "prefill_backlog_requests": 0}
+    assert ingress.placement_stats.remote().result() == {"prefill_backlog_tokens": 0, "prefill_backlog_requests": 0,
+                                                         "decode_requests": 0}
 
 
 @pytest.mark.slow
 def test_a_clients_kv_transfer_params_cannot_touch_the_connector(app, tokenizer):
     """vLLM's request models take `kv_transfer_params`; pdserve's connector must never see a client's."""
-    prompt = prompt_of_length(tokenizer, 20, offset=333)
+    prompt = prompt_of_length(tokenizer, LOCAL_MAX + 20, offset=333)  # long: the transfer path
     for bogus in ({"pdserve": {}}, {"pdserve": {"xfer": "0" * 32}}, {"do_remote_prefill": True}):
         for extra in ({}, {"prompt_logprobs": 1}):  # the transfer path, and (prompt_logprobs) the local one
             response = httpx.post(f"{app}/v1/completions", timeout=60, json={
@@ -114,10 +142,11 @@ def test_placements_are_counted_by_reason(app, tokenizer, metrics_url):
     _complete(app, prompt_of_length(tokenizer, 10, offset=444), 2)
     _complete(app, prompt_of_length(tokenizer, 150, offset=555), 2)
     deadline = time.monotonic() + 15  # metrics are exported every second
-    while time.monotonic() < deadline and not (count("remote", "prefill_idle") and count("remote", "long_prompt")):
+    while time.monotonic() < deadline and not (count("local", "decode_idle") and count("remote", "long_prompt")):
         time.sleep(0.5)
-    assert count("remote", "prefill_idle") >= 1 and count("remote", "long_prompt") >= 1
+    assert count("local", "decode_idle") >= 1 and count("remote", "long_prompt") >= 1
     assert count("local", "prefill_busy") >= 1  # the backlog test's short prompt
+    assert count("remote", "prefill_idle") >= 1  # the short prompt beside a running reply
     assert count("remote", "forced") >= 2  # the warm path's two requests
 
 
@@ -134,7 +163,15 @@ def _request(num_tokens: int, **extra) -> GenerateRequest:
     return GenerateRequest("r", tuple(range(1, num_tokens + 1)), SamplingSpec(max_tokens=4), **extra)
 
 
-def test_adaptive_places_short_prompts_locally_only_behind_a_prefill_backlog():
+def test_adaptive_places_a_short_prompt_locally_on_an_idle_decode_replica():
+    idle = place(_request(64), "adaptive", 64, backlog_tokens=0, decode_requests=0)
+    assert idle.local and idle.reason == "decode_idle"
+    assert place(_request(64), "adaptive", 64, backlog_tokens=0, decode_requests=1).reason == "prefill_idle"
+    long = place(_request(65), "adaptive", 64, backlog_tokens=0, decode_requests=0)
+    assert not long.local and long.reason == "long_prompt"
+
+
+def test_adaptive_places_short_prompts_beside_running_replies_locally_only_behind_a_prefill_backlog():
     busy = place(_request(64), "adaptive", 64, backlog_tokens=64)  # both thresholds inclusive
     assert busy.local and busy.reason == "prefill_busy"
     idle = place(_request(64), "adaptive", 64, backlog_tokens=63)

@@ -1,9 +1,11 @@
 """`DisaggregatedClient`: the prefill/decode orchestrator, an `EngineClient` for `mode: disaggregated`.
 
 One request (`generate`):
-0. Placement (`placement.py`): a short prompt while prefill is backlogged (and one asking for prompt logprobs)
-   prefills on the decode replica chosen for it, reported as `kv_source: local` with the reason; the rest go on:
-1. Choose the decode replica, then the prefill replica (Serve's router, `choose_replica`; replicas and
+0. Choose the decode replica (Serve's router, `choose_replica`), then place the prompt (`placement.py`): a short
+   prompt whose decode replica holds nothing else of this ingress, or that arrives while prefill is backlogged (and
+   one asking for prompt logprobs), prefills on that decode replica, reported as `kv_source: local` with the
+   reason; the rest go on:
+1. Choose the prefill replica (Serve's router, `choose_replica`; replicas and
    pairs whose circuit breaker is open are avoided), so both ends of the transfer are known before it
    starts; each replica publishes its pair id through `record_replica_metadata`. With
    `autoscaling.prefill.when_no_replica: decode_locally`, if no prefill replica is free within
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -57,32 +60,47 @@ class DisaggregatedClient:
         self.bus = bus  # decode's tokens after the first (None: all through its Serve stream)
         self.phase_ratio = PhaseRatio()
         self.backlog = PrefillBacklog()  # prompt tokens dispatched to prefill replicas, not answered yet
+        self.on_decode: Counter[str] = Counter()  # requests this ingress has on each decode replica (by pair id)
         self.handoff = Handoff(prefill, decode, spec.notify_timeout_s, self.phase_ratio, self.backlog)
         self._wake_up: asyncio.Future | None = None  # an outstanding call that makes Serve start a prefill replica
         configure_breakers(spec.breaker_failures, spec.breaker_window_s, spec.breaker_open_s)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         xfer_id = secrets.token_hex(16)
-        # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
-        placement = place(request, self.spec.placement, self.spec.local_max_prompt_tokens, self.backlog.num_tokens)
-        record_placement(placement.where, placement.reason)
-        if placement.local:
-            async with self.decode.generate.choose_replica(request) as d_sel:
-                async for chunk in self._cancel_on_exit(self._decode_call(
-                        d_sel, request, None, xfer_id, placement.detail, placed_locally=True)):
-                    yield chunk
-            return
-        first = True
-        async for chunk in self._remote(request, xfer_id):
-            if first:
-                first = False
-                chunk = chunk.with_report(KVReport(placement_reason=placement.detail))
-            yield chunk
-
-    async def _remote(self, request: GenerateRequest, xfer_id: str) -> AsyncIterator[GenerationChunk]:
-        # 1. choose both ends (decode first: prefill replicas whose pair with it is failing are avoided)
-        async with self.decode.generate.choose_replica(request) as d_sel, contextlib.AsyncExitStack() as stack:
+        async with self.decode.generate.choose_replica(request) as d_sel:
             decode_id = pair_id(d_sel)
+            # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
+            placement = place(request, self.spec.placement, self.spec.local_max_prompt_tokens,
+                              self.backlog.num_tokens, self.on_decode[decode_id])
+            record_placement(placement.where, placement.reason)
+            with self._on_decode(decode_id):
+                if placement.local:
+                    async for chunk in self._cancel_on_exit(self._decode_call(
+                            d_sel, request, None, xfer_id, placement.detail, placed_locally=True)):
+                        yield chunk
+                    return
+                first = True
+                async for chunk in self._remote(request, xfer_id, d_sel, decode_id):
+                    if first:
+                        first = False
+                        chunk = chunk.with_report(KVReport(placement_reason=placement.detail))
+                    yield chunk
+
+    @contextlib.contextmanager
+    def _on_decode(self, decode_id: str):
+        """Count a request on its decode replica for as long as it is there (placement reads the count)."""
+        self.on_decode[decode_id] += 1
+        try:
+            yield
+        finally:
+            self.on_decode[decode_id] -= 1
+            if not self.on_decode[decode_id]:
+                del self.on_decode[decode_id]
+
+    async def _remote(self, request: GenerateRequest, xfer_id: str, d_sel, decode_id: str
+                      ) -> AsyncIterator[GenerationChunk]:
+        # 1. choose the prefill end (replicas whose pair with the decode replica is failing are avoided)
+        async with contextlib.AsyncExitStack() as stack:
             choosing = stack.enter_async_context(
                 self.prefill.prefill.choose_replica(request, avoid=open_pairs(decode_id)))
             if self.spec.when_no_prefill == "wait":
@@ -139,7 +157,8 @@ class DisaggregatedClient:
 
     def placement_state(self) -> dict[str, int]:
         backlog = self.backlog
-        return {"prefill_backlog_tokens": backlog.num_tokens, "prefill_backlog_requests": backlog.num_requests}
+        return {"prefill_backlog_tokens": backlog.num_tokens, "prefill_backlog_requests": backlog.num_requests,
+                "decode_requests": sum(self.on_decode.values())}
 
     # -- two-step API -----------------------------------------------------------------------------
 
@@ -162,8 +181,10 @@ class DisaggregatedClient:
         xfer_id = secrets.token_hex(16)
         async with self.decode.generate.choose_replica(request) as d_sel:
             decode_id = pair_id(d_sel)
-            prefill_call = self.prefill.send_parked.remote(kv_cache_id, decode_id, xfer_id, replica_pin=prefill_id)
-            stream = self._decode_call(d_sel, request, prefill_id, xfer_id)
-            transfer = Transfer(request, prefill_id, decode_id, xfer_id)
-            async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
-                yield chunk
+            with self._on_decode(decode_id):
+                prefill_call = self.prefill.send_parked.remote(kv_cache_id, decode_id, xfer_id,
+                                                               replica_pin=prefill_id)
+                stream = self._decode_call(d_sel, request, prefill_id, xfer_id)
+                transfer = Transfer(request, prefill_id, decode_id, xfer_id)
+                async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
+                    yield chunk

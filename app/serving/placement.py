@@ -11,11 +11,14 @@ Rules, first match wins:
 2. The caller asked for a remote prefill (the ingress's warm path, which must warm the transfer path).
 3. `placement.policy` always_local / always_remote.
 4. adaptive, with L = `placement.local_max_prompt_tokens` (the prompt length a decode replica prefills within
-   its stall budget): a prompt of at most L tokens runs locally while the prefill backlog is at least L
-   tokens (there it would wait at least as long as its local prefill stalls decode); otherwise remote.
+   its stall budget): a prompt of more than L tokens runs remotely. One of at most L tokens runs locally when
+   the decode replica chosen for it holds no other request of this ingress (no reply there to stall: no hop
+   and no transfer for nothing), or while the prefill backlog is at least L tokens (there it would wait at
+   least as long as its local prefill stalls decode); otherwise remote.
    The backlog is what this ingress has dispatched to prefill replicas and not seen finish
-   (`PrefillBacklog`): exact with one ingress replica, a lower bound with several.
-Not yet used (issue 13): the tokens the decode replica already has cached, and decode pressure.
+   (`PrefillBacklog`); the decode replica's requests are the ones this ingress has on it (waiting for KV or
+   generating): both exact with one ingress replica, lower bounds with several.
+Not yet used (issue 13): the tokens the decode replica already has cached, and its KV usage.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import Literal
 from app.messages import GenerateRequest
 
 Policy = Literal["adaptive", "always_remote", "always_local"]
-Reason = Literal["prompt_logprobs", "forced", "policy", "prefill_busy", "prefill_idle", "long_prompt"]
+Reason = Literal["prompt_logprobs", "forced", "policy", "decode_idle", "prefill_busy", "prefill_idle",
+                 "long_prompt"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,9 @@ class PrefillBacklog:
         self.num_requests -= 1
 
 
-def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int, backlog_tokens: int = 0
-          ) -> Placement:
+def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int, backlog_tokens: int = 0,
+          decode_requests: int = 1) -> Placement:
+    """Where `request` prefills; `decode_requests`: what this ingress has on the decode replica chosen for it."""
     num_prompt = len(request.prompt_token_ids)
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
@@ -72,6 +77,9 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
     if num_prompt > limit:
         return Placement(False, "long_prompt", f"prompt of {num_prompt} tokens > placement.local_max_prompt_tokens "
                          f"({limit})")
+    if decode_requests == 0:
+        return Placement(True, "decode_idle", f"prompt of {num_prompt} tokens <= {limit}, and its decode replica "
+                         "holds no other request: no reply to stall")
     if backlog_tokens < limit:
         return Placement(False, "prefill_idle", f"prompt of {num_prompt} tokens, {backlog_tokens} prompt tokens "
                          f"queued at prefill < {limit}: prefill is free enough")
