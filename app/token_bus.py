@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 LAST_CHUNK_WAIT_S = 10.0
 # Messages a PUSH socket queues for an ingress that is not reading (gone): past it, sends are dropped.
 SEND_HWM = 100_000
+# A sender closes its socket to an ingress it sent nothing for this long (a replaced ingress replica's endpoint
+# would otherwise keep a socket that retries the connection forever).
+IDLE_CLOSE_S = 120.0
 
 
 @dataclass
@@ -233,6 +236,8 @@ class BusSender:
 
     def __init__(self) -> None:
         self._sockets: dict[str, Any] = {}
+        self._used_at: dict[str, float] = {}  # endpoint -> monotonic time of its last send
+        self._swept_at = time.monotonic()
         self.num_sent = 0
         self.num_dropped = 0
 
@@ -253,9 +258,21 @@ class BusSender:
                 self.num_sent += 1
             except zmq.Again:  # that ingress stopped reading (gone): its requests fail through Serve
                 self.num_dropped += 1
+            self._used_at[endpoint] = time.monotonic()
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        if now - self._swept_at < IDLE_CLOSE_S:
+            return
+        self._swept_at = now
+        for endpoint in [e for e, at in self._used_at.items() if now - at > IDLE_CLOSE_S]:
+            self._sockets.pop(endpoint).close(linger=0)
+            del self._used_at[endpoint]
 
     def close(self, linger_ms: int = 0) -> None:
         """Close every socket; messages not yet sent are dropped after `linger_ms` (their requests end anyway)."""
         for socket in self._sockets.values():
             socket.close(linger=linger_ms)
         self._sockets.clear()
+        self._used_at.clear()

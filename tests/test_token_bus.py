@@ -220,3 +220,18 @@ def test_the_sender_drops_rather_than_blocks_when_an_ingress_stops_reading(monke
     finally:
         sender.close()
         sink.close(linger=0)
+
+
+def test_the_sender_closes_sockets_to_an_ingress_it_no_longer_sends_to(monkeypatch):
+    monkeypatch.setattr(token_bus, "IDLE_CLOSE_S", 0.05)
+    sender = BusSender()
+    try:
+        sender.send({"tcp://127.0.0.1:1": (b"s" * 16, [(1, _chunk(0))])})  # a gone ingress: nothing listens there
+        assert len(sender._sockets) == 1
+        import time
+
+        time.sleep(0.1)
+        sender.send({"tcp://127.0.0.1:2": (b"s" * 16, [(1, _chunk(0))])})  # the sweep runs on a later send
+        assert list(sender._sockets) == ["tcp://127.0.0.1:2"]
+    finally:
+        sender.close()
