@@ -120,7 +120,30 @@ def _stop(process: subprocess.Popen) -> None:
     time.sleep(SETTLE_S)
 
 
-def _measure(seed: int) -> dict[str, Any]:
+# What each process of a system is, by its command line (Serve replicas name their deployment).
+ROLES = (("ProxyActor", "Serve HTTP proxy"), (":Ingress", "ingress"), (":Prefill", "prefill replica"),
+         (":Decode", "decode replica"), (":Collocated", "collocated replica"), ("VLLM::Worker", "vLLM worker"),
+         ("VLLM::EngineCore", "vLLM engine core"), ("vllm.entrypoints", "vLLM API server"))
+
+
+def _cpu_by_role(session: int) -> dict[str, float]:
+    """CPU seconds so far of every process in `session` (the system's process group), summed by role."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(fields[3]) != session:  # field 6 of stat: the session id
+            continue
+        role = next((name for key, name in ROLES if key in command), "Ray and the rest")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def _measure(seed: int, session: int) -> dict[str, Any]:
     base = f"http://127.0.0.1:{PORT}"
     closed1 = Arrivals("closed", concurrency=1)
     # The first requests after "ready": the first is what a user meets after a deploy or a restart.
@@ -133,12 +156,18 @@ def _measure(seed: int) -> dict[str, Any]:
             "ttft_ms": statistics.median(stats.ttft(t) for t in ok) * 1e3,
             "tpot_ms": statistics.median(v for t in ok if (v := stats.tpot(t)) is not None) * 1e3,
             "num_ok": len(ok)}
+    cpu_before = _cpu_by_role(session)
     timings, duration = asyncio.run(run_workload(base, MODEL, _requests(48, 500, seed + 16),
                                                  Arrivals("closed", concurrency=16)))
+    cpu_after = _cpu_by_role(session)
     summary = stats.summarize(timings, duration)
+    num_tokens = sum(t.num_output_tokens for t in timings if t.ok)
     result["concurrent16"] = {"output_tok_s": summary["output_token_throughput"],
                               "ttft_p50_ms": summary["ttft_s"]["p50"] * 1e3,
-                              "tpot_p50_ms": summary["tpot_s"]["p50"] * 1e3, "num_ok": summary["num_ok"]}
+                              "tpot_p50_ms": summary["tpot_s"]["p50"] * 1e3, "num_ok": summary["num_ok"],
+                              # CPU milliseconds per output token, by process role, over the 16-stream run
+                              "cpu_ms_per_token": {role: (cpu_after[role] - cpu_before.get(role, 0.0)) * 1e3
+                                                   / max(1, num_tokens) for role in cpu_after}}
     return result
 
 
@@ -172,6 +201,21 @@ def _ratio_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     return rows
 
 
+def _cpu_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Where the CPU goes during the 16 streams: milliseconds per output token, by process role (means of runs)."""
+    seen = {role for results in runs.values() for r in results for role in r["concurrent16"]["cpu_ms_per_token"]}
+    roles = [role for role in [*(name for _, name in ROLES), "Ray and the rest"] if role in seen]
+    systems = list(runs)
+    rows = ["| CPU ms per output token, 16 streams | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for role in [*roles, "total"]:
+        values = []
+        for system in systems:
+            per_run = [r["concurrent16"]["cpu_ms_per_token"] for r in runs[system]]
+            values.append(statistics.mean(sum(c.values()) if role == "total" else c.get(role, 0.0) for c in per_run))
+        rows.append(f"| {role} | " + " | ".join(f"{v:.2f}" if v else "-" for v in values) + " |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", default="vllm,pdserve-disaggregated,pdserve-collocated")
@@ -197,12 +241,12 @@ def main() -> None:
             try:
                 ready_s = _wait_ready(process)
                 print(f"{system}: ready in {ready_s:.0f} s", flush=True)
-                measured = _measure(args.seed)
+                measured = _measure(args.seed, process.pid)  # started in a session of its own
             finally:
                 _stop(process)
             runs.setdefault(system, []).append({"ready_s": ready_s, **measured})
             print(f"  {measured}", flush=True)
-    rows = _ratio_rows(runs)
+    rows = [*_ratio_rows(runs), "", *_cpu_rows(runs)]
     print("\n".join(rows))
     report.save({"machine": report.machine(), "runs": runs, "order": order}, args.out)
     print(f"results: {args.out}")
@@ -225,6 +269,9 @@ def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: l
              "TTFT of the first request after the server said it was ready (100 prompt tokens). Cells: ratio to vLLM's "
              "server (value); below 1 is better than vLLM's server for latencies, above 1 for tokens/s.", "",
              *rows, "",
+             "The second table is CPU time of every process of the system (its process group) during the 16-stream "
+             "run, divided by the output tokens: what each token costs the machine, wherever it is spent. Two cores "
+             "give at most 2000 ms of CPU per second.", "",
              "Ready after start: " + ", ".join(f"{system} {seconds:.0f} s" for system, seconds in ready.items()) + ".",
              ""]
     out = REPO / "docs" / "overhead.md"
