@@ -231,6 +231,10 @@ def _decode_fallbacks() -> int:
 def test_late_transfer_misses_its_deadline_and_does_not_wedge_the_pair(app, offline_engine, tokenizer):
     prompt = prompt_of_length(tokenizer, 52, offset=9)
     want, _ = offline_generate(offline_engine, prompt, 10)
+    def cancelled_sends() -> int:
+        return sum(s["num_cancelled_sends"] for s in _broadcast("Prefill", "kv_stats"))
+
+    cancelled_before = cancelled_sends()
     _broadcast("Prefill", "set_fault_injection", {"delay_s": 3.0})  # past the 2 s transfer deadline
     try:
         body = _complete(app, prompt, 10)
@@ -238,7 +242,10 @@ def test_late_transfer_misses_its_deadline_and_does_not_wedge_the_pair(app, offl
         _broadcast("Prefill", "set_fault_injection", {})
     assert body["choices"][0]["text"] == want and body["pdserve"]["kv_source"] == "recomputed"
     assert "Timeout" in body["pdserve"]["fallback_reason"]  # both prefill attempts missed the deadline
-    time.sleep(3.5)  # the late sends were cancelled on prefill, never sent
+    deadline = time.monotonic() + 10  # each late send reaches its sender 3 s after its prompt ran
+    while cancelled_sends() < cancelled_before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled_sends() == cancelled_before + 2  # both were dropped at their turn, never sent late
     for offset in (200, 210, 220, 230):  # every pair still carries fresh transfers
         prompt = prompt_of_length(tokenizer, 35, offset=offset)
         assert _complete(app, prompt, 6)["pdserve"]["kv_source"] == "transfer"

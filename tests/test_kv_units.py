@@ -269,3 +269,30 @@ def test_header_of_another_wire_version_is_refused_with_the_versions_this_side_r
     wire[1] = 99  # a newer sender
     with pytest.raises(KVHeaderError, match=r"version 99.*versions \(1,\)"):
         KVHeader.decode(wire)
+
+
+def test_outbox_drops_a_send_whose_request_gave_up_and_counts_it():
+    import asyncio
+
+    from app.config import FaultInjection
+    from app.kv.outbox import KVOutbox
+
+    class Transport:  # records what the outbox queues on the pair's sender
+        def __init__(self):
+            self.queued = []
+
+        def send(self, peer, header, payload, on_done, is_cancelled):
+            self.queued.append((peer, is_cancelled))
+
+    async def run():
+        transport = Transport()
+        outbox = KVOutbox(transport, FaultInjection())
+        late = outbox.open("x-late", "decode-a")
+        outbox.on_saved("x-late", None, torch.zeros(4))
+        outbox.open("x-on-time", "decode-a")
+        outbox.on_saved("x-on-time", None, torch.zeros(4))
+        late.cancelled = True  # its request's deadline passed before the sender got to it
+        (peer, late_turn), (_, on_time_turn) = transport.queued
+        return peer, late_turn(), on_time_turn(), outbox.num_cancelled_sends
+
+    assert asyncio.run(run()) == ("decode-a", True, False, 1)

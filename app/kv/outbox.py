@@ -40,6 +40,7 @@ class KVOutbox:
     def __init__(self, transport: PairTransport, faults: FaultInjection):
         self.transport = transport
         self._outgoing: dict[str, Outgoing] = {}
+        self.num_cancelled_sends = 0  # queued sends dropped at their turn: their request had given up (late)
         self.set_faults(faults)
 
     def set_faults(self, faults: FaultInjection) -> None:
@@ -83,8 +84,13 @@ class KVOutbox:
             payload.view(-1)[0] += 1.0  # after the checksum: decode's verification must catch it
         decode_id = outgoing.decode_id
 
+        def is_cancelled() -> bool:  # the pair's sender thread asks once, when this send's turn comes
+            cancelled = outgoing.cancelled
+            self.num_cancelled_sends += cancelled
+            return cancelled
+
         def send() -> None:
-            self.transport.send(decode_id, header, payload, done, lambda: outgoing.cancelled)
+            self.transport.send(decode_id, header, payload, done, is_cancelled)
 
         if faults.delay_s:
             threading.Timer(faults.delay_s, send).start()
