@@ -101,11 +101,13 @@ class DeploymentOptions(_Strict):
 
 
 class FaultInjection(_Strict):
-    """Drills: make a share of KV transfers fail, arrive corrupted, or arrive late (prefill side)."""
+    """Drills: make a share of KV transfers fail, arrive corrupted or wrong, or arrive late (prefill side)."""
 
     fail_fraction: float = Field(0.0, ge=0, le=1, description="Share of transfers never sent.")
-    corrupt_fraction: float = Field(0.0, ge=0, le=1, description="Share sent with one value changed "
-                                    "after the checksum was taken (decode must refuse them).")
+    corrupt_fraction: float = Field(0.0, ge=0, le=1, description="Share sent with one value changed after the "
+                                    "checksum was taken (decode must refuse them).")
+    wrong_kv_fraction: float = Field(0.0, ge=0, le=1, description="Share sent with the layers' KV in reverse order "
+                                     "and a matching checksum: decode takes it (and caches it), the reply must change.")
     delay_s: float = Field(0.0, ge=0, description="Extra wait before each send.")
     seed: int | None = Field(None, description="Seed for choosing which transfers are hit.")
 
@@ -113,8 +115,7 @@ class FaultInjection(_Strict):
 class KVTransferConfig(_Strict):
     """How KV blocks move from prefill to decode replicas."""
 
-    backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="Collective backend: auto picks nccl on GPU replicas, pdserve's gloo on CPU.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU replicas, gloo on CPU.")
     timeout_s: float = Field(1.0, gt=0, description="Deadline for one KV transfer (header + payload) once the "
                              "prompt ran; a late transfer fails on both ends.")
     prefill_timeout_s: float = Field(30.0, gt=0, description="Deadline for the prefill phase (queue + prompt); "
@@ -123,9 +124,8 @@ class KVTransferConfig(_Strict):
         "recompute", description="When KV does not arrive intact in time: recompute the prompt on the decode "
         "replica (counted, and shown to the client), or fail fast with 503.")
     lease_s: float = Field(30.0, gt=0, description="How long received KV waits for its request.")
-    pair_timeout_s: float = Field(10.0, gt=0, description="Deadline for forming a pair group at warm-up (NCCL "
-                                  "communicator set-up can take seconds on real clusters); on a request's path "
-                                  "the join is bounded by timeout_s.")
+    pair_timeout_s: float = Field(10.0, gt=0, description="Deadline for forming a pair group at warm-up (NCCL set-up "
+                                  "can take seconds on real clusters); on a request's path timeout_s bounds it.")
     fault_injection: FaultInjection = Field(default_factory=FaultInjection, description="Failure drills.")
 
 

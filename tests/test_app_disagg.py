@@ -159,6 +159,23 @@ def test_corrupted_payload_is_caught_by_the_checksum(app, offline_engine, tokeni
     assert body["pdserve"]["num_cached_tokens"] < 69
 
 
+def test_kv_with_a_valid_header_but_the_wrong_content_changes_the_output(app, offline_engine, tokenizer):
+    """The negative control of the equality tests above: decode really answers from the KV it was sent."""
+    prompt = prompt_of_length(tokenizer, 70, offset=610)
+    want, _ = offline_generate(offline_engine, prompt, 16)
+    _broadcast("Prefill", "set_fault_injection", {"wrong_kv_fraction": 1.0})
+    try:
+        wrong = _complete(app, prompt, 16)
+    finally:
+        _broadcast("Prefill", "set_fault_injection", {})
+    assert wrong["pdserve"]["kv_source"] == "transfer"  # the checksum matched: decode took it
+    assert wrong["choices"][0]["text"] != want
+    other = prompt_of_length(tokenizer, 70, offset=620)  # with the drill off, transfers are right again
+    right = _complete(app, other, 16)
+    assert right["choices"][0]["text"] == offline_generate(offline_engine, other, 16)[0]
+    assert right["pdserve"]["kv_source"] == "transfer"
+
+
 def test_failed_transfer_falls_back_at_once_and_is_counted(app, offline_engine, tokenizer):
     prompt = prompt_of_length(tokenizer, 45)
     want, _ = offline_generate(offline_engine, prompt, 12)

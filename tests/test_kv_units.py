@@ -296,3 +296,35 @@ def test_outbox_drops_a_send_whose_request_gave_up_and_counts_it():
         return peer, late_turn(), on_time_turn(), outbox.num_cancelled_sends
 
     assert asyncio.run(run()) == ("decode-a", True, False, 1)
+
+
+def test_outbox_wrong_kv_drill_sends_other_layers_kv_under_a_matching_checksum():
+    import asyncio
+
+    from app.config import FaultInjection
+    from app.kv.header import KVHeader
+    from app.kv.outbox import KVOutbox
+    from app.kv.payload import checksum
+
+    class Transport:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, peer, header, payload, on_done, is_cancelled):
+            self.sent.append((header, payload))
+
+    payload = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # [num_layers, num_blocks, block]
+    header = KVHeader(xfer_key=7, num_tokens=90, num_blocks=3, dtype=torch.float32, shape=(2, 3, 4),
+                      checksum_algo=1, checksum=checksum(payload, 1))
+
+    async def run():
+        transport = Transport()
+        outbox = KVOutbox(transport, FaultInjection(wrong_kv_fraction=1.0))
+        outbox.open("x", "decode-a")
+        outbox.on_saved("x", header, payload.clone())
+        return transport.sent[0]
+
+    sent_header, sent = asyncio.run(run())
+    assert torch.equal(sent, payload.flip(0)) and not torch.equal(sent, payload)  # layer 0 carries layer 1's KV
+    assert sent_header.checksum == checksum(sent, 1) != header.checksum  # decode's verification passes
+    assert sent_header.shape == header.shape and sent_header.num_tokens == header.num_tokens

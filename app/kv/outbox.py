@@ -4,7 +4,8 @@ Life cycle of one `Outgoing` (keyed by transfer id):
 1. `open(xfer_id, decode_id)` before the prompt enters the engine (`decode_id` None: park the KV).
 2. The engine thread calls `on_saved` with the gathered header + payload in the step that completed the
    prompt: the payload is queued on the pair's sender thread (or handed back for parking). Fault
-   injection (drills) acts here: fail, corrupt after the checksum, or delay the send.
+   injection (drills) acts here: fail, corrupt after the checksum, send wrong KV with a matching checksum
+   (a negative control: the reply must change), or delay the send.
 3. `done` resolves on the replica's event loop with the `SendResult` (or the error); a request that gives
    up first marks its transfer `cancelled`, so a queued send never goes out late.
 4. `close(xfer_id)` whatever happened.
@@ -16,7 +17,7 @@ import asyncio
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,6 +25,7 @@ from app.config import FaultInjection
 from app.kv.channel import SendResult
 from app.kv.header import KVHeader
 from app.kv.pairs import PairTransport
+from app.kv.payload import checksum
 
 
 @dataclass
@@ -82,6 +84,9 @@ class KVOutbox:
             return
         if faults.corrupt_fraction and self._fault_rng.random() < faults.corrupt_fraction:
             payload.view(-1)[0] += 1.0  # after the checksum: decode's verification must catch it
+        if faults.wrong_kv_fraction and self._fault_rng.random() < faults.wrong_kv_fraction:
+            payload = payload.flip(0)  # [num_layers, ...]: every layer gets another layer's KV, checksum to match
+            header = replace(header, checksum=checksum(payload, header.checksum_algo))
         decode_id = outgoing.decode_id
 
         def is_cancelled() -> bool:  # the pair's sender thread asks once, when this send's turn comes
