@@ -9,6 +9,7 @@ check, and finally a decode replica killed and replaced without restarting prefi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -48,6 +49,16 @@ def client(app):
 
 def _broadcast(deployment: str, method: str, *args) -> list:
     return serve.get_deployment_handle(deployment, APP).broadcast(method, *args).results(timeout_s=60)
+
+
+@contextlib.contextmanager
+def _prefill_faults(faults: dict):
+    """Fault injection on every prefill replica for the block; cleared after it, whatever happened."""
+    _broadcast("Prefill", "set_fault_injection", faults)
+    try:
+        yield
+    finally:
+        _broadcast("Prefill", "set_fault_injection", {})
 
 
 
@@ -148,11 +159,8 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
 def test_corrupted_payload_is_caught_by_the_checksum(app, offline_engine, tokenizer):
     prompt = prompt_of_length(tokenizer, 70)
     want, _ = offline_generate(offline_engine, prompt, 16)
-    _broadcast("Prefill", "set_fault_injection", {"corrupt_fraction": 1.0})
-    try:
+    with _prefill_faults({"corrupt_fraction": 1.0}):
         body = _complete(app, prompt, 16)
-    finally:
-        _broadcast("Prefill", "set_fault_injection", {})
     assert body["pdserve"]["kv_source"] == "recomputed"
     assert "checksum mismatch" in body["pdserve"]["fallback_reason"]
     assert body["choices"][0]["text"] == want  # recomputed locally, never served from bad KV
@@ -163,11 +171,8 @@ def test_kv_with_a_valid_header_but_the_wrong_content_changes_the_output(app, of
     """The negative control of the equality tests above: decode really answers from the KV it was sent."""
     prompt = prompt_of_length(tokenizer, 70, offset=610)
     want, _ = offline_generate(offline_engine, prompt, 16)
-    _broadcast("Prefill", "set_fault_injection", {"wrong_kv_fraction": 1.0})
-    try:
+    with _prefill_faults({"wrong_kv_fraction": 1.0}):
         wrong = _complete(app, prompt, 16)
-    finally:
-        _broadcast("Prefill", "set_fault_injection", {})
     assert wrong["pdserve"]["kv_source"] == "transfer"  # the checksum matched: decode took it
     assert wrong["choices"][0]["text"] != want
     other = prompt_of_length(tokenizer, 70, offset=620)  # with the drill off, transfers are right again
@@ -179,13 +184,10 @@ def test_kv_with_a_valid_header_but_the_wrong_content_changes_the_output(app, of
 def test_failed_transfer_falls_back_at_once_and_is_counted(app, offline_engine, tokenizer):
     prompt = prompt_of_length(tokenizer, 45)
     want, _ = offline_generate(offline_engine, prompt, 12)
-    _broadcast("Prefill", "set_fault_injection", {"fail_fraction": 1.0})
-    started = time.monotonic()
-    try:
+    with _prefill_faults({"fail_fraction": 1.0}):
+        started = time.monotonic()
         response = httpx.post(f"{app['base']}/v1/completions", timeout=60, json={
             "model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0})
-    finally:
-        _broadcast("Prefill", "set_fault_injection", {})
     body = response.json()
     assert body["choices"][0]["text"] == want
     assert body["pdserve"]["kv_source"] == "recomputed"
@@ -213,11 +215,8 @@ def test_vllm_parameters_through_the_recompute_fallback_equal_the_transfer_path(
 
     via_transfer = httpx.post(f"{app['base']}/v1/completions", json=body, timeout=60)
     assert via_transfer.json()["pdserve"]["kv_source"] == "transfer"
-    _broadcast("Prefill", "set_fault_injection", {"fail_fraction": 1.0})
-    try:
+    with _prefill_faults({"fail_fraction": 1.0}):
         recomputed = httpx.post(f"{app['base']}/v1/completions", json=body, timeout=60)
-    finally:
-        _broadcast("Prefill", "set_fault_injection", {})
     assert recomputed.json()["pdserve"]["kv_source"] == "recomputed"
     want, got = choices(via_transfer), choices(recomputed)
     assert [c["text"] for c in got] == [c["text"] for c in want]
@@ -252,11 +251,8 @@ def test_late_transfer_misses_its_deadline_and_does_not_wedge_the_pair(app, offl
         return sum(s["num_cancelled_sends"] for s in _broadcast("Prefill", "kv_stats"))
 
     cancelled_before = cancelled_sends()
-    _broadcast("Prefill", "set_fault_injection", {"delay_s": 3.0})  # past the 2 s transfer deadline
-    try:
+    with _prefill_faults({"delay_s": 3.0}):  # past the 2 s transfer deadline
         body = _complete(app, prompt, 10)
-    finally:
-        _broadcast("Prefill", "set_fault_injection", {})
     assert body["choices"][0]["text"] == want and body["pdserve"]["kv_source"] == "recomputed"
     assert "Timeout" in body["pdserve"]["fallback_reason"]  # both prefill attempts missed the deadline
     deadline = time.monotonic() + 10  # each late send reaches its sender 3 s after its prompt ran
@@ -270,13 +266,12 @@ def test_late_transfer_misses_its_deadline_and_does_not_wedge_the_pair(app, offl
 
 def test_recompute_off_fails_fast_with_503(app, tokenizer):
     _broadcast("Decode", "set_on_failure", "fail")
-    _broadcast("Prefill", "set_fault_injection", {"fail_fraction": 1.0})
     try:
-        body = {"model": MODEL_NAME, "prompt": prompt_of_length(tokenizer, 30, offset=13), "max_tokens": 5}
-        plain = httpx.post(f"{app['base']}/v1/completions", json=body, timeout=60)
-        streamed = httpx.post(f"{app['base']}/v1/completions", json={**body, "stream": True}, timeout=60)
+        with _prefill_faults({"fail_fraction": 1.0}):
+            body = {"model": MODEL_NAME, "prompt": prompt_of_length(tokenizer, 30, offset=13), "max_tokens": 5}
+            plain = httpx.post(f"{app['base']}/v1/completions", json=body, timeout=60)
+            streamed = httpx.post(f"{app['base']}/v1/completions", json={**body, "stream": True}, timeout=60)
     finally:
-        _broadcast("Prefill", "set_fault_injection", {})
         _broadcast("Decode", "set_on_failure", "recompute")
     for response in (plain, streamed):
         assert response.status_code == 503, response.text
@@ -301,7 +296,6 @@ def test_client_leaving_mid_stream_aborts_decode_and_frees_its_blocks(app, token
 def test_load_200_requests_at_concurrency_16_with_10_percent_failed_transfers(app, offline_engine, tokenizer):
     prompts = [prompt_of_length(tokenizer, 5 + (i * 7) % 90, offset=i % 50) for i in range(200)]
     wants = [offline_generate(offline_engine, p, 8)[0] for p in prompts]
-    _broadcast("Prefill", "set_fault_injection", {"fail_fraction": 0.1, "seed": 7})
     limit = asyncio.Semaphore(16)
 
     async def one(client: httpx.AsyncClient, prompt) -> tuple[int, dict, float]:
@@ -315,10 +309,8 @@ def test_load_200_requests_at_concurrency_16_with_10_percent_failed_transfers(ap
         async with httpx.AsyncClient(timeout=60) as client:
             return await asyncio.gather(*(one(client, p) for p in prompts))
 
-    try:
+    with _prefill_faults({"fail_fraction": 0.1, "seed": 7}):
         results = asyncio.run(run_all())
-    finally:
-        _broadcast("Prefill", "set_fault_injection", {})
     assert [status for status, _, _ in results] == [200] * 200  # none lost
     assert [body["choices"][0]["text"] for _, body, _ in results] == wants  # none wrong
     fallbacks = [body["pdserve"].get("fallback") or body["pdserve"]["kv_source"] for _, body, _ in results]

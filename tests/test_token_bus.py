@@ -61,12 +61,18 @@ def _send_from_thread(target, batches: list[list[tuple[int, GenerationChunk]]], 
 REQUEST = GenerateRequest("r1", (1, 2, 3), SamplingSpec(max_tokens=8))
 
 
+def _open(bus: TokenBus, error: Exception | None = None) -> tuple[token_bus.BusStream, FakeCall]:
+    """A streamed call on `bus` whose replica answers with chunk 0, then its end (or `error`)."""
+    calls: list[FakeCall] = []
+    stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, _chunk(0), error)) or calls[0])
+    return stream, calls[0]
+
+
 def test_later_chunks_come_by_the_bus_in_order_and_waiting_ones_are_joined():
     async def run():
         bus = TokenBus("127.0.0.1")
-        calls = []
-        stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, _chunk(0))) or calls[0])
-        target = calls[0].request.reply_to
+        stream, call = _open(bus)
+        target = call.request.reply_to
         assert target is not None and target.endpoint.startswith("tcp://127.0.0.1:")
         # steps 1-2 land before the consumer looks: they come out as one chunk; then 3 and the last one
         _send_from_thread(target, [[(target.key, _chunk(1))], [(target.key, _chunk(2))]])
@@ -75,9 +81,9 @@ def test_later_chunks_come_by_the_bus_in_order_and_waiting_ones_are_joined():
             out.append(chunk)
             if len(out) == 2:
                 _send_from_thread(target, [[(target.key, _chunk(3))], [(target.key, _chunk(4, last=True))]])
-                calls[0].finish.set()
+                call.finish.set()
         bus.close()
-        return out, bus.stats(), calls[0].cancelled
+        return out, bus.stats(), call.cancelled
 
     out, stats, cancelled = asyncio.run(run())
     assert [c.token_ids for c in out][:2] == [(0,), (1, 2)]
@@ -93,12 +99,11 @@ def test_a_message_without_the_secret_is_dropped_unread(monkeypatch):
 
     async def run():
         bus = TokenBus("127.0.0.1")
-        calls = []
-        stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, _chunk(0))) or calls[0])
-        target = calls[0].request.reply_to
+        stream, call = _open(bus)
+        target = call.request.reply_to
         _send_from_thread(target, [[(target.key, _chunk(9, last=True))]], secret=b"not the secret!!")
         _send_from_thread(target, [[(target.key, _chunk(1, last=True))]])
-        calls[0].finish.set()
+        call.finish.set()
         out = [chunk async for chunk in stream]
         bus.close()
         return out, bus.stats()
@@ -111,14 +116,12 @@ def test_a_message_without_the_secret_is_dropped_unread(monkeypatch):
 def test_an_error_of_the_call_after_the_first_chunk_reaches_the_consumer():
     async def run():
         bus = TokenBus("127.0.0.1")
-        calls = []
-        stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, _chunk(0), EngineError("step failed")))
-                          or calls[0])
+        stream, call = _open(bus, EngineError("step failed"))
         out = []
         with pytest.raises(EngineError, match="step failed"):
             async for chunk in stream:
                 out.append(chunk)
-                calls[0].finish.set()
+                call.finish.set()
         bus.close()
         return out, bus.stats()
 
@@ -131,9 +134,8 @@ def test_a_call_that_ends_without_its_last_chunk_fails_after_the_wait(monkeypatc
 
     async def run():
         bus = TokenBus("127.0.0.1")
-        calls = []
-        stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, _chunk(0))) or calls[0])
-        calls[0].finish.set()
+        stream, call = _open(bus)
+        call.finish.set()
         try:
             with pytest.raises(EngineError, match="last chunk never arrived"):
                 async for _ in stream:
@@ -147,9 +149,8 @@ def test_a_call_that_ends_without_its_last_chunk_fails_after_the_wait(monkeypatc
 def test_a_consumer_that_leaves_cancels_the_call_and_later_chunks_are_dropped():
     async def run():
         bus = TokenBus("127.0.0.1")
-        calls = []
-        stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, _chunk(0))) or calls[0])
-        target = calls[0].request.reply_to
+        stream, call = _open(bus)
+        target = call.request.reply_to
         chunks = aiter(stream)
         assert (await anext(chunks)).token_ids == (0,)
         await chunks.aclose()
@@ -159,7 +160,7 @@ def test_a_consumer_that_leaves_cancels_the_call_and_later_chunks_are_dropped():
                 break
             await asyncio.sleep(0.01)
         bus.close()
-        return bus.stats(), calls[0].cancelled
+        return bus.stats(), call.cancelled
 
     stats, cancelled = asyncio.run(run())
     assert cancelled and stats == {"num_messages": 1, "num_dropped": 1, "num_open": 0}
