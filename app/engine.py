@@ -78,6 +78,7 @@ class EngineLoad:
     num_waiting: int = 0
     num_queued_prompt_tokens: int = 0  # prompt tokens not computed yet, waiting and running requests
     kv_usage: float = 0.0  # share of KV blocks in use, 0-1
+    step_s: float = 0.0  # mean engine step since the previous measure (0: it did not step)
 
 
 class _Outlet:
@@ -136,6 +137,7 @@ class EngineDriver:
         self._stopped = False
         self.load = EngineLoad()
         self._load_at = 0.0  # monotonic time `load` was measured
+        self._steps = [0, 0.0]  # engine steps since `load` was measured, and their time (driver thread)
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
@@ -203,6 +205,8 @@ class EngineDriver:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # the bus's sockets are the driver thread's until it is gone
+            self._outlet.bus.close()
 
     # -- driver thread --------------------------------------------------------------------------
 
@@ -215,7 +219,9 @@ class EngineDriver:
         requests = [*scheduler.running, *scheduler.waiting, *scheduler.kv_holding_waiting]
         num_running, num_waiting = scheduler.get_request_counts()
         queued = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in requests)
-        return EngineLoad(num_running, num_waiting, queued, float(scheduler.get_kv_cache_usage()))
+        (num_steps, step_s), self._steps = self._steps, [0, 0.0]
+        return EngineLoad(num_running, num_waiting, queued, float(scheduler.get_kv_cache_usage()),
+                          step_s / num_steps if num_steps else 0.0)
 
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
@@ -229,12 +235,6 @@ class EngineDriver:
 
     def _run(self) -> None:
         configure_engine_thread(self.num_threads, self.cpu_affinity)
-        try:
-            self._loop()
-        finally:
-            self._outlet.bus.close()
-
-    def _loop(self) -> None:
         while not self._stopped:
             while True:
                 try:
@@ -251,7 +251,10 @@ class EngineDriver:
                 self._wake.clear()
                 continue
             try:
+                started = time.perf_counter()
                 outputs = self.engine.step()
+                self._steps[0] += 1
+                self._steps[1] += time.perf_counter() - started
             except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving
                 logger.exception("engine step failed")
                 for request_id in list(self._outlet.streams):

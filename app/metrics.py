@@ -63,6 +63,9 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
               "Sequences an engine replica is running."),
     MetricDef("pdserve_kv_cache_usage", "Gauge", "ratio", ("phase",),
               "Share of the replica's KV cache blocks in use, 0-1 (decode: memory pressure)."),
+    MetricDef("pdserve_engine_step_seconds", "Gauge", "seconds", ("phase",),
+              "Mean time of one engine step over the last 50 ms of stepping (0: idle); a step slower than the "
+              "engine alone takes is work in the replica's process competing with it."),
     MetricDef("pdserve_prefill_decode_time_ratio", "Gauge", "ratio", (),
               "Prefill time / decode time of the disaggregated requests finished in the last 60 s."),
     MetricDef("pdserve_phase_seconds_total", "Counter", "seconds", ("phase",),
@@ -190,11 +193,13 @@ def observe_transfer(backend: str, seconds: float, num_bytes: int) -> None:
     _inc("pdserve_kv_transfer_bytes_total", num_bytes, backend=backend)
 
 
-def set_engine_load(phase: str, queue_depth: int, queued_prompt_tokens: int, running: int, kv_usage: float) -> None:
+def set_engine_load(phase: str, queue_depth: int, queued_prompt_tokens: int, running: int, kv_usage: float,
+                    step_s: float) -> None:
     _set("pdserve_queue_depth", queue_depth, phase=phase)
     _set("pdserve_queued_prompt_tokens", queued_prompt_tokens, phase=phase)
     _set("pdserve_running_requests", running, phase=phase)
     _set("pdserve_kv_cache_usage", kv_usage, phase=phase)
+    _set("pdserve_engine_step_seconds", step_s, phase=phase)
 
 
 def set_parked(count: int, num_bytes: int) -> None:

@@ -114,7 +114,7 @@ class EngineReplica:
             try:
                 load, num_outside, tokens_outside = self.load()
                 set_engine_load(self.role, load.num_waiting + num_outside, load.num_queued_prompt_tokens
-                                + tokens_outside, load.num_running, load.kv_usage)
+                                + tokens_outside, load.num_running, load.kv_usage, load.step_s)
                 self._publish_extra()
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 logger.debug("publishing metrics failed", exc_info=True)
@@ -131,7 +131,8 @@ class EngineReplica:
             "num_unfinished": driver.num_unfinished(),
             "replica_id": self.replica_id,
             "load": {"num_running": load.num_running, "num_waiting": load.num_waiting,
-                     "num_queued_prompt_tokens": load.num_queued_prompt_tokens, "kv_usage": load.kv_usage},
+                     "num_queued_prompt_tokens": load.num_queued_prompt_tokens, "kv_usage": load.kv_usage,
+                     "step_s": load.step_s},
             "warmup": self.warmup_stats,
         }
 

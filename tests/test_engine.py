@@ -75,3 +75,25 @@ def test_engine_refusal_reaches_the_caller_and_driver_keeps_serving(offline_engi
     with pytest.raises(EngineInputError):
         asyncio.run(bad())
     assert len(offline_generate(offline_engine, [1, 2, 3], 3, ignore_eos=True)[1]) == 3
+
+
+def test_load_reports_the_mean_engine_step_while_stepping_and_zero_when_idle(offline_engine, tokenizer):
+    import time
+
+    prompt = prompt_of_length(tokenizer, 50, offset=77)
+
+    async def step_time_mid_stream() -> float:
+        seen = 0
+        async for _ in offline_engine.generate("step-time", prompt, SamplingSpec(max_tokens=120, temperature=0,
+                                                                                  ignore_eos=True)):
+            seen += 1
+            if seen == 60:  # the load was measured several times by now (every 50 ms while busy)
+                return offline_engine.load.step_s
+        raise AssertionError("the stream ended early")
+
+    during = asyncio.run(step_time_mid_stream())
+    assert 0 < during < 1.0  # seconds per step: a decode step of the tiny model is milliseconds
+    deadline = time.monotonic() + 5
+    while offline_engine.load.step_s and time.monotonic() < deadline:  # idle: measured about every second
+        time.sleep(0.1)
+    assert offline_engine.load.step_s == 0.0 and offline_engine.num_unfinished() == 0
