@@ -34,7 +34,7 @@ from typing import Any
 
 from app.engine_setup import build_engine, configure_engine_thread, engine_env, to_vllm_sampling
 from app.errors import EngineError, EngineInputError
-from app.messages import BusTarget, GenerationChunk, SamplingSpec
+from app.messages import BusTarget, GenerationChunk, SamplingSpec, pop_joined
 from app.specs import EngineSpec
 from app.token_bus import BusSender
 
@@ -63,11 +63,7 @@ class _Stream:
         while not self.items:
             self.ready.clear()
             await self.ready.wait()
-        item = self.items.popleft()
-        while (isinstance(item, GenerationChunk) and item.finish_reason is None and self.items
-               and isinstance(self.items[0], GenerationChunk)):
-            item = item.joined(self.items.popleft())
-        return item
+        return pop_joined(self.items)
 
 
 @dataclass(frozen=True)

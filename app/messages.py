@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -122,6 +123,16 @@ class GenerationChunk:
         return replace(self, text=self.text + then.text, token_ids=self.token_ids + then.token_ids,
                        finish_reason=then.finish_reason, logprobs=logprobs,
                        cumulative_logprob=then.cumulative_logprob, stop_reason=then.stop_reason)
+
+
+def pop_joined(items: deque) -> Any:
+    """The oldest of `items` (chunks of one request, oldest first, maybe other markers), joined with the deltas
+    that wait behind it: a consumer that fell behind catches up in one chunk, and the last chunk ends a join."""
+    item = items.popleft()
+    while (isinstance(item, GenerationChunk) and item.finish_reason is None and items
+           and isinstance(items[0], GenerationChunk)):
+        item = item.joined(items.popleft())
+    return item
 
 
 @dataclass(frozen=True)

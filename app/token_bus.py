@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.errors import EngineError
-from app.messages import BusTarget, GenerateRequest, GenerationChunk
+from app.messages import BusTarget, GenerateRequest, GenerationChunk, pop_joined
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,6 @@ class TokenBus:
         while True:
             try:
                 secret, payload = await self._socket.recv_multipart()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # noqa: BLE001 - a malformed message must not stop the reader
                 logger.exception("token bus: receive failed")
                 await asyncio.sleep(0.01)
@@ -179,9 +177,7 @@ class BusStream:
         try:
             while True:
                 if inbox.items:
-                    chunk = inbox.items.popleft()
-                    while chunk.finish_reason is None and inbox.items:
-                        chunk = chunk.joined(inbox.items.popleft())
+                    chunk = pop_joined(inbox.items)
                     yield chunk
                     if chunk.finish_reason is not None:
                         return
