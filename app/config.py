@@ -126,6 +126,8 @@ class KVTransferConfig(_Strict):
     lease_s: float = Field(30.0, gt=0, description="How long received KV waits for its request.")
     pair_timeout_s: float = Field(10.0, gt=0, description="Deadline for forming a pair group at warm-up (NCCL set-up "
                                   "can take seconds on real clusters); on a request's path timeout_s bounds it.")
+    shared_memory_mib: int = Field(256, ge=0, description="Same node (gloo): KV payloads through shared memory, up "
+                                   "to this many MiB of segments per (prefill, decode) pair; 0: all on the socket.")
     fault_injection: FaultInjection = Field(default_factory=FaultInjection, description="Failure drills.")
 
 
@@ -238,10 +240,8 @@ class AuthConfig(_Strict):
 class AppConfig(_Strict):
     """Application args of `serve_config.yaml` (`applications[].args`)."""
 
-    mode: Literal["collocated", "disaggregated"] = Field(
-        "disaggregated", description="collocated: one engine does both phases; disaggregated: prefill and "
-        "decode replicas with KV moved between them."
-    )
+    mode: Literal["collocated", "disaggregated"] = Field("disaggregated", description="collocated: one engine does "
+                                                         "both phases; disaggregated: prefill and decode replicas.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine knobs.")
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig, description="KV transport.")
@@ -257,10 +257,8 @@ class AppConfig(_Strict):
                                                     description="Prefill batch size, tokens and window.")
     autoscaling: AutoscalingTargets = Field(default_factory=AutoscalingTargets,
                                             description="Signals and targets of the prefill and decode policies.")
-    ingress: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256),
-        description="HTTP/handle front door.",
-    )
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.1,
+                                       max_ongoing_requests=256), description="HTTP/handle front door.")
     collocated: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Collocated engines.")
     prefill: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Prefill engines.")
     decode: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Decode engines.")

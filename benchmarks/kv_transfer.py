@@ -1,13 +1,17 @@
 """KV transfer benchmark: latency and bandwidth of one prompt's KV, prefill process -> decode process.
 
-Two Ray actors stand in for a prefill and a decode replica and use pdserve's real transfer path:
-`gather_blocks` + checksum (serialise), the pair's `KVSender` over a `PDSERVE_GLOO` group (send),
-the decode side's receive loop with checksum verification into a `KVMailbox` (receive), and
-`scatter_blocks` into the decode cache (scatter). Beside it, in the same run and process, a plain
-memory copy of the same bytes: the ratio transfer / memcpy is the figure to compare across machines.
+Two Ray actors stand in for a prefill and a decode replica and use pdserve's real transfer path, once per
+backend: `socket` (the payload over the pair's `PDSERVE_GLOO` group) and `shm` (the same pair with its
+same-node path: the payload gathered into a shared-memory segment decode maps, only the header on the
+socket). Each transfer is split into its parts: gather (prefill's engine thread, into the send buffer or
+segment), checksum (prefill's sender thread seals the header), wire (from the sealed header to decode
+holding a verified payload: socket send/receive or the segment's mapping, plus decode's checksum) and
+scatter (decode's engine thread, into its blocks). Beside it, in the same run and process, a memory copy
+of the same bytes into a buffer that exists already: `x memcpy` is memcpy's time over the transfer's
+(1.0: as fast as one copy; a transfer does at least two, gather and scatter).
 
     .venv/bin/python benchmarks/kv_transfer.py                     # the default model's KV shape
-    .venv/bin/python benchmarks/kv_transfer.py --layers 32 --kv-heads 8 --head-size 128   # 8B-like
+    .venv/bin/python benchmarks/kv_transfer.py --layers 32 --kv-heads 8 --head-size 128 --sizes 1,4,16  # 8B-like
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import time
 import ray
 import torch
 
+BACKENDS = {"socket": 0, "shm": 1 << 30}  # shm_max_bytes of the pair
+
 
 @ray.remote(num_cpus=0)
 class _End:
     def __init__(self, role: str, my_id: str, peer_id: str, num_layers: int, block_shape: tuple[int, ...],
-                 num_total_blocks: int):
+                 num_total_blocks: int, shm_max_bytes: int):
         from app.kv.mailbox import KVMailbox
         from app.kv.pairs import PairTransport
 
@@ -37,10 +43,12 @@ class _End:
         self._arrival = threading.Condition()
         self.arrived_at: dict[int, float] = {}
         self.transport = PairTransport(role, my_id, "gloo", 60, torch.device("cpu"),
-                                       deliver=self._deliver if role == "decode" else None)
+                                       deliver=self._deliver if role == "decode" else None,
+                                       shm_max_bytes=shm_max_bytes)
 
-    def ensure(self) -> None:
+    def ensure(self) -> bool:
         self.transport.ensure(self.peer_id)
+        return self.transport.stats()["num_shm_pairs"] == 1
 
     def _deliver(self, received) -> None:
         self.arrived_at[received.header.xfer_key] = time.perf_counter()
@@ -51,43 +59,52 @@ class _End:
             self._arrival.notify_all()
 
     def send(self, xfer_id: str, num_blocks: int) -> dict:
-        from app.kv.header import KVHeader, xfer_key
-        from app.kv.payload import checksum, gather_blocks
+        """What prefill's connector and outbox do: gather (into a segment if the pair has one), queue."""
+        from app.kv.header import UNSEALED, KVHeader, xfer_key
+        from app.kv.payload import CHECKSUM_XXH3, gather_blocks, payload_shape
 
         done = threading.Event()
         result: dict = {}
         started = time.perf_counter()
-        payload = gather_blocks(self.layers, list(range(num_blocks)))  # [layers, num_blocks, *block_shape]
+        shape = payload_shape(self.layers, num_blocks)  # [layers, num_blocks, *block_shape]
+        num_bytes = torch.Size(shape).numel() * self.layers[0].element_size()
+        segment = self.transport.lease_segment(self.peer_id, num_bytes)
+        out = segment.view(shape, self.layers[0].dtype) if segment is not None else None
+        payload = gather_blocks(self.layers, list(range(num_blocks)), out=out)
         gathered = time.perf_counter()
-        header = KVHeader(xfer_key(xfer_id), num_blocks * 32, num_blocks, payload.dtype, tuple(payload.shape), 1,
-                          checksum(payload))
-        summed = time.perf_counter()
+        header = KVHeader(xfer_key(xfer_id), num_blocks * 32, num_blocks, payload.dtype, shape, CHECKSUM_XXH3,
+                          UNSEALED)
         self.transport.send(self.peer_id, header, payload,
-                            lambda res, err: (result.update(res=res, err=err), done.set()))
+                            lambda res, err: (result.update(res=res, err=err), done.set()), segment=segment)
         done.wait(60)
         if result.get("err") is not None:
             raise result["err"]
-        sent = time.perf_counter()
+        dst = torch.empty_like(payload)
         copy_times = []
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
-            payload.clone()
+            dst.copy_(payload)
             copy_times.append(time.perf_counter() - t0)
-        return {"started": started, "gather_s": gathered - started, "checksum_s": summed - gathered,
-                "send_s": sent - summed, "num_bytes": header.num_bytes, "memcpy_s": min(copy_times)}
+        return {"started": started, "gather_s": gathered - started, "checksum_s": result["res"].checksum_s,
+                "num_bytes": num_bytes, "memcpy_s": statistics.median(copy_times),
+                "in_segment": result["res"].in_segment}
 
     def receive(self, xfer_id: str, num_blocks: int) -> dict:
+        """What decode's connector does: claim the payload, scatter it, say it is loaded."""
         from app.kv.header import xfer_key
         from app.kv.mailbox import XferState
         from app.kv.payload import scatter_blocks
 
         key = xfer_key(xfer_id)
+        self.mailbox.expect(key, 60)
         with self._arrival:
             self._arrival.wait_for(lambda: self.mailbox.state(key)[0] == XferState.ARRIVED, timeout=60)
         header, payload = self.mailbox.claim(key)
         t0 = time.perf_counter()
         scatter_blocks(self.layers, list(range(100, 100 + num_blocks)), payload)
         scattered = time.perf_counter()
+        del payload
+        self.mailbox.loaded(key)
         self.mailbox.forget(key)
         return {"arrived": self.arrived_at.pop(key), "scatter_s": scattered - t0, "done": scattered}
 
@@ -95,28 +112,34 @@ class _End:
         self.transport.close()
 
 
-def run(num_layers: int, block_shape: tuple[int, ...], sizes: list[int], repeats: int) -> list[dict]:
-    prefill = _End.remote("prefill", "bench-p", "bench-d", num_layers, block_shape, max(sizes) + 128)
-    decode = _End.remote("decode", "bench-d", "bench-p", num_layers, block_shape, max(sizes) + 128)
-    ray.get([prefill.ensure.remote(), decode.ensure.remote()])
+def run(backend: str, num_layers: int, block_shape: tuple[int, ...], sizes: list[int], repeats: int) -> list[dict]:
+    shm, total = BACKENDS[backend], max(sizes) + 128
+    prefill = _End.remote("prefill", f"bench-p-{backend}", f"bench-d-{backend}", num_layers, block_shape, total, shm)
+    decode = _End.remote("decode", f"bench-d-{backend}", f"bench-p-{backend}", num_layers, block_shape, total, shm)
+    has_shm = ray.get([prefill.ensure.remote(), decode.ensure.remote()])
+    if all(has_shm) != bool(shm):
+        raise RuntimeError(f"{backend}: the pair's shared memory is {has_shm}, expected {bool(shm)}")
     rows = []
     for num_blocks in sizes:
         samples = []
         for i in range(repeats + 1):
-            xfer = f"bench-{num_blocks}-{i}"
+            xfer = f"bench-{backend}-{num_blocks}-{i}"
             recv_ref = decode.receive.remote(xfer, num_blocks)
             sent = ray.get(prefill.send.remote(xfer, num_blocks))
             got = ray.get(recv_ref)
+            assert sent["in_segment"] == bool(shm)
             if i == 0:
-                continue  # first transfer of a size allocates; not counted
+                continue  # first transfer of a size allocates (a new segment, on shm); not counted
             samples.append({**sent, "total_s": got["done"] - sent["started"], "scatter_s": got["scatter_s"],
-                            "receive_s": got["arrived"] - sent["started"] - sent["gather_s"] - sent["checksum_s"]})
-        med = {k: statistics.median(s[k] for s in samples) for k in samples[0] if k not in ("started", "num_bytes")}
+                            "wire_s": got["arrived"] - sent["started"] - sent["gather_s"] - sent["checksum_s"]})
+        med = {k: statistics.median(s[k] for s in samples)
+               for k in samples[0] if k not in ("started", "num_bytes", "in_segment")}
         num_bytes = samples[0]["num_bytes"]
-        rows.append({"num_blocks": num_blocks, "num_bytes": num_bytes, **med,
-                     "gib_per_s": num_bytes / med["total_s"] / 2**30,
-                     "ratio_vs_memcpy": med["total_s"] / med["memcpy_s"]})
+        rows.append({"backend": backend, "num_blocks": num_blocks, "num_bytes": num_bytes, **med,
+                     "gib_per_s": num_bytes / med["total_s"] / 2**30, "x_memcpy": med["memcpy_s"] / med["total_s"]})
     ray.get([prefill.close.remote(), decode.close.remote()])
+    for actor in (prefill, decode):
+        ray.kill(actor)
     return rows
 
 
@@ -126,24 +149,28 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-size", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--sizes", default="1,2,4,8,16,32,64", help="prompt sizes in blocks")
+    parser.add_argument("--sizes", default="1,4,16,32,64", help="prompt sizes in blocks")
+    parser.add_argument("--backends", default="socket,shm", help=f"of {', '.join(BACKENDS)}")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     block_shape = (args.kv_heads, args.block_size, 2 * args.head_size)  # CPU layout
+    sizes = [int(s) for s in args.sizes.split(",")]
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        rows = run(args.layers, block_shape, [int(s) for s in args.sizes.split(",")], args.repeats)
+        rows = [row for backend in args.backends.split(",")
+                for row in run(backend, args.layers, block_shape, sizes, args.repeats)]
     finally:
         ray.shutdown()
     print(f"KV transfer, {args.layers} layers x block {list(block_shape)} fp32, pdserve gloo pair group, "
-          f"medians of {args.repeats}")
-    print(f"{'blocks':>6} {'KiB':>8} {'total ms':>9} {'GiB/s':>6} {'memcpy ms':>10} {'ratio':>6} | "
-          f"{'gather':>7} {'checksum':>8} {'send+recv':>9} {'scatter':>7}")
+          f"medians of {args.repeats} (ms)")
+    print(f"{'backend':>7} {'blocks':>6} {'MiB':>7} {'total':>7} {'GiB/s':>6} {'memcpy':>7} {'x memcpy':>8} | "
+          f"{'gather':>7} {'checksum':>8} {'wire':>7} {'scatter':>7}")
     for r in rows:
-        print(f"{r['num_blocks']:>6} {r['num_bytes'] / 1024:>8.0f} {r['total_s'] * 1e3:>9.2f} {r['gib_per_s']:>6.2f} "
-              f"{r['memcpy_s'] * 1e3:>10.3f} {r['ratio_vs_memcpy']:>6.1f} | {r['gather_s'] * 1e3:>7.2f} "
-              f"{r['checksum_s'] * 1e3:>8.2f} {r['receive_s'] * 1e3:>9.2f} {r['scatter_s'] * 1e3:>7.2f}")
+        print(f"{r['backend']:>7} {r['num_blocks']:>6} {r['num_bytes'] / 2**20:>7.2f} {r['total_s'] * 1e3:>7.2f} "
+              f"{r['gib_per_s']:>6.2f} {r['memcpy_s'] * 1e3:>7.3f} {r['x_memcpy']:>8.2f} | "
+              f"{r['gather_s'] * 1e3:>7.2f} {r['checksum_s'] * 1e3:>8.2f} {r['wire_s'] * 1e3:>7.2f} "
+              f"{r['scatter_s'] * 1e3:>7.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

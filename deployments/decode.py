@@ -56,7 +56,8 @@ class Decode(EngineReplica):
         self.num_placed_locally = 0  # prompts the router placed here (not fallbacks)
         self.driver = EngineDriver.from_spec(spec.engine, kv_transfer_config("kv_consumer"))
         self.transport = PairTransport("decode", self.replica_id, resolve_backend(spec.kv.backend, self.hub.device),
-                                       spec.kv.timeout_s, self.hub.device, deliver=self.mailbox.deliver)
+                                       spec.kv.timeout_s, self.hub.device, deliver=self.mailbox.deliver,
+                                       shm_max_bytes=spec.kv.shared_memory_mib << 20)
         threading.Thread(target=self._sweep, name="kv-mailbox-sweep", daemon=True).start()
         await self._start()
 

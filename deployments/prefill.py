@@ -56,12 +56,13 @@ class Prefill(EngineReplica):
         self.hub = reset_hub()
         self.driver = EngineDriver.from_spec(spec.engine, kv_transfer_config("kv_producer"))
         self.transport = PairTransport("prefill", self.replica_id, resolve_backend(spec.kv.backend, self.hub.device),
-                                       spec.kv.timeout_s, self.hub.device)
+                                       spec.kv.timeout_s, self.hub.device,
+                                       shm_max_bytes=spec.kv.shared_memory_mib << 20)
         faults = spec.kv.fault_injection
         if os.environ.get(FAULTS_ENV):  # drills without a config change: PDSERVE_FAULT_INJECTION='{"delay_s": 2}'
             faults = FaultInjection.model_validate_json(os.environ[FAULTS_ENV])
         self.outbox = KVOutbox(self.transport, faults)
-        self.hub.on_saved = self.outbox.on_saved
+        self.hub.on_saved, self.hub.payload_buffer = self.outbox.on_saved, self.outbox.payload_buffer
         self.parking = ParkingLot(spec.two_step.max_parked_per_replica, retry_after_s=spec.two_step.ttl_s,
                                   claim_timeout_s=spec.kv.timeout_s + spec.kv.prefill_timeout_s)
         threading.Thread(target=self._sweep, name="kv-parking-sweep", daemon=True).start()

@@ -145,6 +145,7 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
             return await asyncio.gather(*(stream_one(client, p) for p in prompts))
 
     bus_before = app["handle"].token_bus_stats.remote().result()
+    in_segments_before = sum(s["num_segment_payloads"] for s in _broadcast("Prefill", "kv_stats"))
     results = asyncio.run(run_all())
     assert [text for text, _ in results] == wants
     assert [meta["kv_source"] for _, meta in results] == ["transfer"] * 16  # each prompt's KV moved, none recomputed
@@ -154,6 +155,11 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
     assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
     pairs = {peer for stats in _broadcast("Decode", "kv_stats") for peer in stats["pairs"]}
     assert len(pairs) == 2  # both prefill replicas paired with decode replicas
+    # one node: every pair took the shared-memory path, and every payload went through a segment
+    assert all(s["num_shm_pairs"] == len(s["pairs"]) for s in _broadcast("Decode", "kv_stats"))
+    prefill_stats = _broadcast("Prefill", "kv_stats")
+    assert sum(s["num_segment_payloads"] for s in prefill_stats) - in_segments_before == 16
+    assert all(s["num_segment_pool_full"] == 0 for s in prefill_stats)
 
 
 def test_corrupted_payload_is_caught_by_the_checksum(app, offline_engine, tokenizer):
@@ -431,13 +437,17 @@ def test_no_leaks_engines_and_mailboxes_return_to_start(app):
     while True:
         engines = _broadcast("Prefill", "stats") + _broadcast("Decode", "stats")
         mailboxes = _broadcast("Decode", "kv_stats")
+        outboxes = _broadcast("Prefill", "kv_stats")
         clean = all(s["num_free_blocks"] == s["num_total_blocks"] - 1 and s["num_unfinished"] == 0 for s in engines)
+        clean = clean and all(o["num_segments_busy"] == 0 for o in outboxes)
         if clean and all(m["mailbox_entries"] == 0 for m in mailboxes) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert all(s["num_unfinished"] == 0 for s in engines)
     assert all(s["num_free_blocks"] == s["num_total_blocks"] - 1 for s in engines)
     assert all(m["mailbox_entries"] == 0 and m["mailbox_bytes"] == 0 for m in mailboxes)
+    assert all(o["num_segments_busy"] == 0 for o in outboxes)  # every shared-memory segment came back to prefill
+    assert sum(o["num_segment_payloads"] for o in outboxes) > 0  # and the path was used
 
 
 def test_killed_decode_replica_is_replaced_and_prefill_keeps_serving(app, offline_engine, tokenizer):

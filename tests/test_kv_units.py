@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from app.kv.channel import TAG_HEADER, TAG_PAYLOAD, ChannelBroken, KVReceiver, K
 from app.kv.gloo_group import PairGlooGroup
 from app.kv.header import KVHeader, KVHeaderError, xfer_key
 from app.kv.mailbox import KVMailbox, XferState
-from app.kv.payload import CHECKSUM_CRC32, CHECKSUM_WEIGHTED, checksum, gather_blocks, scatter_blocks
+from app.kv.payload import CHECKSUM_CRC32, CHECKSUM_WEIGHTED, CHECKSUM_XXH3, checksum, gather_blocks, scatter_blocks
 
 BLOCK_SHAPE = (2, 32, 128)  # CPU layout: [num_kv_heads, block_size, 2 * head_size]
 
@@ -44,7 +45,7 @@ def test_gather_then_scatter_moves_exactly_the_chosen_blocks():
         scatter_blocks(dst, [0, 1], payload)
 
 
-@pytest.mark.parametrize("algo", [CHECKSUM_CRC32, CHECKSUM_WEIGHTED])
+@pytest.mark.parametrize("algo", [CHECKSUM_CRC32, CHECKSUM_WEIGHTED, CHECKSUM_XXH3])
 def test_checksum_catches_a_flipped_value_and_reordered_blocks(algo):
     payload = gather_blocks(_layers(1), [0, 1, 2, 3])
     clean = checksum(payload, algo)
@@ -267,7 +268,7 @@ def test_header_of_another_wire_version_is_refused_with_the_versions_this_side_r
     payload = gather_blocks(_layers(3), [0, 1])
     wire = _header_for(payload, num_tokens=40).encode()
     wire[1] = 99  # a newer sender
-    with pytest.raises(KVHeaderError, match=r"version 99.*versions \(1,\)"):
+    with pytest.raises(KVHeaderError, match=r"version 99.*versions \(1, 2\)"):
         KVHeader.decode(wire)
 
 
@@ -281,7 +282,7 @@ def test_outbox_drops_a_send_whose_request_gave_up_and_counts_it():
         def __init__(self):
             self.queued = []
 
-        def send(self, peer, header, payload, on_done, is_cancelled):
+        def send(self, peer, header, payload, on_done, is_cancelled, segment=None, tamper=None):
             self.queued.append((peer, is_cancelled))
 
     async def run():
@@ -302,29 +303,71 @@ def test_outbox_wrong_kv_drill_sends_other_layers_kv_under_a_matching_checksum()
     import asyncio
 
     from app.config import FaultInjection
-    from app.kv.header import KVHeader
+    from app.kv.header import UNSEALED, KVHeader
     from app.kv.outbox import KVOutbox
-    from app.kv.payload import checksum
 
-    class Transport:
-        def __init__(self):
-            self.sent = []
+    link, delivered = _Link(), queue.Queue()
+    receiver = KVReceiver(link, delivered.put, lambda exc: delivered.put(exc))
+    sender = KVSender(link, timeout_s=5)
 
-        def send(self, peer, header, payload, on_done, is_cancelled):
-            self.sent.append((header, payload))
+    class Transport:  # the outbox's pair, reduced to its sender
+        def send(self, peer, header, payload, on_done, is_cancelled, segment=None, tamper=None):
+            sender.submit(header, payload, on_done, is_cancelled, segment, tamper)
 
     payload = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # [num_layers, num_blocks, block]
     header = KVHeader(xfer_key=7, num_tokens=90, num_blocks=3, dtype=torch.float32, shape=(2, 3, 4),
-                      checksum_algo=1, checksum=checksum(payload, 1))
+                      checksum_algo=CHECKSUM_CRC32, checksum=UNSEALED)  # as the engine thread builds it
 
     async def run():
-        transport = Transport()
-        outbox = KVOutbox(transport, FaultInjection(wrong_kv_fraction=1.0))
-        outbox.open("x", "decode-a")
+        outbox = KVOutbox(Transport(), FaultInjection(wrong_kv_fraction=1.0))
+        outgoing = outbox.open("x", "decode-a")
         outbox.on_saved("x", header, payload.clone())
-        return transport.sent[0]
+        return await asyncio.wait_for(outgoing.done, 5)
 
-    sent_header, sent = asyncio.run(run())
-    assert torch.equal(sent, payload.flip(0)) and not torch.equal(sent, payload)  # layer 0 carries layer 1's KV
-    assert sent_header.checksum == checksum(sent, 1) != header.checksum  # decode's verification passes
-    assert sent_header.shape == header.shape and sent_header.num_tokens == header.num_tokens
+    assert asyncio.run(run()).num_bytes == payload.nbytes
+    got = delivered.get(timeout=5)
+    assert got.error is None  # sealed over the wrong KV: decode's verification passes
+    assert torch.equal(got.payload, payload.flip(0)) and not torch.equal(got.payload, payload)  # layer 0 has 1's KV
+    assert got.header.shape == header.shape and got.header.num_tokens == header.num_tokens
+    receiver.close()
+    sender.close()
+
+
+def test_sender_thread_seals_the_header_and_a_tamper_after_it_is_caught():
+    from app.kv.header import UNSEALED
+
+    link, delivered = _Link(), queue.Queue()
+    receiver = KVReceiver(link, delivered.put, lambda exc: delivered.put(exc))
+    sender = KVSender(link, timeout_s=5)
+    payload = gather_blocks(_layers(7), [0, 1])
+    unsealed = replace(_header_for(payload, "sealed"), checksum=UNSEALED)
+    sent: queue.Queue = queue.Queue()
+    sender.submit(unsealed, payload.clone(), lambda res, err: sent.put((res, err)))
+    sender.submit(replace(unsealed, xfer_key=xfer_key("tampered")), payload.clone(), lambda res, err: None,
+                  tamper=lambda p: p.view(-1)[0].add_(1.0))
+    good, bad = delivered.get(timeout=5), delivered.get(timeout=5)
+    assert good.error is None and good.header.checksum == checksum(payload, CHECKSUM_CRC32) != UNSEALED
+    assert torch.equal(good.payload, payload)
+    assert bad.payload is None and "checksum mismatch" in bad.error
+    result, error = sent.get(timeout=5)
+    assert error is None and result.checksum_s > 0 and not result.in_segment
+    receiver.close()
+    sender.close()
+
+
+def test_a_failure_while_sealing_fails_the_transfer_and_no_later_send_hangs():
+    link = _Link()
+    KVReceiver(link, lambda received: None, lambda exc: None)
+    sender = KVSender(link, timeout_s=5)
+    payload = gather_blocks(_layers(8), [0])
+    results: queue.Queue = queue.Queue()
+
+    def boom(tensor):
+        raise RuntimeError("tamper failed")
+
+    sender.submit(_header_for(payload, "a"), payload, lambda res, err: results.put(err), tamper=boom)
+    sender.submit(_header_for(payload, "b"), payload, lambda res, err: results.put(err))
+    first, second = results.get(timeout=5), results.get(timeout=5)  # both answered: the thread lives on
+    assert isinstance(first, ChannelBroken) and "tamper failed" in str(first)
+    assert isinstance(second, ChannelBroken)  # the pair is broken: its owner re-forms it
+    sender.close()

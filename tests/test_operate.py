@@ -33,7 +33,8 @@ SCALING = {"num_replicas": "auto", "min_replicas": 1, "max_replicas": 2, "num_cp
 ARGS = {  # always_remote: every prompt goes through the prefill phase whose scaling is tested
     "mode": "disaggregated",
     "placement": {"policy": "always_remote"},
-    "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 20.0},
+    # shared_memory_mib 0: payloads on the pair's socket end to end (test_app_disagg runs the shared-memory path)
+    "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 20.0, "shared_memory_mib": 0},
     "prefill": SCALING,
     "decode": SCALING,
     "autoscaling": {"prefill": {"target_queued_prompt_tokens": 1024, "target_queue_wait_s": 2.0},
@@ -179,6 +180,7 @@ def test_prefill_scales_on_long_prompts_while_decode_stays(app, tokenizer):
 def test_decode_scales_on_long_generations_while_prefill_stays(app, tokenizer):
     assert (_num_running("Prefill"), _num_running("Decode")) == (2, 1)
     _seen["decode"] = {s["replica_id"] for s in _broadcast("Decode", "kv_stats")}
+    assert all(s["num_shm_pairs"] == 0 and s["num_pairs_formed"] >= 1 for s in _broadcast("Decode", "kv_stats"))
     _seen.update({s["replica_id"]: s["num_pairs_formed_at_warmup"] for s in _broadcast("Prefill", "kv_stats")})
     prefill_counts: list[int] = []
 

@@ -1,9 +1,13 @@
 """One direction of a (prefill, decode) pair: a sender thread on prefill, a receive loop on decode.
 
 Messages on a pair are FIFO: header (fixed size, tag `TAG_HEADER`), then payload (size from the
-header, tag `TAG_PAYLOAD`). Because the decode side always has a receive posted, a transfer that decode
-never uses (request aborted, fully prefix-cached, lease expired) is still drained into the mailbox
-and dropped there; it never wedges the pair. Tags keep a payload from ever landing in a header
+header, tag `TAG_PAYLOAD`), unless the payload waits in a shared-memory segment (same node,
+`app/kv/shm.py`): then only the header travels, and decode gives the segment back when done with it
+(`TAG_RELEASE`, read by the sender's listener thread). The sender thread seals each header (takes the
+payload's checksum) just before it goes, so the checksum never runs inside the engine step.
+Because the decode side always has a receive posted, a transfer that decode never uses (request
+aborted, fully prefix-cached, lease expired) is still drained into the mailbox and dropped there; it
+never wedges the pair. Tags keep a payload from ever landing in a header
 buffer on backends that have them (pdserve's gloo); NCCL keeps FIFO order per pair by itself.
 
 Any transport error, send timeout or undecodable header breaks the pair: both threads stop, the
@@ -17,19 +21,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
-from app.kv.header import HEADER_SLOTS, KVHeader, KVHeaderError
+from app.kv.header import HEADER_SLOTS, PAYLOAD_SEGMENT, UNSEALED, KVHeader, KVHeaderError
 from app.kv.payload import checksum
+from app.kv.shm import TAG_RELEASE, Segment, SegmentMaps, SegmentPool
 
 logger = logging.getLogger(__name__)
 
 TAG_HEADER = 1
 TAG_PAYLOAD = 2
-TAG_WATCH = 3  # never sent: the sender's watch receive on it fails when the peer's connection closes
 
 
 class Communicator(Protocol):
@@ -51,7 +55,9 @@ class ChannelBroken(RuntimeError):
 @dataclass(frozen=True)
 class SendResult:
     num_bytes: int
-    send_s: float  # header + payload, from dequeue to the peer's receive completing
+    send_s: float  # checksum + header + payload, from dequeue to the peer's receive completing
+    checksum_s: float = 0.0
+    in_segment: bool = False  # the payload went through shared memory, not the socket
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,18 @@ class Received:
     error: str | None
     recv_s: float
     checksum_s: float
+    release: Callable[[], None] | None = None  # a shared-memory payload: call once done with it (any thread)
 
 
 class KVSender:
     """Prefill side: sends queued transfers in order on a background thread."""
 
     def __init__(self, comm: Communicator, timeout_s: float, name: str = "pair",
-                 on_broken: Callable[[BaseException], None] | None = None, watch_peer: bool = False):
+                 on_broken: Callable[[BaseException], None] | None = None, watch_peer: bool = False,
+                 pool: SegmentPool | None = None):
         self.comm = comm
         self.timeout_s = timeout_s
+        self.pool = pool
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.broken: BaseException | None = None
         self._closed = False
@@ -79,13 +88,17 @@ class KVSender:
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{name}", daemon=True)
         self._thread.start()
         if watch_peer:
-            # A prefill replica would otherwise only learn that its decode peer died at the next send;
-            # a receive that never completes fails as soon as the peer's connection closes.
-            threading.Thread(target=self._watch, name=f"kv-watch-{name}", daemon=True).start()
+            # Segment releases come back on this receive; and a prefill replica would otherwise only learn
+            # that its decode peer died at the next send: the receive fails as soon as the connection closes.
+            threading.Thread(target=self._listen, name=f"kv-listen-{name}", daemon=True).start()
 
-    def _watch(self) -> None:
+    def _listen(self) -> None:
+        seg_id = torch.empty(1, dtype=torch.int64, device=self.comm.device)  # [1]
         try:
-            self.comm.recv(torch.empty(1, dtype=torch.int64, device=self.comm.device), TAG_WATCH)
+            while not self._closed:
+                self.comm.recv(seg_id, TAG_RELEASE)
+                if self.pool is not None:
+                    self.pool.release(int(seg_id.item()))
         except BaseException as exc:  # noqa: BLE001 - the peer is gone (or we closed the group)
             if not self._closed:
                 self.broken = exc
@@ -93,47 +106,64 @@ class KVSender:
 
     def submit(self, header: KVHeader, payload: torch.Tensor,
                on_done: Callable[[SendResult | None, BaseException | None], None],
-               is_cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Queue a transfer; one whose `is_cancelled()` is true when its turn comes is never sent."""
-        if self.broken is not None:
-            on_done(None, ChannelBroken(f"pair is broken: {self.broken}"))
+               is_cancelled: Callable[[], bool] = lambda: False, segment: Segment | None = None,
+               tamper: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Queue a transfer; one whose `is_cancelled()` is true when its turn comes is never sent. `segment`:
+        the payload is a view of this pool segment (decode maps it); `tamper` (drills) runs after sealing."""
+        if self.broken is not None or self._closed:
+            if segment is not None and self.pool is not None:
+                self.pool.release(segment.seg_id)
+            on_done(None, ChannelBroken(f"pair is broken: {self.broken or 'closed'}"))
             return
-        self._queue.put((header, payload, on_done, is_cancelled))
+        self._queue.put((header, payload, on_done, is_cancelled, segment, tamper))
 
     def close(self) -> None:
         self._closed = True
         self._queue.put(None)
+        if self.pool is not None:
+            self.pool.close()
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            header, payload, on_done, is_cancelled = item
-            if self.broken is not None:
-                on_done(None, ChannelBroken(f"pair is broken: {self.broken}"))
+            header, payload, on_done, is_cancelled, segment, tamper = item
+            if self.broken is not None or is_cancelled():
+                if segment is not None and self.pool is not None:
+                    self.pool.release(segment.seg_id)  # never sent: decode will not give it back
+                error = (f"pair is broken: {self.broken}" if self.broken is not None
+                         else "transfer cancelled: its deadline passed before it was sent")  # late fails both ends
+                on_done(None, ChannelBroken(error))
                 continue
-            if is_cancelled():  # its deadline passed while it waited: late is failed, on both ends
-                on_done(None, ChannelBroken("transfer cancelled: its deadline passed before it was sent"))
-                continue
-            started = time.perf_counter()
-            try:
+            started = summed = time.perf_counter()
+            try:  # whatever fails here (sealing included) fails this transfer and breaks the pair, never the thread
+                if header.checksum == UNSEALED:
+                    header = replace(header, checksum=checksum(payload, header.checksum_algo))
+                summed = time.perf_counter()
+                if tamper is not None:
+                    tamper(payload)
+                if segment is not None:
+                    header = replace(header, location=PAYLOAD_SEGMENT, seg_id=segment.seg_id, seg_fd=segment.fd)
                 self.comm.send(header.encode(self.comm.device), TAG_HEADER, self.timeout_s)
-                self.comm.send(payload.contiguous(), TAG_PAYLOAD, self.timeout_s)
+                if segment is None:
+                    self.comm.send(payload.contiguous(), TAG_PAYLOAD, self.timeout_s)
             except BaseException as exc:  # noqa: BLE001 - any failure breaks the pair
                 self.broken = exc
                 logger.warning("KV send failed, pair broken: %s", exc)
                 on_done(None, ChannelBroken(str(exc)))
                 continue
-            on_done(SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started), None)
+            on_done(SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started,
+                               checksum_s=summed - started, in_segment=segment is not None), None)
 
 
 class KVReceiver:
     """Decode side: drains every transfer of the pair into `deliver`, verifying each checksum."""
 
     def __init__(self, comm: Communicator, deliver: Callable[[Received], None],
-                 on_broken: Callable[[BaseException], None], name: str = "pair"):
+                 on_broken: Callable[[BaseException], None], name: str = "pair", maps: SegmentMaps | None = None):
         self.comm = comm
+        self.maps = maps
         self._deliver = deliver
         self._on_broken = on_broken
         self._stopped = False
@@ -142,6 +172,8 @@ class KVReceiver:
 
     def close(self) -> None:
         self._stopped = True
+        if self.maps is not None:
+            self.maps.close()
 
     def _run(self) -> None:
         try:
@@ -157,15 +189,28 @@ class KVReceiver:
         self.comm.recv(wire, TAG_HEADER)
         started = time.perf_counter()
         header = KVHeader.decode(wire)  # KVHeaderError here means the stream is out of step: break
-        payload = torch.empty(header.shape, dtype=header.dtype, device=self.comm.device)
-        self.comm.recv(payload, TAG_PAYLOAD)
+        release = None
+        if header.location == PAYLOAD_SEGMENT:
+            if self.maps is None:
+                raise KVHeaderError("a shared-memory payload on a pair without shared memory")
+            release = self.maps.release_fn(header.seg_id)
+            try:
+                payload = self.maps.view(header.seg_id, header.seg_fd, header.shape, header.dtype)
+            except (OSError, ValueError) as exc:
+                release()
+                return Received(header, None, f"KV segment cannot be mapped: {exc}", 0.0, 0.0)
+        else:
+            payload = torch.empty(header.shape, dtype=header.dtype, device=self.comm.device)
+            self.comm.recv(payload, TAG_PAYLOAD)
         received = time.perf_counter()
         actual = checksum(payload, header.checksum_algo)
         done = time.perf_counter()
         if actual != header.checksum:
+            if release is not None:
+                release()
             error = f"KV checksum mismatch (sent {header.checksum:#x}, received {actual:#x})"
             return Received(header, None, error, received - started, done - received)
-        return Received(header, payload, None, received - started, done - received)
+        return Received(header, payload, None, received - started, done - received, release)
 
 
 __all__ = ["ChannelBroken", "Communicator", "KVHeaderError", "KVReceiver", "KVSender", "Received", "SendResult",

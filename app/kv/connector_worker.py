@@ -2,8 +2,10 @@
 
 It acts only on the step's `PDConnectorMetadata` from the scheduler half:
 - `wait_for_save` (prefill; after the forward, before the scheduler can free the blocks) gathers each
-  `SaveSpec`'s blocks into one payload, checksums it and hands header + payload to the replica
-  (`hub.on_saved`), which sends it on the pair's channel. The blocks are free to reuse once the step ends.
+  `SaveSpec`'s blocks into one payload (into the buffer the replica gives, `hub.payload_buffer`: shared memory
+  the decode peer maps, on one node) and hands header + payload to the replica (`hub.on_saved`), which sends
+  it on the pair's channel; the sender thread takes the checksum, not this step. The blocks are free to
+  reuse once the step ends.
 - `start_load_kv` (decode; before the forward) claims each `LoadSpec`'s payload from the mailbox, checks
   its header against the engine (tokens, blocks, shape, dtype) and scatters it into the allocated blocks.
   A failed load reports its blocks through `get_block_ids_with_load_errors`, which makes vLLM recompute
@@ -19,9 +21,9 @@ import time
 import torch
 
 from app.kv.connector_meta import LoadSpec, PDConnectorMetadata
-from app.kv.header import KVHeader, KVHeaderError, xfer_key
+from app.kv.header import UNSEALED, KVHeader, KVHeaderError, xfer_key
 from app.kv.hub import KVHub
-from app.kv.payload import checksum, default_checksum_algo, gather_blocks, scatter_blocks
+from app.kv.payload import default_checksum_algo, gather_blocks, payload_shape, scatter_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -62,24 +64,30 @@ class PDConnectorWorker:
     def _load(self, load: LoadSpec) -> None:
         mailbox = self.hub.mailbox
         assert mailbox is not None, "decode replica did not attach its mailbox"
-        header, payload = mailbox.claim(xfer_key(load.xfer_id))
-        layers = self.hub.kv_layers
-        header.check(num_tokens=load.num_tokens, block_size=self.block_size, block_shape=tuple(layers[0].shape[1:]),
-                     num_layers=len(layers), dtype=layers[0].dtype)
-        # payload: [num_layers, num_prompt_blocks, *block_shape]; locally cached blocks are skipped
-        part = payload[:, load.first_block : load.first_block + len(load.block_ids)]
-        scatter_blocks(layers, list(load.block_ids), part)
+        key = xfer_key(load.xfer_id)
+        header, payload = mailbox.claim(key)
+        try:
+            layers = self.hub.kv_layers
+            header.check(num_tokens=load.num_tokens, block_size=self.block_size,
+                         block_shape=tuple(layers[0].shape[1:]), num_layers=len(layers), dtype=layers[0].dtype)
+            # payload: [num_layers, num_prompt_blocks, *block_shape]; locally cached blocks are skipped
+            part = payload[:, load.first_block : load.first_block + len(load.block_ids)]
+            scatter_blocks(layers, list(load.block_ids), part)
+        finally:
+            mailbox.loaded(key)  # a shared-memory payload goes back to prefill now, loaded or refused
         self.hub.counters.num_loaded_tokens += load.num_tokens - 1 - load.first_block * self.block_size
 
     def wait_for_save(self, metadata: PDConnectorMetadata) -> None:
         counters = self.hub.counters
         for save in metadata.saves:
             started = time.perf_counter()
-            payload = gather_blocks(self.hub.kv_layers, list(save.block_ids))  # [L, num_blocks, *block_shape]
-            algo = default_checksum_algo(payload)
+            layers = self.hub.kv_layers
+            shape = payload_shape(layers, len(save.block_ids))  # [L, num_blocks, *block_shape]
+            buffer = self.hub.payload_buffer(save.xfer_id, shape, layers[0].dtype) if self.hub.payload_buffer else None
+            payload = gather_blocks(layers, list(save.block_ids), out=buffer)
             header = KVHeader(xfer_key=xfer_key(save.xfer_id), num_tokens=save.num_tokens,
-                              num_blocks=len(save.block_ids), dtype=payload.dtype, shape=tuple(payload.shape),
-                              checksum_algo=algo, checksum=checksum(payload, algo))
+                              num_blocks=len(save.block_ids), dtype=payload.dtype, shape=shape,
+                              checksum_algo=default_checksum_algo(payload), checksum=UNSEALED)
             counters.gather_s += time.perf_counter() - started
             counters.num_saved += 1
             if self.hub.on_saved is not None:

@@ -73,8 +73,12 @@ class PairGlooGroup(BaseGroup):
         else:
             work.wait(datetime.timedelta(seconds=timeout_s))
 
-    def recv_tagged(self, tensor: torch.Tensor, src_rank: int, tag: int) -> None:
-        self._require_pg().recv([tensor], src_rank, tag).wait()
+    def recv_tagged(self, tensor: torch.Tensor, src_rank: int, tag: int, timeout_s: float | None = None) -> None:
+        work = self._require_pg().recv([tensor], src_rank, tag)
+        if timeout_s is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout_s))
 
     def send(self, tensors, send_options) -> None:
         self.send_tagged(tensors[0], send_options.dst_rank, 0)

@@ -5,7 +5,8 @@ in-process mode), so the replica cannot hand it objects directly. The replica an
 here instead; one engine per process (FACTS.md), so one hub per process. (The two connector halves
 never talk through the hub: only through the step's connector metadata.)
 - Prefill replica sets `on_saved(xfer_id, header, payload)`: the worker half calls it right after
-  the forward pass that completed a prompt, with the gathered blocks.
+  the forward pass that completed a prompt, with the gathered blocks; and `payload_buffer(xfer_id, shape,
+  dtype)`, where the worker half gathers them (a shared-memory segment the decode peer maps; None: anywhere).
 - Decode replica sets `mailbox`: the scheduler half asks it whether a request's KV has arrived and
   settles where the KV came from; the worker half claims the payload from it to scatter into the
   blocks the scheduler allocated.
@@ -46,6 +47,7 @@ class ConnectorCounters:
 @dataclass
 class KVHub:
     on_saved: Callable[[str, KVHeader, torch.Tensor], None] | None = None
+    payload_buffer: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor | None] | None = None
     mailbox: KVMailbox | None = None
     kv_layers: list[torch.Tensor] = field(default_factory=list)  # each [num_total_blocks, *block_shape]
     counters: ConnectorCounters = field(default_factory=ConnectorCounters)
@@ -61,6 +63,6 @@ HUB = KVHub()
 
 def reset_hub() -> KVHub:
     """A fresh hub (tests build several engines in sequence in one process)."""
-    HUB.on_saved, HUB.mailbox, HUB.kv_layers = None, None, []
+    HUB.on_saved, HUB.payload_buffer, HUB.mailbox, HUB.kv_layers = None, None, None, []
     HUB.counters = ConnectorCounters()
     return HUB

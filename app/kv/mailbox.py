@@ -11,7 +11,9 @@ state never goes back):
 Who writes what: the pair's receive loop `deliver`s; the decode replica `expect`s (it then owns the record),
 `fail`s it when the orchestrator says prefill failed, reads `report` at the first token and `forget`s it when
 the request ends, however it ends; the connector's scheduler half `settle`s the source once it decided, its
-worker half `claim`s the payload and overrules that decision when the load fails.
+worker half `claim`s the payload, says when it has `loaded` it, and overrules that decision when the load fails.
+A payload in the prefill replica's shared memory (same node) comes with a `release` callback: the record calls
+it exactly once, when the payload was loaded or is dropped for any reason, so prefill can reuse the segment.
 `sweep()` fails owned expectations past their deadline, frees an owned payload whose lease ended (so KV
 waiting behind a long engine queue does not pin memory: the request then recomputes, and says why), and
 drops records nobody owns once their lease ended.
@@ -55,9 +57,26 @@ class Transfer:
     error: str | None = None  # why it FAILED
     source: KVSource | None = None  # where the request's prompt KV came from, once decided
     fallback_reason: str | None = None  # with source "recomputed"
+    release: Callable[[], None] | None = None  # gives a shared-memory payload back to prefill (once)
 
     def fail(self, error: str, lease_end: float) -> None:
         self.state, self.error, self.payload, self.deadline = XferState.FAILED, error, None, lease_end
+        self.let_go()
+
+    def take(self, received: Received, lease_end: float) -> None:
+        """The transfer arrived: hold its payload, or fail with why it cannot be used."""
+        self.release = received.release
+        if received.error is not None:
+            self.fail(received.error, lease_end)
+        else:
+            self.state, self.deadline = XferState.ARRIVED, lease_end
+            self.header, self.payload = received.header, received.payload
+
+    def let_go(self) -> None:
+        """Give the payload's shared memory back, if it has any and nobody did yet."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()  # non-blocking: queues the segment id for the pair's release thread
 
 
 class KVMailbox:
@@ -70,8 +89,6 @@ class KVMailbox:
         self._done: dict[int, float] = {}  # forgotten keys -> until when a late arrival is dropped at once
         self.num_expired = 0
         self.num_late = 0
-
-    # -- the decode replica ------------------------------------------------------------------------
 
     def expect(self, key: int, timeout_s: float) -> None:
         with self._lock:
@@ -116,32 +133,27 @@ class KVMailbox:
         """The request is done with this transfer (finished, aborted or fell back): drop its record, and
         drop the transfer itself if it still arrives later."""
         with self._lock:
-            self._records.pop(key, None)
+            if (record := self._records.pop(key, None)) is not None:
+                record.let_go()
             self._done[key] = time.monotonic() + self.lease_s
-
-    # -- the pair's receive loop -----------------------------------------------------------------
 
     def deliver(self, received: Received) -> None:
         key = received.header.xfer_key
         lease_end = time.monotonic() + self.lease_s
         with self._lock:
-            if key in self._done:  # its request is over (fell back, finished, aborted): drop, don't hold
-                self.num_late += 1
-                return
             record = self._records.get(key)
-            if record is not None and record.state != XferState.EXPECTED:
-                return  # late duplicate or already failed: never overwrite a decided transfer
+            # Its request is over (fell back, finished, aborted), or a late duplicate of a decided transfer:
+            # drop it, never hold it, never overwrite a decision.
+            if key in self._done or (record is not None and record.state != XferState.EXPECTED):
+                self.num_late += key in self._done
+                if received.release is not None:
+                    received.release()  # its shared memory goes back to prefill now
+                return
             if record is None:
                 record = self._records[key] = Transfer(XferState.EXPECTED, lease_end)
-            if received.error is not None:
-                record.fail(received.error, lease_end)
-            else:
-                record.state, record.deadline = XferState.ARRIVED, lease_end
-                record.header, record.payload = received.header, received.payload
+            record.take(received, lease_end)
             self._waiters.wake(key)
         self._on_change()  # a decision changed: the engine may schedule a waiting request now
-
-    # -- the connector -----------------------------------------------------------------------------
 
     def state(self, key: int) -> tuple[XferState | None, str | None]:
         """Current state and error; an expectation past its deadline turns FAILED here."""
@@ -164,6 +176,12 @@ class KVMailbox:
             assert header is not None and payload is not None
             return header, payload
 
+    def loaded(self, key: int) -> None:
+        """The connector is done with the payload it claimed (scattered, or refused): free its shared memory."""
+        with self._lock:
+            if (record := self._records.get(key)) is not None:
+                record.let_go()
+
     def settle(self, key: int, source: KVSource, reason: str | None = None, overrule: bool = False) -> None:
         """Where the prompt KV comes from: the scheduler's first decision stands, unless the worker's load
         failed (`overrule`: vLLM then recomputes the prompt)."""
@@ -171,8 +189,6 @@ class KVMailbox:
             record = self._records.get(key)
             if record is not None and (record.source is None or overrule):
                 record.source, record.fallback_reason = source, reason
-
-    # -- upkeep ------------------------------------------------------------------------------------
 
     def sweep(self) -> int:
         """Fail overdue expectations, free ended leases, drop unowned records; returns how many changed."""
@@ -184,6 +200,7 @@ class KVMailbox:
                     continue
                 if not record.owned:
                     del self._records[key]
+                    record.let_go()
                     self.num_expired += 1
                 elif record.state == XferState.EXPECTED:
                     record.fail(DEADLINE_PASSED, now + self.lease_s)
@@ -199,8 +216,7 @@ class KVMailbox:
 
     def num_held_bytes(self) -> int:
         with self._lock:
-            return sum(r.payload.numel() * r.payload.element_size() for r in self._records.values()
-                       if r.payload is not None)
+            return sum(r.payload.nbytes for r in self._records.values() if r.payload is not None)
 
     def __len__(self) -> int:
         with self._lock:

@@ -2,10 +2,12 @@
 
 Life cycle of one `Outgoing` (keyed by transfer id):
 1. `open(xfer_id, decode_id)` before the prompt enters the engine (`decode_id` None: park the KV).
-2. The engine thread calls `on_saved` with the gathered header + payload in the step that completed the
-   prompt: the payload is queued on the pair's sender thread (or handed back for parking). Fault
-   injection (drills) acts here: fail, corrupt after the checksum, send wrong KV with a matching checksum
-   (a negative control: the reply must change), or delay the send.
+2. The engine thread asks `payload_buffer` where to gather the prompt's KV (a shared-memory segment of the
+   pair when decode can map it, so the payload never crosses a socket), then calls `on_saved` with the
+   gathered header + payload in the step that completed the prompt: the payload is queued on the pair's
+   sender thread (or handed back for parking). Fault injection (drills) acts here: fail, corrupt after the
+   checksum (on the sender thread, once it sealed the header), send wrong KV with a matching checksum (a
+   negative control: the reply must change), or delay the send.
 3. `done` resolves on the replica's event loop with the `SendResult` (or the error); a request that gives
    up first marks its transfer `cancelled`, so a queued send never goes out late.
 4. `close(xfer_id)` whatever happened.
@@ -17,7 +19,7 @@ import asyncio
 import random
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +27,7 @@ from app.config import FaultInjection
 from app.kv.channel import SendResult
 from app.kv.header import KVHeader
 from app.kv.pairs import PairTransport
-from app.kv.payload import checksum
+from app.kv.shm import Segment
 
 
 @dataclass
@@ -42,6 +44,7 @@ class KVOutbox:
     def __init__(self, transport: PairTransport, faults: FaultInjection):
         self.transport = transport
         self._outgoing: dict[str, Outgoing] = {}
+        self._segments: dict[str, tuple[str, Segment]] = {}  # xfer_id -> (decode_id, segment gathered into)
         self.num_cancelled_sends = 0  # queued sends dropped at their turn: their request had given up (late)
         self.set_faults(faults)
 
@@ -65,10 +68,27 @@ class KVOutbox:
         waiting = [o.arrived_at for o in list(self._outgoing.values()) if not o.gathered_at]
         return time.perf_counter() - min(waiting) if waiting else 0.0
 
+    def payload_buffer(self, xfer_id: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """Engine thread: a view of a shared-memory segment of the pair to gather into, or None (anywhere)."""
+        outgoing = self._outgoing.get(xfer_id)
+        if outgoing is None or outgoing.decode_id is None:
+            return None
+        num_bytes = torch.empty((), dtype=dtype).element_size()
+        for dim in shape:
+            num_bytes *= dim
+        segment = self.transport.lease_segment(outgoing.decode_id, num_bytes)
+        if segment is None:
+            return None
+        self._segments[xfer_id] = (outgoing.decode_id, segment)
+        return segment.view(shape, dtype)
+
     def on_saved(self, xfer_id: str, header: KVHeader, payload: torch.Tensor) -> None:
         """Engine thread: the prompt's KV is gathered; hand it to the pair's sender (or park it)."""
         outgoing = self._outgoing.get(xfer_id)
+        leased = self._segments.pop(xfer_id, None)
         if outgoing is None:
+            if leased is not None:
+                self.transport.release_segment(*leased)
             return  # the caller gave up already
         outgoing.gathered_at = time.perf_counter()
         if outgoing.decode_id is None:
@@ -79,14 +99,18 @@ class KVOutbox:
             outgoing.loop.call_soon_threadsafe(settle, outgoing.done, result, error)
 
         faults = self._faults
+        segment = leased[1] if leased is not None else None
         if faults.fail_fraction and self._fault_rng.random() < faults.fail_fraction:
+            if leased is not None:
+                self.transport.release_segment(*leased)
             done(None, RuntimeError("injected transfer failure"))
             return
+        tamper = None
         if faults.corrupt_fraction and self._fault_rng.random() < faults.corrupt_fraction:
-            payload.view(-1)[0] += 1.0  # after the checksum: decode's verification must catch it
+            tamper = _corrupt  # after the sender thread sealed the header: decode's verification must catch it
         if faults.wrong_kv_fraction and self._fault_rng.random() < faults.wrong_kv_fraction:
-            payload = payload.flip(0)  # [num_layers, ...]: every layer gets another layer's KV, checksum to match
-            header = replace(header, checksum=checksum(payload, header.checksum_algo))
+            # [num_layers, ...]: every layer gets another layer's KV; the sender seals it, so the checksum matches
+            payload.copy_(payload.flip(0))
         decode_id = outgoing.decode_id
 
         def is_cancelled() -> bool:  # the pair's sender thread asks once, when this send's turn comes
@@ -95,12 +119,17 @@ class KVOutbox:
             return cancelled
 
         def send() -> None:
-            self.transport.send(decode_id, header, payload, done, is_cancelled)
+            self.transport.send(decode_id, header, payload, done, is_cancelled, segment=segment, tamper=tamper)
 
         if faults.delay_s:
             threading.Timer(faults.delay_s, send).start()
             return
         send()
+
+
+def _corrupt(payload: torch.Tensor) -> None:
+    with torch.inference_mode():  # the engine thread made the payload under inference mode
+        payload.view(-1)[0] += 1.0
 
 
 def settle(future: asyncio.Future, result, error) -> None:

@@ -10,6 +10,10 @@ both replica ids (prefill is rank 0, decode rank 1). One replica can be in many 
    group is destroyed, and the next `ensure` forms a new one. A replaced replica has a new id, so
    its pairs are new groups; the old ones break on first use and are dropped.
 
+Same node (gloo, CPU KV): while the pair forms, prefill offers shared memory and decode says whether it can
+map it (`app/kv/shm.py`); if it can, payloads are gathered into the pair's segments and only headers cross
+the socket. `shm_max_bytes` 0 turns that off.
+
 Backends: "gloo" is pdserve's `PDSERVE_GLOO` (CPU, tags, per-send timeout); "nccl" is pdserve's
 `PDSERVE_NCCL` (GPU; headers through the pair's store, payloads over NCCL, FIFO per pair, every NCCL
 operation waited for with the transfer deadline and aborted past it). Both join the same way and are
@@ -31,6 +35,7 @@ from app.kv import gloo_group, nccl_group
 from app.kv.channel import ChannelBroken, KVReceiver, KVSender, Received, SendResult
 from app.kv.header import KVHeader
 from app.kv.nccl_group import NcclPairComm
+from app.kv.shm import Segment, SegmentPool, share_memory
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ class _Pair:
 class PairTransport:
     def __init__(self, role: Role, replica_id: str, backend: str, timeout_s: float, device: torch.device,
                  deliver: Callable[[Received], None] | None = None,
-                 on_drop: Callable[[str, str], None] | None = None):
+                 on_drop: Callable[[str, str], None] | None = None, shm_max_bytes: int = 0):
         if role == "decode" and deliver is None:
             raise ValueError("a decode transport needs `deliver` for received KV")
         self.role = role
@@ -86,14 +91,14 @@ class PairTransport:
         self.backend = backend
         self.timeout_s = timeout_s
         self.device = device
+        self.shm_max_bytes = shm_max_bytes if backend == "gloo" and device.type == "cpu" else 0
         self._deliver = deliver
         self._on_drop = on_drop or (lambda peer, reason: None)
         self._pairs: dict[str, _Pair] = {}
         self._lock = threading.Lock()
         self._join_locks: dict[str, threading.Lock] = {}
-        self.num_pairs_formed = 0
+        self.num_pairs_formed, self.num_pairs_dropped = 0, 0
         self.num_pairs_formed_at_warmup = 0  # formed ahead of traffic (warm-up), not on a request's path
-        self.num_pairs_dropped = 0
         self.pair_setup_s: list[float] = []  # how long each join took, newest last (at most 64)
         if backend == "gloo":
             gloo_group.register()
@@ -105,8 +110,7 @@ class PairTransport:
     # -- life cycle -----------------------------------------------------------------------------
 
     def ensure(self, peer_id: str, timeout_s: float | None = None, warmup: bool = False) -> None:
-        """Join the pair group with `peer_id` unless already in it (blocks up to `timeout_s`, default the
-        transfer deadline). `warmup` marks a join made ahead of traffic."""
+        """Join the pair with `peer_id` unless in it (blocks up to `timeout_s`); `warmup`: ahead of traffic."""
         with self._lock:
             if peer_id in self._pairs:
                 return
@@ -137,11 +141,13 @@ class PairTransport:
                 group = collective.get_group_handle(name)
                 group.connect(timeout_s)
                 comm: GlooPairComm | NcclPairComm = GlooPairComm(group, peer_rank)
+                pool, maps = share_memory(self.role, group, peer_rank, timeout_s, self.shm_max_bytes)
             else:  # the communicator is created and warmed up here, not at the first transfer
                 collective.init_collective_group(2, rank, backend=nccl_group.BACKEND_NAME, group_name=name)
                 group = collective.get_group_handle(name)
                 group.connect(timeout_s, device=self.device)
                 comm = NcclPairComm(group, peer_rank, self.timeout_s)
+                pool, maps = None, None
         except BaseException as exc:
             if collective.is_group_initialized(name):
                 collective.destroy_collective_group(name)
@@ -149,12 +155,13 @@ class PairTransport:
         pair = _Pair(name, comm)
         if self.role == "prefill":
             pair.sender = KVSender(comm, self.timeout_s, name=name, watch_peer=self.backend == "gloo",
-                                   on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"))
+                                   on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"), pool=pool)
         else:
             assert self._deliver is not None
             pair.receiver = KVReceiver(comm, self._deliver, lambda exc: self.drop(peer_id, f"receive failed: {exc}"),
-                                       name=name)
-        logger.info("pair %s formed (%s, rank %d)", name, self.backend, rank)
+                                       name=name, maps=maps)
+        logger.info("pair %s formed (%s, rank %d, shared memory %s)", name, self.backend, rank,
+                    pool is not None or maps is not None)
         return pair
 
     def drop(self, peer_id: str, reason: str) -> None:
@@ -187,7 +194,8 @@ class PairTransport:
         with self._lock:
             return {"pairs": list(self._pairs), "num_pairs_formed": self.num_pairs_formed,
                     "num_pairs_formed_at_warmup": self.num_pairs_formed_at_warmup,
-                    "pair_setup_s": list(self.pair_setup_s), "num_pairs_dropped": self.num_pairs_dropped}
+                    "pair_setup_s": list(self.pair_setup_s), "num_pairs_dropped": self.num_pairs_dropped,
+                    **_shm_stats(list(self._pairs.values()))}
 
     def peers(self) -> list[str]:
         with self._lock:
@@ -195,10 +203,21 @@ class PairTransport:
 
     # -- prefill side -----------------------------------------------------------------------------
 
+    def lease_segment(self, peer_id: str, num_bytes: int) -> Segment | None:
+        """A shared-memory segment of the pair with `peer_id` to gather a payload into (None: not on this pair)."""
+        pool = _pool_of(self._pairs.get(peer_id))
+        return pool.lease(num_bytes) if pool is not None else None
+
+    def release_segment(self, peer_id: str, segment: Segment) -> None:
+        """Give back a leased segment whose payload will not be sent."""
+        if (pool := _pool_of(self._pairs.get(peer_id))) is not None:
+            pool.release(segment.seg_id)
+
     def send(self, peer_id: str, header: KVHeader, payload: torch.Tensor,
              on_done: Callable[[SendResult | None, BaseException | None], None],
-             is_cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Queue one transfer to `peer_id`; `on_done` runs on the sender thread when it ends."""
+             is_cancelled: Callable[[], bool] = lambda: False, segment: Segment | None = None,
+             tamper: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Queue one transfer to `peer_id` (see `KVSender.submit`); `on_done` runs on the sender thread."""
         with self._lock:
             pair = self._pairs.get(peer_id)
         if pair is None or pair.sender is None:
@@ -210,4 +229,16 @@ class PairTransport:
                 self.drop(peer_id, f"send failed: {error}")
             on_done(result, error)
 
-        pair.sender.submit(header, payload, done, is_cancelled)
+        pair.sender.submit(header, payload, done, is_cancelled, segment, tamper)
+
+
+def _pool_of(pair: _Pair | None) -> SegmentPool | None:
+    return pair.sender.pool if pair is not None and pair.sender is not None else None
+
+
+def _shm_stats(pairs: list[_Pair]) -> dict:
+    pools = [pool for pair in pairs if (pool := _pool_of(pair)) is not None]
+    num_maps = sum(pair.receiver is not None and pair.receiver.maps is not None for pair in pairs)
+    return {"num_shm_pairs": len(pools) + num_maps, "num_segment_payloads": sum(p.num_leased for p in pools),
+            "num_segment_pool_full": sum(p.num_full for p in pools), "segment_bytes": sum(p.num_bytes() for p in pools),
+            "num_segments_busy": sum(p.num_busy() for p in pools)}
