@@ -159,9 +159,13 @@ class PlacementConfig(_Strict):
         "adaptive", description="adaptive: short prompts prefill on their decode replica, longer ones on a prefill "
         "replica; always_remote: every prompt on a prefill replica; always_local: every prompt on its decode replica.")
     local_max_prompt_tokens: int = Field(
-        224, ge=0, description="adaptive: a prompt of at most this many tokens prefills on its decode replica when it "
-        "holds no other request, or while as many prompt tokens are queued at prefill. `pdserve plan` prints the "
-        "length whose prefill stalls decode for two steps (226 for the default model here; 224 is the block below).")
+        224, ge=0, description="adaptive: a prompt with at most this many tokens not cached on its decode replica "
+        "prefills there when that replica is idle, holds much more of it than prefill, or prefill is backlogged. "
+        "`pdserve plan` prints the length whose prefill stalls decode two steps (226 here; 224 is the block below).")
+    prefix_routing_slack: int = Field(
+        4, ge=-1, description="Prefix-aware routing (both phases): the replica that probably holds the longest cached "
+        "prefix of the prompt is chosen unless it has more than this many requests above the least busy replica; -1: "
+        "off (Serve's power-of-two choice).")
 
 
 class TokenBusConfig(_Strict):
@@ -177,8 +181,7 @@ class WarmupConfig(_Strict):
     scale-up); they also form its pair groups with every running replica of the other phase."""
 
     enabled: bool = Field(True, description="Warm up before reporting ready.")
-    num_requests: int = Field(4, ge=0, description="Synthetic requests per warm-up (the seed article used 100 on "
-                              "GPUs; 4 suits a 2-core CPU).")
+    num_requests: int = Field(4, ge=0, description="Synthetic requests per warm-up (4 suits a 2-core CPU).")
     context_len: int = Field(256, ge=1, description="Prompt tokens per synthetic request.")
     max_tokens: int = Field(4, ge=1, description="Tokens each synthetic request generates (decode, collocated).")
     interval_s: float | None = Field(None, gt=0, description="Repeat every this many seconds while the replica is "
@@ -191,8 +194,7 @@ class PrefillBatchingConfig(_Strict):
     max_batched_tokens: int | None = Field(None, ge=16, description="Most prompt tokens one prefill step computes "
                                            "(None: engine.max_num_batched_tokens). At least model.max_model_len: "
                                            "prompts are not chunked.")
-    max_batch_size: int | None = Field(None, ge=1, description="Most prompts in one prefill step (None: "
-                                       "engine.max_num_seqs).")
+    max_batch_size: int | None = Field(None, ge=1, description="Most prompts in one prefill step (None: max_num_seqs).")
     window_ms: float = Field(0.0, ge=0, le=1000, description="Hold arriving prompts up to this long so they enter "
                              "the engine together (0: no window). Trades TTFT for bigger batches.")
     window_max_requests: int = Field(32, ge=1, description="Release the window early once this many prompts wait.")

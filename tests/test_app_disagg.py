@@ -112,6 +112,19 @@ def test_prompt_fully_prefix_cached_on_decode_drops_its_transfer_without_wedging
     assert _complete(app, prompt_of_length(tokenizer, 40, offset=300), 8)["pdserve"]["kv_source"] == "transfer"
 
 
+def test_each_conversations_next_turn_goes_to_the_replicas_that_hold_its_prefix(app, tokenizer):
+    firsts = [prompt_of_length(tokenizer, 100, offset=2000 + 150 * i) for i in range(6)]
+    reports = [_complete(app, p, 8, return_token_ids=True) for p in firsts]
+    for i, (first, body) in enumerate(zip(firsts, reports, strict=True)):
+        follow_up = first + body["choices"][0]["token_ids"] + prompt_of_length(tokenizer, 20, offset=3000 + 30 * i)
+        again = _complete(app, follow_up, 8)["pdserve"]
+        before = body["pdserve"]
+        # with two replicas per phase, a power-of-two choice would keep both for six conversations 1 time in 4096
+        assert (again["decode_replica"], again["prefill_replica"]) == (before["decode_replica"],
+                                                                      before["prefill_replica"])
+        assert again["prefix_cache_hit_tokens"] >= 96  # prefill found the first turn's 3 whole blocks
+
+
 def test_chat_streaming_through_disaggregated_path(client, offline_engine, tokenizer):
     messages = [{"role": "user", "content": "class Stack:\n    def push(self, item):"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -118,15 +118,34 @@ def test_a_short_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_of
 @pytest.mark.slow
 def test_a_clients_kv_transfer_params_cannot_touch_the_connector(app, tokenizer):
     """vLLM's request models take `kv_transfer_params`; pdserve's connector must never see a client's."""
-    prompt = prompt_of_length(tokenizer, LOCAL_MAX + 20, offset=333)  # long: the transfer path
-    for bogus in ({"pdserve": {}}, {"pdserve": {"xfer": "0" * 32}}, {"do_remote_prefill": True}):
+    for i, bogus in enumerate(({"pdserve": {}}, {"pdserve": {"xfer": "0" * 32}}, {"do_remote_prefill": True})):
         for extra in ({}, {"prompt_logprobs": 1}):  # the transfer path, and (prompt_logprobs) the local one
+            # long and new each time (a prompt its decode replica had cached would run there): the transfer path
+            prompt = prompt_of_length(tokenizer, LOCAL_MAX + 20, offset=333 + 150 * i + 70 * len(extra))
             response = httpx.post(f"{app}/v1/completions", timeout=60, json={
                 "model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0,
                 "kv_transfer_params": bogus, **extra})
             assert response.status_code == 200, response.text
             assert response.json()["pdserve"]["kv_source"] == ("local" if extra else "transfer")
     assert _complete(app, prompt, 4).status_code == 200  # the replicas still serve
+
+
+@pytest.mark.slow
+def test_a_conversations_next_turn_prefills_on_the_decode_replica_that_holds_its_earlier_turns(
+        app, offline_engine, tokenizer):
+    # 1. the first turn is long: a prefill replica runs it and its KV moves to the decode replica
+    first = prompt_of_length(tokenizer, 200, offset=1234)
+    want_first = offline_generate(offline_engine, first, 24)[1]
+    _check(_complete(app, first), want_first, "transfer", "200 tokens > placement.local_max_prompt_tokens")
+    # 2. the next turn repeats the conversation (prompt, reply) and adds 40 tokens: 264 tokens, more than LOCAL_MAX,
+    #    but its decode replica holds the first 192 (6 whole blocks: the 7th would end with the reply's last token,
+    #    which was never run): 72 to compute
+    second = first + want_first + prompt_of_length(tokenizer, 40, offset=4321)
+    want_second = offline_generate(offline_engine, second, 24)[1]
+    report = _check(_complete(app, second), want_second, "local", "(72 not cached on its decode replica)")
+    assert report["num_cached_tokens"] == 192  # vLLM found exactly them: the index's guess was right
+    # 3. the same turn with the prefix-aware index off would have gone to prefill (too long to run locally)
+    assert not place(GenerateRequest("r", tuple(second), SamplingSpec(max_tokens=4)), "adaptive", LOCAL_MAX).local
 
 
 @pytest.mark.slow
@@ -184,10 +203,12 @@ def test_the_backlog_counts_dispatched_prompts_until_prefill_answers():
     from app.serving.placement import PrefillBacklog
 
     backlog = PrefillBacklog()
-    backlog.add(100)
-    backlog.add(30)
-    backlog.remove(100)
-    assert (backlog.num_tokens, backlog.num_requests) == (30, 1)
+    backlog.add(100, "p1")
+    backlog.add(30, "p2")
+    backlog.add(20, "p2")
+    backlog.remove(100, "p1")
+    assert (backlog.num_tokens, backlog.num_requests) == (50, 2)
+    assert backlog.by_replica == {"p2": 2}  # prefix routing's load per prefill replica
 
 
 def test_policies_and_overrides():

@@ -99,11 +99,11 @@ class Handoff:
 
     async def _watch(self, transfer: Transfer, call: DeploymentResponse, retry: bool) -> PrefillOutcome:
         num_tokens = len(transfer.request.prompt_token_ids)
-        self.backlog.add(num_tokens)
+        self.backlog.add(num_tokens, transfer.prefill_id)
         try:
             return await self._outcome(transfer, call, retry)
         finally:
-            self.backlog.remove(num_tokens)
+            self.backlog.remove(num_tokens, transfer.prefill_id)
 
     async def _outcome(self, transfer: Transfer, call: DeploymentResponse, retry: bool) -> PrefillOutcome:
         prefill_id, decode_id = transfer.prefill_id, transfer.decode_id

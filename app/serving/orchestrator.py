@@ -1,12 +1,13 @@
 """`DisaggregatedClient`: the prefill/decode orchestrator, an `EngineClient` for `mode: disaggregated`.
 
 One request (`generate`):
-0. Choose the decode replica (Serve's router, `choose_replica`), then place the prompt (`placement.py`): a short
-   prompt whose decode replica holds nothing else of this ingress, or that arrives while prefill is backlogged (and
-   one asking for prompt logprobs), prefills on that decode replica, reported as `kv_source: local` with the
-   reason; the rest go on:
-1. Choose the prefill replica (Serve's router, `choose_replica`; replicas and
-   pairs whose circuit breaker is open are avoided), so both ends of the transfer are known before it
+0. Choose the decode replica (Serve's router, `choose_replica`; one that probably holds the longest cached prefix
+   of the prompt is preferred unless it is much busier, `prefix_index.py`), then place the prompt (`placement.py`):
+   a prompt with few tokens uncached there whose decode replica holds nothing else of this ingress, holds much
+   more of it than any prefill replica, or that arrives while prefill is backlogged (and one asking for prompt
+   logprobs), prefills on that decode replica, reported as `kv_source: local` with the reason; the rest go on:
+1. Choose the prefill replica (Serve's router, `choose_replica`; replicas and pairs whose circuit breaker is open
+   are avoided, one that holds the prompt's prefix preferred), so both ends of the transfer are known before it
    starts; each replica publishes its pair id through `record_replica_metadata`. With
    `autoscaling.prefill.when_no_replica: decode_locally`, if no prefill replica is free within
    `no_replica_wait_s` (scaled to zero, or all busy), decode runs the prompt itself (reported as a
@@ -41,6 +42,7 @@ from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPromp
 from app.metrics import PhaseRatio, record_placement
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
 from app.serving.placement import PrefillBacklog, place
+from app.serving.prefix_index import PrefixRouting
 from app.specs import OrchestratorSpec
 from app.token_bus import TokenBus, streamed
 
@@ -61,30 +63,34 @@ class DisaggregatedClient:
         self.phase_ratio = PhaseRatio()
         self.backlog = PrefillBacklog()  # prompt tokens dispatched to prefill replicas, not answered yet
         self.on_decode: Counter[str] = Counter()  # requests this ingress has on each decode replica (by pair id)
+        self.prefixes = PrefixRouting(spec.block_size, spec.prefix_routing_slack)
         self.handoff = Handoff(prefill, decode, spec.notify_timeout_s, self.phase_ratio, self.backlog)
         self._wake_up: asyncio.Future | None = None  # an outstanding call that makes Serve start a prefill replica
         configure_breakers(spec.breaker_failures, spec.breaker_window_s, spec.breaker_open_s)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        xfer_id = secrets.token_hex(16)
-        async with self.decode.generate.choose_replica(request) as d_sel:
+        xfer_id, prefixes = secrets.token_hex(16), self.prefixes
+        decode_route, cached_decode = prefixes.route(prefixes.decode, request, self.on_decode)
+        prefill_route, cached_prefill = prefixes.route(prefixes.prefill, request, self.backlog.by_replica)
+        async with self.decode.generate.choose_replica(request, **decode_route) as d_sel:
             decode_id = pair_id(d_sel)
             # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
             placement = place(request, self.spec.placement, self.spec.local_max_prompt_tokens,
-                              self.backlog.num_tokens, self.on_decode[decode_id])
+                              self.backlog.num_tokens, self.on_decode[decode_id], cached_decode.get(decode_id, 0),
+                              max(cached_prefill.values(), default=0))
             record_placement(placement.where, placement.reason)
             with self._on_decode(decode_id):
+                prefixes.mark(prefixes.decode, decode_id, request)
                 if placement.local:
-                    async for chunk in self._cancel_on_exit(self._decode_call(
-                            d_sel, request, None, xfer_id, placement.detail, placed_locally=True)):
-                        yield chunk
-                    return
-                first = True
-                async for chunk in self._remote(request, xfer_id, d_sel, decode_id):
-                    if first:
-                        first = False
-                        chunk = chunk.with_report(KVReport(placement_reason=placement.detail))
+                    stream = self._cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id, placement.detail,
+                                                                    placed_locally=True))
+                else:
+                    stream = self._remote(request, xfer_id, d_sel, decode_id, prefill_route, placement.detail)
+                output_ids: list[int] = []
+                async for chunk in stream:
+                    output_ids.extend(chunk.token_ids)
                     yield chunk
+                prefixes.mark(prefixes.decode, decode_id, request, output_ids[:-1])  # the reply too (last: no KV)
 
     @contextlib.contextmanager
     def _on_decode(self, decode_id: str):
@@ -97,12 +103,13 @@ class DisaggregatedClient:
             if not self.on_decode[decode_id]:
                 del self.on_decode[decode_id]
 
-    async def _remote(self, request: GenerateRequest, xfer_id: str, d_sel, decode_id: str
-                      ) -> AsyncIterator[GenerationChunk]:
-        # 1. choose the prefill end (replicas whose pair with the decode replica is failing are avoided)
+    async def _remote(self, request: GenerateRequest, xfer_id: str, d_sel, decode_id: str, route: dict,
+                      placement_reason: str) -> AsyncIterator[GenerationChunk]:
+        # 1. choose the prefill end (replicas whose pair with the decode replica is failing are avoided; one that
+        #    probably holds the prompt's prefix is preferred)
         async with contextlib.AsyncExitStack() as stack:
             choosing = stack.enter_async_context(
-                self.prefill.prefill.choose_replica(request, avoid=open_pairs(decode_id)))
+                self.prefill.prefill.choose_replica(request, avoid=open_pairs(decode_id), **route))
             if self.spec.when_no_prefill == "wait":
                 p_sel = await choosing
             else:
@@ -117,12 +124,17 @@ class DisaggregatedClient:
                     return
             prefill_id = pair_id(p_sel)
             BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
+            self.prefixes.mark(self.prefixes.prefill, prefill_id, request)
             # 2. dispatch both
             prefill_call = self.prefill.dispatch(p_sel, request, decode_id, xfer_id)
             stream = self._decode_call(d_sel, request, prefill_id, xfer_id)
             # 3. stream decode's tokens while watching prefill
             transfer = Transfer(request, prefill_id, decode_id, xfer_id)
+            first = True
             async for chunk in self.handoff.stream(transfer, stream, prefill_call, self.spec.retry_other_prefill):
+                if first:
+                    first = False
+                    chunk = chunk.with_report(KVReport(placement_reason=placement_reason))
                 yield chunk
 
     def _decode_call(self, d_sel, request: GenerateRequest, *args, **kwargs):

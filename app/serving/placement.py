@@ -10,27 +10,31 @@ Rules, first match wins:
 1. `prompt_logprobs` asked for: local (vLLM computes prompt logprobs only for tokens it runs itself).
 2. The caller asked for a remote prefill (the ingress's warm path, which must warm the transfer path).
 3. `placement.policy` always_local / always_remote.
-4. adaptive, with L = `placement.local_max_prompt_tokens` (the prompt length a decode replica prefills within
-   its stall budget): a prompt of more than L tokens runs remotely. One of at most L tokens runs locally when
-   the decode replica chosen for it holds no other request of this ingress (no reply there to stall: no hop
-   and no transfer for nothing), or while the prefill backlog is at least L tokens (there it would wait at
-   least as long as its local prefill stalls decode); otherwise remote.
+4. adaptive, with L = `placement.local_max_prompt_tokens` (the prompt tokens a decode replica computes within
+   its stall budget) and a prompt's uncached tokens (its length minus the prefix the replica probably holds in
+   its prefix cache, `prefix_index.py`): a prompt with more than L tokens uncached on its decode replica runs
+   remotely. One with at most L runs locally when the decode replica holds no other request of this ingress
+   (no reply there to stall: no hop and no transfer for nothing); when a prefill replica would compute at
+   least L tokens more than the decode replica (the decode replica holds more of the prompt: a conversation's
+   earlier turns); or while the prefill backlog is at least L tokens (there it would wait at least as long as
+   its local prefill stalls decode); otherwise remote.
    The backlog is what this ingress has dispatched to prefill replicas and not seen finish
    (`PrefillBacklog`); the decode replica's requests are the ones this ingress has on it (waiting for KV or
    generating): both exact with one ingress replica, lower bounds with several.
-Not yet used (issue 13): the tokens the decode replica already has cached, and its KV usage.
+Not yet used (issue 13): decode's KV usage.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
 from app.messages import GenerateRequest
 
 Policy = Literal["adaptive", "always_remote", "always_local"]
-Reason = Literal["prompt_logprobs", "forced", "policy", "decode_idle", "prefill_busy", "prefill_idle",
-                 "long_prompt"]
+Reason = Literal["prompt_logprobs", "forced", "policy", "decode_idle", "prefix_cached", "prefill_busy",
+                 "prefill_idle", "long_prompt"]
 
 
 @dataclass(frozen=True)
@@ -50,19 +54,25 @@ class PrefillBacklog:
     def __init__(self) -> None:
         self.num_tokens = 0
         self.num_requests = 0
+        self.by_replica: Counter[str] = Counter()  # requests per prefill replica (prefix routing's load)
 
-    def add(self, num_tokens: int) -> None:
+    def add(self, num_tokens: int, replica_id: str) -> None:
         self.num_tokens += num_tokens
         self.num_requests += 1
+        self.by_replica[replica_id] += 1
 
-    def remove(self, num_tokens: int) -> None:
+    def remove(self, num_tokens: int, replica_id: str) -> None:
         self.num_tokens -= num_tokens
         self.num_requests -= 1
+        self.by_replica[replica_id] -= 1
+        if not self.by_replica[replica_id]:
+            del self.by_replica[replica_id]
 
 
 def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int, backlog_tokens: int = 0,
-          decode_requests: int = 1) -> Placement:
-    """Where `request` prefills; `decode_requests`: what this ingress has on the decode replica chosen for it."""
+          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0) -> Placement:
+    """Where `request` prefills. `decode_requests`: what this ingress has on the decode replica chosen for it;
+    `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached."""
     num_prompt = len(request.prompt_token_ids)
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
@@ -74,14 +84,20 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
     if policy == "always_remote":
         return Placement(False, "policy", "placement.policy: always_remote")
     limit = local_max_prompt_tokens
-    if num_prompt > limit:
-        return Placement(False, "long_prompt", f"prompt of {num_prompt} tokens > placement.local_max_prompt_tokens "
-                         f"({limit})")
+    uncached = num_prompt - min(cached_local, num_prompt - 1)  # vLLM always computes the last prompt token
+    prompt = f"prompt of {num_prompt} tokens"
+    if cached_local:
+        prompt += f" ({uncached} not cached on its decode replica)"
+    if uncached > limit:
+        return Placement(False, "long_prompt", f"{prompt} > placement.local_max_prompt_tokens ({limit})")
     if decode_requests == 0:
-        return Placement(True, "decode_idle", f"prompt of {num_prompt} tokens <= {limit}, and its decode replica "
-                         "holds no other request: no reply to stall")
+        return Placement(True, "decode_idle", f"{prompt} <= {limit}, and its decode replica holds no other request: "
+                         "no reply to stall")
+    if (num_prompt - cached_remote) - uncached >= limit:
+        return Placement(True, "prefix_cached", f"{prompt}: a prefill replica would compute at least {limit} tokens "
+                         "more than its decode replica")
     if backlog_tokens < limit:
-        return Placement(False, "prefill_idle", f"prompt of {num_prompt} tokens, {backlog_tokens} prompt tokens "
-                         f"queued at prefill < {limit}: prefill is free enough")
-    return Placement(True, "prefill_busy", f"prompt of {num_prompt} tokens <= {limit}, and {backlog_tokens} prompt "
-                     f"tokens queued at prefill >= {limit}: it would wait longer there than it stalls decode")
+        return Placement(False, "prefill_idle", f"{prompt}, {backlog_tokens} prompt tokens queued at prefill < "
+                         f"{limit}: prefill is free enough")
+    return Placement(True, "prefill_busy", f"{prompt} <= {limit}, and {backlog_tokens} prompt tokens queued at "
+                     f"prefill >= {limit}: it would wait longer there than it stalls decode")

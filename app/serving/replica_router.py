@@ -4,7 +4,10 @@ Serve's power-of-two router, plus two things the orchestrator needs:
 - pinning: a call with `replica_pin=<replica id>` goes to exactly that replica (calls about one transfer
   or one parked KV cache must reach the replica that holds it);
 - avoiding: `choose_replica(..., avoid=[ids])` and open circuit breakers (`app/circuit.py`) take replicas
-  out of the choice, unless none would be left.
+  out of the choice, unless none would be left;
+- preferring (prefix-aware routing): `choose_replica(..., prefer={id: cached prompt tokens}, load={id: requests},
+  slack=n)` takes the replica holding the longest cached prefix among those with at most `n` requests more than
+  the least busy one (`load`: the caller's own count; a replica it does not name has none).
 It runs in the caller's process (the ingress), where the orchestrator records into the same breakers.
 """
 
@@ -17,6 +20,7 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 
 PIN_KWARG = "replica_pin"
 AVOID_KWARG = "avoid"
+PREFER_KWARG, LOAD_KWARG, SLACK_KWARG = "prefer", "load", "slack"
 
 
 class PinnableRouter(PowerOfTwoChoicesRequestRouter):
@@ -36,6 +40,8 @@ class PinnableRouter(PowerOfTwoChoicesRequestRouter):
         breakers = importlib.import_module("app.circuit").BREAKERS
         usable = [r for r in candidate_replicas
                   if r.replica_id.unique_id not in avoid and not breakers.is_open(r.replica_id.unique_id)]
+        if (preferred := prefix_choice(usable or candidate_replicas, kwargs)) is not None:
+            return [[preferred]]
         if len(usable) == len(candidate_replicas) or not usable:
             return await super().choose_replicas(candidate_replicas, pending_request)
         # Power of two choices among the usable replicas (the parent class would draw from all of them).
@@ -62,3 +68,18 @@ def _accepts(kwargs: dict, replica_id: str, live: set[str]) -> bool:
         return pin == replica_id or pin not in live  # a gone pin: any replica answers "not here"
     avoid = set(kwargs.get(AVOID_KWARG) or ())
     return replica_id not in avoid or live <= avoid
+
+
+def prefix_choice(candidates: list, kwargs: dict):
+    """The candidate holding the longest cached prefix (`prefer`), among those within `slack` requests of the least
+    busy (`load`); None when no candidate has the prefix or all that do are too busy."""
+    prefer: dict[str, int] = kwargs.get(PREFER_KWARG) or {}
+    if not prefer:
+        return None
+    load: dict[str, int] = kwargs.get(LOAD_KWARG) or {}
+    by_id = {r.replica_id.unique_id: r for r in candidates}
+    ceiling = min(load.get(replica_id, 0) for replica_id in by_id) + kwargs.get(SLACK_KWARG, 0)
+    eligible = [i for i in prefer if i in by_id and load.get(i, 0) <= ceiling]
+    if not eligible:
+        return None
+    return by_id[max(eligible, key=lambda i: (prefer[i], -load.get(i, 0)))]

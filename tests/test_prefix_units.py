@@ -1,0 +1,92 @@
+"""Prefix-aware routing without Serve: the index of what each replica probably caches, the router's choice
+between the longest cached prefix and the load, and placement from the tokens a replica does not hold."""
+
+from __future__ import annotations
+
+import time
+
+from app.serving.prefix_index import PrefixIndex, block_keys
+
+B = 32
+
+
+def _prompt(n: int, start: int = 1) -> tuple[int, ...]:
+    return tuple(range(start, start + n))
+
+
+def test_a_prompt_matches_the_longest_marked_prefix_per_replica_in_whole_blocks():
+    index = PrefixIndex(B)
+    conversation = _prompt(100)  # 3 full blocks + 4 tokens
+    index.mark("d1", "alice", conversation)
+    index.mark("d2", "alice", conversation[:64])
+    follow_up = conversation + _prompt(50, start=1000)  # the next turn: the old prompt and more
+    assert index.match("alice", follow_up) == {"d1": 96, "d2": 64}
+    assert index.match("alice", _prompt(100, start=5)) == {}  # another prompt
+    assert index.match("alice", conversation[:31]) == {}  # not one full block
+
+
+def test_a_tenant_never_matches_another_tenants_prompts():
+    index = PrefixIndex(B)
+    index.mark("d1", "alice", _prompt(128))
+    assert index.match("bob", _prompt(128)) == {} and index.match(None, _prompt(128)) == {}
+    assert block_keys("alice", _prompt(64), B) != block_keys("bob", _prompt(64), B)
+
+
+def test_marks_expire_and_each_replica_keeps_its_most_recent_blocks():
+    index = PrefixIndex(B, max_blocks=4, ttl_s=0.05)
+    index.mark("d1", None, _prompt(128))  # 4 blocks
+    assert index.match(None, _prompt(128)) == {"d1": 128}
+    index.mark("d1", None, _prompt(64, start=900))  # 2 more: the oldest 2 of the first prompt go
+    assert index.num_blocks() == {"d1": 4}
+    assert index.match(None, _prompt(128)) == {}  # its first block was evicted: nothing matches from the start
+    time.sleep(0.06)
+    assert index.match(None, _prompt(64, start=900)) == {}  # expired
+    index.forget("d1")
+    assert index.num_blocks() == {}
+
+
+# -- the router's choice -------------------------------------------------------------------------------
+
+class _Replica:
+    def __init__(self, replica_id: str):
+        self.replica_id = type("Id", (), {"unique_id": replica_id})()
+
+
+def _choose(prefer, load, slack=4, ids=("d1", "d2", "d3")):
+    from app.serving.replica_router import prefix_choice
+
+    chosen = prefix_choice([_Replica(i) for i in ids], {"prefer": prefer, "load": load, "slack": slack})
+    return chosen.replica_id.unique_id if chosen is not None else None
+
+
+def test_the_router_prefers_the_longest_cached_prefix_within_the_load_slack():
+    assert _choose({"d1": 64, "d2": 320}, {}) == "d2"
+    assert _choose({"d1": 64, "d2": 320}, {"d2": 4}) == "d2"  # 4 above the least busy (d3: none): still in
+    assert _choose({"d1": 64, "d2": 320}, {"d2": 5}) == "d1"  # too busy: the next longest within the slack
+    assert _choose({"d2": 320}, {"d2": 5}) is None  # no eligible holder: Serve's power-of-two choice
+    assert _choose({"gone": 999}, {}) is None  # a replica that left
+    assert _choose({}, {}) is None
+
+
+# -- placement from uncached tokens -----------------------------------------------------------------
+
+def test_placement_counts_only_the_tokens_the_decode_replica_does_not_hold():
+    from app.messages import GenerateRequest, SamplingSpec
+    from app.serving.placement import place
+
+    def request(n: int) -> GenerateRequest:
+        return GenerateRequest("r", tuple(range(n)), SamplingSpec(max_tokens=4))
+
+    # 700 tokens, 640 of them cached on its decode replica: 60 to compute, within the local budget (224)
+    turn = place(request(700), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=640)
+    assert turn.local and turn.reason == "prefix_cached" and "60 not cached" in turn.detail
+    # the prefill replica holds as much: no reason to stay, prefill is idle
+    both = place(request(700), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=640,
+                 cached_remote=640)
+    assert not both.local and both.reason == "prefill_idle"
+    # too much left to compute locally: remote, whatever is cached
+    long = place(request(1000), "adaptive", 224, backlog_tokens=0, decode_requests=0, cached_local=640)
+    assert not long.local and long.reason == "long_prompt" and "360 not cached" in long.detail
+    # all of it cached: the last prompt token is still computed
+    full = place(request(640), "adaptive", 224, backlog_tokens=0, decode_requests=0, cached_local=640)
+    assert full.local and full.reason == "decode_idle" and "1 not cached" in full.detail
