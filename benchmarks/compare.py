@@ -17,6 +17,9 @@ Workloads (same seeds, so every system gets the same requests at the same times)
 - bursty: long generations running in a closed loop while bursts of long prompts arrive. In one engine
   those prompts stall the running decodes (prefill interference); separated, decode should keep its pace.
   Reported per class: `bursty/long-gen` (watch TPOT) and `bursty/long-prompt` (watch TTFT).
+- multi-turn: conversations with a long prefix of their own, each turn's prompt the conversation so far, a
+  few conversations at a time (watch TTFT and the prefix-cache hits against the ideal, where every turn runs
+  on a replica that holds its conversation).
 """
 
 from __future__ import annotations
@@ -40,8 +43,14 @@ sys.path.insert(0, str(ROOT))
 from app.config import DEFAULT_MODEL_DIR  # noqa: E402
 from app.engine import engine_env  # noqa: E402
 from app.tools.bench import report, stats  # noqa: E402
-from app.tools.bench.client import Timing, run_workload  # noqa: E402
-from app.tools.bench.workload import Arrivals, BenchRequest, LengthDist, synthetic_requests  # noqa: E402
+from app.tools.bench.client import Timing, run_conversations, run_workload  # noqa: E402
+from app.tools.bench.workload import (  # noqa: E402
+    Arrivals,
+    BenchRequest,
+    LengthDist,
+    multi_turn_conversations,
+    synthetic_requests,
+)
 
 MODEL = "pdserve-tiny-llama"
 # pdserve-disaggregated: the default (adaptive placement); pdserve-always-remote: every prompt on a prefill replica
@@ -67,6 +76,12 @@ class Preset:
     burst_interval_s: float
     prompt_input: str
     prompt_output: str
+    conversations: int  # multi-turn: conversations ...
+    turns: int
+    conv_prefix: int  # tokens of each conversation's own prefix
+    turn_input: str
+    turn_output: str
+    conv_concurrency: int  # ... this many at a time
     slo: stats.SLO = field(default_factory=lambda: stats.SLO(ttft_s=1.0, tpot_s=0.05))
 
 
@@ -74,11 +89,13 @@ PRESETS = {
     "small": Preset(steady_rates=(2.0,), steady_requests=12, steady_input="64:256", steady_output="16:48",
                     gen_requests=6, gen_concurrency=3, gen_input="32:64", gen_output="96:128",
                     prompt_bursts=2, burst_size=3, burst_interval_s=2.0, prompt_input="1024:1536",
-                    prompt_output="4:8"),
+                    prompt_output="4:8", conversations=4, turns=3, conv_prefix=600, turn_input="32:96",
+                    turn_output="16:32", conv_concurrency=2),
     "full": Preset(steady_rates=(1.0, 2.0, 4.0, 8.0), steady_requests=48, steady_input="128:1024",
                    steady_output="32:128", gen_requests=24, gen_concurrency=6, gen_input="32:128",
                    gen_output="192:256", prompt_bursts=5, burst_size=6, burst_interval_s=3.0,
-                   prompt_input="1536:2560", prompt_output="4:16"),
+                   prompt_input="1536:2560", prompt_output="4:16", conversations=16, turns=4, conv_prefix=600,
+                   turn_input="32:128", turn_output="32:96", conv_concurrency=4),
 }
 
 
@@ -219,6 +236,13 @@ def run_system(system: str, base: str, preset: Preset, vocab: int, seed: int) ->
     _log(system, "bursty long generations", runs[-1]["summary"])
     runs.append(report.run_record(system, "bursty/long-prompt", None, prompt_t, prompt_d, preset.slo))
     _log(system, "bursty long prompts", runs[-1]["summary"])
+    # multi-turn: a few conversations at a time, each turn after the previous reply
+    conversations = multi_turn_conversations(preset.conversations, preset.turns, preset.conv_prefix,
+                                             LengthDist.parse(preset.turn_input), LengthDist.parse(preset.turn_output),
+                                             vocab, random.Random(seed + 3), block_size=ENGINE["block_size"])
+    timings, duration = asyncio.run(run_conversations(base, MODEL, conversations, preset.conv_concurrency))
+    runs.append(report.run_record(system, "multi-turn", None, timings, duration, preset.slo))
+    _log(system, "multi-turn", runs[-1]["summary"])
     return runs
 
 
@@ -265,6 +289,25 @@ def interpretation(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _ms(summary: dict[str, Any], key: str, q: str) -> str:
+    value = summary.get(key, {}).get(q)
+    return f"{value * 1000:.0f} ms" if value is not None and value == value else "-"
+
+
+def _hits(summary: dict[str, Any]) -> str:
+    cache = summary.get("prefix_cache")
+    if not cache:
+        return "-"
+    ideal = f" ({cache['of_ideal']:.0%})" if cache["of_ideal"] == cache["of_ideal"] else ""
+    return f"{cache['hit_rate']:.0%}{ideal}"
+
+
+def _sources(summary: dict[str, Any]) -> str:
+    sources = summary.get("kv_sources") or {}
+    total = sum(sources.values())
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(sources.items(), key=lambda kv: -kv[1])) or "-"
+
+
 def write_docs(results: dict[str, Any], plots: list[Path], out: Path, command: str) -> None:
     runs, meta = results["runs"], results["meta"]
     lines = ["# Benchmarks: pdserve against the collocated baseline and Ray Serve LLM's prefill/decode app", "",
@@ -289,8 +332,8 @@ def write_docs(results: dict[str, Any], plots: list[Path], out: Path, command: s
               "separating them frees no hardware. What transfers to real deployments is the shape of the "
               "comparison, measured on the same machine in the same run.", "", "## Results", "",
               "| workload | system | ok | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
-              "e2e p50 | goodput | SLO met |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "ITL p99.9 | longest pause | e2e p50 | goodput | SLO met | prefix hits (of ideal) | KV from |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(runs, key=lambda r: (r["workload"], r["rate"] or 0, r["system"])):
         s = r["summary"]
         workload = r["workload"] + (f" @ {r['rate']:g}/s" if r["rate"] else "")
@@ -298,7 +341,9 @@ def write_docs(results: dict[str, Any], plots: list[Path], out: Path, command: s
                      f"{s['request_throughput']:.2f} | {s['output_token_throughput']:.0f} | "
                      f"{s['ttft_s']['p50'] * 1000:.0f} ms | {s['ttft_s']['p99'] * 1000:.0f} ms | "
                      f"{s['tpot_s']['p50'] * 1000:.1f} ms | {s['tpot_s']['p99'] * 1000:.1f} ms | "
-                     f"{s['e2e_s']['p50'] * 1000:.0f} ms | {s['goodput']:.2f} | {s['slo_attainment']:.0%} |")
+                     f"{_ms(s, 'itl_s', 'p99.9')} | {_ms(s, 'longest_pause_s', 'mean')} | "
+                     f"{s['e2e_s']['p50'] * 1000:.0f} ms | {s['goodput']:.2f} | {s['slo_attainment']:.0%} | "
+                     f"{_hits(s)} | {_sources(s)} |")
     failed = [r for r in runs if r["summary"]["num_failed"]]
     if failed:
         lines += ["", "Failed requests (they count against goodput):"]
@@ -394,7 +439,9 @@ def main() -> None:
                  f"bursty = {preset.gen_requests} long generations ({preset.gen_input} -> {preset.gen_output} tokens, "
                  f"closed loop x{preset.gen_concurrency}) while {preset.prompt_bursts} bursts of {preset.burst_size} "
                  f"long prompts ({preset.prompt_input} -> {preset.prompt_output} tokens) arrive every "
-                 f"{preset.burst_interval_s:g} s.")
+                 f"{preset.burst_interval_s:g} s; multi-turn = {preset.conversations} conversations of "
+                 f"{preset.turns} turns, {preset.conv_concurrency} at a time, each with a {preset.conv_prefix}-token "
+                 f"prefix of its own, turns adding {preset.turn_input} tokens and replies of {preset.turn_output}.")
     results = {"meta": {"preset": args.preset, "seed": args.seed, "date": time.strftime("%Y-%m-%d"),
                         "machine": report.machine(), "versions": {"ray": ray.__version__, "vllm": vllm.__version__},
                         "skipped": skipped, "ready_s": ready_s, "workloads": workloads,
@@ -405,7 +452,7 @@ def main() -> None:
     plot_dir = ROOT / "docs" / "benchmarks" if (args.docs or args.preset == "full") else out.parent / args.preset
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = [report.plot_cdfs(runs, w, plot_dir / f"cdf_{w.replace('/', '_')}.png")
-             for w in ("steady", "bursty/long-gen", "bursty/long-prompt")]
+             for w in ("steady", "bursty/long-gen", "bursty/long-prompt", "multi-turn")]
     if len(preset.steady_rates) > 1:
         plots.append(report.plot_goodput(runs, "steady", plot_dir / "goodput_steady.png"))
     print("plots: " + ", ".join(str(p) for p in plots))

@@ -77,13 +77,18 @@ def test_placement_counts_only_the_tokens_the_decode_replica_does_not_hold():
     def request(n: int) -> GenerateRequest:
         return GenerateRequest("r", tuple(range(n)), SamplingSpec(max_tokens=4))
 
-    # 700 tokens, 640 of them cached on its decode replica: 60 to compute, within the local budget (224)
-    turn = place(request(700), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=640)
+    # 700 tokens, 640 of them cached on its decode replica: 60 to compute, within the local budget (224), and
+    # a prefill replica would hold less (it would send again what the decode replica has): local, beside replies
+    turn = place(request(700), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=640,
+                 cached_remote=600)
     assert turn.local and turn.reason == "prefix_cached" and "60 not cached" in turn.detail
-    # the prefill replica holds as much: no reason to stay, prefill is idle
-    both = place(request(700), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=640,
-                 cached_remote=640)
-    assert not both.local and both.reason == "prefill_idle"
+    # a prefill replica holds more of it: prefill is idle, so it goes there
+    more = place(request(700), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=640,
+                 cached_remote=672)
+    assert not more.local and more.reason == "prefill_idle"
+    # too little cached on decode to matter (a short prompt beside running replies): the plain rule
+    short = place(request(100), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=64)
+    assert not short.local and short.reason == "prefill_idle"
     # too much left to compute locally: remote, whatever is cached
     long = place(request(1000), "adaptive", 224, backlog_tokens=0, decode_requests=0, cached_local=640)
     assert not long.local and long.reason == "long_prompt" and "360 not cached" in long.detail

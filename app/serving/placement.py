@@ -14,10 +14,10 @@ Rules, first match wins:
    its stall budget) and a prompt's uncached tokens (its length minus the prefix the replica probably holds in
    its prefix cache, `prefix_index.py`): a prompt with more than L tokens uncached on its decode replica runs
    remotely. One with at most L runs locally when the decode replica holds no other request of this ingress
-   (no reply there to stall: no hop and no transfer for nothing); when a prefill replica would compute at
-   least L tokens more than the decode replica (the decode replica holds more of the prompt: a conversation's
-   earlier turns); or while the prefill backlog is at least L tokens (there it would wait at least as long as
-   its local prefill stalls decode); otherwise remote.
+   (no reply there to stall: no hop and no transfer for nothing); when the decode replica holds at least L
+   tokens of it and no prefill replica holds more (a conversation's earlier turns: a remote prefill would
+   compute no less and send again the KV the decode replica has); or while the prefill backlog is at least L
+   tokens (there it would wait at least as long as its local prefill stalls decode); otherwise remote.
    The backlog is what this ingress has dispatched to prefill replicas and not seen finish
    (`PrefillBacklog`); the decode replica's requests are the ones this ingress has on it (waiting for KV or
    generating): both exact with one ingress replica, lower bounds with several.
@@ -93,9 +93,9 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
     if decode_requests == 0:
         return Placement(True, "decode_idle", f"{prompt} <= {limit}, and its decode replica holds no other request: "
                          "no reply to stall")
-    if (num_prompt - cached_remote) - uncached >= limit:
-        return Placement(True, "prefix_cached", f"{prompt}: a prefill replica would compute at least {limit} tokens "
-                         "more than its decode replica")
+    if num_prompt - uncached >= max(limit, cached_remote):
+        return Placement(True, "prefix_cached", f"{prompt}: its decode replica holds at least {limit} of them and no "
+                         "prefill replica more; remotely they would be sent again")
     if backlog_tokens < limit:
         return Placement(False, "prefill_idle", f"{prompt}, {backlog_tokens} prompt tokens queued at prefill < "
                          f"{limit}: prefill is free enough")

@@ -31,6 +31,9 @@ class Timing:
     finished_at: float = 0.0
     num_output_tokens: int = 0
     error: str | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
+    ideal_cached_tokens: int = 0  # multi-turn: what a cache holding the conversation's previous turn serves
+    kv_source: str | None = None  # pdserve's x-pdserve-kv-source header: local, transfer, prefix_cache, recomputed
 
     @property
     def ok(self) -> bool:
@@ -39,7 +42,8 @@ class Timing:
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest, started: float,
                headers: dict[str, str]) -> Timing:
-    timing = Timing(request.num_prompt_tokens, request.max_tokens, sent_at=time.perf_counter() - started)
+    timing = Timing(request.num_prompt_tokens, request.max_tokens, sent_at=time.perf_counter() - started,
+                    ideal_cached_tokens=request.ideal_cached_tokens)
     body = {"model": model, "prompt": list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt,
             "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -48,6 +52,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
             if response.status_code != 200:
                 timing.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return timing
+            timing.kv_source = response.headers.get("x-pdserve-kv-source")
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -59,6 +64,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
                     timing.chunk_times.append(time.perf_counter() - started)
                 if event.get("usage"):
                     timing.num_output_tokens = event["usage"].get("completion_tokens") or 0
+                    timing.cached_tokens = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         timing.error = f"{type(exc).__name__}: {exc}"[:200]
     timing.finished_at = time.perf_counter() - started
@@ -100,3 +106,25 @@ async def run_workload(base_url: str, model: str, requests: list[BenchRequest], 
             await asyncio.gather(*(worker() for _ in range(arrivals.concurrency)))
             timings = [results[i] for i in range(len(requests))]
         return list(timings), time.perf_counter() - started
+
+
+async def run_conversations(base_url: str, model: str, conversations: list[list[BenchRequest]], concurrency: int,
+                            think_s: float = 0.0, timeout_s: float = 600.0) -> tuple[list[Timing], float]:
+    """Each conversation's turns one after the other (`think_s` between a reply and the next turn), `concurrency`
+    conversations at a time; returns (timings in conversation then turn order, wall seconds)."""
+    url = base_url.rstrip("/") + "/v1/completions"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    results: dict[int, list[Timing]] = {}
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        started = time.perf_counter()
+        queue = iter(range(len(conversations)))
+
+        async def worker() -> None:
+            for index in queue:
+                results[index] = []
+                for turn in conversations[index]:
+                    results[index].append(await _one(client, url, model, turn, started, {}))
+                    await asyncio.sleep(think_s)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return [t for i in range(len(conversations)) for t in results[i]], time.perf_counter() - started

@@ -33,6 +33,7 @@ def run_record(system: str, workload: str, rate: float | None, timings: list[Tim
 # (label, summary key, quantile, which way is better): the metrics a comparison reports.
 KEYS = (("TTFT p50", "ttft_s", "p50", "lower"), ("TTFT p99", "ttft_s", "p99", "lower"),
         ("TPOT p50", "tpot_s", "p50", "lower"), ("TPOT p99", "tpot_s", "p99", "lower"),
+        ("ITL p99.9", "itl_s", "p99.9", "lower"), ("longest pause", "longest_pause_s", "mean", "lower"),
         ("e2e p50", "e2e_s", "p50", "lower"), ("req/s", "request_throughput", None, "higher"),
         ("goodput", "goodput", None, "higher"))
 TOLERANCE = 0.05  # a ratio within 5% of 1 is a tie on a noisy machine
@@ -51,6 +52,8 @@ def comparisons(runs: list[dict[str, Any]], ours: str, baselines: tuple[str, ...
             if theirs is None:
                 continue
             for label, key, q, better in KEYS:
+                if key not in mine or key not in theirs:  # a run from before that metric existed
+                    continue
                 a, b = (s[key][q] if q else s[key] for s in (mine, theirs))
                 if a != a or b != b or b == 0:  # nan or zero: no ratio
                     continue

@@ -3,21 +3,25 @@
 Per request: TTFT = first text chunk - send; TPOT = (last chunk - first chunk) / (output tokens - 1),
 the mean gap per token after the first (undefined for one token); ITL = the gaps between consecutive
 chunks (a chunk may carry several tokens); end-to-end = finish - send.
-Per run: request and token throughput over the run's wall time; mean, p50, p90, p99 of each latency
+Longest pause = a request's largest ITL (the stall a reader sees; a per-request mean TPOT hides it).
+Per run: request and token throughput over the run's wall time; mean, p50, p90, p99, p99.9 of each latency
 (linear interpolation between order statistics, as numpy's default); goodput = requests per second that
 finished and met every SLO given (TTFT <= slo.ttft_s and TPOT <= slo.tpot_s; a one-token request has no
-TPOT and meets a TPOT SLO), and SLO attainment = their share of all requests.
+TPOT and meets a TPOT SLO), and SLO attainment = their share of all requests. Where the server reports
+them: prefix-cache hits (prompt tokens served from cache, and against the ideal of a multi-turn workload) and
+pdserve's KV sources (the placement mix).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from app.tools.bench.client import Timing
 
-QUANTILES = (50, 90, 99)
+QUANTILES = (50, 90, 99, 99.9)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,11 @@ def tpot(t: Timing) -> float | None:
 
 def itls(t: Timing) -> list[float]:
     return [b - a for a, b in zip(t.chunk_times, t.chunk_times[1:], strict=False)]
+
+
+def longest_pause(t: Timing) -> float | None:
+    gaps = itls(t)
+    return max(gaps) if gaps else None
 
 
 def e2e(t: Timing) -> float:
@@ -93,8 +102,23 @@ def summarize(timings: list[Timing], duration_s: float, slo: SLO = SLO()) -> dic
         "ttft_s": _describe([ttft(t) for t in done]),
         "tpot_s": _describe(tpots),
         "itl_s": _describe([gap for t in done for gap in itls(t)]),
+        "longest_pause_s": _describe([p for p in (longest_pause(t) for t in done) if p is not None]),
         "e2e_s": _describe([e2e(t) for t in done]),
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "label": slo.label()},
         "goodput": num_good / duration_s,
         "slo_attainment": num_good / len(timings) if timings else math.nan,
+        **_cache_and_placement(done),
     }
+
+
+def _cache_and_placement(done: list[Timing]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    reported = [t for t in done if t.cached_tokens is not None]
+    if reported:
+        hits, ideal = sum(t.cached_tokens or 0 for t in reported), sum(t.ideal_cached_tokens for t in reported)
+        prompts = sum(t.num_prompt_tokens for t in reported)
+        out["prefix_cache"] = {"hit_tokens": hits, "hit_rate": hits / max(1, prompts),
+                               "of_ideal": hits / ideal if ideal else math.nan}
+    if any(t.kv_source for t in done):
+        out["kv_sources"] = dict(Counter(t.kv_source or "none" for t in done))
+    return out

@@ -4,7 +4,9 @@ A `Workload` is a list of `BenchRequest`s (prompt as token ids or text, max_toke
 pattern: `poisson` (exponential gaps at `rate` req/s), `burst` (`burst_size` requests at once every
 `burst_interval_s`), or `closed` (`concurrency` workers, each sending its next request when the last
 one finished; no schedule). Lengths come from `LengthDist` (a fixed count or a uniform range) with
-random token ids, or from a ShareGPT-style JSON file: a list of
+random token ids, from multi-turn conversations (`multi_turn_conversations`: each turn's prompt is the
+conversation so far, so a replica that ran the previous turn holds most of it), or from a ShareGPT-style
+JSON file: a list of
 `{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}`, where the
 first human turn is the prompt and the length of the reply that follows it is the output length.
 """
@@ -50,6 +52,7 @@ class BenchRequest:
     prompt: tuple[int, ...] | str  # token ids (synthetic) or text (dataset)
     num_prompt_tokens: int
     max_tokens: int
+    ideal_cached_tokens: int = 0  # multi-turn: what a prefix cache holding the previous turn would serve
 
 
 Pattern = Literal["poisson", "burst", "closed"]
@@ -90,6 +93,28 @@ def synthetic_requests(num: int, inputs: LengthDist, outputs: LengthDist, vocab_
         ids = tuple(rng.randrange(10, vocab_size) for _ in range(n_in))
         requests.append(BenchRequest(ids, n_in, n_out))
     return requests
+
+
+def multi_turn_conversations(num_conversations: int, num_turns: int, prefix_len: int, turn_inputs: LengthDist,
+                             turn_outputs: LengthDist, vocab_size: int, rng: random.Random, block_size: int = 32
+                             ) -> list[list[BenchRequest]]:
+    """Conversations of `num_turns` turns. Turn 1's prompt is the conversation's own prefix of `prefix_len` tokens
+    (its system prompt and documents) and the first user message; turn k's prompt is turn k-1's, a stand-in for
+    its reply (random tokens of its output length: the model's real reply differs, so only the earlier prompt is
+    cacheable) and the next user message. `ideal_cached_tokens`: turn k-1's prompt in whole blocks, what a
+    prefix cache that ran it serves (0 for turn 1)."""
+    conversations = []
+    for _ in range(num_conversations):
+        history = tuple(rng.randrange(10, vocab_size) for _ in range(prefix_len))
+        turns, previous = [], 0
+        for n_in, n_out in zip(turn_inputs.sample(num_turns, rng), turn_outputs.sample(num_turns, rng), strict=True):
+            prompt = history + tuple(rng.randrange(10, vocab_size) for _ in range(n_in))
+            ideal = previous // block_size * block_size
+            turns.append(BenchRequest(prompt, len(prompt), n_out, ideal_cached_tokens=ideal))
+            previous = len(prompt)
+            history = prompt + tuple(rng.randrange(10, vocab_size) for _ in range(n_out))
+        conversations.append(turns)
+    return conversations
 
 
 def sharegpt_requests(path: str | Path, num: int, tokenizer: Any, rng: random.Random,
