@@ -212,10 +212,11 @@ def run_system(system: str, base: str, preset: Preset, vocab: int, seed: int) ->
     # warm: a few requests of each shape, not measured
     _run(base, synthetic_requests(4, LengthDist(256, 1024), LengthDist(16, 16), vocab, random.Random(99)),
          Arrivals("closed", concurrency=2), seed)
-    # steady: Poisson at each rate, the same requests and times for every system
-    for rate in preset.steady_rates:
+    # steady: Poisson at each rate, the same requests and times for every system; new prompts at each rate (the
+    # same ones again would be prefix-cache hits wherever the last rate left them)
+    for i, rate in enumerate(preset.steady_rates):
         requests = synthetic_requests(preset.steady_requests, LengthDist.parse(preset.steady_input),
-                                      LengthDist.parse(preset.steady_output), vocab, random.Random(seed))
+                                      LengthDist.parse(preset.steady_output), vocab, random.Random(seed + 100 + i))
         timings, duration = _run(base, requests, Arrivals("poisson", rate=rate), seed)
         runs.append(report.run_record(system, "steady", rate, timings, duration, preset.slo))
         _log(system, f"steady {rate:g}/s", runs[-1]["summary"])
@@ -254,7 +255,7 @@ def _log(system: str, label: str, summary: dict[str, Any]) -> None:
 
 # -- report -----------------------------------------------------------------------------------------
 
-def interpretation(rows: list[dict[str, Any]]) -> list[str]:
+def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:
     """The report's reading of this run: the ratios that carry the argument, and why they come out so."""
     ratio = {(r["workload"], r["rate"], r["baseline"], r["metric"]): r["ratio"] for r in rows}
 
@@ -262,31 +263,52 @@ def interpretation(rows: list[dict[str, Any]]) -> list[str]:
         value = ratio.get((workload, rate, baseline, metric))
         return f"x{value:.2f}" if value is not None else "n/a"
 
-    colo, rsl = "pdserve-collocated", "ray-serve-llm-pd"
-    top_rate = max((r["rate"] for r in rows if r["workload"] == "steady" and r["rate"]), default=None)
-    steady_tpot = [r["ratio"] for r in rows if r["workload"] == "steady" and r["baseline"] == rsl
-                   and r["metric"] == "TPOT p50"]
+    def hits(system: str) -> str:
+        cache = next((r["summary"].get("prefix_cache") for r in runs
+                      if r["system"] == system and r["workload"] == "multi-turn"), None)
+        return f"{cache['of_ideal']:.0%}" if cache and cache["of_ideal"] == cache["of_ideal"] else "n/a"
+
+    def goodput(system: str, workload: str) -> str:
+        found = [r["summary"]["goodput"] for r in runs if r["system"] == system and r["workload"] == workload]
+        return f"{found[0]:.2f}" if found else "n/a"
+
+    colo, remote, rsl = "pdserve-collocated", "pdserve-always-remote", "ray-serve-llm-pd"
+    rates = sorted(r["rate"] for r in rows if r["workload"] == "steady" and r["rate"] and r["baseline"] == colo
+                   and r["metric"] == "TTFT p50")
+    steady_ttft = [ratio[("steady", rate, colo, "TTFT p50")] for rate in rates]
     return [
         f"- **Prefill interference, the case for disaggregation.** While bursts of long prompts arrive, the running "
-        f"long generations' TPOT p99 is {get('bursty/long-gen', colo, 'TPOT p99')} the collocated one's, and the "
-        f"long prompts' own decode TPOT p99 {get('bursty/long-prompt', colo, 'TPOT p99')}: in one engine a "
-        "2,000-token prompt shares steps with the decodes and stalls them; split, decode keeps its pace.",
-        f"- **TTFT is where pdserve pays.** TTFT p50 is {get('bursty/long-gen', colo, 'TTFT p50')} the collocated "
-        f"one's for the generations that arrive during bursts and {get('steady', colo, 'TTFT p50', top_rate)} in "
-        f"steady traffic at {top_rate:g}/s. Two reasons, both structural here: every prompt goes through one prefill "
-        "replica (collocated has two engines that both prefill), so a short prompt waits behind a burst of long "
-        "ones; and each request adds a KV handoff and a second hop. On this machine both phases also share the "
-        "same 2 cores, so separating them frees no compute: the benefit that pays for this on GPUs (each phase on "
-        "hardware sized for it) cannot show.",
+        f"long generations' ITL p99.9 is {get('bursty/long-gen', colo, 'ITL p99.9')} the collocated one's and each "
+        f"reply's longest pause {get('bursty/long-gen', colo, 'longest pause')}: in one engine a 2,000-token prompt "
+        "shares steps with the decodes and stalls them; split, decode keeps its pace.",
+        f"- **Placement per request.** The default places short prompts, and prompts whose decode replica holds "
+        "most of them, on the decode replica (no hop, no transfer) and the rest on the prefill replica: steady TTFT "
+        f"p50 is x{min(steady_ttft, default=float('nan')):.2f} to x{max(steady_ttft, default=float('nan')):.2f} "
+        f"the collocated one's across the rates, and x{_range(ratio, 'steady', rates, remote, 'TTFT p50')} "
+        "always-remote's.",
+        f"- **Multi-turn.** Each turn's prompt is its conversation so far; prefix-aware routing and placement by "
+        f"uncached tokens keep a conversation's turns where its KV is: prefix-cache hits "
+        f"{hits('pdserve-disaggregated')} of the ideal (collocated, routed by load alone: {hits(colo)}), TTFT p50 "
+        f"{get('multi-turn', colo, 'TTFT p50')} collocated's and {get('multi-turn', remote, 'TTFT p50')} "
+        f"always-remote's, goodput {get('multi-turn', colo, 'goodput')} collocated's. The price of prefilling turns on "
+        "the decode replica is in the other replies' pauses: longest pause "
+        f"{get('multi-turn', remote, 'longest pause')} always-remote's.",
+        f"- **Where pdserve is still behind: bursts of long prompts.** Their TTFT p50 is "
+        f"{get('bursty/long-prompt', colo, 'TTFT p50')} collocated's: on two cores the disaggregated app has one "
+        "prefill engine for prompts of 1,500 to 2,500 tokens that a decode replica cannot take within its stall "
+        "budget, where collocated prefills on both engines. Chunked prefill or more prefill replicas are the levers.",
         f"- **Against Ray Serve LLM's prefill/decode app** (same split, same engine): goodput "
-        f"{get('bursty/long-prompt', rsl, 'goodput')} on the long prompts and {get('bursty/long-gen', rsl, 'goodput')}"
-        f" on the generations during bursts, TTFT p99 {get('bursty/long-gen', rsl, 'TTFT p99')}; in steady traffic "
-        f"its decode is faster (pdserve's TPOT p50 is x{min(steady_tpot, default=float('nan')):.2f} to "
-        f"x{max(steady_tpot, default=float('nan')):.2f} its own across the rates). A likely reason, not yet "
-        "measured: its engine runs as vLLM's AsyncLLM in a process of its own, while pdserve steps an in-process "
-        "engine from a thread of the replica, which shares the GIL with the replica's event loop.",
+        f"{goodput('pdserve-disaggregated', 'bursty/long-prompt')} against {goodput(rsl, 'bursty/long-prompt')} req/s "
+        f"on the long prompts and {get('bursty/long-gen', rsl, 'goodput')} its own on the generations during bursts, "
+        f"TTFT p50 {get('multi-turn', rsl, 'TTFT p50')} its own on multi-turn; "
+        "its KV goes through vLLM's ExampleConnector (files on local disk), pdserve's through shared memory.",
         "- Ratios within 5% of 1 are ties on this machine; single runs, so small differences are noise.",
     ]
+
+
+def _range(ratio: dict, workload: str, rates: list[float], baseline: str, metric: str) -> str:
+    values = [v for rate in rates if (v := ratio.get((workload, rate, baseline, metric))) is not None]
+    return f"{min(values):.2f} to x{max(values):.2f}" if values else "n/a"
 
 
 def _ms(summary: dict[str, Any], key: str, q: str) -> str:
@@ -317,7 +339,9 @@ def write_docs(results: dict[str, Any], plots: list[Path], out: Path, command: s
              "system: the same engine knobs (block 32, 32 sequences, 4096 batched tokens, 256 MiB KV cache per "
              "engine, prefix caching on) and two engine replicas on the same 2 cores. Raw numbers: "
              f"`{meta['results_file']}`; plots below; `notebooks/02_benchmarks.ipynb` redraws them.", "",
-             "Systems: **pdserve-disaggregated** (1 prefill + 1 decode replica, KV over pdserve's gloo pair groups), "
+             "Systems: **pdserve-disaggregated** (the default: adaptive placement and prefix-aware routing, 1 prefill "
+             "+ 1 decode replica, KV over pdserve's gloo pair groups with their shared-memory path), "
+             "**pdserve-always-remote** (the same app, every prompt on the prefill replica), "
              "**pdserve-collocated** (2 replicas, each does both phases), **ray-serve-llm-pd** (Ray Serve LLM "
              "`build_pd_openai_app`, 1 prefill + 1 decode, KV through vLLM's ExampleConnector on local disk).", "",
              "Per-request cost against vLLM's own OpenAI server: [overhead.md](overhead.md) "
@@ -362,7 +386,7 @@ def write_docs(results: dict[str, Any], plots: list[Path], out: Path, command: s
     for (workload, rate, baseline), by_metric in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         name = workload + (f" @ {rate:g}/s" if rate else "")
         lines.append(f"| {name} | {baseline} | " + " | ".join(by_metric.get(k[0], "-") for k in report.KEYS) + " |")
-    lines += ["", "## What the numbers mean", ""] + interpretation(rows)
+    lines += ["", "## What the numbers mean", ""] + interpretation(rows, runs)
     behind = [r for r in rows if r["behind"]]
     lines += ["", "## Where pdserve is behind", ""]
     if behind:

@@ -181,3 +181,48 @@ def test_plots_are_written_from_results(tmp_path):
     goodput = report.plot_goodput(saved["runs"], "steady", tmp_path / "goodput.png")
     for png in (cdf, goodput):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_multi_turn_conversation_grows_turn_by_turn_and_knows_its_ideal_cache_hits():
+    from app.tools.bench.workload import multi_turn_conversations
+
+    convs = multi_turn_conversations(3, 4, 100, LengthDist(10, 20), LengthDist(5, 8), 1000, random.Random(0),
+                                     block_size=32)
+    assert len(convs) == 3 and all(len(turns) == 4 for turns in convs)
+    assert len({turns[0].prompt[:100] for turns in convs}) == 3  # each conversation has a prefix of its own
+    for turns in convs:
+        assert turns[0].ideal_cached_tokens == 0 and 110 <= turns[0].num_prompt_tokens <= 120
+        for before, after in zip(turns, turns[1:], strict=False):
+            assert after.prompt[: len(before.prompt)] == before.prompt  # the conversation so far, then more
+            # the previous prompt, a stand-in reply of its output length, the new message
+            assert len(after.prompt) - len(before.prompt) - before.max_tokens in range(10, 21)
+            assert after.ideal_cached_tokens == len(before.prompt) // 32 * 32
+
+
+def test_conversations_send_their_turns_in_order_and_the_summary_counts_cache_hits_and_pauses():
+    from app.tools.bench.client import run_conversations
+    from app.tools.bench.stats import longest_pause
+
+    sent: list[tuple[int, ...]] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append(tuple(body["prompt"]))
+        cached = 64 if len(body["prompt"]) > 100 else 0  # a later turn: the server found 2 blocks cached
+        usage = {"completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": cached}}
+        events = [{"choices": [{"text": "x"}]}, {"choices": [{"text": "y"}]}, {"choices": [], "usage": usage}]
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream",
+                                                        "x-pdserve-kv-source": "local" if cached else "transfer"})
+
+    turns = [BenchRequest(tuple(range(80)), 80, 2), BenchRequest(tuple(range(120)), 120, 2, ideal_cached_tokens=64)]
+    timings, duration = asyncio.run(run_conversations("http://fake", "m", [turns, turns], 2,
+                                                      transport=httpx.MockTransport(handle)))
+    assert len(timings) == 4 and all(t.ok for t in timings)
+    # within each conversation the second turn went after the first had finished
+    assert timings[1].sent_at >= timings[0].finished_at and timings[3].sent_at >= timings[2].finished_at
+    assert all(longest_pause(t) == t.chunk_times[1] - t.chunk_times[0] for t in timings)
+    summary = stats.summarize(timings, duration)
+    assert summary["prefix_cache"] == {"hit_tokens": 128, "hit_rate": 128 / 400, "of_ideal": 1.0}
+    assert summary["kv_sources"] == {"transfer": 2, "local": 2}
+    assert summary["longest_pause_s"]["mean"] >= 0 and "p99.9" in summary["itl_s"]

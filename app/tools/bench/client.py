@@ -109,13 +109,15 @@ async def run_workload(base_url: str, model: str, requests: list[BenchRequest], 
 
 
 async def run_conversations(base_url: str, model: str, conversations: list[list[BenchRequest]], concurrency: int,
-                            think_s: float = 0.0, timeout_s: float = 600.0) -> tuple[list[Timing], float]:
+                            think_s: float = 0.0, timeout_s: float = 600.0,
+                            transport: httpx.AsyncBaseTransport | None = None) -> tuple[list[Timing], float]:
     """Each conversation's turns one after the other (`think_s` between a reply and the next turn), `concurrency`
-    conversations at a time; returns (timings in conversation then turn order, wall seconds)."""
+    conversations at a time; returns (timings in conversation then turn order, wall seconds). `transport` replaces
+    the network (tests)."""
     url = base_url.rstrip("/") + "/v1/completions"
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     results: dict[int, list[Timing]] = {}
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, transport=transport) as client:
         started = time.perf_counter()
         queue = iter(range(len(conversations)))
 
