@@ -1,4 +1,5 @@
-"""End to end, disaggregated mode on CPU (pdserve's gloo backend), 2 prefill x 2 decode replicas.
+"""End to end, disaggregated mode on CPU (pdserve's gloo backend), 2 prefill x 2 decode replicas, run twice: with
+payloads through the pairs' shared memory (the default on one node) and with every payload on the pairs' socket.
 
 Story of one request: the ingress picks both replicas, prefill runs the prompt and ships its KV,
 decode loads it (no recompute) and streams tokens equal to the collocated path's. Then: concurrency,
@@ -35,10 +36,13 @@ ARGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def app(ray_session):
-    handle = run_app(ARGS, APP, PREFIX)
-    yield {"base": f"http://127.0.0.1:{ray_session}{PREFIX}", "handle": handle}
+@pytest.fixture(scope="module", params=["shm", "socket"])
+def app(ray_session, request):
+    """The app, once per way a CPU pair carries payloads (every test below runs on both)."""
+    shm = request.param == "shm"
+    args = {**ARGS, "kv_transfer": {**ARGS["kv_transfer"], "shared_memory_mib": 256 if shm else 0}}
+    handle = run_app(args, APP, PREFIX)
+    yield {"base": f"http://127.0.0.1:{ray_session}{PREFIX}", "handle": handle, "shm": shm}
     stop_app(APP)
 
 
@@ -168,10 +172,11 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
     assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
     pairs = {peer for stats in _broadcast("Decode", "kv_stats") for peer in stats["pairs"]}
     assert len(pairs) == 2  # both prefill replicas paired with decode replicas
-    # one node: every pair took the shared-memory path, and every payload went through a segment
-    assert all(s["num_shm_pairs"] == len(s["pairs"]) for s in _broadcast("Decode", "kv_stats"))
+    # one node: with shared memory on, every pair took that path and every payload went through a segment
+    want_shm = app["shm"]
+    assert all(s["num_shm_pairs"] == (len(s["pairs"]) if want_shm else 0) for s in _broadcast("Decode", "kv_stats"))
     prefill_stats = _broadcast("Prefill", "kv_stats")
-    assert sum(s["num_segment_payloads"] for s in prefill_stats) - in_segments_before == 16
+    assert sum(s["num_segment_payloads"] for s in prefill_stats) - in_segments_before == (16 if want_shm else 0)
     assert all(s["num_segment_pool_full"] == 0 for s in prefill_stats)
 
 
@@ -460,7 +465,7 @@ def test_no_leaks_engines_and_mailboxes_return_to_start(app):
     assert all(s["num_free_blocks"] == s["num_total_blocks"] - 1 for s in engines)
     assert all(m["mailbox_entries"] == 0 and m["mailbox_bytes"] == 0 for m in mailboxes)
     assert all(o["num_segments_busy"] == 0 for o in outboxes)  # every shared-memory segment came back to prefill
-    assert sum(o["num_segment_payloads"] for o in outboxes) > 0  # and the path was used
+    assert (sum(o["num_segment_payloads"] for o in outboxes) > 0) == app["shm"]  # and the path was used (or not)
 
 
 def test_killed_decode_replica_is_replaced_and_prefill_keeps_serving(app, offline_engine, tokenizer):

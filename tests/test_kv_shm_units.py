@@ -172,3 +172,73 @@ def test_a_segment_payload_checksum_is_taken_off_the_engine_thread(shm_pair):
     header, payload = mailbox.claim(xfer_key("s"))
     assert header.checksum == checksum(gather_blocks(src, [0, 3]), CHECKSUM_XXH3)
     mailbox.loaded(xfer_key("s"))
+
+
+def test_a_payload_claimed_for_loading_is_freed_by_loaded_not_by_forget():
+    """An aborted request's record may be forgotten while the engine thread still scatters from the segment."""
+    from app.kv.channel import Received
+
+    released: list[int] = []
+    mailbox, key = KVMailbox(lease_s=60), xfer_key("mid-scatter")
+    header = KVHeader(key, 32, 1, torch.float32, (1, 1, 8), CHECKSUM_XXH3, 0)
+    mailbox.expect(key, 60)
+    mailbox.deliver(Received(header, torch.zeros(1, 1, 8), None, 0.0, 0.0, release=lambda: released.append(1)))
+    mailbox.claim(key)
+    mailbox.forget(key)  # the request ended (client gone) while its KV is being loaded
+    assert released == []  # prefill must not reuse the segment yet
+    mailbox.loaded(key)
+    mailbox.loaded(key)
+    assert released == [1]  # once
+
+
+@pytest.mark.parametrize("enabled", [(0, 64 * MIB), (64 * MIB, 0)])
+def test_a_pair_forms_without_shared_memory_when_either_end_has_it_off(enabled):
+    prefill_max, decode_max = enabled
+    g0, g1 = _connected_pair(f"half-{prefill_max}-{time.monotonic_ns()}")
+    pool, maps = _both(lambda: share_memory("prefill", g0, 1, 5, prefill_max)[0],
+                       lambda: share_memory("decode", g1, 0, 5, decode_max)[1])
+    assert pool is None and maps is None  # both ends agree: payloads on the socket
+    g0.destroy_group()
+    g1.destroy_group()
+
+
+def test_a_segment_of_an_earlier_incarnation_of_the_pair_goes_on_the_socket(shm_pair):
+    pool, sender, receiver, mailbox = shm_pair
+    old = SegmentPool(max_bytes=4 * MIB)  # the pool of a pair that was dropped and formed again meanwhile
+    src = _layers(2)
+    shape = payload_shape(src, 2)
+    segment = old.lease(torch.Size(shape).numel() * 4)
+    payload = gather_blocks(src, [0, 1], out=segment.view(shape, torch.float32))
+    done: queue.Queue = queue.Queue()
+    sender.submit(KVHeader(xfer_key("old"), 64, 2, torch.float32, shape, CHECKSUM_XXH3, UNSEALED), payload,
+                  lambda res, err: done.put((res, err)), segment=segment)
+    result, error = done.get(timeout=5)
+    assert error is None and not result.in_segment  # inline: never named on the new pair, never freed into it
+    assert _wait_for(lambda: mailbox.state(xfer_key("old"))[0] == XferState.ARRIVED)
+    header, got = mailbox.claim(xfer_key("old"))
+    assert header.location != PAYLOAD_SEGMENT and torch.equal(got, gather_blocks(src, [0, 1]))
+    assert pool.num_busy() == 0 and old.num_busy() == 1
+    old.close()
+
+
+def test_the_outbox_frees_a_segment_whose_gather_never_reached_on_saved():
+    import asyncio
+
+    from app.config import FaultInjection
+    from app.kv.outbox import KVOutbox
+
+    pool = SegmentPool(max_bytes=4 * MIB)
+
+    class Transport:
+        def lease_segment(self, peer_id, num_bytes):
+            return pool.lease(num_bytes)
+
+    async def run():
+        outbox = KVOutbox(Transport(), FaultInjection())
+        outbox.open("x", "decode-a")
+        assert outbox.payload_buffer("x", (2, 2, 8), torch.float32) is not None and pool.num_busy() == 1
+        outbox.close("x")  # the prefill request ended; the engine step that leased it failed before on_saved
+
+    asyncio.run(run())
+    assert pool.num_busy() == 0
+    pool.close()

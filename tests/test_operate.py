@@ -33,7 +33,7 @@ SCALING = {"num_replicas": "auto", "min_replicas": 1, "max_replicas": 2, "num_cp
 ARGS = {  # always_remote: every prompt goes through the prefill phase whose scaling is tested
     "mode": "disaggregated",
     "placement": {"policy": "always_remote"},
-    # shared_memory_mib 0: payloads on the pair's socket end to end (test_app_disagg runs the shared-memory path)
+    # shared_memory_mib 0: payloads on the pair's socket (test_app_disagg runs both ways)
     "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 20.0, "shared_memory_mib": 0},
     "prefill": SCALING,
     "decode": SCALING,

@@ -111,10 +111,12 @@ class KVSender:
         """Queue a transfer; one whose `is_cancelled()` is true when its turn comes is never sent. `segment`:
         the payload is a view of this pool segment (decode maps it); `tamper` (drills) runs after sealing."""
         if self.broken is not None or self._closed:
-            if segment is not None and self.pool is not None:
-                self.pool.release(segment.seg_id)
+            if segment is not None:
+                segment.release()
             on_done(None, ChannelBroken(f"pair is broken: {self.broken or 'closed'}"))
             return
+        if segment is not None and (self.pool is None or segment.pool is not self.pool):
+            segment = None  # leased from an earlier incarnation of this pair: the payload goes on the socket
         self._queue.put((header, payload, on_done, is_cancelled, segment, tamper))
 
     def close(self) -> None:
@@ -130,8 +132,8 @@ class KVSender:
                 return
             header, payload, on_done, is_cancelled, segment, tamper = item
             if self.broken is not None or is_cancelled():
-                if segment is not None and self.pool is not None:
-                    self.pool.release(segment.seg_id)  # never sent: decode will not give it back
+                if segment is not None:
+                    segment.release()  # never sent: decode will not give it back
                 error = (f"pair is broken: {self.broken}" if self.broken is not None
                          else "transfer cancelled: its deadline passed before it was sent")  # late fails both ends
                 on_done(None, ChannelBroken(error))

@@ -85,6 +85,8 @@ class PDConnectorWorker:
             shape = payload_shape(layers, len(save.block_ids))  # [L, num_blocks, *block_shape]
             buffer = self.hub.payload_buffer(save.xfer_id, shape, layers[0].dtype) if self.hub.payload_buffer else None
             payload = gather_blocks(layers, list(save.block_ids), out=buffer)
+            if payload.is_cuda:  # the sender thread checksums and sends it on its own stream: let the gather land
+                torch.cuda.current_stream(payload.device).synchronize()
             header = KVHeader(xfer_key=xfer_key(save.xfer_id), num_tokens=save.num_tokens,
                               num_blocks=len(save.block_ids), dtype=payload.dtype, shape=shape,
                               checksum_algo=default_checksum_algo(payload), checksum=UNSEALED)

@@ -87,6 +87,7 @@ class KVMailbox:
         self._on_change = on_change or (lambda: None)
         self._waiters = _Waiters()  # guarded by _lock
         self._done: dict[int, float] = {}  # forgotten keys -> until when a late arrival is dropped at once
+        self._claimed: dict[int, Callable[[], None]] = {}  # claimed shared-memory payloads not loaded yet
         self.num_expired = 0
         self.num_late = 0
 
@@ -173,14 +174,15 @@ class KVMailbox:
                 raise KeyError(f"KV transfer {key:#x} is not available")
             header, payload = record.header, record.payload
             record.state, record.payload = XferState.CLAIMED, None
+            if record.release is not None:  # now only `loaded` frees it (`forget` may come mid-scatter)
+                self._claimed[key], record.release = record.release, None
             assert header is not None and payload is not None
             return header, payload
 
     def loaded(self, key: int) -> None:
         """The connector is done with the payload it claimed (scattered, or refused): free its shared memory."""
-        with self._lock:
-            if (record := self._records.get(key)) is not None:
-                record.let_go()
+        if (release := self._claimed.pop(key, None)) is not None:  # dict.pop is atomic
+            release()
 
     def settle(self, key: int, source: KVSource, reason: str | None = None, overrule: bool = False) -> None:
         """Where the prompt KV comes from: the scheduler's first decision stands, unless the worker's load

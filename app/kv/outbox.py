@@ -44,7 +44,7 @@ class KVOutbox:
     def __init__(self, transport: PairTransport, faults: FaultInjection):
         self.transport = transport
         self._outgoing: dict[str, Outgoing] = {}
-        self._segments: dict[str, tuple[str, Segment]] = {}  # xfer_id -> (decode_id, segment gathered into)
+        self._segments: dict[str, Segment] = {}  # xfer_id -> the segment leased for its gather, until it is queued
         self.num_cancelled_sends = 0  # queued sends dropped at their turn: their request had given up (late)
         self.set_faults(faults)
 
@@ -59,6 +59,8 @@ class KVOutbox:
 
     def close(self, xfer_id: str) -> None:
         self._outgoing.pop(xfer_id, None)
+        if (leased := self._segments.pop(xfer_id, None)) is not None:
+            leased.release()  # leased for a gather that never reached `on_saved` (the step failed)
 
     def __len__(self) -> int:
         return len(self._outgoing)
@@ -79,16 +81,16 @@ class KVOutbox:
         segment = self.transport.lease_segment(outgoing.decode_id, num_bytes)
         if segment is None:
             return None
-        self._segments[xfer_id] = (outgoing.decode_id, segment)
+        self._segments[xfer_id] = segment
         return segment.view(shape, dtype)
 
     def on_saved(self, xfer_id: str, header: KVHeader, payload: torch.Tensor) -> None:
         """Engine thread: the prompt's KV is gathered; hand it to the pair's sender (or park it)."""
         outgoing = self._outgoing.get(xfer_id)
-        leased = self._segments.pop(xfer_id, None)
+        segment = self._segments.pop(xfer_id, None)
         if outgoing is None:
-            if leased is not None:
-                self.transport.release_segment(*leased)
+            if segment is not None:
+                segment.release()
             return  # the caller gave up already
         outgoing.gathered_at = time.perf_counter()
         if outgoing.decode_id is None:
@@ -99,10 +101,9 @@ class KVOutbox:
             outgoing.loop.call_soon_threadsafe(settle, outgoing.done, result, error)
 
         faults = self._faults
-        segment = leased[1] if leased is not None else None
         if faults.fail_fraction and self._fault_rng.random() < faults.fail_fraction:
-            if leased is not None:
-                self.transport.release_segment(*leased)
+            if segment is not None:
+                segment.release()
             done(None, RuntimeError("injected transfer failure"))
             return
         tamper = None

@@ -12,7 +12,7 @@ both replica ids (prefill is rank 0, decode rank 1). One replica can be in many 
 
 Same node (gloo, CPU KV): while the pair forms, prefill offers shared memory and decode says whether it can
 map it (`app/kv/shm.py`); if it can, payloads are gathered into the pair's segments and only headers cross
-the socket. `shm_max_bytes` 0 turns that off.
+the socket. `shm_max_bytes` 0 turns that off (the offer and answer are still exchanged, so both ends agree).
 
 Backends: "gloo" is pdserve's `PDSERVE_GLOO` (CPU, tags, per-send timeout); "nccl" is pdserve's
 `PDSERVE_NCCL` (GPU; headers through the pair's store, payloads over NCCL, FIFO per pair, every NCCL
@@ -208,10 +208,6 @@ class PairTransport:
         pool = _pool_of(self._pairs.get(peer_id))
         return pool.lease(num_bytes) if pool is not None else None
 
-    def release_segment(self, peer_id: str, segment: Segment) -> None:
-        """Give back a leased segment whose payload will not be sent."""
-        if (pool := _pool_of(self._pairs.get(peer_id))) is not None:
-            pool.release(segment.seg_id)
 
     def send(self, peer_id: str, header: KVHeader, payload: torch.Tensor,
              on_done: Callable[[SendResult | None, BaseException | None], None],

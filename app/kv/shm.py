@@ -45,13 +45,19 @@ def _memfd_name(token: int, seg_id: int) -> str:
     return f"pdkv-{token:x}-{seg_id}"
 
 
-@dataclass
+@dataclass(eq=False)
 class Segment:
     seg_id: int
     fd: int
     size: int
     buffer: mmap.mmap
     busy: bool = False
+    pool: SegmentPool | None = None  # the pool (so the pair incarnation) it belongs to; only it may send or free it
+
+    def release(self) -> None:
+        """Give the segment back to its own pool (never to a later pool of the same peer)."""
+        if self.pool is not None:
+            self.pool.release(self.seg_id)
 
     def view(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = 1
@@ -95,10 +101,11 @@ class SegmentPool:
                 segment = min(free, key=lambda s: s.size)
             else:
                 size = -(-num_bytes // _ALIGN) * _ALIGN
-                if self.num_bytes() + size > self.max_bytes:
+                if sum(s.size for s in self._segments.values()) + size > self.max_bytes:
                     self.num_full += 1
                     return None
                 segment = self._segments[self._next_id] = _create(self.token, self._next_id, size)
+                segment.pool = self
                 self._next_id += 1
             segment.busy = True
             self.num_leased += 1
@@ -111,11 +118,13 @@ class SegmentPool:
                 segment.busy = False
 
     def num_bytes(self) -> int:
-        return sum(s.size for s in self._segments.values())
+        with self._lock:
+            return sum(s.size for s in self._segments.values())
 
     def num_busy(self) -> int:
         """Segments leased and not given back yet (0 once every transfer ended, however it ended)."""
-        return sum(s.busy for s in self._segments.values())
+        with self._lock:
+            return sum(s.busy for s in self._segments.values())
 
     def close(self) -> None:
         """Forget every segment: closing the fds frees the memory once no mapping (or view) uses it."""
@@ -131,7 +140,7 @@ class SegmentMaps:
 
     def __init__(self, pid: int, token: int, send_release: Callable[[int], None]):
         self.pid, self.token = pid, token
-        self._maps: dict[int, mmap.mmap] = {}
+        self._maps: dict[tuple[int, int], mmap.mmap] = {}  # (seg_id, fd) -> mapping
         self._releases: queue.SimpleQueue = queue.SimpleQueue()
         self._send_release = send_release
         self._thread = threading.Thread(target=self._run, name="kv-shm-release", daemon=True)
@@ -139,9 +148,9 @@ class SegmentMaps:
 
     def view(self, seg_id: int, fd: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The payload in segment `seg_id` (`shape`, `dtype`); raises OSError/ValueError if it cannot be mapped."""
-        buffer = self._maps.get(seg_id)
+        buffer = self._maps.get((seg_id, fd))
         if buffer is None:
-            buffer = self._maps[seg_id] = _open(self.pid, fd, _memfd_name(self.token, seg_id))
+            buffer = self._maps[(seg_id, fd)] = _open(self.pid, fd, _memfd_name(self.token, seg_id))
         numel = 1
         for dim in shape:
             numel *= dim
@@ -169,17 +178,18 @@ class SegmentMaps:
             try:
                 self._send_release(seg_id)
             except BaseException as exc:  # noqa: BLE001 - the pair broke; prefill forgets its segments anyway
-                logger.info("segment release not sent (pair gone): %s", exc)
+                logger.warning("segment release not sent, later ones are dropped (pair gone?): %s", exc)
                 return
 
 
 def _open(pid: int, fd: int, name: str) -> mmap.mmap:
     """Map the peer's memfd `fd`, after checking it is the segment we were told about (not a reused fd)."""
     path = f"/proc/{pid}/fd/{fd}"
-    if not os.readlink(path).startswith(f"/memfd:{name} "):
-        raise ValueError(f"{path} is not segment {name}")
     own = os.open(path, os.O_RDWR)
     try:
+        # checked on what was opened (not on the path, whose fd the peer may have closed and reused meanwhile)
+        if not os.readlink(f"/proc/self/fd/{own}").startswith(f"/memfd:{name} "):
+            raise ValueError(f"{path} is not segment {name}")
         return mmap.mmap(own, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     finally:
         os.close(own)  # the mapping keeps the memory
@@ -190,9 +200,9 @@ def _open(pid: int, fd: int, name: str) -> mmap.mmap:
 def share_memory(role: str, group, peer_rank: int, timeout_s: float, max_bytes: int
                  ) -> tuple[SegmentPool | None, SegmentMaps | None]:
     """Offer (prefill) or answer (decode) the same-node path on a connected `PairGlooGroup`; returns
-    (prefill's pool, decode's maps), each None where this pair sends payloads over the socket."""
-    if not max_bytes:
-        return None, None
+    (prefill's pool, decode's maps), each None where this pair sends payloads over the socket. Both ends always
+    exchange the offer and the answer, so one that has shared memory off (`max_bytes` 0) still pairs with one
+    that has it on: it offers nothing, or answers no."""
 
     def send(tensor: torch.Tensor, tag: int = TAG_HELLO) -> None:
         group.send_tagged(tensor, peer_rank, tag, timeout_s)
@@ -206,18 +216,23 @@ def share_memory(role: str, group, peer_rank: int, timeout_s: float, max_bytes: 
     def send_release(seg_id: int) -> None:
         send(torch.tensor([seg_id], dtype=torch.int64), TAG_RELEASE)  # [1]
 
-    return None, accept_segments(recv, send, send_release)
+    return None, accept_segments(recv, send, send_release, enabled=max_bytes > 0)
 
 
 def offer_segments(send: Callable[[torch.Tensor], None], recv: Callable[[torch.Tensor], None],
                    max_bytes: int) -> SegmentPool | None:
-    """Prefill: offer shared memory to the decode peer; a pool if it can map our segments, else None."""
+    """Prefill: offer shared memory to the decode peer (nothing when `max_bytes` is 0); a pool if it can map our
+    segments, else None."""
+    answer = torch.zeros(1, dtype=torch.int64)
+    if not max_bytes:
+        send(torch.zeros(_HELLO_SLOTS, dtype=torch.int64))  # pid 0: no offer
+        recv(answer)
+        return None
     pool = SegmentPool(max_bytes)
     probe = _create(pool.token, 0, mmap.PAGESIZE)
     try:
         probe.buffer[:8] = pool.token.to_bytes(8, "little")
         send(torch.tensor([os.getpid(), probe.fd, pool.token], dtype=torch.int64))  # [_HELLO_SLOTS]
-        answer = torch.zeros(1, dtype=torch.int64)
         recv(answer)
     finally:
         os.close(probe.fd)
@@ -228,17 +243,18 @@ def offer_segments(send: Callable[[torch.Tensor], None], recv: Callable[[torch.T
 
 
 def accept_segments(recv: Callable[[torch.Tensor], None], send: Callable[[torch.Tensor], None],
-                    send_release: Callable[[int], None]) -> SegmentMaps | None:
+                    send_release: Callable[[int], None], enabled: bool = True) -> SegmentMaps | None:
     """Decode: answer prefill's offer; the peer's segment maps if its probe could be mapped, else None."""
     offer = torch.zeros(_HELLO_SLOTS, dtype=torch.int64)
     recv(offer)
     pid, fd, token = offer.tolist()
-    try:
-        probe = _open(pid, fd, _memfd_name(token, 0))
-        ok = probe[:8] == token.to_bytes(8, "little")
-        probe.close()
-    except (OSError, ValueError) as exc:  # another node, container or PID namespace
-        logger.info("peer's shared memory cannot be mapped here (%s): payloads go over the socket", exc)
-        ok = False
+    ok = False
+    if enabled and pid:
+        try:
+            probe = _open(pid, fd, _memfd_name(token, 0))
+            ok = probe[:8] == token.to_bytes(8, "little")
+            probe.close()
+        except (OSError, ValueError) as exc:  # another node, container or PID namespace
+            logger.info("peer's shared memory cannot be mapped here (%s): payloads go over the socket", exc)
     send(torch.tensor([int(ok)], dtype=torch.int64))
     return SegmentMaps(pid, token, send_release) if ok else None
