@@ -67,18 +67,10 @@ class PairGlooGroup(BaseGroup):
     # -- point to point ---------------------------------------------------------------------------
 
     def send_tagged(self, tensor: torch.Tensor, dst_rank: int, tag: int, timeout_s: float | None = None) -> None:
-        work = self._require_pg().send([tensor], dst_rank, tag)
-        if timeout_s is None:
-            work.wait()
-        else:
-            work.wait(datetime.timedelta(seconds=timeout_s))
+        _wait(self._require_pg().send([tensor], dst_rank, tag), timeout_s)
 
     def recv_tagged(self, tensor: torch.Tensor, src_rank: int, tag: int, timeout_s: float | None = None) -> None:
-        work = self._require_pg().recv([tensor], src_rank, tag)
-        if timeout_s is None:
-            work.wait()
-        else:
-            work.wait(datetime.timedelta(seconds=timeout_s))
+        _wait(self._require_pg().recv([tensor], src_rank, tag), timeout_s)
 
     def send(self, tensors, send_options) -> None:
         self.send_tagged(tensors[0], send_options.dst_rank, 0)
@@ -107,6 +99,14 @@ class PairGlooGroup(BaseGroup):
         raise NotImplementedError(f"{BACKEND_NAME} groups do point-to-point send/recv only")
 
     allreduce = barrier = reduce = allgather = broadcast = reducescatter = _unsupported
+
+
+def _wait(work, timeout_s: float | None) -> None:
+    """Wait for a gloo work item, up to `timeout_s` (None: the group's own, idle-long timeout)."""
+    if timeout_s is None:
+        work.wait()
+    else:
+        work.wait(datetime.timedelta(seconds=timeout_s))
 
 
 def register() -> None:
