@@ -108,10 +108,15 @@ class _Link:
         self.closed = True
 
 
-def test_channel_delivers_in_order_and_flags_corrupted_payloads():
+def _loopback() -> tuple[queue.Queue, KVReceiver, KVSender]:
+    """A sender and a receive loop on one `_Link`; what the loop delivers (or the error that stopped it) lands in
+    the queue."""
     link, delivered = _Link(), queue.Queue()
-    receiver = KVReceiver(link, delivered.put, lambda exc: delivered.put(exc))
-    sender = KVSender(link, timeout_s=5)
+    return delivered, KVReceiver(link, delivered.put, delivered.put), KVSender(link, timeout_s=5)
+
+
+def test_channel_delivers_in_order_and_flags_corrupted_payloads():
+    delivered, receiver, sender = _loopback()
     results: queue.Queue = queue.Queue()
     payloads = [gather_blocks(_layers(i), [0, 1]) for i in range(3)]
     for i, payload in enumerate(payloads):
@@ -130,9 +135,7 @@ def test_channel_delivers_in_order_and_flags_corrupted_payloads():
 
 
 def test_cancelled_transfer_is_never_sent_and_leaves_the_pair_usable():
-    link, delivered = _Link(), queue.Queue()
-    receiver = KVReceiver(link, delivered.put, lambda exc: delivered.put(exc))
-    sender = KVSender(link, timeout_s=5)
+    delivered, receiver, sender = _loopback()
     results: queue.Queue = queue.Queue()
     late, fresh = gather_blocks(_layers(5), [0]), gather_blocks(_layers(6), [1])
     sender.submit(_header_for(late, "late"), late, lambda res, err: results.put(err), is_cancelled=lambda: True)
@@ -306,9 +309,7 @@ def test_outbox_wrong_kv_drill_sends_other_layers_kv_under_a_matching_checksum()
     from app.kv.header import UNSEALED, KVHeader
     from app.kv.outbox import KVOutbox
 
-    link, delivered = _Link(), queue.Queue()
-    receiver = KVReceiver(link, delivered.put, lambda exc: delivered.put(exc))
-    sender = KVSender(link, timeout_s=5)
+    delivered, receiver, sender = _loopback()
 
     class Transport:  # the outbox's pair, reduced to its sender
         def send(self, peer, header, payload, on_done, is_cancelled, segment=None, tamper=None):
@@ -336,9 +337,7 @@ def test_outbox_wrong_kv_drill_sends_other_layers_kv_under_a_matching_checksum()
 def test_sender_thread_seals_the_header_and_a_tamper_after_it_is_caught():
     from app.kv.header import UNSEALED
 
-    link, delivered = _Link(), queue.Queue()
-    receiver = KVReceiver(link, delivered.put, lambda exc: delivered.put(exc))
-    sender = KVSender(link, timeout_s=5)
+    delivered, receiver, sender = _loopback()
     payload = gather_blocks(_layers(7), [0, 1])
     unsealed = replace(_header_for(payload, "sealed"), checksum=UNSEALED)
     sent: queue.Queue = queue.Queue()
