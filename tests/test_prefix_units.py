@@ -41,6 +41,8 @@ def test_marks_expire_and_each_replica_keeps_its_most_recent_blocks():
     assert index.match(None, _prompt(128)) == {}  # its first block was evicted: nothing matches from the start
     time.sleep(0.06)
     assert index.match(None, _prompt(64, start=900)) == {}  # expired
+    assert index.num_blocks() == {}  # and dropped: a replica gone quiet (or gone) keeps no memory
+    index.mark("d1", None, _prompt(64))
     index.forget("d1")
     assert index.num_blocks() == {}
 

@@ -3,9 +3,10 @@
 One request (`generate`):
 0. Choose the decode replica (Serve's router, `choose_replica`; one that probably holds the longest cached prefix
    of the prompt is preferred unless it is much busier, `prefix_index.py`), then place the prompt (`placement.py`):
-   a prompt with few tokens uncached there whose decode replica holds nothing else of this ingress, holds much
-   more of it than any prefill replica, or that arrives while prefill is backlogged (and one asking for prompt
-   logprobs), prefills on that decode replica, reported as `kv_source: local` with the reason; the rest go on:
+   a prompt with few tokens uncached there whose decode replica holds nothing else of this ingress, holds at
+   least L of its tokens and no prefill replica more, or that arrives while prefill is backlogged (and one asking
+   for prompt logprobs), prefills on that decode replica, reported as `kv_source: local` with the reason; the rest
+   go on:
 1. Choose the prefill replica (Serve's router, `choose_replica`; replicas and pairs whose circuit breaker is open
    are avoided, one that holds the prompt's prefix preferred), so both ends of the transfer are known before it
    starts; each replica publishes its pair id through `record_replica_metadata`. With

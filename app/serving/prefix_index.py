@@ -13,8 +13,8 @@ tenant), so a prompt matches only its own tenant's marks: routing never tells on
 another's prompts.
 
 Life cycle: `match(salt, token_ids)` before choosing a replica; `mark(replica_id, salt, token_ids)` once the
-request went there (and again with the reply's tokens when it ended); `forget(replica_id)` when the replica is
-gone.
+request went there (and again with the reply's tokens when it ended). A replica whose newest mark expired is
+dropped at the next match (a replica Serve replaced leaves nothing behind); `forget(replica_id)` drops one at once.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ class PrefixIndex:
         keys = block_keys(salt, token_ids, self.block_size)
         now = time.monotonic()
         hits = {}
-        for replica_id, marks in self._marks.items():
+        for replica_id, marks in list(self._marks.items()):
+            if marks and next(reversed(marks.values())) < now:  # even its newest mark expired: a replica gone quiet
+                del self._marks[replica_id]  # (or gone: Serve replaced it) costs no memory any more
+                continue
             num_blocks = 0
             for key in keys:
                 expiry = marks.get(key)
