@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.config_scheduling import PlacementConfig, PrefillBatchingConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "pdserve-tiny-llama"
 
@@ -150,24 +152,6 @@ class TwoStepConfig(_Strict):
     max_parked_per_replica: int = Field(64, ge=1, description="Parked KV caches one prefill replica holds (429 past).")
 
 
-class PlacementConfig(_Strict):
-    """Disaggregated mode: where each prompt runs. The decode replica is chosen first; then the prompt prefills
-    on a prefill replica (its KV moved over) or on that decode replica itself (no hop, no transfer, but its
-    running replies wait for the prefill)."""
-
-    policy: Literal["adaptive", "always_remote", "always_local"] = Field(
-        "adaptive", description="adaptive: short prompts prefill on their decode replica, longer ones on a prefill "
-        "replica; always_remote: every prompt on a prefill replica; always_local: every prompt on its decode replica.")
-    local_max_prompt_tokens: int = Field(
-        224, ge=0, description="adaptive: a prompt with at most this many tokens not cached on its decode replica "
-        "prefills there when that replica is idle, holds much more of it than prefill, or prefill is backlogged. "
-        "`pdserve plan` prints the length whose prefill stalls decode two steps (226 here; 224 is the block below).")
-    prefix_routing_slack: int = Field(
-        4, ge=-1, description="Prefix-aware routing (both phases): the replica that probably holds the longest cached "
-        "prefix of the prompt is chosen unless it has more than this many requests above the least busy replica; -1: "
-        "off (Serve's power-of-two choice).")
-
-
 class TokenBusConfig(_Strict):
     """Tokens after a request's first: engine thread -> ingress over ZeroMQ, one message per step (app/token_bus.py)."""
 
@@ -186,18 +170,6 @@ class WarmupConfig(_Strict):
     max_tokens: int = Field(4, ge=1, description="Tokens each synthetic request generates (decode, collocated).")
     interval_s: float | None = Field(None, gt=0, description="Repeat every this many seconds while the replica is "
                                      "idle, pairing with replicas that appeared since (None: only at start).")
-
-
-class PrefillBatchingConfig(_Strict):
-    """How prompts are batched on a prefill replica (decode keeps `engine.max_num_seqs`)."""
-
-    max_batched_tokens: int | None = Field(None, ge=16, description="Most prompt tokens one prefill step computes "
-                                           "(None: engine.max_num_batched_tokens). At least model.max_model_len: "
-                                           "prompts are not chunked.")
-    max_batch_size: int | None = Field(None, ge=1, description="Most prompts in one prefill step (None: max_num_seqs).")
-    window_ms: float = Field(0.0, ge=0, le=1000, description="Hold arriving prompts up to this long so they enter "
-                             "the engine together (0: no window). Trades TTFT for bigger batches.")
-    window_max_requests: int = Field(32, ge=1, description="Release the window early once this many prompts wait.")
 
 
 class PrefillScaling(_Strict):
@@ -266,11 +238,12 @@ class AppConfig(_Strict):
     decode: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Decode engines.")
 
     @model_validator(mode="after")
-    def _prefill_batch_holds_a_prompt(self) -> AppConfig:
-        tokens = self.prefill_batching.max_batched_tokens
-        if tokens is not None and tokens < self.model.max_model_len:
-            raise ValueError(f"prefill_batching.max_batched_tokens ({tokens}) must be >= model.max_model_len "
-                             f"({self.model.max_model_len}): prompts are not chunked; raise it or lower max_model_len")
+    def _prefill_step_holds_its_batch(self) -> AppConfig:
+        batching, tokens = self.prefill_batching, self.prefill_batching.max_batched_tokens
+        num_seqs = batching.max_batch_size or self.engine.max_num_seqs
+        if tokens is not None and tokens < num_seqs:
+            raise ValueError(f"prefill_batching.max_batched_tokens ({tokens}) must be >= the prefill batch size "
+                             f"({num_seqs}, prefill_batching.max_batch_size or engine.max_num_seqs): raise it")
         return self
 
 

@@ -32,7 +32,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine_setup import build_engine, configure_engine_thread, engine_env, to_vllm_sampling
+from app.engine_setup import (
+    arrival_priority,
+    build_engine,
+    configure_engine_thread,
+    engine_env,
+    parameter_of,
+    to_chunk,
+    to_vllm_sampling,
+)
 from app.errors import EngineError, EngineInputError
 from app.messages import BusTarget, GenerationChunk, SamplingSpec, pop_joined
 from app.specs import EngineSpec
@@ -99,7 +107,7 @@ class _Outlet:
             stream = self.streams.get(output.request_id)
             if stream is None:
                 continue
-            chunk = _to_chunk(output)
+            chunk = to_chunk(output)
             if stream.bus is not None and stream.started:
                 by_bus.setdefault(stream.bus.endpoint, (stream.bus.secret, []))[1].append((stream.bus.key, chunk))
                 if chunk.finish_reason is not None:
@@ -123,8 +131,10 @@ class EngineDriver:
     # so walking the scheduler's queues at every step would be work nobody reads.
     LOAD_INTERVAL_S = 0.05
 
-    def __init__(self, engine: Any, num_threads: int | None = None, cpu_affinity: tuple[int, ...] | None = None):
+    def __init__(self, engine: Any, num_threads: int | None = None, cpu_affinity: tuple[int, ...] | None = None,
+                 short_first_ms_per_token: float = 0.0):
         self.engine = engine
+        self.short_first_ms_per_token = short_first_ms_per_token  # > 0: the engine runs vLLM's priority policy
         self.num_threads = num_threads  # compute threads of the engine thread (None: the process default)
         self.cpu_affinity = cpu_affinity  # cores of the engine thread and the compute threads it starts
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -139,29 +149,22 @@ class EngineDriver:
 
     @classmethod
     def from_spec(cls, spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None) -> EngineDriver:
-        return cls(build_engine(spec, kv_transfer_config), spec.cpu_threads, spec.cpu_affinity)
+        return cls(build_engine(spec, kv_transfer_config), spec.cpu_threads, spec.cpu_affinity,
+                   spec.short_first_ms_per_token)
 
     # -- asyncio side ---------------------------------------------------------------------------
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        sampling: SamplingSpec | Any,  # Any: vllm.SamplingParams
-        *,
-        cache_salt: str | None = None,
-        kv_transfer_params: dict[str, Any] | None = None,
-        reply_to: BusTarget | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        """Run one request; yields its output deltas (with `reply_to`, only the first: the rest go to that bus);
-        aborts it if the consumer stops early."""
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec | Any, *,
+                       cache_salt: str | None = None, kv_transfer_params: dict[str, Any] | None = None,
+                       reply_to: BusTarget | None = None) -> AsyncIterator[GenerationChunk]:
+        """Run one request (`sampling`: pdserve's spec or vLLM's `SamplingParams`); yields its output deltas (with
+        `reply_to`, only the first: the rest go to that bus); aborts it if the consumer stops early."""
         if request_id in self._outlet.streams:
             raise EngineError(f"duplicate request id {request_id}")
         stream = _Stream(loop=asyncio.get_running_loop(), bus=reply_to)
         self._outlet.streams[request_id] = stream
-        prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids)}
-        if cache_salt is not None:
-            prompt["cache_salt"] = cache_salt
+        salted = {"cache_salt": cache_salt} if cache_salt is not None else {}
+        prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids), **salted}
         extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
         params = to_vllm_sampling(sampling, extra)
         self._submit(lambda: self._add(request_id, prompt, params))
@@ -224,10 +227,11 @@ class EngineDriver:
         self._wake.set()
 
     def _add(self, request_id: str, prompt: dict[str, Any], params: Any) -> None:
+        priority = arrival_priority(len(prompt["prompt_token_ids"]), self.short_first_ms_per_token)
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, priority=priority)
         except Exception as exc:  # noqa: BLE001 - a bad request must not kill the driver
-            self._outlet.deliver(request_id, EngineInputError(str(exc), _parameter_of(exc)))
+            self._outlet.deliver(request_id, EngineInputError(str(exc), parameter_of(exc)))
 
     def _run(self) -> None:
         configure_engine_thread(self.num_threads, self.cpu_affinity)
@@ -263,34 +267,9 @@ class EngineDriver:
                 self._wake.clear()
 
 
-def _parameter_of(exc: Exception) -> str | None:
-    """The request field vLLM's input checks blame (its `VLLMValidationError.parameter`), if any."""
-    from vllm.exceptions import VLLMValidationError
-
-    return exc.parameter if isinstance(exc, VLLMValidationError) else None
-
-
 _SENT = object()  # a stream's end marker: its last delta went to the bus
 
 
 def _put_all(batch: list[tuple[_Stream, Any]]) -> None:
     for stream, chunk in batch:
         stream.put(chunk)
-
-
-def _to_chunk(output: Any) -> GenerationChunk:
-    completion = output.outputs[0]
-    logprobs = completion.logprobs
-    prompt_logprobs = output.prompt_logprobs
-    return GenerationChunk(
-        text=completion.text,
-        token_ids=tuple(completion.token_ids),
-        finish_reason=(completion.finish_reason or "stop") if output.finished else None,
-        num_prompt_tokens=len(output.prompt_token_ids or ()),
-        num_cached_tokens=output.num_cached_tokens or 0,
-        # vLLM may hold these in its flat form; plain tuples of {token_id: Logprob} pickle and join simply
-        logprobs=tuple(logprobs) if logprobs is not None else None,
-        cumulative_logprob=completion.cumulative_logprob,
-        prompt_logprobs=tuple(prompt_logprobs) if prompt_logprobs else None,
-        stop_reason=completion.stop_reason,
-    )

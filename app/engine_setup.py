@@ -1,14 +1,16 @@
 """Building an in-process vLLM engine: the process environment it needs, the `LLMEngine` itself, the
-compute threads of the thread that steps it, and pdserve's sampling spec in vLLM's terms."""
+compute threads of the thread that steps it, and the translations between pdserve's messages and vLLM's
+(sampling spec -> `SamplingParams`, `RequestOutput` -> `GenerationChunk`, input errors -> the field to blame)."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from app.config import REPO_ROOT
-from app.messages import SamplingSpec
+from app.messages import GenerationChunk, SamplingSpec
 from app.specs import EngineSpec
 
 
@@ -45,6 +47,8 @@ def build_engine(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = N
         max_num_batched_tokens=spec.max_num_batched_tokens,
         enable_prefix_caching=spec.enable_prefix_caching,
         seed=spec.seed,
+        # The driver gives each request its priority (arrival_priority below); vLLM runs the lowest first.
+        scheduling_policy="priority" if spec.short_first_ms_per_token > 0 else "fcfs",
         enforce_eager=True,
         distributed_executor_backend="uni",
         disable_log_stats=True,
@@ -66,6 +70,16 @@ def configure_engine_thread(num_threads: int | None, cpu_affinity: tuple[int, ..
         import torch
 
         torch._C.set_num_threads(num_threads)
+
+
+def arrival_priority(num_prompt_tokens: int, short_first_ms_per_token: float) -> int:
+    """vLLM's `priority` for a request arriving now (its priority policy runs the lowest value first): arrival time
+    in ms plus a length penalty, so a shorter prompt passes a longer one that arrived less than (difference in
+    tokens) x `short_first_ms_per_token` ms before it, and no prompt is passed by one that arrived later than that
+    (a bounded wait). 0 (every request alike: arrival order) when `short_first_ms_per_token` is 0."""
+    if not short_first_ms_per_token:
+        return 0
+    return int(time.monotonic() * 1000 + short_first_ms_per_token * num_prompt_tokens)
 
 
 def to_vllm_sampling(sampling: SamplingSpec | Any, extra_args: dict[str, Any] | None = None):
@@ -102,3 +116,28 @@ def freeze_gc_heap() -> None:
     from vllm.utils.gc_utils import freeze_gc_heap as freeze
 
     freeze()
+
+
+def parameter_of(exc: Exception) -> str | None:
+    """The request field vLLM's input checks blame (its `VLLMValidationError.parameter`), if any."""
+    from vllm.exceptions import VLLMValidationError
+
+    return exc.parameter if isinstance(exc, VLLMValidationError) else None
+
+
+def to_chunk(output: Any) -> GenerationChunk:
+    completion = output.outputs[0]
+    logprobs = completion.logprobs
+    prompt_logprobs = output.prompt_logprobs
+    return GenerationChunk(
+        text=completion.text,
+        token_ids=tuple(completion.token_ids),
+        finish_reason=(completion.finish_reason or "stop") if output.finished else None,
+        num_prompt_tokens=len(output.prompt_token_ids or ()),
+        num_cached_tokens=output.num_cached_tokens or 0,
+        # vLLM may hold these in its flat form; plain tuples of {token_id: Logprob} pickle and join simply
+        logprobs=tuple(logprobs) if logprobs is not None else None,
+        cumulative_logprob=completion.cumulative_logprob,
+        prompt_logprobs=tuple(prompt_logprobs) if prompt_logprobs else None,
+        stop_reason=completion.stop_reason,
+    )

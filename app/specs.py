@@ -40,6 +40,7 @@ class EngineSpec:
     seed: int
     cpu_threads: int | None  # None: the process's default
     cpu_affinity: tuple[int, ...] | None  # cores the engine thread may run on (None: any)
+    short_first_ms_per_token: float = 0.0  # > 0: vLLM's priority policy, shortest waiting prompt first (bounded)
 
     @classmethod
     def from_config(cls, config: AppConfig, options: DeploymentOptions | None = None) -> EngineSpec:
@@ -55,7 +56,7 @@ class EngineSpec:
             block_size=config.engine.block_size,
             kv_cache_memory_bytes=config.engine.kv_cache_memory_mb * 1024 * 1024,
             max_num_seqs=config.engine.max_num_seqs,
-            # Prompts are not chunked: one step must hold the longest prompt.
+            # Decode and collocated engines do not chunk prompts (one step holds the longest); prefill may.
             max_num_batched_tokens=max(config.engine.max_num_batched_tokens, config.model.max_model_len),
             enable_prefix_caching=config.engine.enable_prefix_caching,
             seed=config.engine.seed,
@@ -68,7 +69,8 @@ class EngineSpec:
         """The prefill engine's spec: the prefill_batching overrides applied."""
         spec, batching = cls.from_config(config, config.prefill), config.prefill_batching
         return replace(spec, max_num_seqs=batching.max_batch_size or spec.max_num_seqs,
-                       max_num_batched_tokens=batching.max_batched_tokens or spec.max_num_batched_tokens)
+                       max_num_batched_tokens=batching.max_batched_tokens or spec.max_num_batched_tokens,
+                       short_first_ms_per_token=batching.short_first_ms_per_token)
 
 
 @dataclass(frozen=True)

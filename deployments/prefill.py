@@ -184,6 +184,7 @@ class Prefill(EngineReplica):
 
     async def kv_stats(self) -> dict:
         counters = self.hub.counters
-        return {"num_saved": counters.num_saved, "gather_s": counters.gather_s, "num_outgoing": len(self.outbox),
+        return {"num_saved": counters.num_saved, "num_chunked_saved": counters.num_chunked_saved,
+                "gather_s": counters.gather_s, "num_outgoing": len(self.outbox),
                 "num_cancelled_sends": self.outbox.num_cancelled_sends, "replica_id": self.replica_id,
                 **self.transport.stats()}

@@ -1,7 +1,7 @@
 """End to end, disaggregated mode on CPU (pdserve's gloo backend), 2 prefill x 2 decode replicas, run twice: with
 payloads through the pairs' shared memory (the default on one node) and with every payload on the pairs' socket.
 
-Story of one request: the ingress picks both replicas, prefill runs the prompt and ships its KV,
+Story of one request: the ingress picks both replicas, prefill runs the prompt (in 64-token chunks) and ships its KV,
 decode loads it (no recompute) and streams tokens equal to the collocated path's. Then: concurrency,
 a corrupted payload caught by the checksum, a lost transfer recovered by local recompute, the leak
 check, and finally a decode replica killed and replaced without restarting prefill.
@@ -31,6 +31,8 @@ ARGS = {
     "mode": "disaggregated",
     "placement": {"policy": "always_remote"},
     "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 10.0},
+    # 64-token prefill steps: prompts over 64 tokens are computed in chunks and sent once, after the last
+    "prefill_batching": {"max_batched_tokens": 64},
     "prefill": {"num_replicas": 2, "num_cpus": 1},
     "decode": {"num_replicas": 2, "num_cpus": 1},
 }
@@ -87,8 +89,11 @@ def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, o
     prompt = prompt_of_length(tokenizer, num_tokens, offset)
     want, want_ids = offline_generate(offline_engine, prompt, 20)
     loaded_before = sum(s["num_loaded_tokens"] for s in _broadcast("Decode", "kv_stats"))
-    # 1. non-streaming
+    chunked_before = sum(s["num_chunked_saved"] for s in _broadcast("Prefill", "kv_stats"))
+    # 1. non-streaming (a prompt over 64 tokens was computed in chunks on prefill: its KV is sent once, whole)
     body = _complete(app, prompt, 20)
+    chunked = sum(s["num_chunked_saved"] for s in _broadcast("Prefill", "kv_stats")) - chunked_before
+    assert chunked == (1 if num_tokens > 64 else 0)
     assert body["choices"][0]["text"] == want
     assert body["pdserve"]["kv_source"] == "transfer"
     assert body["pdserve"]["num_cached_tokens"] == num_tokens - 1  # decode computed only the last prompt token

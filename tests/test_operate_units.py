@@ -183,6 +183,16 @@ def test_prefill_batching_overrides_only_the_prefill_engine():
     prefill, shared = EngineSpec.for_prefill(config), EngineSpec.from_config(config)
     assert (prefill.max_num_seqs, prefill.max_num_batched_tokens) == (8, 8192)
     assert (shared.max_num_seqs, shared.max_num_batched_tokens) == (32, 4096)
+    assert (prefill.short_first_ms_per_token, shared.short_first_ms_per_token) == (2.0, 0.0)  # decode: arrival order
+
+
+def test_the_prefill_step_chunks_long_prompts_by_default_and_none_restores_whole_prompts():
+    chunked = EngineSpec.for_prefill(parse_app_config({}))
+    assert chunked.max_num_batched_tokens == 1024 < chunked.max_model_len
+    whole = EngineSpec.for_prefill(parse_app_config({"prefill_batching": {"max_batched_tokens": None}}))
+    assert whole.max_num_batched_tokens == whole.max_model_len == 4096
+    fifo = EngineSpec.for_prefill(parse_app_config({"prefill_batching": {"short_first_ms_per_token": 0}}))
+    assert fifo.short_first_ms_per_token == 0.0
 
 
 def test_each_engine_gets_compute_threads_and_cores_from_its_own_deployment():
@@ -221,9 +231,11 @@ def test_engine_thread_settings_apply_to_the_thread_that_steps_the_engine():
     assert seen["caller_after"] == seen["caller_before"]  # only the engine thread is pinned
 
 
-def test_prefill_batched_tokens_below_the_context_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match="max_batched_tokens.*max_model_len"):
-        parse_app_config({"prefill_batching": {"max_batched_tokens": 1024}})
+def test_a_prefill_step_smaller_than_its_batch_is_refused_with_the_fix():
+    # vLLM refuses a token budget below max_num_seqs at engine start; the config says so at deploy time
+    with pytest.raises(ValueError, match=r"max_batched_tokens \(20\) must be >= the prefill batch size \(32"):
+        parse_app_config({"prefill_batching": {"max_batched_tokens": 20}})
+    assert parse_app_config({"prefill_batching": {"max_batched_tokens": 20, "max_batch_size": 4}})
     with pytest.raises(ValueError, match="window_ms"):
         parse_app_config({"prefill_batching": {"window_ms": -1}})
 

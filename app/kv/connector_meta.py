@@ -19,6 +19,7 @@ class SaveSpec:
     xfer_id: str
     block_ids: tuple[int, ...]
     num_tokens: int
+    num_steps: int = 1  # engine steps that computed the prompt (more than one: chunked prefill)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Prefill engine (kv_role "kv_producer"):
   `update_state_after_alloc` starts tracking a request with our params; `build_connector_meta`
-  follows its blocks and, in the step whose forward completes the prompt, emits one `SaveSpec` (all
-  prompt blocks). Each request is saved once, also if it is preempted and resumed afterwards.
+  follows its blocks across the steps that compute the prompt (one, or several when the prefill step's token
+  budget chunks it) and, in the step whose forward completes the prompt, emits one `SaveSpec` (all prompt
+  blocks). Each request is saved once, also if it is preempted and resumed afterwards.
 Decode engine (kv_role "kv_consumer"):
   `get_num_new_matched_tokens` only reads the transfer's state (vLLM may ask several times for one
   request): not arrived yet -> None ("ask again later"; other requests keep decoding); arrived ->
@@ -40,6 +41,7 @@ class _Save:
     xfer_id: str
     num_prompt_tokens: int
     block_ids: list[int] = field(default_factory=list)
+    num_steps: int = 0  # steps that computed part of the prompt so far (several: a chunked prefill)
     saved: bool = False
 
 
@@ -118,11 +120,12 @@ class PDConnectorScheduler:
         return metadata
 
     def _maybe_save(self, metadata: PDConnectorMetadata, req_id: str, save: _Save, num_done: int) -> None:
+        save.num_steps += 1
         if save.saved or num_done < save.num_prompt_tokens:
             return
         num_blocks = _num_blocks(save.num_prompt_tokens, self.block_size)
         metadata.saves.append(SaveSpec(req_id, save.xfer_id, tuple(save.block_ids[:num_blocks]),
-                                       save.num_prompt_tokens))
+                                       save.num_prompt_tokens, save.num_steps))
         save.saved = True  # later steps of the same request save nothing
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -92,6 +92,7 @@ class PDConnectorWorker:
                               checksum_algo=default_checksum_algo(payload), checksum=UNSEALED)
             counters.gather_s += time.perf_counter() - started
             counters.num_saved += 1
+            counters.num_chunked_saved += save.num_steps > 1
             if self.hub.on_saved is not None:
                 self.hub.on_saved(save.xfer_id, header, payload)
 

@@ -37,6 +37,7 @@ class ConnectorCounters:
     """What the connector's worker half did, for kv_stats, tests and metrics."""
 
     num_saved: int = 0
+    num_chunked_saved: int = 0  # saved prompts that were computed over several steps
     num_loaded: int = 0
     num_loaded_tokens: int = 0
     num_load_errors: int = 0

@@ -1,0 +1,47 @@
+"""Configuration of where and in what order prompts run: placement (which engine prefills a prompt) and the
+prefill replica's step (how many prompt tokens one step computes, which waiting prompt goes first).
+
+Same rules as `app/config.py` (pydantic, `extra="forbid"`, frozen; the README's table is generated from them);
+`AppConfig` holds them as `placement` and `prefill_batching`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class PlacementConfig(BaseModel, extra="forbid", frozen=True):
+    """Disaggregated mode: where each prompt runs. The decode replica is chosen first; then the prompt prefills
+    on a prefill replica (its KV moved over) or on that decode replica itself (no hop, no transfer, but its
+    running replies wait for the prefill)."""
+
+    policy: Literal["adaptive", "always_remote", "always_local"] = Field(
+        "adaptive", description="adaptive: short prompts prefill on their decode replica, longer ones on a prefill "
+        "replica; always_remote: every prompt on a prefill replica; always_local: every prompt on its decode replica.")
+    local_max_prompt_tokens: int = Field(
+        224, ge=0, description="adaptive: a prompt with at most this many tokens not cached on its decode replica "
+        "prefills there when that replica is idle, holds much more of it than prefill, or prefill is backlogged. "
+        "`pdserve plan` prints the length whose prefill stalls decode two steps (226 here; 224 is the block below).")
+    prefix_routing_slack: int = Field(
+        4, ge=-1, description="Prefix-aware routing (both phases): the replica that probably holds the longest cached "
+        "prefix of the prompt is chosen unless it has more than this many requests above the least busy replica; -1: "
+        "off (Serve's power-of-two choice).")
+
+
+class PrefillBatchingConfig(BaseModel, extra="forbid", frozen=True):
+    """How prompts are batched and ordered on a prefill replica (decode keeps `engine.max_num_seqs`)."""
+
+    max_batched_tokens: int | None = Field(
+        1024, ge=16, description="Most prompt tokens one prefill step computes; a longer prompt runs in chunks over "
+        "several steps and its KV is sent after the last (None: engine.max_num_batched_tokens, at least "
+        "model.max_model_len: no chunking). Smaller steps let a short prompt start sooner (docs/placement.md).")
+    max_batch_size: int | None = Field(None, ge=1, description="Most prompts in one prefill step (None: max_num_seqs).")
+    short_first_ms_per_token: float = Field(
+        2.0, ge=0, le=1000, description="Waiting prompts go shortest first, within a bound: a prompt of N tokens is "
+        "passed only by shorter ones that arrived less than this many ms per token of difference after it, so it "
+        "waits at most N times this for later arrivals. 0: arrival order.")
+    window_ms: float = Field(0.0, ge=0, le=1000, description="Hold arriving prompts up to this long so they enter "
+                             "the engine together (0: no window). Trades TTFT for bigger batches.")
+    window_max_requests: int = Field(32, ge=1, description="Release the window early once this many prompts wait.")
