@@ -103,13 +103,18 @@ class DeploymentOptions(_Strict):
 
 
 class FaultInjection(_Strict):
-    """Drills: make a share of KV transfers fail, arrive corrupted or wrong, or arrive late (prefill side)."""
+    """Drills: make a share of KV transfers fail, arrive corrupted, wrong or mislabelled, vanish, or arrive late
+    (prefill side)."""
 
     fail_fraction: float = Field(0.0, ge=0, le=1, description="Share of transfers never sent.")
     corrupt_fraction: float = Field(0.0, ge=0, le=1, description="Share sent with one value changed after the "
                                     "checksum was taken (decode must refuse them).")
     wrong_kv_fraction: float = Field(0.0, ge=0, le=1, description="Share sent with the layers' KV in reverse order "
                                      "and a matching checksum: decode takes it (and caches it), the reply must change.")
+    mismatched_header_fraction: float = Field(0.0, ge=0, le=1, description="Share sent with a sealed header that "
+                                              "claims one prompt token more: decode's load must refuse it.")
+    lose_fraction: float = Field(0.0, ge=0, le=1, description="Share reported sent but never sent (a silent loss): "
+                                 "decode recomputes at its own deadline.")
     delay_s: float = Field(0.0, ge=0, description="Extra wait before each send.")
     seed: int | None = Field(None, description="Seed for choosing which transfers are hit.")
 

@@ -129,6 +129,8 @@ class EngineReplica:
             "num_free_blocks": driver.num_free_blocks(),
             "num_total_blocks": driver.num_total_blocks(),
             "num_unfinished": driver.num_unfinished(),
+            # pdserve's own threads (engine, pairs, sweeps): the chaos soak checks that they do not pile up
+            "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith(("kv-", "pdserve-"))),
             "replica_id": self.replica_id,
             "load": {"num_running": load.num_running, "num_waiting": load.num_waiting,
                      "num_queued_prompt_tokens": load.num_queued_prompt_tokens, "kv_usage": load.kv_usage,

@@ -185,6 +185,6 @@ class Prefill(EngineReplica):
     async def kv_stats(self) -> dict:
         counters = self.hub.counters
         return {"num_saved": counters.num_saved, "num_chunked_saved": counters.num_chunked_saved,
-                "gather_s": counters.gather_s, "num_outgoing": len(self.outbox),
+                "gather_s": counters.gather_s, "num_outgoing": len(self.outbox), "num_parked": self.parking.count(),
                 "num_cancelled_sends": self.outbox.num_cancelled_sends, "replica_id": self.replica_id,
                 **self.transport.stats()}

@@ -77,8 +77,8 @@ def metrics_url(ray_session) -> str:
 
 
 @pytest.fixture(scope="session")
-def offline_engine():
-    """vLLM run directly in this process (no Serve): the reference for token-exact tests."""
+def driver():
+    """pdserve's `EngineDriver` run directly in this process (no Serve): what tests/test_engine.py tests."""
     from app.config import AppConfig
     from app.engine import EngineDriver
     from app.specs import EngineSpec
@@ -86,6 +86,18 @@ def offline_engine():
     driver = EngineDriver.from_spec(EngineSpec.from_config(AppConfig()))
     yield driver
     driver.shutdown()
+
+
+@pytest.fixture(scope="session")
+def offline_engine(ray_session):
+    """The reference for token-exact tests: vLLM's own `LLM` class with the app's engine knobs, in an actor of its
+    own (one in-process engine per process). Nothing of pdserve's request path is in it, so a bug there cannot
+    hide on both sides of a comparison."""
+    from tests.helpers import ReferenceLLM
+
+    reference = ReferenceLLM()
+    yield reference
+    reference.shutdown()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -42,14 +42,61 @@ def prompt_of_length(tokenizer, num_tokens: int, offset: int = 0) -> list[int]:
     return ids[offset : offset + num_tokens]
 
 
-def offline_generate(driver, prompt_ids: list[int], max_tokens: int, **sampling: Any) -> tuple[str, list[int]]:
-    """Greedy (by default) text and token ids from an in-process `EngineDriver`."""
-    spec = SamplingSpec(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0.0), **sampling)
+class ReferenceLLM:
+    """vLLM's `LLM` class in a Ray actor, built with the engine knobs of a default app (`EngineSpec`)."""
+
+    def __init__(self) -> None:
+        import ray
+
+        from app.config import AppConfig
+        from app.engine_setup import engine_env
+        from app.specs import EngineSpec
+
+        actor = ray.remote(num_cpus=1, runtime_env={"env_vars": engine_env()})(_ReferenceActor)
+        self.actor = actor.remote(EngineSpec.from_config(AppConfig()))
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, sampling: dict[str, Any]) -> tuple[str, list[int]]:
+        import ray
+
+        return ray.get(self.actor.generate.remote(list(prompt_ids), max_tokens, sampling), timeout=300)
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+
+
+class _ReferenceActor:
+    def __init__(self, spec) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(model=spec.model_path, dtype=spec.dtype, max_model_len=spec.max_model_len,
+                       block_size=spec.block_size, kv_cache_memory_bytes=spec.kv_cache_memory_bytes,
+                       max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
+                       enable_prefix_caching=spec.enable_prefix_caching, seed=spec.seed, enforce_eager=True,
+                       distributed_executor_backend="uni", disable_log_stats=True)
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, sampling: dict[str, Any]) -> tuple[str, list[int]]:
+        from vllm import SamplingParams
+
+        sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items()}
+        params = SamplingParams(max_tokens=max_tokens, **sampling)
+        (output,) = self.llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
+        return output.outputs[0].text, list(output.outputs[0].token_ids)
+
+
+def offline_generate(engine, prompt_ids: list[int], max_tokens: int, **sampling: Any) -> tuple[str, list[int]]:
+    """Greedy (by default) text and token ids from the reference (`ReferenceLLM`: vLLM's `LLM` class) or from an
+    in-process `EngineDriver` (tests/test_engine.py, which tests the driver itself)."""
+    sampling.setdefault("temperature", 0.0)
+    if isinstance(engine, ReferenceLLM):
+        return engine.generate(prompt_ids, max_tokens, sampling)
+    spec = SamplingSpec(max_tokens=max_tokens, **sampling)
 
     async def run() -> tuple[str, list[int]]:
         text, ids = "", []
         request_id = f"offline-{time.monotonic_ns()}"
-        async for chunk in driver.generate(request_id, list(prompt_ids), spec):
+        async for chunk in engine.generate(request_id, list(prompt_ids), spec):
             text += chunk.text
             ids.extend(chunk.token_ids)
         return text, ids

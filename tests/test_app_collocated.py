@@ -1,4 +1,6 @@
-"""End to end, collocated mode: the OpenAI client against the running app, bad input, handle calls."""
+"""End to end, collocated mode: the OpenAI client against the running app, bad input, handle calls; and a
+disaggregated app beside it, compared token for token (greedy and seeded sampling, streamed and not) with no
+offline engine in between."""
 
 from __future__ import annotations
 
@@ -82,6 +84,54 @@ def test_stop_sequences_seed_and_sampling_params(client, offline_engine, tokeniz
     seeded = [client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=1.0, top_p=0.9,
                                         seed=7).choices[0].text for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+DISAGG_APP, DISAGG_PREFIX = "colo-vs-pd", "/colo-vs-pd"
+
+
+@pytest.fixture(scope="module")
+def disagg(ray_session):
+    """The disaggregated app, every prompt through a prefill replica in 64-token chunks and a KV transfer."""
+    run_app({"placement": {"policy": "always_remote"}, "prefill_batching": {"max_batched_tokens": 64}},
+            DISAGG_APP, DISAGG_PREFIX)
+    yield f"http://127.0.0.1:{ray_session}{DISAGG_PREFIX}"
+    stop_app(DISAGG_APP)
+
+
+def _choices(base: str, body: dict, stream: bool) -> tuple[list[tuple[str, list[int]]], str | None]:
+    """(text, token ids) per choice, by index, and the reply's x-pdserve-kv-source."""
+    out: dict[int, tuple[str, list[int]]] = {}
+    if not stream:
+        response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        for choice in response.json()["choices"]:
+            out[choice["index"]] = (choice["text"], choice["token_ids"])
+        return [out[i] for i in sorted(out)], response.headers.get("x-pdserve-kv-source")
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[len("data: "):])
+                assert "error" not in event, event
+                for choice in event["choices"]:
+                    text, ids = out.get(choice["index"], ("", []))
+                    out[choice["index"]] = (text + choice["text"], ids + (choice.get("token_ids") or []))
+        return [out[i] for i in sorted(out)], response.headers.get("x-pdserve-kv-source")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "top_p": 0.95, "seed": 11},
+                                      {"temperature": 1.3, "top_k": 20, "seed": 3, "n": 2}],
+                         ids=["greedy", "seeded", "seeded-n2"])
+def test_the_disaggregated_app_gives_the_collocated_apps_tokens(app, disagg, tokenizer, sampling, stream):
+    for num_tokens in (9, 32, 70, 150):  # under a block, one block, several, several 64-token prefill chunks
+        body = {"model": MODEL_NAME, "prompt": prompt_of_length(tokenizer, num_tokens, offset=500 + num_tokens),
+                "max_tokens": 24, "ignore_eos": True, "return_token_ids": True, **sampling}
+        want, _ = _choices(app["base"], body, stream)
+        got, kv_source = _choices(disagg, body, stream)
+        assert got == want, (num_tokens, sampling)
+        assert len(want) == sampling.get("n", 1) and all(len(ids) == 24 for _, ids in want)
+        assert kv_source == "transfer"  # the KV came from the prefill replica: nothing recomputed
 
 
 # What vLLM's server refuses, pdserve refuses (tests/test_vllm_conformance.py compares the two servers);

@@ -210,6 +210,37 @@ def test_kv_with_a_valid_header_but_the_wrong_content_changes_the_output(app, of
     assert right["pdserve"]["kv_source"] == "transfer"
 
 
+def test_a_header_that_does_not_match_the_engine_goes_through_the_load_error_path_as_a_recompute(
+        app, offline_engine, tokenizer):
+    """The header arrives sealed and intact but describes another prompt (one token more): decode's connector
+    refuses it when it loads (vLLM's load-error path recomputes the blocks), and the reply says so."""
+    prompt = prompt_of_length(tokenizer, 70, offset=640)
+    want, _ = offline_generate(offline_engine, prompt, 16)
+    errors_before = sum(s["num_load_errors"] for s in _broadcast("Decode", "kv_stats"))
+    with _prefill_faults({"mismatched_header_fraction": 1.0}):
+        body = _complete(app, prompt, 16)
+    assert body["choices"][0]["text"] == want  # recomputed, never loaded from a header that does not fit
+    assert body["pdserve"]["kv_source"] == "recomputed"
+    assert "KV load failed: KV header mismatch: 71 tokens, expected 70" in body["pdserve"]["fallback_reason"]
+    assert sum(s["num_load_errors"] for s in _broadcast("Decode", "kv_stats")) - errors_before == 1
+
+
+def test_a_transfer_lost_without_notice_is_recomputed_at_decodes_own_deadline(app, offline_engine, tokenizer):
+    """Prefill reports the KV sent but it never leaves (a silent loss: nobody tells decode). Decode waits for it
+    until its own deadline (prefill_timeout_s + timeout_s after the request reached it), then recomputes."""
+    prompt = prompt_of_length(tokenizer, 60, offset=660)
+    want, _ = offline_generate(offline_engine, prompt, 12)
+    deadline_s = ARGS["kv_transfer"]["prefill_timeout_s"] + ARGS["kv_transfer"]["timeout_s"]
+    with _prefill_faults({"lose_fraction": 1.0}):
+        started = time.monotonic()
+        body = _complete(app, prompt, 12)
+        waited_s = time.monotonic() - started
+    assert body["choices"][0]["text"] == want
+    assert body["pdserve"]["kv_source"] == "recomputed"
+    assert "deadline passed" in body["pdserve"]["fallback_reason"]
+    assert deadline_s - 1 <= waited_s < deadline_s + 10  # it waited for its deadline, not for a notice
+
+
 def test_failed_transfer_falls_back_at_once_and_is_counted(app, offline_engine, tokenizer):
     prompt = prompt_of_length(tokenizer, 45)
     want, _ = offline_generate(offline_engine, prompt, 12)

@@ -1,11 +1,13 @@
 """End to end, operating pdserve: metrics on the Prometheus endpoint, each phase autoscaling on its own
 signal, warm-up forming pair groups before a new replica serves, and prefill scaled to zero.
 
-Story (one autoscaled app, prefill and decode each 1..2 replicas):
+Story (one autoscaled app, prefill and decode each 1..3 replicas, so that a phase that should stay put has room
+to move; replicas are counted whatever their state but STOPPING, so a scale-up still starting counts):
 1. Requests of every kind (plain, streamed, parked, one whose prefill fails) -> every documented
    metric is on the endpoint with sane values.
-2. Long prompts, one output token -> prefill scales to 2 while decode stays at 1.
-3. Short prompts, long generations -> decode scales to 2 while prefill stays at 2.
+2. Long prompts, one output token -> prefill scales to 2 (its targets say 2 for this load) while decode stays
+   at 1 all along.
+3. Short prompts, long generations -> decode scales to 2 while prefill stays at 2 all along.
 4. The decode replica added in 3 paired with both prefill replicas while warming up; the requests it
    then serves set up no pair group.
 Then a second app whose prefill starts at zero replicas: requests decode locally (reported), prefill
@@ -15,6 +17,7 @@ scales up, then back to zero while decode keeps serving.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import httpx
@@ -28,7 +31,7 @@ from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
 
 pytestmark = pytest.mark.slow
 APP, PREFIX = "ops", "/ops"
-SCALING = {"num_replicas": "auto", "min_replicas": 1, "max_replicas": 2, "num_cpus": 1,
+SCALING = {"num_replicas": "auto", "min_replicas": 1, "max_replicas": 3, "num_cpus": 1,
            "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 600}
 ARGS = {  # always_remote: every prompt goes through the prefill phase whose scaling is tested
     "mode": "disaggregated",
@@ -37,8 +40,10 @@ ARGS = {  # always_remote: every prompt goes through the prefill phase whose sca
     "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 20.0, "shared_memory_mib": 0},
     "prefill": SCALING,
     "decode": SCALING,
-    "autoscaling": {"prefill": {"target_queued_prompt_tokens": 1024, "target_queue_wait_s": 2.0},
-                    "decode": {"target_running_requests": 6}},
+    # Sized so that each load below asks for exactly 2 of its phase and none of the other: 8 prompts of 1800
+    # tokens queue at most 14,400 tokens (2 replicas at 8,000 each); 20 long generations run 20 sequences (2 at 10)
+    "autoscaling": {"prefill": {"target_queued_prompt_tokens": 8000, "target_queue_wait_s": 10.0},
+                    "decode": {"target_running_requests": 10}},
     "warmup": {"num_requests": 2, "context_len": 64},
 }
 SCALE_TIMEOUT_S = 120
@@ -59,6 +64,12 @@ def _broadcast(deployment: str, method: str, *args, app_name: str = APP) -> list
 def _num_running(deployment: str, app_name: str = APP) -> int:
     status = serve.status().applications[app_name].deployments[deployment]
     return status.replica_states.get("RUNNING", 0)
+
+
+def _num_replicas(deployment: str, app_name: str = APP) -> int:
+    """Replicas the deployment has or is getting: every state but STOPPING (a scale-up shows while STARTING)."""
+    states = serve.status().applications[app_name].deployments[deployment].replica_states
+    return sum(count for state, count in states.items() if state != "STOPPING")
 
 
 def _complete(base: str, prompt, max_tokens: int = 8, **extra) -> dict:
@@ -85,19 +96,23 @@ def _value(samples: list, suffix: str = "", **labels: str) -> float:
                                                                           for k, v in labels.items()))
 
 
-def _drive(base: str, prompts: list[list[int]], max_tokens: int, until, timeout_s: float) -> bool:
-    """Closed-loop load, one worker per prompt, until `until()` holds (checked every 0.5 s) or time is up."""
+def _drive(base: str, prompts: list[list[int]], max_tokens: int, until, timeout_s: float,
+           num_workers: int | None = None) -> bool:
+    """Closed-loop load until `until()` holds (checked every 0.5 s) or time is up: one worker per prompt, or
+    `num_workers` workers taking the prompts in turn (so that few repeat while the prefix cache holds them)."""
+    turns = itertools.cycle(prompts)
     async def run() -> bool:
         stop = asyncio.Event()
         body = {"model": MODEL_NAME, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
 
-        async def worker(client: httpx.AsyncClient, prompt: list[int]) -> None:
+        async def worker(client: httpx.AsyncClient, prompt: list[int] | None) -> None:
             while not stop.is_set():
-                response = await client.post(f"{base}/v1/completions", json={**body, "prompt": prompt})
+                response = await client.post(f"{base}/v1/completions", json={**body, "prompt": prompt or next(turns)})
                 assert response.status_code == 200, response.text
 
         async with httpx.AsyncClient(timeout=180) as client:
-            workers = [asyncio.ensure_future(worker(client, p)) for p in prompts]
+            mine = [None] * num_workers if num_workers else prompts
+            workers = [asyncio.ensure_future(worker(client, p)) for p in mine]
             deadline = time.monotonic() + timeout_s
             met = False
             while time.monotonic() < deadline and not met:
@@ -165,32 +180,37 @@ def test_metrics_endpoint_has_every_documented_metric(app, metrics_url, tokenize
 
 
 def test_prefill_scales_on_long_prompts_while_decode_stays(app, tokenizer):
-    assert (_num_running("Prefill"), _num_running("Decode")) == (1, 1)
+    assert (_num_replicas("Prefill"), _num_replicas("Decode")) == (1, 1)
     decode_counts: list[int] = []
 
     def prefill_scaled() -> bool:
-        decode_counts.append(_num_running("Decode"))
+        decode_counts.append(_num_replicas("Decode"))
         return _num_running("Prefill") == 2
 
-    prompts = [prompt_of_length(tokenizer, 1800, offset=100 + 7 * i) for i in range(8)]
-    assert _drive(app, prompts, 1, prefill_scaled, SCALE_TIMEOUT_S), "prefill did not scale to 2"
-    assert set(decode_counts) == {1}  # decode's signal (running sequences) never asked for more
+    # 8 at a time, never the same twice in a while: a repeated prompt is prefix-cached and queues nothing
+    prompts = [prompt_of_length(tokenizer, 1800, offset=100 + 7 * i) for i in range(96)]
+    assert _drive(app, prompts, 1, prefill_scaled, SCALE_TIMEOUT_S, num_workers=8), "prefill did not scale to 2"
+    decode_counts.append(_num_replicas("Decode"))
+    assert set(decode_counts) == {1}  # decode's signal (running sequences) never asked for more, though it could
+    assert _num_replicas("Prefill") == 2  # and prefill went where its targets said, not to its max (3)
 
 
 def test_decode_scales_on_long_generations_while_prefill_stays(app, tokenizer):
-    assert (_num_running("Prefill"), _num_running("Decode")) == (2, 1)
+    assert (_num_replicas("Prefill"), _num_replicas("Decode")) == (2, 1)
     _seen["decode"] = {s["replica_id"] for s in _broadcast("Decode", "kv_stats")}
     assert all(s["num_shm_pairs"] == 0 and s["num_pairs_formed"] >= 1 for s in _broadcast("Decode", "kv_stats"))
     _seen.update({s["replica_id"]: s["num_pairs_formed_at_warmup"] for s in _broadcast("Prefill", "kv_stats")})
     prefill_counts: list[int] = []
 
     def decode_scaled() -> bool:
-        prefill_counts.append(_num_running("Prefill"))
+        prefill_counts.append(_num_replicas("Prefill"))
         return _num_running("Decode") == 2
 
     prompts = [prompt_of_length(tokenizer, 16, offset=300 + 3 * i) for i in range(20)]
     assert _drive(app, prompts, 300, decode_scaled, SCALE_TIMEOUT_S), "decode did not scale to 2"
-    assert set(prefill_counts) == {2}
+    prefill_counts.append(_num_replicas("Prefill"))
+    assert set(prefill_counts) == {2}  # prefill had room for a third replica and its signal never asked for it
+    assert _num_replicas("Decode") == 2
 
 
 def test_new_replica_paired_during_warmup_and_serves_without_pair_setup(app, tokenizer, offline_engine):

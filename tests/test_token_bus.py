@@ -171,13 +171,13 @@ def test_without_a_bus_the_call_is_used_as_it_is():
     assert streamed(None, REQUEST, lambda r: call if r.reply_to is None else None) is call
 
 
-def test_the_driver_sends_every_delta_after_the_first_to_the_bus(offline_engine, tokenizer):
+def test_the_driver_sends_every_delta_after_the_first_to_the_bus(driver, tokenizer):
     prompt = prompt_of_length(tokenizer, 40)
     sampling = SamplingSpec(max_tokens=12, temperature=0, ignore_eos=True)
 
     async def run():
         plain = []
-        async for chunk in offline_engine.generate("bus-plain", prompt, sampling):
+        async for chunk in driver.generate("bus-plain", prompt, sampling):
             plain.extend(chunk.token_ids)
         bus = TokenBus("127.0.0.1")
         by_call = []
@@ -190,7 +190,7 @@ def test_the_driver_sends_every_delta_after_the_first_to_the_bus(offline_engine,
                 pass
 
             async def __aiter__(self):
-                async for chunk in offline_engine.generate("bus-1", prompt, sampling, reply_to=self.request.reply_to):
+                async for chunk in driver.generate("bus-1", prompt, sampling, reply_to=self.request.reply_to):
                     by_call.append(chunk)
                     yield chunk
 

@@ -11,8 +11,9 @@ Life cycle of one `generate` call (vLLM's serving class calls it once per prompt
    others); each output carries its choice `index`. A client's `kv_transfer_params` never go through: only
    pdserve sets them, for its own transfers.
 3. pdserve's chunks become vLLM `RequestOutput`s: deltas as they come (streaming), or one final output
-   (non-streaming, `FINAL_ONLY`). A non-streaming request whose engine replica died before it finished is
-   run once more (nothing reached the client yet), reported as `retried_after`.
+   (non-streaming, `FINAL_ONLY`). A request whose engine replica died before anything of it reached the client
+   (non-streaming: before it finished; streaming: before its first chunk) is run once more, reported as
+   `retried_after`.
 4. The first chunk's `KVReport` (and any later fields) lands in the scope for the `pdserve` field and
    headers; latency metrics are recorded once per prompt, fallback counters once per choice (each choice
    is a request of its own on the replicas, with its own transfer).
@@ -73,6 +74,20 @@ def salted(tenant_salt: str | None, request_salt: str | None) -> str | None:
     return f"{tenant_salt}:{request_salt}"
 
 
+async def _watched(scope: RequestScope, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """Counts outputs and keeps the failure: vLLM's stream generators turn exceptions into error events,
+    and the front needs to know whether one came before any output (then it is an HTTP status)."""
+    try:
+        async for output in outputs:
+            scope.num_outputs += 1
+            yield output
+    except Exception as exc:
+        scope.failure = exc
+        if scope.num_outputs:  # mid-stream: vLLM's serving class sends this as an error event, in our words
+            raise _generation_error(exc) from exc
+        raise
+
+
 class PDServeEngine(VLLMEngineClient):
     """The engine vLLM's serving classes see; `client` is pdserve's (collocated or disaggregated)."""
 
@@ -96,21 +111,7 @@ class PDServeEngine(VLLMEngineClient):
             raise VLLMValidationError("pdserve serves text and token-id prompts only", parameter="prompt")
         prompt_ids = tuple(prompt["prompt_token_ids"])
         salt = salted(scope.cache_salt, prompt.get("cache_salt"))
-        return self._watched(scope, self._generate(scope, request_id, prompt_ids, salt, sampling_params))
-
-    @staticmethod
-    async def _watched(scope: RequestScope, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """Counts outputs and keeps the failure: vLLM's stream generators turn exceptions into error events,
-        and the front needs to know whether one came before any output (then it is an HTTP status)."""
-        try:
-            async for output in outputs:
-                scope.num_outputs += 1
-                yield output
-        except Exception as exc:
-            scope.failure = exc
-            if scope.num_outputs:  # mid-stream: vLLM's serving class sends this as an error event, in our words
-                raise _generation_error(exc) from exc
-            raise
+        return _watched(scope, self._generate(scope, request_id, prompt_ids, salt, sampling_params))
 
     async def _generate(self, scope: RequestScope, request_id: str, prompt_ids: tuple[int, ...],
                         salt: str | None, params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -139,23 +140,28 @@ class PDServeEngine(VLLMEngineClient):
 
     async def _run(self, scope: RequestScope, request: GenerateRequest, index: int, final_only: bool
                    ) -> AsyncIterator[GenerationChunk]:
-        """One choice's chunks. Non-streaming, they are held until it finishes: if its engine replica dies first,
-        nothing has reached the client, so it runs once more from the start (reported as `retried_after`)."""
-        if not final_only:
-            async for chunk in self._reported(scope, request, index):
+        """One choice's chunks. If its engine replica dies before any of them reached the client (a stream before
+        its first chunk; non-streaming, whose chunks are held until it finishes, any time), it runs once more from
+        the start (reported as `retried_after`)."""
+        sent = False
+        for attempt in (request, replace(request, request_id=f"{request.request_id}-retry")):
+            held: list[GenerationChunk] = []
+            try:
+                async for chunk in self._reported(scope, attempt, index):
+                    if final_only:
+                        held.append(chunk)
+                        continue
+                    sent = True
+                    yield chunk
+            except Exception as exc:
+                if sent or attempt is not request or not (self.retry_dead_replica and replica_died(exc)):
+                    raise
+                scope.retried_after = f"replica died: {short_error(exc)}"
+                record_fallback("retried_dead_replica")
+                continue
+            for chunk in held:
                 yield chunk
             return
-        try:
-            chunks = [chunk async for chunk in self._reported(scope, request, index)]
-        except Exception as exc:
-            if not (self.retry_dead_replica and replica_died(exc)):
-                raise
-            scope.retried_after = f"replica died: {short_error(exc)}"
-            record_fallback("retried_dead_replica")
-            retry = replace(request, request_id=f"{request.request_id}-retry")
-            chunks = [chunk async for chunk in self._reported(scope, retry, index)]
-        for chunk in chunks:
-            yield chunk
 
     async def _reported(self, scope: RequestScope, request: GenerateRequest, index: int
                         ) -> AsyncIterator[GenerationChunk]:

@@ -7,7 +7,8 @@ Life cycle of one `Outgoing` (keyed by transfer id):
    gathered header + payload in the step that completed the prompt: the payload is queued on the pair's
    sender thread (or handed back for parking). Fault injection (drills) acts here: fail, corrupt after the
    checksum (on the sender thread, once it sealed the header), send wrong KV with a matching checksum (a
-   negative control: the reply must change), or delay the send.
+   negative control: the reply must change), send a header that does not fit the prompt (decode's load must
+   refuse it), report a send that never happens (a silent loss), or delay the send.
 3. `done` resolves on the replica's event loop with the `SendResult` (or the error); a request that gives
    up first marks its transfer `cancelled`, so a queued send never goes out late.
 4. `close(xfer_id)` whatever happened.
@@ -19,7 +20,7 @@ import asyncio
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -106,6 +107,13 @@ class KVOutbox:
                 segment.release()
             done(None, RuntimeError("injected transfer failure"))
             return
+        if faults.lose_fraction and self._fault_rng.random() < faults.lose_fraction:
+            if segment is not None:
+                segment.release()
+            done(SendResult(header.num_bytes, 0.0), None)  # reported sent; decode hears nothing
+            return
+        if faults.mismatched_header_fraction and self._fault_rng.random() < faults.mismatched_header_fraction:
+            header = replace(header, num_tokens=header.num_tokens + 1)  # sealed as is: only the load can tell
         tamper = None
         if faults.corrupt_fraction and self._fault_rng.random() < faults.corrupt_fraction:
             tamper = _corrupt  # after the sender thread sealed the header: decode's verification must catch it
