@@ -484,6 +484,38 @@ def test_decode_killed_mid_request_is_retried_for_non_streaming(app, offline_eng
     assert body["choices"][0]["text"] == offline_generate(offline_engine, prompt, 400, ignore_eos=True)[0]
 
 
+def test_a_stream_whose_decode_replica_dies_before_its_first_token_is_retried(app, offline_engine, tokenizer):
+    """Found by the chaos soak: the stream answered 500. Nothing of it had reached the client, so, like a
+    non-streaming request, it runs once more on a live replica and the client sees one ordinary stream."""
+    _wait_for_replicas("Decode", 2)
+    prompt = prompt_of_length(tokenizer, 24, offset=170)
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True}
+    result: dict = {}
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{app['base']}/v1/completions", json=body, timeout=120) as response:
+            result["status"] = response.status_code
+            result["events"] = [line for line in response.iter_lines() if line]
+
+    with _prefill_faults({"delay_s": 1.5}):  # the KV is on its way for 1.5 s: decode holds the request, unstarted
+        worker = threading.Thread(target=stream)
+        worker.start()
+        deadline, victim = time.monotonic() + 10, None
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            victim = next((s["replica_id"] for s in _broadcast_alive("Decode", "kv_stats") if s["mailbox_entries"]),
+                          None)
+        assert victim is not None, "no decode replica was waiting for the transfer"
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#Decode#{victim}", namespace="serve"), no_restart=True)
+        worker.join(120)
+    import json
+
+    assert result["status"] == 200 and result["events"][-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in result["events"][:-1]]
+    assert not [c for c in chunks if "error" in c]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == offline_generate(offline_engine, prompt, 12)[0]
+
+
 def test_no_leaks_engines_and_mailboxes_return_to_start(app):
     _wait_for_replicas("Prefill", 2)
     _wait_for_replicas("Decode", 2)
