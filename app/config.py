@@ -75,6 +75,9 @@ class DeploymentOptions(_Strict):
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound (num_replicas: auto).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (engine replicas on GPU: 1).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica, e.g. {prefill_node: 0.01}: replicas "
+        "go only to nodes that offer them (`ray start --resources`, KubeRay rayStartParams; docs/cluster.md).")
     cpu_affinity: list[int] | None = Field(
         None, description="Cores the thread that steps an engine replica's engine (and its compute threads) may run "
         "on, e.g. [0] for prefill and [1] for decode on a 2-core node (CPU engines; None: any core).")

@@ -43,11 +43,13 @@ class EngineReplica:
     _stopped: threading.Event | None = None
 
     def _init_replica(self, spec: EngineSpec, warmup: WarmupConfig) -> None:
+        import ray
         from ray import serve
 
         context = serve.get_replica_context()
         self.spec, self.warmup_config = spec, warmup
         self.replica_id, self.app_name = context.replica_id.unique_id, context.app_name
+        self.node_id = ray.get_runtime_context().get_node_id()  # the Ray node it runs on (stats)
         self._stopped = threading.Event()
         self.warmup_stats: dict[str, Any] = {"num_runs": 0, "num_requests": 0, "paired": []}
 
@@ -132,6 +134,7 @@ class EngineReplica:
             # pdserve's own threads (engine, pairs, sweeps): the chaos soak checks that they do not pile up
             "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith(("kv-", "pdserve-"))),
             "replica_id": self.replica_id,
+            "node_id": self.node_id,
             "load": {"num_running": load.num_running, "num_waiting": load.num_waiting,
                      "num_queued_prompt_tokens": load.num_queued_prompt_tokens, "kv_usage": load.kv_usage,
                      "step_s": load.step_s},

@@ -13,7 +13,8 @@ def serve_options(options: DeploymentOptions, policy: dict[str, Any] | None = No
     """The `Deployment.options(...)` keywords for `options`; `policy` is the autoscaling policy
     (`{"policy_function": ..., "policy_kwargs": ...}`), Serve's queue-length policy if None."""
     result: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
+        "ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus,
+                              **({"resources": dict(options.resources)} if options.resources else {})},
         "max_ongoing_requests": options.max_ongoing_requests,
         "max_queued_requests": options.max_queued_requests,
     }

@@ -51,6 +51,9 @@ def test_deployment_options_map_to_serve_options():
                                                       "num_gpus": 1}}).decode)
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
     assert auto["ray_actor_options"]["num_gpus"] == 1
+    assert "resources" not in auto["ray_actor_options"]  # none asked for: Serve's default placement
+    placed = serve_options(parse_app_config({"prefill": {"resources": {"prefill_node": 0.01}}}).prefill)
+    assert placed["ray_actor_options"]["resources"] == {"prefill_node": 0.01}
 
 
 def test_relative_model_path_resolves_against_repo_root(tmp_path, monkeypatch):
@@ -82,3 +85,22 @@ def test_gpu_example_validates_as_a_serve_config_with_the_joint_policy():
     assert joint.min_ratio < joint.max_ratio
     config = parse_app_config(application.args)
     assert config.prefill.num_replicas == "auto" and config.warmup.interval_s == 30
+
+
+@pytest.mark.parametrize("manifest", ["rayservice.cpu.yaml", "rayservice.gpu.yaml"])
+def test_kuberay_manifests_carry_a_valid_app_whose_phases_land_on_their_own_worker_groups(manifest):
+    import json
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "examples" / "kuberay" / manifest).read_text())
+    assert raw["kind"] == "RayService"
+    (application,) = ServeDeploySchema.model_validate(yaml.safe_load(raw["spec"]["serveConfigV2"])).applications
+    config = parse_app_config(application.args)
+    # KubeRay passes rayStartParams.resources to `ray start --resources` as a quoted JSON string
+    offered = {group["groupName"]: json.loads(json.loads(group["rayStartParams"]["resources"]))
+               for group in raw["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for phase in ("prefill", "decode"):
+        wanted = serve_options(getattr(config, phase))["ray_actor_options"]["resources"]
+        assert [group for group, has in offered.items() if set(wanted) <= set(has)] == [phase]
