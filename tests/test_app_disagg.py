@@ -24,13 +24,14 @@ from tests.conftest import MODEL_NAME
 from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
 
 pytestmark = pytest.mark.slow
+LEASE_S = 30.0  # kv_transfer.lease_s (the default): how long a transfer's record may outlive its request
 APP = "pd"
 PREFIX = "/pd"
 # always_remote: these tests are about the transfer path (tests/test_placement.py covers the default, adaptive)
 ARGS = {
     "mode": "disaggregated",
     "placement": {"policy": "always_remote"},
-    "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 10.0},
+    "kv_transfer": {"timeout_s": 2.0, "prefill_timeout_s": 10.0, "lease_s": LEASE_S},
     # 64-token prefill steps: prompts over 64 tokens are computed in chunks and sent once, after the last
     "prefill_batching": {"max_batched_tokens": 64},
     "prefill": {"num_replicas": 2, "num_cpus": 1},
@@ -514,6 +515,14 @@ def test_a_stream_whose_decode_replica_dies_before_its_first_token_is_retried(ap
     chunks = [json.loads(e[len("data: "):]) for e in result["events"][:-1]]
     assert not [c for c in chunks if "error" in c]
     assert "".join(c["choices"][0]["text"] for c in chunks) == offline_generate(offline_engine, prompt, 12)[0]
+    # What the lost attempt left on the live decode replica (its transfer's record) ends within its deadline
+    # and lease, like any transfer whose request went away.
+    bound_s = ARGS["kv_transfer"]["prefill_timeout_s"] + ARGS["kv_transfer"]["timeout_s"] + LEASE_S + 5
+    deadline = time.monotonic() + bound_s
+    while any(s["mailbox_entries"] for s in _broadcast_alive("Decode", "kv_stats")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"mailboxes empty after {bound_s - (deadline - time.monotonic()):.1f} s")
+    assert not any(s["mailbox_entries"] for s in _broadcast_alive("Decode", "kv_stats"))
 
 
 def test_no_leaks_engines_and_mailboxes_return_to_start(app):
