@@ -85,7 +85,8 @@ class SoakConfig:
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, drop_after: int | None
                   ) -> tuple[int, str, str]:
-    """(status, text, how it ended: done | error | cut | dropped | refused:<code>)."""
+    """(status, text, how it ended: done | error (an error event, then [DONE]) | cut | dropped |
+    refused: <the error body's message> | bare (a refusal without one))."""
     async with client.stream("POST", url, json={**body, "stream": True}) as response:
         if response.status_code != 200:
             error = json.loads(await response.aread() or b"{}").get("error") or {}
@@ -108,15 +109,16 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, drop_after: i
         return 200, text, "cut"
 
 
-def _bad_request(rng: random.Random, model: str, max_body: int) -> tuple[bytes, dict[str, str]]:
+def _bad_request(rng: random.Random, model: str, max_body: int) -> bytes:
+    """One of: malformed JSON, a negative max_tokens, a body past the size limit, a string temperature."""
     kind = rng.randrange(4)
     if kind == 0:
-        return b'{"model": "' + model.encode() + b'", "prompt": [1, 2', {}
+        return b'{"model": "' + model.encode() + b'", "prompt": [1, 2'
     if kind == 1:
-        return json.dumps({"model": model, "prompt": "hi", "max_tokens": -3}).encode(), {}
+        return json.dumps({"model": model, "prompt": "hi", "max_tokens": -3}).encode()
     if kind == 2:
-        return json.dumps({"model": model, "prompt": "x" * (max_body + 10)}).encode(), {}
-    return json.dumps({"model": model, "prompt": [5, 6], "temperature": "hot"}).encode(), {}
+        return json.dumps({"model": model, "prompt": "x" * (max_body + 10)}).encode()
+    return json.dumps({"model": model, "prompt": [5, 6], "temperature": "hot"}).encode()
 
 
 async def _client_loop(report: SoakReport, config: SoakConfig, base_url: str, model: str,
@@ -129,7 +131,7 @@ async def _client_loop(report: SoakReport, config: SoakConfig, base_url: str, mo
             roll = rng.random()
             try:
                 if roll < 0.1:  # a bad request: must be refused with a 4xx and an error body
-                    content, _ = _bad_request(rng, model, config.max_request_body_bytes)
+                    content = _bad_request(rng, model, config.max_request_body_bytes)
                     response = await client.post(url, content=content, headers={"content-type": "application/json"})
                     report.statuses[response.status_code] += 1
                     has_body = bool((response.json().get("error") or {}).get("message"))
