@@ -178,9 +178,14 @@ class Prefill(EngineReplica):
 
     # -- operators and tests ------------------------------------------------------------------------
 
-    async def set_fault_injection(self, faults: dict, replica_pin: str | None = None) -> None:
-        """Operators' drill switch (and the tests'): replace the fault-injection settings at runtime."""
+    async def set_fault_injection(self, faults: dict, replica_pin: str | None = None) -> str:
+        """Operators' drill switch (and the tests'): replace the fault-injection settings at runtime. Returns this
+        replica's id; a call pinned to another replica (one the caller's router did not know) is refused, so that a
+        drill never lands on the wrong replica unnoticed."""
+        if replica_pin is not None and replica_pin != self.replica_id:
+            raise RuntimeError(f"set_fault_injection was meant for replica {replica_pin}, not {self.replica_id}")
         self.outbox.set_faults(FaultInjection.model_validate(faults))
+        return self.replica_id
 
     async def kv_stats(self) -> dict:
         counters = self.hub.counters

@@ -384,19 +384,22 @@ def test_failing_prefill_replica_is_retried_elsewhere_then_routed_around(app, of
     prefill = serve.get_deployment_handle("Prefill", APP)
     bad, good = sorted(_replica_ids("Prefill"))
     app["handle"].reset_breakers.remote().result()  # earlier fault tests may have left some open
-    prefill.set_fault_injection.remote({"fail_fraction": 1.0}, replica_pin=bad).result()
+    assert prefill.set_fault_injection.remote({"fail_fraction": 1.0}, replica_pin=bad).result() == bad
     breakers = app["handle"].breaker_stats
     try:
         bodies = []
-        for i in range(30):  # until `breaker_failures` (3) failures opened the bad replica's breaker
-            prompt = prompt_of_length(tokenizer, 24, offset=100 + i)
+        # Until `breaker_failures` (3) failures opened the bad replica's breaker. Bounded by time, not count: Serve's
+        # router takes the replica with the shorter queue as it last knew it, and that knowledge may be up to 10 s old.
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and breakers.remote().result().get(bad, {}).get("state") != "open":
+            prompt = prompt_of_length(tokenizer, 24, offset=150 + len(bodies))
             bodies.append((prompt, _complete(app, prompt, 6)))
-            if breakers.remote().result().get(bad, {}).get("state") == "open":
-                break
-        assert breakers.remote().result()[bad]["state"] == "open"
+        served = [b["pdserve"].get("fallback_reason") or b["pdserve"]["prefill_replica"] for _, b in bodies]
+        assert breakers.remote().result().get(bad, {}).get("state") == "open", (bad, served, _broadcast("Prefill",
+                                                                                                        "kv_stats"))
         routed_around = [_complete(app, prompt_of_length(tokenizer, 24, offset=140 + i), 6) for i in range(4)]
     finally:
-        prefill.set_fault_injection.remote({}, replica_pin=bad).result()
+        assert prefill.set_fault_injection.remote({}, replica_pin=bad).result() == bad
     for prompt, body in bodies:
         assert body["choices"][0]["text"] == offline_generate(offline_engine, prompt, 6)[0]
         assert body["pdserve"]["kv_source"] == "transfer"  # the retry's KV, not a recompute
@@ -422,7 +425,7 @@ def test_prefill_killed_mid_transfer_completes_through_the_fallback(app, offline
             time.sleep(0.05)
         assert victim is not None
         for other in _replica_ids("Prefill") - {victim}:
-            prefill.set_fault_injection.remote({}, replica_pin=other).result()
+            assert prefill.set_fault_injection.remote({}, replica_pin=other).result() == other
         ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#Prefill#{victim}", namespace="serve"), no_restart=True)
         worker.join(60)
     finally:

@@ -2,9 +2,10 @@
 
 Life cycle: `VLLMServer(...)` builds the command line (`python -m vllm.entrypoints.openai.api_server`, the
 engine knobs pdserve's defaults use); `start()` launches it in a session of its own and waits until
-`/v1/models` answers; `stop()` presses Ctrl-C (it then exits in seconds and cleans up after itself), kills
-its process group if anything lingers, and removes the /dev/shm files its processes had mapped that a kill
-left behind (only those: other programs' shared memory is never touched).
+`/v1/models` answers; `stop()` presses Ctrl-C (it then exits in seconds and cleans up after itself), waits for
+the rest of its session (engine core, resource tracker) to exit, kills its process group if anything lingers,
+and removes the /dev/shm files its processes had mapped that a kill left behind (only those: other programs'
+shared memory is never touched).
 """
 
 from __future__ import annotations
@@ -23,15 +24,27 @@ from app.config import DEFAULT_MODEL_DIR
 from app.engine_setup import engine_env
 
 
-def _shm_of_group(pgid: int) -> set[Path]:
-    """/dev/shm files mapped or open in the processes of process group `pgid`."""
-    found: set[Path] = set()
+def _group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if os.getpgid(int(proc.name)) != pgid:
-                continue
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and os.getpgid(int(proc.name)) == pgid:
+                pids.append(int(proc.name))
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+    return pids
+
+
+def _shm_of_group(pgid: int) -> set[Path]:
+    """/dev/shm files mapped or open in the processes of process group `pgid`."""
+    found: set[Path] = set()
+    for pid in _group_pids(pgid):
+        proc = Path("/proc", str(pid))
+        try:
             for line in (proc / "maps").read_text().splitlines():
                 if "/dev/shm/" in line:
                     found.add(Path(line.split(maxsplit=5)[-1]))
@@ -39,7 +52,7 @@ def _shm_of_group(pgid: int) -> set[Path]:
                 target = os.readlink(fd)
                 if target.startswith("/dev/shm/"):
                     found.add(Path(target))
-        except (OSError, ProcessLookupError):
+        except OSError:
             continue  # gone meanwhile, or not ours to read
     return found
 
@@ -111,6 +124,13 @@ class VLLMServer:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
+        # The server's exit is not the end of its session: its engine core and multiprocessing's resource tracker
+        # (which unlinks the semaphores and shared memory the server registered, some made during shutdown) exit
+        # after it. Let them finish before anything is killed, and note what they still hold.
+        deadline = time.monotonic() + 15
+        while _group_pids(process.pid) and time.monotonic() < deadline:
+            shm |= _shm_of_group(process.pid)
+            time.sleep(0.2)
         try:
             os.killpg(process.pid, signal.SIGKILL)  # anything of its session still there (engine core)
         except ProcessLookupError:
