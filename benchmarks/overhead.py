@@ -39,6 +39,7 @@ from app.config import DEFAULT_MODEL_DIR  # noqa: E402
 from app.engine import engine_env  # noqa: E402
 from app.tools.bench import report, stats  # noqa: E402
 from app.tools.bench.client import run_workload  # noqa: E402
+from app.tools.bench.processes import OTHER, ROLES, Profiler, cpu_by_role  # noqa: E402
 from app.tools.bench.workload import Arrivals, BenchRequest  # noqa: E402
 from app.tools.vllm_server import VLLMServer, default_sigint, wait_ready  # noqa: E402
 
@@ -120,29 +121,6 @@ def _stop(process: subprocess.Popen) -> None:
     time.sleep(SETTLE_S)
 
 
-# What each process of a system is, by its command line (Serve replicas name their deployment).
-ROLES = (("ProxyActor", "Serve HTTP proxy"), (":Ingress", "ingress"), (":Prefill", "prefill replica"),
-         (":Decode", "decode replica"), (":Collocated", "collocated replica"), ("VLLM::Worker", "vLLM worker"),
-         ("VLLM::EngineCore", "vLLM engine core"), ("vllm.entrypoints", "vLLM API server"))
-
-
-def _cpu_by_role(session: int) -> dict[str, float]:
-    """CPU seconds so far of every process in `session` (the system's process group), summed by role."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(fields[3]) != session:  # field 6 of stat: the session id
-            continue
-        role = next((name for key, name in ROLES if key in command), "Ray and the rest")
-        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
-    return out
-
-
 def _measure(seed: int, session: int) -> dict[str, Any]:
     base = f"http://127.0.0.1:{PORT}"
     closed1 = Arrivals("closed", concurrency=1)
@@ -156,10 +134,10 @@ def _measure(seed: int, session: int) -> dict[str, Any]:
             "ttft_ms": statistics.median(stats.ttft(t) for t in ok) * 1e3,
             "tpot_ms": statistics.median(v for t in ok if (v := stats.tpot(t)) is not None) * 1e3,
             "num_ok": len(ok)}
-    cpu_before = _cpu_by_role(session)
+    cpu_before = cpu_by_role(session)
     timings, duration = asyncio.run(run_workload(base, MODEL, _requests(48, 500, seed + 16),
                                                  Arrivals("closed", concurrency=16)))
-    cpu_after = _cpu_by_role(session)
+    cpu_after = cpu_by_role(session)
     summary = stats.summarize(timings, duration)
     num_tokens = sum(t.num_output_tokens for t in timings if t.ok)
     result["concurrent16"] = {"output_tok_s": summary["output_token_throughput"],
@@ -169,6 +147,19 @@ def _measure(seed: int, session: int) -> dict[str, Any]:
                               "cpu_ms_per_token": {role: (cpu_after[role] - cpu_before.get(role, 0.0)) * 1e3
                                                    / max(1, num_tokens) for role in cpu_after}}
     return result
+
+
+PROFILED = ("Serve HTTP proxy", "ingress", "prefill replica", "decode replica", "collocated replica",
+            "vLLM API server", "vLLM engine core")
+
+
+def _profile(seed: int, session: int, out_dir: Path, system: str) -> list[Path]:
+    """The 16-stream workload again, with py-spy recording every process of the roles that matter: flame graphs
+    of where each token's CPU goes (a pass of its own: sampling costs CPU that the measured pass must not pay)."""
+    with Profiler(session, PROFILED, out_dir, system) as profiler:
+        asyncio.run(run_workload(f"http://127.0.0.1:{PORT}", MODEL, _requests(48, 500, seed + 17),
+                                 Arrivals("closed", concurrency=16)))
+    return profiler.paths
 
 
 def _ratio_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -204,7 +195,7 @@ def _ratio_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 def _cpu_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Where the CPU goes during the 16 streams: milliseconds per output token, by process role (means of runs)."""
     seen = {role for results in runs.values() for r in results for role in r["concurrent16"]["cpu_ms_per_token"]}
-    roles = [role for role in [*(name for _, name in ROLES), "Ray and the rest"] if role in seen]
+    roles = [role for role in [*(name for _, name in ROLES), OTHER] if role in seen]
     systems = list(runs)
     rows = ["| CPU ms per output token, 16 streams | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for role in [*roles, "total"]:
@@ -225,13 +216,19 @@ def main() -> None:
     parser.add_argument("--docs", action="store_true", help="write docs/overhead.md from this run")
     parser.add_argument("--args", default="{}", help="JSON merged into serve_config.yaml's app args for pdserve "
                         "(e.g. '{\"decode\": {\"cpu_affinity\": [1]}}')")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="after each system's measurement, run the 16 streams again under py-spy and write a flame "
+                        "graph per process into this folder (with --docs: docs/profiles)")
     parser.add_argument("--pdserve-repo", type=Path, default=REPO,
                         help="serve pdserve from this checkout (e.g. a worktree of an older commit, for before/after)")
     args = parser.parse_args()
+    if args.docs and args.profile is None:
+        args.profile = REPO / "docs" / "profiles"
     serve_args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
     systems = [s for s in args.systems.split(",") if s != "vllm"]
     order = ["vllm", *[s for s in systems for _ in range(args.repeats)], "vllm"]
     runs: dict[str, list[dict[str, Any]]] = {}
+    profiled: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for system in order:
             command = (_vllm_command(serve_args) if system == "vllm"
@@ -242,19 +239,23 @@ def main() -> None:
                 ready_s = _wait_ready(process)
                 print(f"{system}: ready in {ready_s:.0f} s", flush=True)
                 measured = _measure(args.seed, process.pid)  # started in a session of its own
+                if args.profile is not None and system not in profiled:
+                    profiled[system] = [str(p.relative_to(REPO) if p.is_relative_to(REPO) else p)
+                                        for p in _profile(args.seed, process.pid, args.profile, system)]
             finally:
                 _stop(process)
             runs.setdefault(system, []).append({"ready_s": ready_s, **measured})
             print(f"  {measured}", flush=True)
     rows = [*_ratio_rows(runs), "", *_cpu_rows(runs)]
     print("\n".join(rows))
-    report.save({"machine": report.machine(), "runs": runs, "order": order}, args.out)
+    report.save({"machine": report.machine(), "runs": runs, "order": order, "profiles": profiled}, args.out)
     print(f"results: {args.out}")
     if args.docs:
-        print(f"docs: {_write_docs(rows, runs, order, ' '.join(sys.argv[1:]))}")
+        print(f"docs: {_write_docs(rows, runs, order, ' '.join(sys.argv[1:]), profiled)}")
 
 
-def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: list[str], argv: str) -> Path:
+def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: list[str], argv: str,
+                profiled: dict[str, list[str]]) -> Path:
     machine = report.machine()
     ready = {system: statistics.mean(r["ready_s"] for r in results) for system, results in runs.items()}
     command = f".venv/bin/python benchmarks/overhead.py {argv}".strip()
@@ -273,10 +274,24 @@ def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: l
              "run, divided by the output tokens: what each token costs the machine, wherever it is spent. Two cores "
              "give at most 2000 ms of CPU per second.", "",
              "Ready after start: " + ", ".join(f"{system} {seconds:.0f} s" for system, seconds in ready.items()) + ".",
-             ""]
+             "", *_profile_lines(profiled)]
     out = REPO / "docs" / "overhead.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def _profile_lines(profiled: dict[str, list[str]]) -> list[str]:
+    if not profiled:
+        return []
+    lines = ["## Flame graphs", "",
+             "py-spy (`--nonblocking`, 100 Hz, Python frames) on every process of the roles above during a second "
+             "16-stream pass (not the measured one): open an SVG in a browser and click to zoom. Width is the share of "
+             "that process's samples; idle threads are left out.", ""]
+    for system, paths in profiled.items():
+        links = ", ".join(f"[{Path(p).stem.removeprefix(system + '-')}]({Path(p).relative_to('docs')})"
+                          if p.startswith("docs/") else p for p in paths)
+        lines.append(f"- {system}: {links}")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":
