@@ -169,14 +169,19 @@ async def _client_loop(report: SoakReport, config: SoakConfig, base_url: str, mo
 def _replica_ids(app_name: str, deployment: str) -> list[str]:
     from ray import serve
 
+    # A replica killed a moment ago may still be listed: it answers with an error, and is no victim.
     handle = serve.get_deployment_handle(deployment, app_name)
-    return [s["replica_id"] for s in handle.broadcast("stats").results(timeout_s=30)]
+    results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
+    return [s["replica_id"] for s in results if isinstance(s, dict)]
 
 
 def _set_faults(app_name: str, faults: dict[str, Any]) -> None:
+    """Every live prefill replica's faults (one killed a moment ago answers with an error and needs none; its
+    replacement starts with none)."""
     from ray import serve
 
-    serve.get_deployment_handle("Prefill", app_name).broadcast("set_fault_injection", faults).results(timeout_s=30)
+    handle = serve.get_deployment_handle("Prefill", app_name)
+    handle.broadcast("set_fault_injection", faults).results(timeout_s=30, return_exceptions=True)
 
 
 async def _chaos_loop(report: SoakReport, config: SoakConfig, stop_at: float) -> None:
