@@ -5,8 +5,9 @@
 setup:
 	@bash scripts/setup.sh
 
+# RAY_SERVE_PROXY_USE_GRPC: Serve's HTTP proxy streams to the ingress over gRPC (app/serve_env.py says why).
 run: setup
-	.venv/bin/serve run serve_config.yaml
+	RAY_SERVE_PROXY_USE_GRPC=$${RAY_SERVE_PROXY_USE_GRPC:-1} .venv/bin/serve run serve_config.yaml
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)

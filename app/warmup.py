@@ -1,4 +1,6 @@
-"""Warm-up: what an engine replica does before it reports ready, so real requests pay no set-up.
+"""Warm-up: what an engine replica does before it reports ready, so real requests pay no set-up; and the
+ingress's own (`warm_path`, at the end of its constructor: one plain and one streamed request through the whole
+path before Serve routes anything to it).
 
 Life cycle (`warm_up`, called at the end of a Prefill/Decode/Collocated constructor, so also after a
 restart and after every scale-up; optionally repeated every `warmup.interval_s` while idle):
@@ -18,13 +20,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import WarmupConfig
 from app.messages import SamplingSpec
 
+if TYPE_CHECKING:
+    from app.api.vllm_front import VLLMFront
+
 logger = logging.getLogger(__name__)
+WARM_PATH_TIMEOUT_S = 300.0  # engine replicas on a real model can take minutes to load
 
 # The other phase's deployment, by role.
 PEER_DEPLOYMENT = {"prefill": "Decode", "decode": "Prefill"}
@@ -90,3 +97,26 @@ async def pair_with_peers(transport: Any, replica_id: str, peer_deployment: str,
         return peer
 
     return [peer for peer in await asyncio.gather(*(join(p) for p in todo)) if peer is not None]
+
+
+async def warm_path(front: VLLMFront, served_name: str) -> None:
+    """Before Serve routes anything here: one streamed and one plain request through the whole path (tokenizer,
+    engine client, handles and routers, engine replicas, their pair, the token bus), so the first real request after
+    "ready" costs what the tenth does. It waits for the engine replicas (ready after their own warm-up); past
+    `WARM_PATH_TIMEOUT_S`, or if it fails, the ingress starts anyway."""
+    from app.api.vllm_engine import RequestScope  # the ingress's modules: engine replicas never import them
+
+    request = {"model": served_name, "prompt": "def warm_up():\n", "max_tokens": 2, "temperature": 0}
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(WARM_PATH_TIMEOUT_S):
+            # remote_prefill: short prompts place locally, and the transfer path is the one to warm
+            await front.run("completion", request, RequestScope(remote_prefill=True))
+            answer = await front.run("completion", {**request, "stream": True}, RequestScope(remote_prefill=True))
+            assert answer.events is not None
+            async for _ in answer.events:
+                pass
+    except Exception as exc:  # noqa: BLE001 - a cold first request is better than no ingress
+        logger.warning("warming the request path failed after %.1f s: %s", time.perf_counter() - started, exc)
+        return
+    logger.info("request path warm after %.1f s", time.perf_counter() - started)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app import serve_env  # noqa: E402
 from app.config import DEFAULT_MODEL_DIR  # noqa: E402
 from app.tools.chaos import SoakConfig, run_soak  # noqa: E402
 
@@ -44,6 +45,7 @@ def main() -> None:
     vocab = len(AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR))
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(10, vocab) for _ in range(rng.randint(8, 400))] for _ in range(32)]
+    serve_env.apply()
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False, namespace="pdserve-chaos")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})

@@ -40,6 +40,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app import serve_env  # noqa: E402
 from app.config import DEFAULT_MODEL_DIR  # noqa: E402
 from app.engine import engine_env  # noqa: E402
 from app.tools.bench import report, stats  # noqa: E402
@@ -426,6 +427,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     ready_s: dict[str, float] = {}
     shm_before = shm_entries()
+    serve_env.apply()  # every system here runs on Ray Serve: the same Serve settings for all of them
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="pdserve-compare")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})

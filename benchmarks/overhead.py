@@ -35,6 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from app import serve_env  # noqa: E402
 from app.config import DEFAULT_MODEL_DIR  # noqa: E402
 from app.engine import engine_env  # noqa: E402
 from app.tools.bench import report, stats  # noqa: E402
@@ -84,6 +85,8 @@ def _pdserve_command(mode: str, config_dir: Path, repo: Path, extra_args: dict[s
 
 def _start(command: list[str], log: Path, is_vllm: bool, repo: Path) -> subprocess.Popen:
     env = {**os.environ, **engine_env(), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(repo)}
+    if not is_vllm:  # pdserve as shipped (`make run`): its Serve settings, unless this environment overrides them
+        env = {**serve_env.SERVE_ENV, **env}
     if is_vllm:  # vLLM's server runs as its users run it: engine core in a process of its own
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     # Ctrl-C must reach it even when this script was started in the background (which ignores SIGINT,

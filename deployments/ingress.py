@@ -13,16 +13,14 @@ leaves as an OpenAI-style body; nothing a client sends can crash the replica.
 Handle calls (`create_completion`, `create_chat_completion` and their `*_stream` twins) take the same
 request bodies (dicts, or pdserve's request models) and return the same bodies as HTTP.
 
-Start-up: the constructor ends with `warm_path` (one plain and one streamed request through the engines,
+Start-up: the constructor ends with `warm_path` (app/warmup.py: one plain and one streamed request through the engines,
 with `warmup.enabled`), so the app is ready only once a request can go all the way through.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -34,6 +32,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import serve_env
 from app.api.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, validation_error_to_openai
 from app.api.render import kv_headers
 from app.api.service import OpenAIService
@@ -44,9 +43,9 @@ from app.serving.client import CollocatedClient, EngineClient
 from app.specs import IngressSpec
 from app.tenancy import Tenant, TenantDirectory
 from app.token_bus import TokenBus
+from app.warmup import warm_path
 
 logger = logging.getLogger(__name__)
-WARM_PATH_TIMEOUT_S = 300.0  # engine replicas on a real model can take minutes to load
 
 api = FastAPI(title="pdserve", description="Disaggregated LLM serving on Ray Serve (OpenAI-compatible).")
 
@@ -129,27 +128,6 @@ async def _released(events: AsyncIterator[str], admission) -> AsyncIterator[str]
         admission.__exit__(None, None, None)
 
 
-async def warm_path(front: VLLMFront, served_name: str) -> None:
-    """Before Serve routes anything here: one streamed and one plain request through the whole path (tokenizer,
-    engine client, handles and routers, engine replicas, their pair, the token bus), so the first real request after
-    "ready" costs what the tenth does. It waits for the engine replicas (ready after their own warm-up); past
-    `WARM_PATH_TIMEOUT_S`, or if it fails, the ingress starts anyway."""
-    request = {"model": served_name, "prompt": "def warm_up():\n", "max_tokens": 2, "temperature": 0}
-    started = time.perf_counter()
-    try:
-        async with asyncio.timeout(WARM_PATH_TIMEOUT_S):
-            # remote_prefill: short prompts place locally, and the transfer path is the one to warm
-            await front.run("completion", request, RequestScope(remote_prefill=True))
-            answer = await front.run("completion", {**request, "stream": True}, RequestScope(remote_prefill=True))
-            assert answer.events is not None
-            async for _ in answer.events:
-                pass
-    except Exception as exc:  # noqa: BLE001 - a cold first request is better than no ingress
-        logger.warning("warming the request path failed after %.1f s: %s", time.perf_counter() - started, exc)
-        return
-    logger.info("request path warm after %.1f s", time.perf_counter() - started)
-
-
 # Defined after every module-level helper it uses: Serve captures the class when it is decorated.
 @serve.deployment
 @serve.ingress(api)
@@ -169,6 +147,7 @@ class Ingress:
         self.front = VLLMFront.build(spec.served_name, spec.model_path, spec.dtype, spec.max_model_len, client,
                                      retry_dead_replica=spec.retry_decode)
         self.service = OpenAIService(spec.served_name, self.front.tokenizer, spec.max_model_len, client)
+        serve_env.log_missing()
         if spec.warm_path:
             await warm_path(self.front, spec.served_name)
         freeze_gc_heap()  # vLLM's modules and config are loaded here too: keep collections off that heap

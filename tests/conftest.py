@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from app import serve_env
 from app.config import DEFAULT_MODEL_DIR
 from app.engine import engine_env
 
 for _key, _value in engine_env().items():  # the offline reference engine runs in this process
     os.environ.setdefault(_key, _value)
+serve_env.apply()  # every cluster the tests start (here or in a subprocess) runs Serve as pdserve ships it
 
 MODEL_DIR = str(DEFAULT_MODEL_DIR)
 MODEL_NAME = "pdserve-tiny-llama"

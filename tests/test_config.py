@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app import serve_env
 from app.config import REPO_ROOT, AppConfig, parse_app_config
 from app.specs import EngineSpec
 from deployments.options import serve_options
@@ -104,3 +105,10 @@ def test_kuberay_manifests_carry_a_valid_app_whose_phases_land_on_their_own_work
     for phase in ("prefill", "decode"):
         wanted = serve_options(getattr(config, phase))["ray_actor_options"]["resources"]
         assert [group for group, has in offered.items() if set(wanted) <= set(has)] == [phase]
+    # every node runs a Serve HTTP proxy (and replicas) with pdserve's Serve settings (app/serve_env.py)
+    cluster = raw["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["template"]["spec"]["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert serve_env.SERVE_ENV.items() <= env.items(), container["name"]
