@@ -153,7 +153,7 @@ def _measure(seed: int, session: int) -> dict[str, Any]:
 
 
 PROFILED = ("Serve HTTP proxy", "ingress", "prefill replica", "decode replica", "collocated replica",
-            "vLLM API server", "vLLM engine core")
+            "vLLM API server", "vLLM engine core", "vLLM worker")
 
 
 def _profile(seed: int, session: int, out_dir: Path, system: str) -> list[Path]:
@@ -289,7 +289,8 @@ def _profile_lines(profiled: dict[str, list[str]]) -> list[str]:
     lines = ["## Flame graphs", "",
              "py-spy (`--nonblocking`, 100 Hz, Python frames) on every process of the roles above during a second "
              "16-stream pass (not the measured one): open an SVG in a browser and click to zoom. Width is the share of "
-             "that process's samples; idle threads are left out.", ""]
+             "that process's samples; idle threads are left out. Python frames only: time in Ray's C++ core worker and "
+             "in asyncio's C event loop shows as the width of the loop functions themselves.", ""]
     for system, paths in profiled.items():
         links = ", ".join(f"[{Path(p).stem.removeprefix(system + '-')}]({Path(p).relative_to('docs')})"
                           if p.startswith("docs/") else p for p in paths)
