@@ -277,7 +277,8 @@ def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: l
              "run, divided by the output tokens: what each token costs the machine, wherever it is spent. Two cores "
              "give at most 2000 ms of CPU per second.", "",
              "Ready after start: " + ", ".join(f"{system} {seconds:.0f} s" for system, seconds in ready.items()) + ".",
-             "", *_profile_lines(profiled)]
+             "Where a lone request's TTFT goes, layer by layer (engine, replica, ingress, HTTP proxy): "
+             "[ttft_hops.md](ttft_hops.md) (`benchmarks/ttft_hops.py --docs`).", "", *_profile_lines(profiled)]
     out = REPO / "docs" / "overhead.md"
     out.write_text("\n".join(lines))
     return out

@@ -226,3 +226,10 @@ def test_conversations_send_their_turns_in_order_and_the_summary_counts_cache_hi
     assert summary["prefix_cache"] == {"hit_tokens": 128, "hit_rate": 128 / 400, "of_ideal": 1.0}
     assert summary["kv_sources"] == {"transfer": 2, "local": 2}
     assert summary["longest_pause_s"]["mean"] >= 0 and "p99.9" in summary["itl_s"]
+
+
+def test_ttft_hops_rows_give_each_layer_what_it_adds_to_the_one_below():
+    from benchmarks.ttft_hops import _rows
+
+    rows = _rows({"collocated": {"100": {"engine": 15.0, "replica": 20.0, "ingress": 26.5, "http": 30.0}}})
+    assert rows[2] == "| collocated, 100 | 15.0 ms | +5.0 ms | +6.5 ms | +3.5 ms | 30.0 ms |"
