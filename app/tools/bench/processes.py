@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.tools.vllm_server import default_sigint
+
 # What each process of a system is, by its command line (Serve replicas name their deployment).
 ROLES = (("ProxyActor", "Serve HTTP proxy"), (":Ingress", "ingress"), (":Prefill", "prefill replica"),
          (":Decode", "decode replica"), (":Collocated", "collocated replica"), ("VLLM::Worker", "vLLM worker"),
@@ -81,9 +83,7 @@ class Profiler:
                 self.recorders.append(subprocess.Popen(
                     [executable, "record", "--pid", str(pid), "--rate", str(self.rate_hz), "--nonblocking",
                      "--format", "flamegraph", "--output", str(path)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    # a process started from a background job inherits SIGINT ignored; py-spy stops on Ctrl-C
-                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=default_sigint))  # it stops on ^C
                 self.paths.append(path)
         return self
 
