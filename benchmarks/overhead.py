@@ -85,10 +85,10 @@ def _pdserve_command(mode: str, config_dir: Path, repo: Path, extra_args: dict[s
 
 def _start(command: list[str], log: Path, is_vllm: bool, repo: Path) -> subprocess.Popen:
     env = {**os.environ, **engine_env(), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(repo)}
-    if not is_vllm:  # pdserve as shipped (`make run`): its Serve settings, unless this environment overrides them
-        env = {**serve_env.SERVE_ENV, **env}
     if is_vllm:  # vLLM's server runs as its users run it: engine core in a process of its own
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    else:  # pdserve as shipped (`make run`): its Serve settings, unless this environment overrides them
+        env = {**serve_env.SERVE_ENV, **env}
     # Ctrl-C must reach it even when this script was started in the background (which ignores SIGINT,
     # and children inherit that).
     return subprocess.Popen(command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -124,6 +124,12 @@ def _stop(process: subprocess.Popen) -> None:
     time.sleep(SETTLE_S)
 
 
+def _sixteen_streams(seed: int) -> tuple[list, float]:
+    """48 requests of 500 prompt tokens kept 16 at a time: (timings, seconds)."""
+    return asyncio.run(run_workload(f"http://127.0.0.1:{PORT}", MODEL, _requests(48, 500, seed),
+                                    Arrivals("closed", concurrency=16)))
+
+
 def _measure(seed: int, session: int) -> dict[str, Any]:
     base = f"http://127.0.0.1:{PORT}"
     closed1 = Arrivals("closed", concurrency=1)
@@ -138,8 +144,7 @@ def _measure(seed: int, session: int) -> dict[str, Any]:
             "tpot_ms": statistics.median(v for t in ok if (v := stats.tpot(t)) is not None) * 1e3,
             "num_ok": len(ok)}
     cpu_before = cpu_by_role(session)
-    timings, duration = asyncio.run(run_workload(base, MODEL, _requests(48, 500, seed + 16),
-                                                 Arrivals("closed", concurrency=16)))
+    timings, duration = _sixteen_streams(seed + 16)
     cpu_after = cpu_by_role(session)
     summary = stats.summarize(timings, duration)
     num_tokens = sum(t.num_output_tokens for t in timings if t.ok)
@@ -160,8 +165,7 @@ def _profile(seed: int, session: int, out_dir: Path, system: str) -> list[Path]:
     """The 16-stream workload again, with py-spy recording every process of the roles that matter: flame graphs
     of where each token's CPU goes (a pass of its own: sampling costs CPU that the measured pass must not pay)."""
     with Profiler(session, PROFILED, out_dir, system) as profiler:
-        asyncio.run(run_workload(f"http://127.0.0.1:{PORT}", MODEL, _requests(48, 500, seed + 17),
-                                 Arrivals("closed", concurrency=16)))
+        _sixteen_streams(seed + 17)
     return profiler.paths
 
 

@@ -59,27 +59,26 @@ async def _engine(driver: EngineDriver, ids: list[int]) -> float:
     raise RuntimeError("no output")
 
 
-async def _replica(handle, mode: str, ids: list[int]) -> float:
-    request = GenerateRequest(uuid.uuid4().hex, tuple(ids), SamplingSpec(max_tokens=8, temperature=0.0))
-    args = (request,) if mode == "collocated" else (request, None, uuid.uuid4().hex, "ttft_hops", True)
+async def _first_item(method, *args) -> float:
+    """Seconds from a streaming handle call to its first item; the rest is cancelled."""
     started = time.perf_counter()
-    stream = handle.generate.remote(*args)
+    stream = method.remote(*args)
     async for _ in stream:
         elapsed = time.perf_counter() - started
         stream.cancel()
         return elapsed
     raise RuntimeError("no output")
+
+
+async def _replica(handle, mode: str, ids: list[int]) -> float:
+    request = GenerateRequest(uuid.uuid4().hex, tuple(ids), SamplingSpec(max_tokens=8, temperature=0.0))
+    args = (request,) if mode == "collocated" else (request, None, uuid.uuid4().hex, "ttft_hops", True)
+    return await _first_item(handle.generate, *args)
 
 
 async def _ingress(handle, ids: list[int]) -> float:
     body = {"model": MODEL, "prompt": ids, "max_tokens": 8, "temperature": 0, "stream": True}
-    started = time.perf_counter()
-    stream = handle.create_completion_stream.remote(body)
-    async for _ in stream:
-        elapsed = time.perf_counter() - started
-        stream.cancel()
-        return elapsed
-    raise RuntimeError("no output")
+    return await _first_item(handle.create_completion_stream, body)
 
 
 async def _http(client: httpx.AsyncClient, url: str, ids: list[int]) -> float:
