@@ -3,9 +3,9 @@
 Ray Serve reads some settings from the environment of the process that starts the cluster (`serve run`,
 `ray start`, `ray.init`), which every Ray process (the HTTP proxy included) inherits; a Serve config or a
 deployment's runtime_env cannot set them for the proxy. Life cycle: whoever starts a cluster for pdserve calls
-`apply()` first (`make run`, the test suite, the benchmarks, the notebook) or sets `SERVE_ENV` in the cluster's
-environment (KubeRay: the containers' `env`); the ingress calls `missing()` at start and logs what an operator
-left out, since nothing fails without it, it is only slower.
+`apply()` first (the test suite, the benchmarks, the notebook) or puts `SERVE_ENV` in the cluster's environment
+(`make run` on `serve run`'s command line, KubeRay in the containers' `env`); the ingress calls `log_missing()` at
+start, which logs what an operator left out, since nothing fails without it, it is only slower.
 
 - `RAY_SERVE_PROXY_USE_GRPC=1`: the HTTP proxy talks to the ingress over Serve's inter-deployment gRPC instead of
   Ray actor calls. Every streamed token crosses that hop, and each one costs about half the CPU over gRPC: measured
