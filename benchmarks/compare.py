@@ -56,6 +56,7 @@ from app.tools.bench.workload import (  # noqa: E402
 MODEL = "pdserve-tiny-llama"
 # pdserve-disaggregated: the default (adaptive placement); pdserve-always-remote: every prompt on a prefill replica
 SYSTEMS = ("pdserve-disaggregated", "pdserve-always-remote", "pdserve-collocated", "ray-serve-llm-pd")
+WORKLOADS = ("steady", "bursty", "multi-turn")
 BASELINES = ("pdserve-collocated", "pdserve-always-remote", "ray-serve-llm-pd")
 # The engine knobs every system gets.
 ENGINE = {"dtype": "float32", "max_model_len": 4096, "block_size": 32, "max_num_seqs": 32,
@@ -208,20 +209,29 @@ def _run(base: str, requests: list[BenchRequest], arrivals: Arrivals, seed: int)
     return asyncio.run(run_workload(base, MODEL, requests, arrivals, seed=seed))
 
 
-def run_system(system: str, base: str, preset: Preset, vocab: int, seed: int) -> list[dict[str, Any]]:
+def run_system(system: str, base: str, preset: Preset, vocab: int, seed: int,
+               workloads: tuple[str, ...] = WORKLOADS) -> list[dict[str, Any]]:
     runs = []
     # warm: a few requests of each shape, not measured
     _run(base, synthetic_requests(4, LengthDist(256, 1024), LengthDist(16, 16), vocab, random.Random(99)),
          Arrivals("closed", concurrency=2), seed)
     # steady: Poisson at each rate, the same requests and times for every system; new prompts at each rate (the
     # same ones again would be prefix-cache hits wherever the last rate left them)
-    for i, rate in enumerate(preset.steady_rates):
+    for i, rate in enumerate(preset.steady_rates if "steady" in workloads else ()):
         requests = synthetic_requests(preset.steady_requests, LengthDist.parse(preset.steady_input),
                                       LengthDist.parse(preset.steady_output), vocab, random.Random(seed + 100 + i))
         timings, duration = _run(base, requests, Arrivals("poisson", rate=rate), seed)
         runs.append(report.run_record(system, "steady", rate, timings, duration, preset.slo))
         _log(system, f"steady {rate:g}/s", runs[-1]["summary"])
-    # bursty: long generations in a closed loop, bursts of long prompts meanwhile
+    if "bursty" in workloads:
+        runs += _bursty(system, base, preset, vocab, seed)
+    if "multi-turn" in workloads:
+        runs.append(_multi_turn(system, base, preset, vocab, seed))
+    return runs
+
+
+def _bursty(system: str, base: str, preset: Preset, vocab: int, seed: int) -> list[dict[str, Any]]:
+    """Long generations in a closed loop, bursts of long prompts meanwhile."""
     gens = synthetic_requests(preset.gen_requests, LengthDist.parse(preset.gen_input),
                               LengthDist.parse(preset.gen_output), vocab, random.Random(seed + 1))
     prompts = synthetic_requests(preset.prompt_bursts * preset.burst_size, LengthDist.parse(preset.prompt_input),
@@ -234,18 +244,22 @@ def run_system(system: str, base: str, preset: Preset, vocab: int, seed: int) ->
                                                         burst_interval_s=preset.burst_interval_s), seed=seed))
 
     (gen_t, gen_d), (prompt_t, prompt_d) = asyncio.run(both())
-    runs.append(report.run_record(system, "bursty/long-gen", None, gen_t, gen_d, preset.slo))
-    _log(system, "bursty long generations", runs[-1]["summary"])
-    runs.append(report.run_record(system, "bursty/long-prompt", None, prompt_t, prompt_d, preset.slo))
-    _log(system, "bursty long prompts", runs[-1]["summary"])
-    # multi-turn: a few conversations at a time, each turn after the previous reply
+    runs = [report.run_record(system, "bursty/long-gen", None, gen_t, gen_d, preset.slo),
+            report.run_record(system, "bursty/long-prompt", None, prompt_t, prompt_d, preset.slo)]
+    _log(system, "bursty long generations", runs[0]["summary"])
+    _log(system, "bursty long prompts", runs[1]["summary"])
+    return runs
+
+
+def _multi_turn(system: str, base: str, preset: Preset, vocab: int, seed: int) -> dict[str, Any]:
+    """A few conversations at a time, each turn after the previous reply."""
     conversations = multi_turn_conversations(preset.conversations, preset.turns, preset.conv_prefix,
                                              LengthDist.parse(preset.turn_input), LengthDist.parse(preset.turn_output),
                                              vocab, random.Random(seed + 3), block_size=ENGINE["block_size"])
     timings, duration = asyncio.run(run_conversations(base, MODEL, conversations, preset.conv_concurrency))
-    runs.append(report.run_record(system, "multi-turn", None, timings, duration, preset.slo))
-    _log(system, "multi-turn", runs[-1]["summary"])
-    return runs
+    run = report.run_record(system, "multi-turn", None, timings, duration, preset.slo)
+    _log(system, "multi-turn", run["summary"])
+    return run
 
 
 def _log(system: str, label: str, summary: dict[str, Any]) -> None:
@@ -408,6 +422,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of "
+                        + ", ".join(WORKLOADS) + " (the report covers what ran)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<preset>.json)")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md (always for --preset full)")
     parser.add_argument("--seed", type=int, default=0)
@@ -417,6 +433,9 @@ def main() -> None:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := set(systems) - set(SYSTEMS):
         sys.exit(f"unknown systems {sorted(unknown)}; pick from {', '.join(SYSTEMS)}")
+    workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+    if unknown := set(workloads) - set(WORKLOADS):
+        sys.exit(f"unknown workloads {sorted(unknown)}; pick from {', '.join(WORKLOADS)}")
 
     import ray
     from ray import serve
@@ -448,7 +467,7 @@ def main() -> None:
                 ready_s[system] = wait_ready(base, 600) + (time.monotonic() - started)
                 print(f"[{system}] ready after {ready_s[system]:.0f} s", flush=True)
                 try:
-                    runs += run_system(system, base, preset, vocab, args.seed)
+                    runs += run_system(system, base, preset, vocab, args.seed, workloads)
                 finally:
                     serve.delete(system, _blocking=True)
     finally:

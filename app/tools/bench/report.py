@@ -26,7 +26,7 @@ def run_record(system: str, workload: str, rate: float | None, timings: list[Tim
         "requests": [{"ok": t.ok, "sent_at": t.sent_at, "ttft_s": stats.ttft(t) if t.ok else None,
                       "tpot_s": stats.tpot(t) if t.ok else None, "e2e_s": stats.e2e(t) if t.ok else None,
                       "num_prompt_tokens": t.num_prompt_tokens, "num_output_tokens": t.num_output_tokens,
-                      "error": t.error} for t in timings],
+                      "kv_source": t.kv_source, "error": t.error} for t in timings],
     }
 
 
