@@ -24,6 +24,11 @@ class PlacementConfig(BaseModel, extra="forbid", frozen=True):
         224, ge=0, description="adaptive: a prompt with at most this many tokens not cached on its decode replica "
         "prefills there when that replica is idle, holds much more of it than prefill, or prefill is backlogged. "
         "`pdserve plan` prints the length whose prefill stalls decode two steps (226 here; 224 is the block below).")
+    idle_local_max_prompt_tokens: int = Field(
+        1024, ge=0, description="adaptive: a prompt with at most this many tokens not cached on its decode replica "
+        "prefills there when that replica holds no other request (nothing to stall; no hop, no transfer). It bounds "
+        "how long a request arriving meanwhile finds that replica busy prefilling; below local_max_prompt_tokens it "
+        "counts as local_max_prompt_tokens.")
     prefix_routing_slack: int = Field(
         4, ge=-1, description="Prefix-aware routing (both phases): the replica that probably holds the longest cached "
         "prefix of the prompt is chosen unless it has more than this many requests above the least busy replica; -1: "

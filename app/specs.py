@@ -86,6 +86,7 @@ class OrchestratorSpec:
     notify_timeout_s: float  # how long the first token waits for prefill's report
     placement: Literal["adaptive", "always_remote", "always_local"]
     local_max_prompt_tokens: int  # adaptive: prompts up to this length prefill on their decode replica
+    idle_local_max_prompt_tokens: int  # adaptive: ... and up to this length on an idle one
     prefix_routing_slack: int  # -1: no prefix-aware routing
     block_size: int  # the engines' KV block: prefix caches hold whole blocks
 
@@ -97,6 +98,7 @@ class OrchestratorSpec:
                    when_no_prefill=scaling.when_no_replica, no_prefill_wait_s=scaling.no_replica_wait_s,
                    notify_timeout_s=config.kv_transfer.timeout_s, placement=config.placement.policy,
                    local_max_prompt_tokens=config.placement.local_max_prompt_tokens,
+                   idle_local_max_prompt_tokens=config.placement.idle_local_max_prompt_tokens,
                    prefix_routing_slack=config.placement.prefix_routing_slack, block_size=config.engine.block_size)
 
 

@@ -1,7 +1,7 @@
-"""Placement in the default (adaptive) disaggregated app: a short prompt prefills on its decode replica when that
-replica holds nothing else, or behind a prefill backlog; every other prompt on a prefill replica with the KV moved;
-both give the same greedy tokens as the offline engine, each response says where its prompt ran and why,
-placements are counted (and are not fallbacks).
+"""Placement in the default (adaptive) disaggregated app: a prompt prefills on its decode replica when that replica
+holds nothing else (up to IDLE_MAX uncached tokens), and a short one (up to LOCAL_MAX) also behind a prefill
+backlog; every other prompt on a prefill replica with the KV moved; both give the same greedy tokens as the offline
+engine, each response says where its prompt ran and why, placements are counted (and are not fallbacks).
 
 The rule itself is unit-tested at the bottom (no Ray)."""
 
@@ -19,11 +19,14 @@ from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
 APP = "place"
 PREFIX = "/place"
 LOCAL_MAX = 96
+IDLE_MAX = 160
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    run_app({"placement": {"local_max_prompt_tokens": LOCAL_MAX}}, APP, PREFIX)  # policy: the default, adaptive
+    # policy: the default, adaptive
+    run_app({"placement": {"local_max_prompt_tokens": LOCAL_MAX, "idle_local_max_prompt_tokens": IDLE_MAX}}, APP,
+            PREFIX)
     yield f"http://127.0.0.1:{ray_session}{PREFIX}"
     stop_app(APP)
 
@@ -55,12 +58,22 @@ def _check(response: httpx.Response, want_ids: list[int], where: str, reason: st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_tokens", [LOCAL_MAX + 1, 300])
+@pytest.mark.parametrize("num_tokens", [IDLE_MAX + 1, 300])
 def test_a_long_prompt_goes_remote_and_gives_the_offline_tokens(app, offline_engine, tokenizer, num_tokens):
     prompt = prompt_of_length(tokenizer, num_tokens, offset=7 * num_tokens)
     _, want_ids = offline_generate(offline_engine, prompt, 24)
     report = _check(_complete(app, prompt), want_ids, "transfer", f"> placement.local_max_prompt_tokens ({LOCAL_MAX})")
     assert report["prefill_replica"] and report["num_cached_tokens"] == num_tokens - 1  # loaded, not recomputed
+
+
+@pytest.mark.slow
+def test_a_prompt_longer_than_the_stall_budget_runs_on_an_idle_decode_replica_and_gives_the_offline_tokens(
+        app, offline_engine, tokenizer):
+    prompt = prompt_of_length(tokenizer, IDLE_MAX, offset=3900)  # > LOCAL_MAX: remote beside a running reply
+    _, want_ids = offline_generate(offline_engine, prompt, 24)
+    report = _check(_complete(app, prompt), want_ids, "local", f"{IDLE_MAX} tokens <= {IDLE_MAX}, and its decode "
+                    "replica holds no other request")
+    assert report["prefill_replica"] is None and report["num_cached_tokens"] == 0  # computed there, nothing moved
 
 
 @pytest.mark.slow
@@ -121,7 +134,7 @@ def test_a_clients_kv_transfer_params_cannot_touch_the_connector(app, tokenizer)
     for i, bogus in enumerate(({"pdserve": {}}, {"pdserve": {"xfer": "0" * 32}}, {"do_remote_prefill": True})):
         for extra in ({}, {"prompt_logprobs": 1}):  # the transfer path, and (prompt_logprobs) the local one
             # long and new each time (a prompt its decode replica had cached would run there): the transfer path
-            prompt = prompt_of_length(tokenizer, LOCAL_MAX + 20, offset=333 + 150 * i + 70 * len(extra))
+            prompt = prompt_of_length(tokenizer, IDLE_MAX + 20, offset=333 + 200 * i + 90 * len(extra))
             response = httpx.post(f"{app}/v1/completions", timeout=60, json={
                 "model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0,
                 "kv_transfer_params": bogus, **extra})
@@ -159,7 +172,7 @@ def test_placements_are_counted_by_reason(app, tokenizer, metrics_url):
                    and f'reason="{reason}"' in line)
 
     _complete(app, prompt_of_length(tokenizer, 10, offset=444), 2)
-    _complete(app, prompt_of_length(tokenizer, 150, offset=555), 2)
+    _complete(app, prompt_of_length(tokenizer, IDLE_MAX + 40, offset=555), 2)
     deadline = time.monotonic() + 15  # metrics are exported every second
     while time.monotonic() < deadline and not (count("local", "decode_idle") and count("remote", "long_prompt")):
         time.sleep(0.5)
@@ -188,6 +201,24 @@ def test_adaptive_places_a_short_prompt_locally_on_an_idle_decode_replica():
     assert place(_request(64), "adaptive", 64, backlog_tokens=0, decode_requests=1).reason == "prefill_idle"
     long = place(_request(65), "adaptive", 64, backlog_tokens=0, decode_requests=0)
     assert not long.local and long.reason == "long_prompt"
+
+
+def test_adaptive_places_a_prompt_up_to_the_idle_limit_on_an_idle_decode_replica_only():
+    idle = place(_request(300), "adaptive", 64, backlog_tokens=0, decode_requests=0, idle_local_max_prompt_tokens=300)
+    assert idle.local and idle.reason == "decode_idle" and "300 tokens <= 300" in idle.detail
+    # the same prompt beside a running reply: longer than the stall budget, so remote, and the detail says why
+    busy = place(_request(300), "adaptive", 64, backlog_tokens=10_000, decode_requests=1,
+                 idle_local_max_prompt_tokens=300)
+    assert not busy.local and busy.reason == "long_prompt" and "holds other requests" in busy.detail
+    # longer than the idle limit: remote even to an idle replica
+    over = place(_request(301), "adaptive", 64, backlog_tokens=0, decode_requests=0, idle_local_max_prompt_tokens=300)
+    assert not over.local and over.reason == "long_prompt" and "holds other requests" not in over.detail
+    # what its decode replica has cached does not count against the idle limit
+    cached = place(_request(600), "adaptive", 64, decode_requests=0, cached_local=320, idle_local_max_prompt_tokens=300)
+    assert cached.local and cached.reason == "decode_idle" and "280 not cached" in cached.detail
+    # an idle limit below the stall budget counts as the stall budget
+    low = place(_request(64), "adaptive", 64, decode_requests=0, idle_local_max_prompt_tokens=16)
+    assert low.local and low.reason == "decode_idle"
 
 
 def test_adaptive_places_short_prompts_beside_running_replies_locally_only_behind_a_prefill_backlog():

@@ -11,10 +11,12 @@ Rules, first match wins:
 2. The caller asked for a remote prefill (the ingress's warm path, which must warm the transfer path).
 3. `placement.policy` always_local / always_remote.
 4. adaptive, with L = `placement.local_max_prompt_tokens` (the prompt tokens a decode replica computes within
-   its stall budget) and a prompt's uncached tokens (its length minus the prefix the replica probably holds in
-   its prefix cache, `prefix_index.py`): a prompt with more than L tokens uncached on its decode replica runs
-   remotely. One with at most L runs locally when the decode replica holds no other request of this ingress
-   (no reply there to stall: no hop and no transfer for nothing); when the decode replica holds at least L
+   its stall budget), I = `placement.idle_local_max_prompt_tokens` and a prompt's uncached tokens (its length
+   minus the prefix the replica probably holds in its prefix cache, `prefix_index.py`): a prompt with at most I
+   tokens uncached runs locally when its decode replica holds no other request of this ingress (no reply there
+   to stall, so the hop and the transfer would buy nothing; I bounds how long a request arriving meanwhile can
+   find that replica busy with the prompt). Otherwise a prompt with more than L tokens uncached on its decode
+   replica runs remotely, and one with at most L runs locally when the decode replica holds at least L
    tokens of it and no prefill replica holds more (a conversation's earlier turns: a remote prefill would
    compute no less and send again the KV the decode replica has); or while the prefill backlog is at least L
    tokens (there it would wait at least as long as its local prefill stalls decode); otherwise remote.
@@ -70,9 +72,11 @@ class PrefillBacklog:
 
 
 def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int, backlog_tokens: int = 0,
-          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0) -> Placement:
+          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0,
+          idle_local_max_prompt_tokens: int | None = None) -> Placement:
     """Where `request` prefills. `decode_requests`: what this ingress has on the decode replica chosen for it;
-    `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached."""
+    `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached;
+    `idle_local_max_prompt_tokens`: the most uncached tokens an idle decode replica takes (None: L)."""
     num_prompt = len(request.prompt_token_ids)
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
@@ -84,15 +88,17 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
     if policy == "always_remote":
         return Placement(False, "policy", "placement.policy: always_remote")
     limit = local_max_prompt_tokens
+    idle_limit = max(limit, idle_local_max_prompt_tokens or 0)
     uncached = num_prompt - min(cached_local, num_prompt - 1)  # vLLM always computes the last prompt token
     prompt = f"prompt of {num_prompt} tokens"
     if cached_local:
         prompt += f" ({uncached} not cached on its decode replica)"
+    if decode_requests == 0 and uncached <= idle_limit:
+        return Placement(True, "decode_idle", f"{prompt} <= {idle_limit}, and its decode replica holds no other "
+                         "request: no reply to stall")
     if uncached > limit:
-        return Placement(False, "long_prompt", f"{prompt} > placement.local_max_prompt_tokens ({limit})")
-    if decode_requests == 0:
-        return Placement(True, "decode_idle", f"{prompt} <= {limit}, and its decode replica holds no other request: "
-                         "no reply to stall")
+        busy = " and its decode replica holds other requests" if uncached <= idle_limit else ""
+        return Placement(False, "long_prompt", f"{prompt} > placement.local_max_prompt_tokens ({limit}){busy}")
     if num_prompt - uncached >= max(limit, cached_remote):
         return Placement(True, "prefix_cached", f"{prompt}: its decode replica holds at least {limit} of them and no "
                          "prefill replica more; remotely they would be sent again")
