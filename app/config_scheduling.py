@@ -29,6 +29,12 @@ class PlacementConfig(BaseModel, extra="forbid", frozen=True):
         "prefills there when that replica holds no other request (nothing to stall; no hop, no transfer). It bounds "
         "how long a request arriving meanwhile finds that replica busy prefilling; below local_max_prompt_tokens it "
         "counts as local_max_prompt_tokens.")
+    local_chunk_tokens: int | None = Field(
+        512, ge=16, description="adaptive: the most prompt tokens a decode replica computes in one step beside its "
+        "running requests' one each (the rest in later steps), which bounds how long one step of a prompt placed "
+        "there stalls its replies; with it, prompts up to idle_local_max_prompt_tokens also run there while the "
+        "prefill backlog is at least their length (docs/placement.md). None: whole prompts, and only prompts up to "
+        "local_max_prompt_tokens beside running replies.")
     prefix_routing_slack: int = Field(
         4, ge=-1, description="Prefix-aware routing (both phases): the replica that probably holds the longest cached "
         "prefix of the prompt is chosen unless it has more than this many requests above the least busy replica; -1: "

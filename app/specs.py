@@ -65,6 +65,13 @@ class EngineSpec:
         )
 
     @classmethod
+    def for_decode(cls, config: AppConfig) -> EngineSpec:
+        """The decode engine's spec: prompts placed there computed `placement.local_chunk_tokens` at a time (its
+        running requests' one token each fit beside them)."""
+        spec, chunk = cls.from_config(config, config.decode), config.placement.local_chunk_tokens
+        return replace(spec, max_num_batched_tokens=chunk + spec.max_num_seqs) if chunk else spec
+
+    @classmethod
     def for_prefill(cls, config: AppConfig) -> EngineSpec:
         """The prefill engine's spec: the prefill_batching overrides applied."""
         spec, batching = cls.from_config(config, config.prefill), config.prefill_batching
@@ -87,6 +94,7 @@ class OrchestratorSpec:
     placement: Literal["adaptive", "always_remote", "always_local"]
     local_max_prompt_tokens: int  # adaptive: prompts up to this length prefill on their decode replica
     idle_local_max_prompt_tokens: int  # adaptive: ... and up to this length on an idle one
+    busy_local_max_prompt_tokens: int  # adaptive: ... and on a busy one behind a longer prefill backlog
     prefix_routing_slack: int  # -1: no prefix-aware routing
     block_size: int  # the engines' KV block: prefix caches hold whole blocks
 
@@ -99,6 +107,9 @@ class OrchestratorSpec:
                    notify_timeout_s=config.kv_transfer.timeout_s, placement=config.placement.policy,
                    local_max_prompt_tokens=config.placement.local_max_prompt_tokens,
                    idle_local_max_prompt_tokens=config.placement.idle_local_max_prompt_tokens,
+                   busy_local_max_prompt_tokens=(config.placement.idle_local_max_prompt_tokens
+                                                 if config.placement.local_chunk_tokens
+                                                 else config.placement.local_max_prompt_tokens),
                    prefix_routing_slack=config.placement.prefix_routing_slack, block_size=config.engine.block_size)
 
 
@@ -160,4 +171,4 @@ class DecodeSpec:
 
     @classmethod
     def from_config(cls, config: AppConfig) -> DecodeSpec:
-        return cls(EngineSpec.from_config(config, config.decode), config.kv_transfer, config.warmup)
+        return cls(EngineSpec.for_decode(config), config.kv_transfer, config.warmup)

@@ -195,6 +195,21 @@ def test_the_prefill_step_chunks_long_prompts_by_default_and_none_restores_whole
     assert fifo.short_first_ms_per_token == 0.0
 
 
+def test_local_chunk_tokens_chunks_only_the_decode_engine_and_lets_busy_decode_take_longer_prompts():
+    from app.specs import DecodeSpec, OrchestratorSpec
+
+    assert DecodeSpec.from_config(parse_app_config({})).engine.max_num_batched_tokens == 512 + 32  # the default
+    config = parse_app_config({"placement": {"local_chunk_tokens": 256}})
+    decode = DecodeSpec.from_config(config).engine
+    assert decode.max_num_batched_tokens == 256 + decode.max_num_seqs  # one chunk beside every running request
+    assert EngineSpec.from_config(config).max_num_batched_tokens == 4096  # collocated: whole prompts
+    assert EngineSpec.for_prefill(config).max_num_batched_tokens == 1024  # prefill: its own batching
+    assert OrchestratorSpec.from_config(config).busy_local_max_prompt_tokens == 1024  # idle_local_max_prompt_tokens
+    whole = parse_app_config({"placement": {"local_chunk_tokens": None}})  # whole prompts, short ones beside replies
+    assert DecodeSpec.from_config(whole).engine.max_num_batched_tokens == 4096
+    assert OrchestratorSpec.from_config(whole).busy_local_max_prompt_tokens == 224
+
+
 def test_each_engine_gets_compute_threads_and_cores_from_its_own_deployment():
     from app.specs import DecodeSpec, PrefillSpec
 

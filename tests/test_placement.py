@@ -20,13 +20,14 @@ APP = "place"
 PREFIX = "/place"
 LOCAL_MAX = 96
 IDLE_MAX = 160
+CHUNK = 64  # decode computes a local prompt CHUNK + max_num_seqs (32) tokens a step: IDLE_MAX takes two steps
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
     # policy: the default, adaptive
-    run_app({"placement": {"local_max_prompt_tokens": LOCAL_MAX, "idle_local_max_prompt_tokens": IDLE_MAX}}, APP,
-            PREFIX)
+    run_app({"placement": {"local_max_prompt_tokens": LOCAL_MAX, "idle_local_max_prompt_tokens": IDLE_MAX,
+                           "local_chunk_tokens": CHUNK}}, APP, PREFIX)
     yield f"http://127.0.0.1:{ray_session}{PREFIX}"
     stop_app(APP)
 
@@ -106,22 +107,26 @@ def test_a_short_prompt_beside_a_running_reply_with_prefill_idle_goes_remote(app
 
 
 @pytest.mark.slow
-def test_a_short_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_tokens(
-        app, offline_engine, tokenizer):
+@pytest.mark.parametrize(("num_tokens", "reason"), [
+    (40, f"queued at prefill >= {LOCAL_MAX}"),  # short: behind any backlog of at least L
+    (150, "more than its own: it would wait longer there than it takes here, in chunks"),  # longer: chunked here
+])
+def test_a_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_tokens(
+        app, offline_engine, tokenizer, num_tokens, reason):
     import threading
     import time
 
     ingress = serve.get_deployment_handle("Ingress", APP)
-    short = prompt_of_length(tokenizer, 40, offset=1700)
+    short = prompt_of_length(tokenizer, num_tokens, offset=1700 + 10 * num_tokens)
     _, want_ids = offline_generate(offline_engine, short, 24)
-    long_prompt = prompt_of_length(tokenizer, 3500, offset=0)  # a few hundred ms of prefill here
+    long_prompt = prompt_of_length(tokenizer, 3500, offset=20 * num_tokens)  # a few hundred ms of prefill here
     backlog = threading.Thread(target=_complete, args=(app, long_prompt, 1))
     backlog.start()
     deadline = time.monotonic() + 30
     while ingress.placement_stats.remote().result()["prefill_backlog_tokens"] < LOCAL_MAX:
         assert time.monotonic() < deadline, "the long prompt never reached prefill"
         time.sleep(0.005)
-    report = _check(_complete(app, short), want_ids, "local", "queued at prefill")
+    report = _check(_complete(app, short), want_ids, "local", reason)
     backlog.join(120)
     assert report["prefill_replica"] is None and report["decode_replica"]
     assert ingress.placement_stats.remote().result() == {"prefill_backlog_tokens": 0, "prefill_backlog_requests": 0,
@@ -219,6 +224,23 @@ def test_adaptive_places_a_prompt_up_to_the_idle_limit_on_an_idle_decode_replica
     # an idle limit below the stall budget counts as the stall budget
     low = place(_request(64), "adaptive", 64, decode_requests=0, idle_local_max_prompt_tokens=16)
     assert low.local and low.reason == "decode_idle"
+
+
+def test_with_chunked_local_prefill_a_busy_decode_replica_takes_a_prompt_behind_a_longer_prefill_backlog():
+    def busy(num_tokens: int, backlog_tokens: int, busy_limit: int | None = 300):
+        return place(_request(num_tokens), "adaptive", 64, backlog_tokens=backlog_tokens, decode_requests=2,
+                     idle_local_max_prompt_tokens=300, busy_local_max_prompt_tokens=busy_limit)
+
+    ahead = busy(200, backlog_tokens=200)  # at least its own length queued at prefill: local
+    assert ahead.local and ahead.reason == "prefill_busy" and "in chunks between decode steps" in ahead.detail
+    shorter = busy(200, backlog_tokens=199)  # less queued than its own length: remote
+    assert not shorter.local and shorter.reason == "long_prompt" and "holds other requests" in shorter.detail
+    over = busy(301, backlog_tokens=10_000)  # beyond the limit: remote whatever the backlog
+    assert not over.local and over.reason == "long_prompt"
+    whole = busy(200, backlog_tokens=10_000, busy_limit=None)  # decode runs whole prompts: only short ones
+    assert not whole.local and whole.reason == "long_prompt"
+    short = busy(64, backlog_tokens=64)  # a short prompt keeps its own rule (backlog of at least L)
+    assert short.local and short.reason == "prefill_busy" and "<= 64" in short.detail
 
 
 def test_adaptive_places_short_prompts_beside_running_replies_locally_only_behind_a_prefill_backlog():

@@ -78,7 +78,8 @@ class DisaggregatedClient:
             # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
             placement = place(request, self.spec.placement, self.spec.local_max_prompt_tokens,
                               self.backlog.num_tokens, self.on_decode[decode_id], cached_decode.get(decode_id, 0),
-                              max(cached_prefill.values(), default=0), self.spec.idle_local_max_prompt_tokens)
+                              max(cached_prefill.values(), default=0), self.spec.idle_local_max_prompt_tokens,
+                              self.spec.busy_local_max_prompt_tokens)
             record_placement(placement.where, placement.reason)
             with self._on_decode(decode_id):
                 prefixes.mark(prefixes.decode, decode_id, request)

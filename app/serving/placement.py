@@ -15,11 +15,14 @@ Rules, first match wins:
    minus the prefix the replica probably holds in its prefix cache, `prefix_index.py`): a prompt with at most I
    tokens uncached runs locally when its decode replica holds no other request of this ingress (no reply there
    to stall, so the hop and the transfer would buy nothing; I bounds how long a request arriving meanwhile can
-   find that replica busy with the prompt). Otherwise a prompt with more than L tokens uncached on its decode
-   replica runs remotely, and one with at most L runs locally when the decode replica holds at least L
-   tokens of it and no prefill replica holds more (a conversation's earlier turns: a remote prefill would
-   compute no less and send again the KV the decode replica has); or while the prefill backlog is at least L
-   tokens (there it would wait at least as long as its local prefill stalls decode); otherwise remote.
+   find that replica busy with the prompt). Otherwise a prompt with at most L tokens uncached runs locally when
+   the decode replica holds at least L tokens of it and no prefill replica holds more (a conversation's earlier
+   turns: a remote prefill would compute no less and send again the KV the decode replica has), or while the
+   prefill backlog is at least L tokens (there it would wait at least as long as its local prefill stalls
+   decode). Where decode computes local prompts in chunks (`placement.local_chunk_tokens`: each step then stalls
+   its replies no more than a short prompt does), a prompt of up to I uncached tokens also runs locally while
+   the prefill backlog is at least its own length (it would wait there at least as long as it computes here).
+   Every other prompt runs remotely.
    The backlog is what this ingress has dispatched to prefill replicas and not seen finish
    (`PrefillBacklog`); the decode replica's requests are the ones this ingress has on it (waiting for KV or
    generating): both exact with one ingress replica, lower bounds with several.
@@ -73,10 +76,13 @@ class PrefillBacklog:
 
 def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int, backlog_tokens: int = 0,
           decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0,
-          idle_local_max_prompt_tokens: int | None = None) -> Placement:
+          idle_local_max_prompt_tokens: int | None = None, busy_local_max_prompt_tokens: int | None = None
+          ) -> Placement:
     """Where `request` prefills. `decode_requests`: what this ingress has on the decode replica chosen for it;
     `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached;
-    `idle_local_max_prompt_tokens`: the most uncached tokens an idle decode replica takes (None: L)."""
+    `idle_local_max_prompt_tokens`: the most uncached tokens an idle decode replica takes (None: L);
+    `busy_local_max_prompt_tokens`: ... a busy one behind a prefill backlog of at least as many (None: L; more
+    only where decode computes local prompts in chunks, `placement.local_chunk_tokens`)."""
     num_prompt = len(request.prompt_token_ids)
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
@@ -89,6 +95,7 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
         return Placement(False, "policy", "placement.policy: always_remote")
     limit = local_max_prompt_tokens
     idle_limit = max(limit, idle_local_max_prompt_tokens or 0)
+    busy_limit = max(limit, busy_local_max_prompt_tokens or 0)
     uncached = num_prompt - min(cached_local, num_prompt - 1)  # vLLM always computes the last prompt token
     prompt = f"prompt of {num_prompt} tokens"
     if cached_local:
@@ -96,14 +103,18 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
     if decode_requests == 0 and uncached <= idle_limit:
         return Placement(True, "decode_idle", f"{prompt} <= {idle_limit}, and its decode replica holds no other "
                          "request: no reply to stall")
-    if uncached > limit:
-        busy = " and its decode replica holds other requests" if uncached <= idle_limit else ""
-        return Placement(False, "long_prompt", f"{prompt} > placement.local_max_prompt_tokens ({limit}){busy}")
-    if num_prompt - uncached >= max(limit, cached_remote):
-        return Placement(True, "prefix_cached", f"{prompt}: its decode replica holds at least {limit} of them and no "
-                         "prefill replica more; remotely they would be sent again")
-    if backlog_tokens < limit:
-        return Placement(False, "prefill_idle", f"{prompt}, {backlog_tokens} prompt tokens queued at prefill < "
-                         f"{limit}: prefill is free enough")
-    return Placement(True, "prefill_busy", f"{prompt} <= {limit}, and {backlog_tokens} prompt tokens queued at "
-                     f"prefill >= {limit}: it would wait longer there than it stalls decode")
+    if uncached <= limit:
+        if num_prompt - uncached >= max(limit, cached_remote):
+            return Placement(True, "prefix_cached", f"{prompt}: its decode replica holds at least {limit} of them and "
+                             "no prefill replica more; remotely they would be sent again")
+        if backlog_tokens < limit:
+            return Placement(False, "prefill_idle", f"{prompt}, {backlog_tokens} prompt tokens queued at prefill < "
+                             f"{limit}: prefill is free enough")
+        return Placement(True, "prefill_busy", f"{prompt} <= {limit}, and {backlog_tokens} prompt tokens queued at "
+                         f"prefill >= {limit}: it would wait longer there than it stalls decode")
+    if uncached <= busy_limit and backlog_tokens >= uncached:
+        return Placement(True, "prefill_busy", f"{prompt} <= {busy_limit}, and {backlog_tokens} prompt tokens "
+                         "queued at prefill, more than its own: it would wait longer there than it takes here, in "
+                         "chunks between decode steps")
+    busy = " and its decode replica holds other requests" if uncached <= idle_limit else ""
+    return Placement(False, "long_prompt", f"{prompt} > placement.local_max_prompt_tokens ({limit}){busy}")
