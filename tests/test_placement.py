@@ -109,7 +109,7 @@ def test_a_short_prompt_beside_a_running_reply_with_prefill_idle_goes_remote(app
 @pytest.mark.slow
 @pytest.mark.parametrize(("num_tokens", "reason"), [
     (40, f"queued at prefill >= {LOCAL_MAX}"),  # short: behind any backlog of at least L
-    (150, "more than its own: it would wait longer there than it takes here, in chunks"),  # longer: chunked here
+    (150, "at least its own: it would wait longer there than it takes here, in chunks"),  # longer: chunked here
 ])
 def test_a_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_tokens(
         app, offline_engine, tokenizer, num_tokens, reason):
@@ -234,7 +234,8 @@ def test_with_chunked_local_prefill_a_busy_decode_replica_takes_a_prompt_behind_
     ahead = busy(200, backlog_tokens=200)  # at least its own length queued at prefill: local
     assert ahead.local and ahead.reason == "prefill_busy" and "in chunks between decode steps" in ahead.detail
     shorter = busy(200, backlog_tokens=199)  # less queued than its own length: remote
-    assert not shorter.local and shorter.reason == "long_prompt" and "holds other requests" in shorter.detail
+    assert not shorter.local and shorter.reason == "long_prompt"
+    assert "holds other requests and only 199 prompt tokens are queued" in shorter.detail
     over = busy(301, backlog_tokens=10_000)  # beyond the limit: remote whatever the backlog
     assert not over.local and over.reason == "long_prompt"
     whole = busy(200, backlog_tokens=10_000, busy_limit=None)  # decode runs whole prompts: only short ones

@@ -114,7 +114,11 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
                          f"prefill >= {limit}: it would wait longer there than it stalls decode")
     if uncached <= busy_limit and backlog_tokens >= uncached:
         return Placement(True, "prefill_busy", f"{prompt} <= {busy_limit}, and {backlog_tokens} prompt tokens "
-                         "queued at prefill, more than its own: it would wait longer there than it takes here, in "
+                         "queued at prefill, at least its own: it would wait longer there than it takes here, in "
                          "chunks between decode steps")
-    busy = " and its decode replica holds other requests" if uncached <= idle_limit else ""
-    return Placement(False, "long_prompt", f"{prompt} > placement.local_max_prompt_tokens ({limit}){busy}")
+    why = ""
+    if uncached <= busy_limit:
+        why = f", its decode replica holds other requests and only {backlog_tokens} prompt tokens are queued at prefill"
+    elif uncached <= idle_limit:
+        why = " and its decode replica holds other requests"
+    return Placement(False, "long_prompt", f"{prompt} > placement.local_max_prompt_tokens ({limit}){why}")
