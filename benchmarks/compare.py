@@ -296,11 +296,14 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> li
         f"long generations' ITL p99.9 is {get('bursty/long-gen', colo, 'ITL p99.9')} the collocated one's and each "
         f"reply's longest pause {get('bursty/long-gen', colo, 'longest pause')}: in one engine a 2,000-token prompt "
         "shares steps with the decodes and stalls them; split, decode keeps its pace.",
-        f"- **Placement per request.** The default places short prompts, and prompts whose decode replica holds "
-        "most of them, on the decode replica (no hop, no transfer) and the rest on the prefill replica: steady TTFT "
+        f"- **Placement per request.** The default runs a prompt on its decode replica (no hop, no transfer) when "
+        "that replica is idle, holds most of the prompt, or would compute it (in 512-token steps beside its replies) "
+        "sooner than the prefill queue would get to it, and the rest on the prefill replica: steady TTFT "
         f"p50 is x{min(steady_ttft, default=float('nan')):.2f} to x{max(steady_ttft, default=float('nan')):.2f} "
         f"the collocated one's across the rates, and x{_range(ratio, 'steady', rates, remote, 'TTFT p50')} "
-        "always-remote's.",
+        "always-remote's; the price is in the replies' pauses beside those prompts (ITL p99.9 "
+        f"x{_range(ratio, 'steady', rates, remote, 'ITL p99.9')} always-remote's, "
+        f"x{_range(ratio, 'steady', rates, colo, 'ITL p99.9')} collocated's).",
         f"- **Multi-turn.** Each turn's prompt is its conversation so far; prefix-aware routing and placement by "
         f"uncached tokens keep a conversation's turns where its KV is: prefix-cache hits "
         f"{hits('pdserve-disaggregated')} of the ideal (collocated, routed by load alone: {hits(colo)}), TTFT p50 "
@@ -310,8 +313,9 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> li
         f"{get('multi-turn', remote, 'longest pause')} always-remote's.",
         f"- **Where pdserve is still behind: bursts of long prompts.** Their TTFT p50 is "
         f"{get('bursty/long-prompt', colo, 'TTFT p50')} collocated's: on two cores the disaggregated app has one "
-        "prefill engine for prompts of 1,500 to 2,500 tokens that a decode replica cannot take within its stall "
-        "budget, where collocated prefills on both engines. Chunked prefill or more prefill replicas are the levers.",
+        "prefill engine for prompts of 1,500 to 2,500 tokens, longer than a decode replica takes "
+        "(`placement.idle_local_max_prompt_tokens`, 1024), where collocated prefills on both engines. More prefill "
+        "replicas, or letting decode take longer prompts in chunks while prefill is backlogged, are the levers.",
         f"- **Against Ray Serve LLM's prefill/decode app** (same split, same engine): goodput "
         f"{goodput('pdserve-disaggregated', 'bursty/long-prompt')} against {goodput(rsl, 'bursty/long-prompt')} req/s "
         f"on the long prompts and {get('bursty/long-gen', rsl, 'goodput')} its own on the generations during bursts, "
