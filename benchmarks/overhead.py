@@ -136,6 +136,9 @@ def _measure(seed: int, session: int) -> dict[str, Any]:
     # The first requests after "ready": the first is what a user meets after a deploy or a restart.
     warm, _ = asyncio.run(run_workload(base, MODEL, _requests(3, 100, seed + 99), closed1))
     result: dict[str, Any] = {"first_ttft_ms": stats.ttft(warm[0]) * 1e3 if warm[0].ok else None, "lone": {}}
+    # Let what a server still does after its first requests pass before the lone ones: without this pause vLLM's
+    # server, in the first of its two passes, delivered every token of its first lone replies at once (TTFT x10)
+    time.sleep(SETTLE_S)
     for length in LONE_LENGTHS:
         timings, _ = asyncio.run(run_workload(base, MODEL, _requests(5, length, seed + length), closed1))
         ok = [t for t in timings if t.ok]
