@@ -19,9 +19,10 @@ Rules, first match wins:
    the decode replica holds at least L tokens of it and no prefill replica holds more (a conversation's earlier
    turns: a remote prefill would compute no less and send again the KV the decode replica has), or while the
    prefill backlog is at least L tokens (there it would wait at least as long as its local prefill stalls
-   decode). Where decode computes local prompts in chunks (`placement.local_chunk_tokens`: each step then stalls
-   its replies no more than a short prompt does), a prompt of up to I uncached tokens also runs locally while
-   the prefill backlog is at least its own length (it would wait there at least as long as it computes here).
+   decode). Where decode computes local prompts in chunks (`placement.local_chunk_tokens`: no step then stalls
+   its replies for more than that many prompt tokens, however long the prompt), a prompt of up to I uncached
+   tokens also runs locally while the prefill backlog is at least its own length (it would wait there at least
+   as long as it computes here).
    Every other prompt runs remotely.
    The backlog is what this ingress has dispatched to prefill replicas and not seen finish
    (`PrefillBacklog`); the decode replica's requests are the ones this ingress has on it (waiting for KV or
