@@ -170,6 +170,32 @@ def test_compare_report_has_the_table_the_ratios_and_where_pdserve_is_behind(tmp
     assert "](benchmarks/cdf_steady.png)" in text and "python benchmarks/compare.py --preset small" in text
 
 
+def test_compare_runs_only_the_workloads_asked_for_and_keeps_each_requests_kv_source(monkeypatch):
+    import benchmarks.compare as compare
+
+    patterns: list[str] = []
+
+    def fake_run(base, requests, arrivals, seed):
+        patterns.append(arrivals.pattern)
+        timings = [_timing(0.0, [0.1, 0.2], 2) for _ in requests]
+        for timing, source in zip(timings, ("local", "transfer") * len(timings), strict=False):
+            timing.kv_source = source
+        return timings, 1.0
+
+    def not_asked_for(*args, **kwargs):
+        raise AssertionError("a workload that was not asked for ran")
+
+    monkeypatch.setattr(compare, "_run", fake_run)
+    monkeypatch.setattr(compare, "_bursty", not_asked_for)
+    monkeypatch.setattr(compare, "_multi_turn", not_asked_for)
+    preset = compare.PRESETS["small"]
+    runs = compare.run_system("s", "http://fake", preset, 1000, 0, ("steady",))
+    assert patterns == ["closed", *["poisson"] * len(preset.steady_rates)]  # the warm-up, then each rate
+    assert [r["workload"] for r in runs] == ["steady"] * len(preset.steady_rates)
+    assert [q["kv_source"] for q in runs[0]["requests"][:2]] == ["local", "transfer"]  # each request says where
+    assert runs[0]["summary"]["kv_sources"]["local"] == (preset.steady_requests + 1) // 2
+
+
 def test_plots_are_written_from_results(tmp_path):
     from app.tools.bench import report
 
