@@ -22,6 +22,7 @@ from app.config import (
     TwoStepConfig,
     WarmupConfig,
 )
+from app.serving.placement import PlacementLimits
 
 
 @dataclass(frozen=True)
@@ -92,25 +93,21 @@ class OrchestratorSpec:
     no_prefill_wait_s: float
     notify_timeout_s: float  # how long the first token waits for prefill's report
     placement: Literal["adaptive", "always_remote", "always_local"]
-    local_max_prompt_tokens: int  # adaptive: prompts up to this length prefill on their decode replica
-    idle_local_max_prompt_tokens: int  # adaptive: ... and up to this length on an idle one
-    busy_local_max_prompt_tokens: int  # adaptive: ... and on a busy one behind a longer prefill backlog
+    limits: PlacementLimits  # adaptive: the longest prompts a decode replica prefills itself
     prefix_routing_slack: int  # -1: no prefix-aware routing
     block_size: int  # the engines' KV block: prefix caches hold whole blocks
 
     @classmethod
     def from_config(cls, config: AppConfig) -> OrchestratorSpec:
-        fallback, scaling = config.fallback, config.autoscaling.prefill
+        fallback, scaling, placement = config.fallback, config.autoscaling.prefill, config.placement
         return cls(retry_other_prefill=fallback.retry_other_prefill, breaker_failures=fallback.breaker_failures,
                    breaker_window_s=fallback.breaker_window_s, breaker_open_s=fallback.breaker_open_s,
                    when_no_prefill=scaling.when_no_replica, no_prefill_wait_s=scaling.no_replica_wait_s,
-                   notify_timeout_s=config.kv_transfer.timeout_s, placement=config.placement.policy,
-                   local_max_prompt_tokens=config.placement.local_max_prompt_tokens,
-                   idle_local_max_prompt_tokens=config.placement.idle_local_max_prompt_tokens,
-                   busy_local_max_prompt_tokens=(config.placement.idle_local_max_prompt_tokens
-                                                 if config.placement.local_chunk_tokens
-                                                 else config.placement.local_max_prompt_tokens),
-                   prefix_routing_slack=config.placement.prefix_routing_slack, block_size=config.engine.block_size)
+                   notify_timeout_s=config.kv_transfer.timeout_s, placement=placement.policy,
+                   limits=PlacementLimits(
+                       local=placement.local_max_prompt_tokens, idle=placement.idle_local_max_prompt_tokens,
+                       busy=placement.idle_local_max_prompt_tokens if placement.local_chunk_tokens else 0),
+                   prefix_routing_slack=placement.prefix_routing_slack, block_size=config.engine.block_size)
 
 
 @dataclass(frozen=True)

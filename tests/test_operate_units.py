@@ -204,10 +204,10 @@ def test_local_chunk_tokens_chunks_only_the_decode_engine_and_lets_busy_decode_t
     assert decode.max_num_batched_tokens == 256 + decode.max_num_seqs  # one chunk beside every running request
     assert EngineSpec.from_config(config).max_num_batched_tokens == 4096  # collocated: whole prompts
     assert EngineSpec.for_prefill(config).max_num_batched_tokens == 1024  # prefill: its own batching
-    assert OrchestratorSpec.from_config(config).busy_local_max_prompt_tokens == 1024  # idle_local_max_prompt_tokens
+    assert OrchestratorSpec.from_config(config).limits.busy == 1024  # idle_local_max_prompt_tokens
     whole = parse_app_config({"placement": {"local_chunk_tokens": None}})  # whole prompts, short ones beside replies
     assert DecodeSpec.from_config(whole).engine.max_num_batched_tokens == 4096
-    assert OrchestratorSpec.from_config(whole).busy_local_max_prompt_tokens == 224
+    assert OrchestratorSpec.from_config(whole).limits.busy == 0  # counts as L
 
 
 def test_each_engine_gets_compute_threads_and_cores_from_its_own_deployment():

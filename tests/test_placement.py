@@ -12,7 +12,7 @@ import pytest
 from ray import serve
 
 from app.messages import GenerateRequest, SamplingSpec
-from app.serving.placement import place
+from app.serving.placement import PlacementLimits, place
 from tests.conftest import MODEL_NAME
 from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
 
@@ -163,7 +163,9 @@ def test_a_conversations_next_turn_prefills_on_the_decode_replica_that_holds_its
     report = _check(_complete(app, second), want_second, "local", "(72 not cached on its decode replica)")
     assert report["num_cached_tokens"] == 192  # vLLM found exactly them: the index's guess was right
     # 3. the same turn with the prefix-aware index off would have gone to prefill (too long to run locally)
-    assert not place(GenerateRequest("r", tuple(second), SamplingSpec(max_tokens=4)), "adaptive", LOCAL_MAX).local
+    unindexed = place(GenerateRequest("r", tuple(second), SamplingSpec(max_tokens=4)), "adaptive",
+                      PlacementLimits(LOCAL_MAX))
+    assert not unindexed.local
 
 
 @pytest.mark.slow
@@ -201,35 +203,35 @@ def _request(num_tokens: int, **extra) -> GenerateRequest:
 
 
 def test_adaptive_places_a_short_prompt_locally_on_an_idle_decode_replica():
-    idle = place(_request(64), "adaptive", 64, backlog_tokens=0, decode_requests=0)
+    idle = place(_request(64), "adaptive", PlacementLimits(64), backlog_tokens=0, decode_requests=0)
     assert idle.local and idle.reason == "decode_idle"
-    assert place(_request(64), "adaptive", 64, backlog_tokens=0, decode_requests=1).reason == "prefill_idle"
-    long = place(_request(65), "adaptive", 64, backlog_tokens=0, decode_requests=0)
+    busy = place(_request(64), "adaptive", PlacementLimits(64), backlog_tokens=0, decode_requests=1)
+    assert busy.reason == "prefill_idle"
+    long = place(_request(65), "adaptive", PlacementLimits(64), backlog_tokens=0, decode_requests=0)
     assert not long.local and long.reason == "long_prompt"
 
 
 def test_adaptive_places_a_prompt_up_to_the_idle_limit_on_an_idle_decode_replica_only():
-    idle = place(_request(300), "adaptive", 64, backlog_tokens=0, decode_requests=0, idle_local_max_prompt_tokens=300)
+    idle = place(_request(300), "adaptive", PlacementLimits(64, idle=300), backlog_tokens=0, decode_requests=0)
     assert idle.local and idle.reason == "decode_idle" and "300 tokens <= 300" in idle.detail
     # the same prompt beside a running reply: longer than the stall budget, so remote, and the detail says why
-    busy = place(_request(300), "adaptive", 64, backlog_tokens=10_000, decode_requests=1,
-                 idle_local_max_prompt_tokens=300)
+    busy = place(_request(300), "adaptive", PlacementLimits(64, idle=300), backlog_tokens=10_000, decode_requests=1)
     assert not busy.local and busy.reason == "long_prompt" and "holds other requests" in busy.detail
     # longer than the idle limit: remote even to an idle replica
-    over = place(_request(301), "adaptive", 64, backlog_tokens=0, decode_requests=0, idle_local_max_prompt_tokens=300)
+    over = place(_request(301), "adaptive", PlacementLimits(64, idle=300), backlog_tokens=0, decode_requests=0)
     assert not over.local and over.reason == "long_prompt" and "holds other requests" not in over.detail
     # what its decode replica has cached does not count against the idle limit
-    cached = place(_request(600), "adaptive", 64, decode_requests=0, cached_local=320, idle_local_max_prompt_tokens=300)
+    cached = place(_request(600), "adaptive", PlacementLimits(64, idle=300), decode_requests=0, cached_local=320)
     assert cached.local and cached.reason == "decode_idle" and "280 not cached" in cached.detail
     # an idle limit below the stall budget counts as the stall budget
-    low = place(_request(64), "adaptive", 64, decode_requests=0, idle_local_max_prompt_tokens=16)
+    low = place(_request(64), "adaptive", PlacementLimits(64, idle=16), decode_requests=0)
     assert low.local and low.reason == "decode_idle"
 
 
 def test_with_chunked_local_prefill_a_busy_decode_replica_takes_a_prompt_behind_a_longer_prefill_backlog():
-    def busy(num_tokens: int, backlog_tokens: int, busy_limit: int | None = 300):
-        return place(_request(num_tokens), "adaptive", 64, backlog_tokens=backlog_tokens, decode_requests=2,
-                     idle_local_max_prompt_tokens=300, busy_local_max_prompt_tokens=busy_limit)
+    def busy(num_tokens: int, backlog_tokens: int, busy_limit: int = 300):
+        return place(_request(num_tokens), "adaptive", PlacementLimits(64, idle=300, busy=busy_limit),
+                     backlog_tokens=backlog_tokens, decode_requests=2)
 
     ahead = busy(200, backlog_tokens=200)  # at least its own length queued at prefill: local
     assert ahead.local and ahead.reason == "prefill_busy" and "in chunks between decode steps" in ahead.detail
@@ -238,18 +240,18 @@ def test_with_chunked_local_prefill_a_busy_decode_replica_takes_a_prompt_behind_
     assert "holds other requests and only 199 prompt tokens are queued" in shorter.detail
     over = busy(301, backlog_tokens=10_000)  # beyond the limit: remote whatever the backlog
     assert not over.local and over.reason == "long_prompt"
-    whole = busy(200, backlog_tokens=10_000, busy_limit=None)  # decode runs whole prompts: only short ones
+    whole = busy(200, backlog_tokens=10_000, busy_limit=0)  # decode runs whole prompts: only short ones
     assert not whole.local and whole.reason == "long_prompt"
     short = busy(64, backlog_tokens=64)  # a short prompt keeps its own rule (backlog of at least L)
     assert short.local and short.reason == "prefill_busy" and "<= 64" in short.detail
 
 
 def test_adaptive_places_short_prompts_beside_running_replies_locally_only_behind_a_prefill_backlog():
-    busy = place(_request(64), "adaptive", 64, backlog_tokens=64)  # both thresholds inclusive
+    busy = place(_request(64), "adaptive", PlacementLimits(64), backlog_tokens=64)  # both thresholds inclusive
     assert busy.local and busy.reason == "prefill_busy"
-    idle = place(_request(64), "adaptive", 64, backlog_tokens=63)
+    idle = place(_request(64), "adaptive", PlacementLimits(64), backlog_tokens=63)
     assert not idle.local and idle.reason == "prefill_idle"
-    long = place(_request(65), "adaptive", 64, backlog_tokens=10_000)
+    long = place(_request(65), "adaptive", PlacementLimits(64), backlog_tokens=10_000)
     assert not long.local and long.reason == "long_prompt" and "65 tokens > " in long.detail
 
 
@@ -266,9 +268,9 @@ def test_the_backlog_counts_dispatched_prompts_until_prefill_answers():
 
 
 def test_policies_and_overrides():
-    assert place(_request(10), "always_remote", 4096).where == "remote"
-    assert place(_request(4000), "always_local", 0).where == "local"
-    forced = place(_request(10, remote_prefill=True), "always_local", 4096)
+    assert place(_request(10), "always_remote", PlacementLimits(4096)).where == "remote"
+    assert place(_request(4000), "always_local", PlacementLimits(0)).where == "local"
+    forced = place(_request(10, remote_prefill=True), "always_local", PlacementLimits(4096))
     assert forced.where == "remote" and forced.reason == "forced"
 
 
@@ -276,5 +278,5 @@ def test_prompt_logprobs_always_run_locally():
     from vllm import SamplingParams
 
     request = GenerateRequest("r", (1, 2, 3), SamplingParams(max_tokens=2, prompt_logprobs=1), remote_prefill=True)
-    decided = place(request, "always_remote", 0)
+    decided = place(request, "always_remote", PlacementLimits(0))
     assert decided.local and decided.reason == "prompt_logprobs"

@@ -74,26 +74,28 @@ def test_the_router_prefers_the_longest_cached_prefix_within_the_load_slack():
 
 def test_placement_counts_only_the_tokens_the_decode_replica_does_not_hold():
     from app.messages import GenerateRequest, SamplingSpec
-    from app.serving.placement import place
+    from app.serving.placement import PlacementLimits, place
+
+    limits = PlacementLimits(224)  # L: no idle or busy limit above it
 
     def request(n: int) -> GenerateRequest:
         return GenerateRequest("r", tuple(range(n)), SamplingSpec(max_tokens=4))
 
     # 700 tokens, 640 of them cached on its decode replica: 60 to compute, within the local budget (224), and
     # a prefill replica would hold less (it would send again what the decode replica has): local, beside replies
-    turn = place(request(700), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=640,
+    turn = place(request(700), "adaptive", limits, backlog_tokens=0, decode_requests=3, cached_local=640,
                  cached_remote=600)
     assert turn.local and turn.reason == "prefix_cached" and "60 not cached" in turn.detail
     # a prefill replica holds more of it: prefill is idle, so it goes there
-    more = place(request(700), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=640,
+    more = place(request(700), "adaptive", limits, backlog_tokens=0, decode_requests=3, cached_local=640,
                  cached_remote=672)
     assert not more.local and more.reason == "prefill_idle"
     # too little cached on decode to matter (a short prompt beside running replies): the plain rule
-    short = place(request(100), "adaptive", 224, backlog_tokens=0, decode_requests=3, cached_local=64)
+    short = place(request(100), "adaptive", limits, backlog_tokens=0, decode_requests=3, cached_local=64)
     assert not short.local and short.reason == "prefill_idle"
     # too much left to compute locally: remote, whatever is cached
-    long = place(request(1000), "adaptive", 224, backlog_tokens=0, decode_requests=0, cached_local=640)
+    long = place(request(1000), "adaptive", limits, backlog_tokens=0, decode_requests=0, cached_local=640)
     assert not long.local and long.reason == "long_prompt" and "360 not cached" in long.detail
     # all of it cached: the last prompt token is still computed
-    full = place(request(640), "adaptive", 224, backlog_tokens=0, decode_requests=0, cached_local=640)
+    full = place(request(640), "adaptive", limits, backlog_tokens=0, decode_requests=0, cached_local=640)
     assert full.local and full.reason == "decode_idle" and "1 not cached" in full.detail

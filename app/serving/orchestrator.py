@@ -76,10 +76,9 @@ class DisaggregatedClient:
         async with self.decode.generate.choose_replica(request, **decode_route) as d_sel:
             decode_id = pair_id(d_sel)
             # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
-            placement = place(request, self.spec.placement, self.spec.local_max_prompt_tokens,
-                              self.backlog.num_tokens, self.on_decode[decode_id], cached_decode.get(decode_id, 0),
-                              max(cached_prefill.values(), default=0), self.spec.idle_local_max_prompt_tokens,
-                              self.spec.busy_local_max_prompt_tokens)
+            placement = place(request, self.spec.placement, self.spec.limits, self.backlog.num_tokens,
+                              self.on_decode[decode_id], cached_decode.get(decode_id, 0),
+                              max(cached_prefill.values(), default=0))
             record_placement(placement.where, placement.reason)
             with self._on_decode(decode_id):
                 prefixes.mark(prefixes.decode, decode_id, request)

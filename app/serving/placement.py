@@ -75,15 +75,22 @@ class PrefillBacklog:
             del self.by_replica[replica_id]
 
 
-def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int, backlog_tokens: int = 0,
-          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0,
-          idle_local_max_prompt_tokens: int | None = None, busy_local_max_prompt_tokens: int | None = None
-          ) -> Placement:
+@dataclass(frozen=True)
+class PlacementLimits:
+    """The most uncached prompt tokens a decode replica takes (adaptive): `local` (L, its stall budget) beside
+    running replies; `idle` when it holds no other request; `busy` beside running replies while at least as many
+    prompt tokens are queued at prefill (above L only where decode computes local prompts in chunks,
+    `placement.local_chunk_tokens`). A limit below L counts as L."""
+
+    local: int
+    idle: int = 0
+    busy: int = 0
+
+
+def place(request: GenerateRequest, policy: Policy, limits: PlacementLimits, backlog_tokens: int = 0,
+          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0) -> Placement:
     """Where `request` prefills. `decode_requests`: what this ingress has on the decode replica chosen for it;
-    `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached;
-    `idle_local_max_prompt_tokens`: the most uncached tokens an idle decode replica takes (None: L);
-    `busy_local_max_prompt_tokens`: ... a busy one behind a prefill backlog of at least as many (None: L; more
-    only where decode computes local prompts in chunks, `placement.local_chunk_tokens`)."""
+    `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached."""
     num_prompt = len(request.prompt_token_ids)
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
@@ -94,9 +101,8 @@ def place(request: GenerateRequest, policy: Policy, local_max_prompt_tokens: int
         return Placement(True, "policy", "placement.policy: always_local")
     if policy == "always_remote":
         return Placement(False, "policy", "placement.policy: always_remote")
-    limit = local_max_prompt_tokens
-    idle_limit = max(limit, idle_local_max_prompt_tokens or 0)
-    busy_limit = max(limit, busy_local_max_prompt_tokens or 0)
+    limit = limits.local
+    idle_limit, busy_limit = max(limit, limits.idle), max(limit, limits.busy)
     uncached = num_prompt - min(cached_local, num_prompt - 1)  # vLLM always computes the last prompt token
     prompt = f"prompt of {num_prompt} tokens"
     if cached_local:
