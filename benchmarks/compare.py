@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from app import serve_env  # noqa: E402
 from app.config import DEFAULT_MODEL_DIR  # noqa: E402
+from app.config_scheduling import PlacementConfig  # noqa: E402
 from app.engine import engine_env  # noqa: E402
 from app.tools.bench import report, stats  # noqa: E402
 from app.tools.bench.client import Timing, run_conversations, run_workload  # noqa: E402
@@ -288,6 +289,7 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> li
         return f"{found[0]:.2f}" if found else "n/a"
 
     colo, remote, rsl = "pdserve-collocated", "pdserve-always-remote", "ray-serve-llm-pd"
+    placement = PlacementConfig()  # pdserve_app() leaves placement at its defaults (always_remote: the policy only)
     rates = sorted(r["rate"] for r in rows if r["workload"] == "steady" and r["rate"] and r["baseline"] == colo
                    and r["metric"] == "TTFT p50")
     steady_ttft = [ratio[("steady", rate, colo, "TTFT p50")] for rate in rates]
@@ -297,8 +299,9 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> li
         f"reply's longest pause {get('bursty/long-gen', colo, 'longest pause')}: in one engine a 2,000-token prompt "
         "shares steps with the decodes and stalls them; split, decode keeps its pace.",
         f"- **Placement per request.** The default runs a prompt on its decode replica (no hop, no transfer) when "
-        "that replica is idle, holds most of the prompt, or would compute it (in 512-token steps beside its replies) "
-        "sooner than the prefill queue would get to it, and the rest on the prefill replica: steady TTFT "
+        f"that replica is idle, holds most of the prompt, or would compute it (in {placement.local_chunk_tokens}-token "
+        "steps beside its replies) sooner than the prefill queue would get to it, and the rest on the prefill "
+        "replica: steady TTFT "
         f"p50 is x{min(steady_ttft, default=float('nan')):.2f} to x{max(steady_ttft, default=float('nan')):.2f} "
         f"the collocated one's across the rates, and x{_range(ratio, 'steady', rates, remote, 'TTFT p50')} "
         "always-remote's; the price is in the replies' pauses beside those prompts (ITL p99.9 "
@@ -314,7 +317,8 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> li
         f"- **Where pdserve is still behind: bursts of long prompts.** Their TTFT p50 is "
         f"{get('bursty/long-prompt', colo, 'TTFT p50')} collocated's: on two cores the disaggregated app has one "
         "prefill engine for prompts of 1,500 to 2,500 tokens, longer than a decode replica takes "
-        "(`placement.idle_local_max_prompt_tokens`, 1024), where collocated prefills on both engines. More prefill "
+        f"(`placement.idle_local_max_prompt_tokens`, {placement.idle_local_max_prompt_tokens}), where collocated "
+        "prefills on both engines. More prefill "
         "replicas, or letting decode take longer prompts in chunks while prefill is backlogged, are the levers.",
         f"- **Against Ray Serve LLM's prefill/decode app** (same split, same engine): goodput "
         f"{goodput('pdserve-disaggregated', 'bursty/long-prompt')} against {goodput(rsl, 'bursty/long-prompt')} req/s "

@@ -46,6 +46,7 @@ from app.tools.vllm_server import VLLMServer, default_sigint, wait_ready  # noqa
 
 MODEL = "pdserve-tiny-llama"
 PORT = 8000
+BASE = f"http://127.0.0.1:{PORT}"  # either server, as its clients reach it
 LONE_LENGTHS = (100, 500, 1000)
 OUTPUT_TOKENS = 64
 PYTHON = sys.executable
@@ -96,12 +97,12 @@ def _start(command: list[str], log: Path, is_vllm: bool, repo: Path) -> subproce
 
 
 def _wait_ready(process: subprocess.Popen, timeout_s: float = 240) -> float:
-    return wait_ready(process, f"http://127.0.0.1:{PORT}", timeout_s, poll_s=1)
+    return wait_ready(process, BASE, timeout_s, poll_s=1)
 
 
 def _port_open() -> bool:
     try:
-        httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2)
+        httpx.get(f"{BASE}/v1/models", timeout=2)
         return True
     except httpx.HTTPError:
         return False
@@ -126,21 +127,19 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _sixteen_streams(seed: int) -> tuple[list, float]:
     """48 requests of 500 prompt tokens kept 16 at a time: (timings, seconds)."""
-    return asyncio.run(run_workload(f"http://127.0.0.1:{PORT}", MODEL, _requests(48, 500, seed),
-                                    Arrivals("closed", concurrency=16)))
+    return asyncio.run(run_workload(BASE, MODEL, _requests(48, 500, seed), Arrivals("closed", concurrency=16)))
 
 
 def _measure(seed: int, session: int) -> dict[str, Any]:
-    base = f"http://127.0.0.1:{PORT}"
     closed1 = Arrivals("closed", concurrency=1)
     # The first requests after "ready": the first is what a user meets after a deploy or a restart.
-    warm, _ = asyncio.run(run_workload(base, MODEL, _requests(3, 100, seed + 99), closed1))
+    warm, _ = asyncio.run(run_workload(BASE, MODEL, _requests(3, 100, seed + 99), closed1))
     result: dict[str, Any] = {"first_ttft_ms": stats.ttft(warm[0]) * 1e3 if warm[0].ok else None, "lone": {}}
     # Let what a server still does after its first requests pass before the lone ones: without this pause vLLM's
     # server, in the first of its two passes, delivered every token of its first lone replies at once (TTFT x10)
     time.sleep(SETTLE_S)
     for length in LONE_LENGTHS:
-        timings, _ = asyncio.run(run_workload(base, MODEL, _requests(5, length, seed + length), closed1))
+        timings, _ = asyncio.run(run_workload(BASE, MODEL, _requests(5, length, seed + length), closed1))
         ok = [t for t in timings if t.ok]
         result["lone"][str(length)] = {
             "ttft_ms": statistics.median(stats.ttft(t) for t in ok) * 1e3,
