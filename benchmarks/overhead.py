@@ -275,7 +275,8 @@ def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: l
              "cache). Order of runs: " + ", ".join(order) + " (vLLM's server before and after; its column is the "
              "mean). Raw numbers: `benchmarks/results/overhead.json`.", "",
              "Streaming, greedy, `ignore_eos`, 64 output tokens. Lone: 5 requests one after the other per prompt "
-             "length, medians. 16 streams: 48 requests of 500 prompt tokens kept 16 at a time. First request: the "
+             f"length, medians, starting {SETTLE_S} s after the first requests. 16 streams: 48 requests of 500 "
+             "prompt tokens kept 16 at a time. First request: the "
              "TTFT of the first request after the server said it was ready (100 prompt tokens). Cells: ratio to vLLM's "
              "server (value); below 1 is better than vLLM's server for latencies, above 1 for tokens/s.", "",
              *rows, "",
