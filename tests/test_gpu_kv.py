@@ -28,7 +28,8 @@ import torch
 
 from app.kv.channel import TAG_PAYLOAD, KVReceiver, KVSender
 from app.kv.header import HEADER_SLOTS, KVHeader, xfer_key
-from app.kv.nccl_group import NcclPairComm, NcclPairError, PairNccl
+from app.kv.nccl_comm import NcclPairComm
+from app.kv.nccl_group import NcclPairError, PairNccl
 from app.kv.payload import CHECKSUM_WEIGHTED, checksum, gather_blocks, scatter_blocks
 from tests.helpers import in_thread
 

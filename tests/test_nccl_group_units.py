@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import datetime
 import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +24,14 @@ import torch.distributed as dist
 from app.kv import nccl_group, rendezvous
 from app.kv.channel import TAG_PAYLOAD, ChannelBroken, KVReceiver, KVSender
 from app.kv.header import KVHeader, xfer_key
-from app.kv.nccl_group import NcclPairComm, NcclPairError, PairNccl
+from app.kv.nccl_comm import NcclPairComm
+from app.kv.nccl_control import StoreControl
+from app.kv.nccl_group import NcclPairError, PairNccl
 from app.kv.payload import CHECKSUM_CRC32, checksum
 from tests.helpers import in_thread
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 # -- a stand-in for ProcessGroupNCCL ------------------------------------------------------------------
@@ -315,6 +322,67 @@ def test_control_messages_are_fifo_post_nothing_on_the_gpu_and_fail_when_rank_0_
     g1.destroy_group()
 
 
+def test_rank_0_learns_at_once_that_rank_1_destroyed_its_group():
+    (g0, g1), wire, _ = _connected("n-watch")
+    watch = in_thread(g0.wait_peer_gone)
+    time.sleep(0.3)
+    assert watch.empty() and g0.is_connected  # a healthy idle pair: the watch just waits, on the CPU
+    g1.destroy_group()
+    status, exc, took = watch.get(timeout=3)
+    assert status == "error" and isinstance(exc, NcclPairError) and "gone" in str(exc)
+    assert not g0.is_connected and wire.pgs[0].aborted
+    started = time.monotonic()
+    with pytest.raises(NcclPairError):  # the next transfer fails at once, not at its 30 s deadline
+        g0.send_tagged(torch.ones(4), 1, TAG_PAYLOAD, timeout_s=30)
+    assert time.monotonic() - started < 1
+    g0.destroy_group()
+
+
+def test_destroying_rank_0_wakes_its_own_watch_and_breaks_rank_1():
+    (g0, g1), _, store = _connected("n-watch-self")
+    watch = in_thread(g0.wait_peer_gone)
+    idle = in_thread(g1.recv_control, 0, None)
+    time.sleep(0.2)
+    g0.destroy_group()
+    status, exc, _ = watch.get(timeout=3)
+    assert status == "error" and "destroyed" in str(exc)  # its own close, not a lost peer
+    status, exc, _ = idle.get(timeout=3)
+    assert status == "error" and isinstance(exc, NcclPairError) and not g1.is_connected
+    g1.destroy_group()
+    assert not store
+
+
+def test_rank_0_learns_at_once_that_rank_1_s_process_died():
+    """Rank 1 in a process of its own, killed without any clean-up: the kernel closes its sockets."""
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, timeout=datetime.timedelta(seconds=30),
+                          wait_for_workers=False)
+    code = ("import datetime, time\nimport torch.distributed as dist\nfrom app.kv.nccl_control import StoreControl\n"
+            f"store = dist.TCPStore('127.0.0.1', {store.port}, None, is_master=False,"
+            " timeout=datetime.timedelta(seconds=30))\n"
+            "control = StoreControl(store, 1, 'n-watch-kill', time.monotonic() + 30, lambda: None, print, watch=True)\n"
+            "print('ready', flush=True)\ntime.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    failed: list[str] = []
+    control = None
+    try:
+        control = StoreControl(store, 0, "n-watch-kill", time.monotonic() + 30, lambda: failed[0] if failed else None,
+                               failed.append, watch=True)
+        assert child.stdout.readline().strip() == "ready"
+        watch = in_thread(control.wait_peer_gone)
+        time.sleep(0.3)
+        assert watch.empty() and not failed
+        child.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        status, exc, _ = watch.get(timeout=5)
+        assert status == "error" and isinstance(exc, NcclPairError)
+        assert time.monotonic() - killed < 2 and failed and failed[0].startswith("peer gone")
+    finally:
+        child.kill()
+        child.wait(10)
+        if control is not None:
+            control.close()
+
+
 def test_connect_gives_up_at_its_deadline_when_the_peer_never_comes():
     wire, store = FakeWire(), {}
     lonely = _group("n-lonely", 0, wire)
@@ -409,13 +477,12 @@ def test_channel_send_fails_at_its_deadline_when_decode_never_takes_the_payload(
 
 # -- PairTransport's NCCL branch, with Ray's collective calls replaced ---------------------------------
 
-def test_nccl_pair_transport_joins_transfers_and_drops(monkeypatch):
-    """Group naming, ranks, warm-up at join, FIFO framing and drop of the NCCL branch of `PairTransport`."""
+def _fake_collective(monkeypatch, wire: FakeWire, kv_store: dict) -> tuple[dict, list, threading.local]:
+    """Ray's collective calls replaced by `PairNccl` groups on the fake wire, keyed by (name, rank); the
+    test says which rank it acts as in `me.rank`. Threads the transport starts itself (the sender's peer
+    watch) act as prefill, rank 0."""
     from ray.util import collective
 
-    from app.kv import pairs
-
-    wire, kv_store = FakeWire(0.01), {}
     groups: dict[tuple[str, int], PairNccl] = {}
     calls: list[tuple] = []
     me = threading.local()
@@ -426,16 +493,24 @@ def test_nccl_pair_transport_joins_transfers_and_drops(monkeypatch):
         me.rank = rank
 
     def destroy(name):
-        for key in [k for k in groups if k[0] == name and k[1] == me.rank]:
+        for key in [k for k in groups if k[0] == name and k[1] == getattr(me, "rank", 0)]:
             groups.pop(key).destroy_group()
 
     monkeypatch.setattr(rendezvous, "kv_functions", lambda *args: tuple(_kv(kv_store).values()))
     monkeypatch.setattr(collective, "init_collective_group", init_collective_group)
     monkeypatch.setattr(collective, "get_group_handle", lambda name: groups[(name, me.rank)])
     monkeypatch.setattr(collective, "is_group_initialized",
-                        lambda name: (name, getattr(me, "rank", -1)) in groups)
+                        lambda name: (name, getattr(me, "rank", 0)) in groups)
     monkeypatch.setattr(collective, "destroy_collective_group", destroy)
+    return groups, calls, me
 
+
+def test_nccl_pair_transport_joins_transfers_and_drops(monkeypatch):
+    """Group naming, ranks, warm-up at join, FIFO framing and drop of the NCCL branch of `PairTransport`."""
+    from app.kv import pairs
+
+    wire, kv_store = FakeWire(0.01), {}
+    groups, calls, me = _fake_collective(monkeypatch, wire, kv_store)
     delivered: queue.Queue = queue.Queue()
     prefill = pairs.PairTransport("prefill", "P1", "nccl", 5, CPU)
     decode = pairs.PairTransport("decode", "D1", "nccl", 5, CPU, deliver=delivered.put)
@@ -465,6 +540,28 @@ def test_nccl_pair_transport_joins_transfers_and_drops(monkeypatch):
     assert isinstance(sent.get(timeout=5)[1], ChannelBroken)
     me.rank = 1
     decode.close()
+
+
+def test_prefill_drops_its_nccl_pair_as_soon_as_decode_goes(monkeypatch):
+    """The sender's peer watch: when decode's side of the pair goes, prefill drops the pair at once, so the
+    next request re-forms it or falls back instead of waiting out a send's deadline."""
+    from app.kv import pairs
+
+    wire, kv_store = FakeWire(), {}
+    groups, _, me = _fake_collective(monkeypatch, wire, kv_store)
+    dropped: queue.Queue = queue.Queue()
+    prefill = pairs.PairTransport("prefill", "P2", "nccl", 30, CPU, on_drop=lambda peer, why: dropped.put(why))
+    decode = pairs.PairTransport("decode", "D2", "nccl", 30, CPU, deliver=lambda received: None)
+    joined = in_thread(lambda: (setattr(me, "rank", 0), prefill.ensure("D2", warmup=True)))
+    me.rank = 1
+    decode.ensure("P2", warmup=True)
+    assert joined.get(timeout=20)[0] == "ok" and prefill.peers() == ["D2"]
+    time.sleep(0.3)
+    assert dropped.empty()  # an idle, healthy pair stays
+    decode.close()
+    why = dropped.get(timeout=3)
+    assert "peer connection lost" in why and prefill.peers() == [] and wire.pgs[0].aborted
+    assert ("pdkv-P2-D2", 0) not in groups and prefill.stats()["num_pairs_dropped"] == 1
 
 
 def test_ray_group_class_is_a_base_group_built_on_demand():

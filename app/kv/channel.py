@@ -89,7 +89,8 @@ class KVSender:
         self._thread.start()
         if watch_peer:
             # Segment releases come back on this receive; and a prefill replica would otherwise only learn
-            # that its decode peer died at the next send: the receive fails as soon as the connection closes.
+            # that its decode peer died at the next send: the receive fails as soon as the peer is gone
+            # (gloo: the pair's connection closes; NCCL: the peer watch, `app.kv.nccl_comm`).
             threading.Thread(target=self._listen, name=f"kv-listen-{name}", daemon=True).start()
 
     def _listen(self) -> None:

@@ -16,7 +16,9 @@ its own `TCPStore` and a standalone `torch.distributed.ProcessGroupNCCL`:
   `torch.cuda.synchronize()` or `cudaFree` in the engine, and the process group's own timeout is 30 days,
   so nothing breaks a pair that sits unused;
 - when rank 0's store goes away (its process died or destroyed the group) rank 1's control wait fails at
-  once; rank 0 learns that rank 1 is gone at the deadline of its next send.
+  once; likewise rank 0's peer watch (`wait_peer_gone`) fails at once when a small store rank 1 hosts goes
+  away, so a dead decode replica breaks the pair before the next transfer, not at that send's deadline
+  (NCCL's P2P transports would not notice a dead peer; its socket transport notices in about 0.6 s).
 NCCL has no tags: messages on a pair are FIFO, which is all the channel needs. Every operation is one
 grouped (coalesced) NCCL call, which is also what lets a one-rank group send to itself (the GPU checks).
 
@@ -47,7 +49,6 @@ import torch
 import torch.distributed as dist
 
 from app.kv import nccl_ops, rendezvous
-from app.kv.channel import TAG_HEADER
 from app.kv.nccl_control import StoreControl, check_in
 from app.kv.nccl_ops import IDLE_TIMEOUT, NcclPairError, nbytes, nccl_available
 
@@ -131,7 +132,7 @@ class PairNccl(_PairGroupBase):
                                            kv_put, kv_get, kv_del) as store:
                     check_in(store, self.rank, self.world_size, deadline, self.group_name)
                     control = StoreControl(store, self.rank, self.group_name, deadline, lambda: self._broken,
-                                           self._break)
+                                           self._break, watch=self.world_size > 1)
                     pg = self.new_process_group(dist.PrefixStore("nccl", store), self.rank, self.world_size,
                                                 IDLE_TIMEOUT)
                     peer = (self.rank + 1) % self.world_size  # itself in a one-rank group
@@ -207,6 +208,12 @@ class PairNccl(_PairGroupBase):
         `timeout_s=None` waits until one comes, the group is destroyed, or the store goes away."""
         return self._usable(self._control).recv(timeout_s)
 
+    def wait_peer_gone(self) -> None:
+        """Block until the peer's process or group is gone (the group breaks), or this side destroys the
+        group; raises `NcclPairError` either way. Watched from rank 0 only (rank 1 sees rank 0 go through
+        its control wait): elsewhere this waits for destroy."""
+        self._usable(self._control).wait_peer_gone()
+
     # -- failure ----------------------------------------------------------------------------------
 
     def _break(self, reason: str) -> None:
@@ -228,37 +235,6 @@ class PairNccl(_PairGroupBase):
         if part is None or self._broken is not None:
             raise NcclPairError(f"pair group {self.group_name} is unusable ({self._broken or 'not connected'})")
         return part
-
-
-
-class NcclPairComm:
-    """The channel's link over a `PairNccl` group: headers as control messages through the pair's store,
-    payloads over NCCL, each NCCL operation bounded by the transfer deadline."""
-
-    def __init__(self, group: PairNccl, peer_rank: int, timeout_s: float):
-        self.group = group
-        self.peer_rank = peer_rank
-        self.timeout_s = timeout_s
-        self.device = group.device
-
-    def send(self, tensor: torch.Tensor, tag: int, timeout_s: float | None) -> None:
-        if tag == TAG_HEADER:
-            self.group.send_control(tensor.detach().cpu().contiguous().numpy().tobytes(), self.peer_rank)
-        else:
-            self.group.send_tagged(tensor, self.peer_rank, tag, self.timeout_s if timeout_s is None else timeout_s)
-
-    def recv(self, tensor: torch.Tensor, tag: int) -> None:
-        if tag == TAG_HEADER:
-            data = self.group.recv_control(self.peer_rank)
-            if len(data) != nbytes(tensor):
-                raise NcclPairError(f"control message of {len(data)} bytes, expected {nbytes(tensor)}")
-            tensor.copy_(torch.frombuffer(bytearray(data), dtype=tensor.dtype).view(tensor.shape))
-        else:
-            # The header came first, so the sender is sending now: the payload has the transfer deadline.
-            self.group.recv_tagged(tensor, self.peer_rank, tag, self.timeout_s)
-
-    def close(self) -> None:
-        self.group.destroy_group()
 
 
 _GROUP_CLASS: type | None = None
@@ -294,4 +270,4 @@ def register() -> None:
         register_collective_backend(BACKEND_NAME, _ray_group_class())
 
 
-__all__ = ["BACKEND_NAME", "NcclPairComm", "NcclPairError", "PairNccl", "nccl_available", "register"]
+__all__ = ["BACKEND_NAME", "NcclPairError", "PairNccl", "nccl_available", "register"]

@@ -34,7 +34,7 @@ import torch
 from app.kv import gloo_group, nccl_group
 from app.kv.channel import ChannelBroken, KVReceiver, KVSender, Received, SendResult
 from app.kv.header import KVHeader
-from app.kv.nccl_group import NcclPairComm
+from app.kv.nccl_comm import NcclPairComm
 from app.kv.shm import Segment, SegmentPool, share_memory
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class PairTransport:
             raise ChannelBroken(f"could not form pair {name}: {exc}") from exc
         pair = _Pair(name, comm)
         if self.role == "prefill":
-            pair.sender = KVSender(comm, self.timeout_s, name=name, watch_peer=self.backend == "gloo",
+            pair.sender = KVSender(comm, self.timeout_s, name=name, watch_peer=True,
                                    on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"), pool=pool)
         else:
             assert self._deliver is not None
