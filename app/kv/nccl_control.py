@@ -144,8 +144,9 @@ class StoreControl:
         raise NcclPairError(f"control channel of {self.group_name} lost: {exc}") from exc
 
     def close(self) -> None:
-        """Drop both connections (rank 0's store closes with its last reference) and wake a waiting
-        receive. The group is marked broken before this, so a receive that starts later fails at once."""
+        """Drop the connections and stores (rank 0's pair store and rank 1's watched store close with their last
+        reference) and wake a waiting receive and rank 0's peer watch. The group is marked broken before this, so a
+        receive that starts later fails at once."""
         store, waiting, watch = self.store, self._waiting, self._watch
         self.store = self._ctl = self._watched = None  # rank 1: dropping the watched store fails rank 0's watch
         self._watch = []
