@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import random
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from app.tools.bench.workload import (  # noqa: E402
     multi_turn_conversations,
     synthetic_requests,
 )
+from app.tools.vllm_server import ray_serve_llm_available  # noqa: E402
 
 MODEL = "pdserve-tiny-llama"
 # pdserve-disaggregated: the default (adaptive placement); pdserve-always-remote: every prompt on a prefill replica
@@ -120,12 +120,6 @@ def pdserve_app(system: str):
         args["placement"] = {"policy": "always_remote"}
     args["ingress"] = {"num_cpus": 0.1, "max_ongoing_requests": 512}
     return build_app(args)
-
-
-def ray_serve_llm_available() -> str | None:
-    """None if Ray Serve LLM can run here, else why not."""
-    missing = [m for m in ("pyarrow", "jsonref") if importlib.util.find_spec(m) is None]
-    return f"missing {', '.join(missing)}: pip install -e '.[raysllm]'" if missing else None
 
 
 def ray_serve_llm_app(kv_dir: str):

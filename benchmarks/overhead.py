@@ -1,10 +1,11 @@
 """What a request costs through pdserve against vLLM's own OpenAI server, same model, same engine knobs.
 
-    .venv/bin/python benchmarks/overhead.py --docs         # about 6 minutes on 2 cores; writes docs/overhead.md
+    .venv/bin/python benchmarks/overhead.py --docs         # about 10 minutes on 2 cores; writes docs/overhead.md
     .venv/bin/python benchmarks/overhead.py --systems vllm,pdserve-disaggregated --repeats 3
 
 Each system is started as its users start it (`python -m vllm.entrypoints.openai.api_server ...`,
-`serve run` of a config that differs from serve_config.yaml only in `mode`), warmed with three requests,
+`serve run` of a config that differs from serve_config.yaml only in `mode`, and for `rayserve-llm`, Ray Serve
+LLM's collocated app, `serve run` of `ray.serve.llm:build_openai_app`), warmed with three requests,
 then measured with pdserve's own load generator (streaming, greedy, `ignore_eos`, 64 output tokens):
 - lone requests, one after the other, at 100, 500 and 1000 prompt tokens (TTFT and TPOT medians);
 - 48 requests kept 16 at a time, 500-token prompts (output tokens/s, TTFT and TPOT p50).
@@ -42,7 +43,7 @@ from app.tools.bench import report, stats  # noqa: E402
 from app.tools.bench.client import run_workload  # noqa: E402
 from app.tools.bench.processes import OTHER, ROLES, Profiler, cpu_by_role  # noqa: E402
 from app.tools.bench.workload import Arrivals, BenchRequest  # noqa: E402
-from app.tools.vllm_server import VLLMServer, default_sigint, wait_ready  # noqa: E402
+from app.tools.vllm_server import VLLMServer, default_sigint, ray_serve_llm_available, wait_ready  # noqa: E402
 
 MODEL = "pdserve-tiny-llama"
 PORT = 8000
@@ -84,10 +85,33 @@ def _pdserve_command(mode: str, config_dir: Path, repo: Path, extra_args: dict[s
     return [str(Path(PYTHON).parent / "serve"), "run", str(path)]
 
 
-def _start(command: list[str], log: Path, is_vllm: bool, repo: Path) -> subprocess.Popen:
+def _rayllm_command(serve_args: dict[str, Any], config_dir: Path) -> list[str]:
+    """Ray Serve LLM's collocated app (`build_openai_app`) as its users deploy it: `serve run` of a config naming
+    its builder, with the engine knobs vLLM's server gets here and nothing else (vLLM's defaults otherwise)."""
+    engine = serve_args["engine"]
+    env = {**engine_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # its engine core runs in a subprocess (AsyncLLM)
+    llm_config = {
+        "model_loading_config": {"model_id": MODEL, "model_source": str(DEFAULT_MODEL_DIR)},
+        "accelerator_config": {"kind": "cpu"}, "runtime_env": {"env_vars": env},
+        "engine_kwargs": {"dtype": "float32", "max_model_len": serve_args["model"]["max_model_len"],
+                          "block_size": engine["block_size"], "enforce_eager": True,
+                          "kv_cache_memory_bytes": engine["kv_cache_memory_mb"] << 20},
+        # 1.8 cores for the replica and its engine, as pdserve's collocated replica asks for: Ray Serve LLM adds
+        # the replica's own core (Serve's default) to the first bundle of its placement group
+        "placement_group_config": {"bundles": [{"CPU": 0.8}]}, "deployment_config": {"num_replicas": 1}}
+    app = {"name": "rayserve-llm", "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app",
+           "args": {"llm_configs": [llm_config],  # as pdserve's ingress: a tenth of a core, so both fit on 2 cores
+                    "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}}}
+    config = {"http_options": {"host": "127.0.0.1", "port": PORT}, "applications": [app]}
+    path = config_dir / "serve_config.rayserve-llm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return [str(Path(PYTHON).parent / "serve"), "run", str(path)]
+
+
+def _start(command: list[str], log: Path, system: str, repo: Path) -> subprocess.Popen:
     env = {**os.environ, **engine_env(), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(repo)}
-    if is_vllm:  # vLLM's server runs as its users run it: engine core in a process of its own
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if not system.startswith("pdserve"):  # vLLM's server and Ray Serve LLM run as their users run them: their
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # engine core in a process of its own, Serve's defaults
     else:  # pdserve as shipped (`make run`): its Serve settings, unless this environment overrides them
         env = {**serve_env.SERVE_ENV, **env}
     # Ctrl-C must reach it even when this script was started in the background (which ignores SIGINT,
@@ -160,7 +184,7 @@ def _measure(seed: int, session: int) -> dict[str, Any]:
 
 
 PROFILED = ("Serve HTTP proxy", "ingress", "prefill replica", "decode replica", "collocated replica",
-            "vLLM API server", "vLLM engine core", "vLLM worker")
+            "Ray Serve LLM ingress", "Ray Serve LLM server", "vLLM API server", "vLLM engine core", "vLLM worker")
 
 
 def _profile(seed: int, session: int, out_dir: Path, system: str) -> list[Path]:
@@ -218,7 +242,8 @@ def _cpu_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", default="vllm,pdserve-disaggregated,pdserve-collocated")
+    parser.add_argument("--systems", default="vllm,pdserve-disaggregated,pdserve-collocated,rayserve-llm",
+                        help="rayserve-llm: Ray Serve LLM's collocated app (needs `pip install -e '.[raysllm]'`)")
     parser.add_argument("--repeats", type=int, default=1, help="measurements of each pdserve system")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/overhead.json"))
@@ -235,15 +260,22 @@ def main() -> None:
         args.profile = REPO / "docs" / "profiles"
     serve_args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
     systems = [s for s in args.systems.split(",") if s != "vllm"]
+    if "rayserve-llm" in systems and (why := ray_serve_llm_available()):
+        print(f"rayserve-llm skipped: {why}", flush=True)
+        systems.remove("rayserve-llm")
     order = ["vllm", *[s for s in systems for _ in range(args.repeats)], "vllm"]
     runs: dict[str, list[dict[str, Any]]] = {}
     profiled: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for system in order:
-            command = (_vllm_command(serve_args) if system == "vllm"
-                       else _pdserve_command(system.removeprefix("pdserve-"), Path(scratch), args.pdserve_repo,
-                                             json.loads(args.args)))
-            process = _start(command, Path(scratch) / f"{system}.log", system == "vllm", args.pdserve_repo)
+            if system == "vllm":
+                command = _vllm_command(serve_args)
+            elif system == "rayserve-llm":
+                command = _rayllm_command(serve_args, Path(scratch))
+            else:
+                command = _pdserve_command(system.removeprefix("pdserve-"), Path(scratch), args.pdserve_repo,
+                                           json.loads(args.args))
+            process = _start(command, Path(scratch) / f"{system}.log", system, args.pdserve_repo)
             try:
                 ready_s = _wait_ready(process)
                 print(f"{system}: ready in {ready_s:.0f} s", flush=True)
@@ -279,6 +311,11 @@ def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: l
              "prompt tokens kept 16 at a time. First request: the "
              "TTFT of the first request after the server said it was ready (100 prompt tokens). Cells: ratio to vLLM's "
              "server (value); below 1 is better than vLLM's server for latencies, above 1 for tokens/s.", "",
+             *(["rayserve-llm: Ray Serve LLM's collocated app (`ray.serve.llm:build_openai_app`), deployed with "
+                "`serve run` of a config that gives it the engine knobs vLLM's server gets here (vLLM's defaults "
+                "otherwise; its engine core in a process of its own, as it runs by default), 1.8 cores for its "
+                "replica and engine as pdserve's collocated replica, Serve's default settings.", ""]
+               if "rayserve-llm" in runs else []),
              *rows, "",
              "The second table is CPU time of every process of the system (its process group) during the 16-stream "
              "run, divided by the output tokens: what each token costs the machine, wherever it is spent. Two cores "

@@ -4,9 +4,11 @@ arrival schedules and workloads; and the client against a fake streaming server.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import math
 import random
+from pathlib import Path
 
 import httpx
 import pytest
@@ -259,3 +261,29 @@ def test_ttft_hops_rows_give_each_layer_what_it_adds_to_the_one_below():
 
     rows = _rows({"collocated": {"100": {"engine": 15.0, "replica": 20.0, "ingress": 26.5, "http": 30.0}}})
     assert rows[2] == "| collocated, 100 | 15.0 ms | +5.0 ms | +6.5 ms | +3.5 ms | 30.0 ms |"
+
+
+def test_overhead_deploys_ray_serve_llm_as_serve_run_would_with_vllms_engine_knobs(tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from benchmarks.overhead import REPO, _rayllm_command, _vllm_command
+
+    serve_args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
+    command = _rayllm_command(serve_args, tmp_path)
+    assert command[-2] == "run" and command[-3].endswith("serve")
+    config = yaml.safe_load(Path(command[-1]).read_text())
+    ServeDeploySchema.model_validate(config)  # a config `serve run` / `serve deploy` accepts
+    app = config["applications"][0]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    engine = app["args"]["llm_configs"][0]["engine_kwargs"]
+    vllm = _vllm_command(serve_args)  # the same knobs vLLM's own server is started with, nothing more
+    flags = {"--dtype": "dtype", "--max-model-len": "max_model_len", "--block-size": "block_size",
+             "--kv-cache-memory-bytes": "kv_cache_memory_bytes"}
+    assert {key: str(engine[key]) for key in flags.values()} == {key: vllm[vllm.index(flag) + 1]
+                                                                 for flag, key in flags.items()}
+    assert engine["enforce_eager"] and "--enforce-eager" in vllm and len(engine) == len(flags) + 1
+    if importlib.util.find_spec("pyarrow") and importlib.util.find_spec("jsonref"):  # the raysllm extra
+        from ray.serve.llm import LLMConfig
+
+        LLMConfig.model_validate(app["args"]["llm_configs"][0])

@@ -10,6 +10,7 @@ shared memory is never touched).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -145,3 +146,9 @@ class VLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def ray_serve_llm_available() -> str | None:
+    """None if Ray Serve LLM (the other baseline the benchmarks run) can run here, else why not."""
+    missing = [m for m in ("pyarrow", "jsonref") if importlib.util.find_spec(m) is None]
+    return f"missing {', '.join(missing)}: pip install -e '.[raysllm]'" if missing else None

@@ -21,7 +21,9 @@ from app.tools.vllm_server import default_sigint
 
 # What each process of a system is, by its command line (Serve replicas name their deployment).
 ROLES = (("ProxyActor", "Serve HTTP proxy"), (":Ingress", "ingress"), (":Prefill", "prefill replica"),
-         (":Decode", "decode replica"), (":Collocated", "collocated replica"), ("VLLM::Worker", "vLLM worker"),
+         (":Decode", "decode replica"), (":Collocated", "collocated replica"),
+         (":OpenAiIngress", "Ray Serve LLM ingress"), (":LLMServer", "Ray Serve LLM server"),
+         ("VLLM::Worker", "vLLM worker"),
          ("VLLM::EngineCore", "vLLM engine core"), ("vllm.entrypoints", "vLLM API server"))
 OTHER = "Ray and the rest"
 
