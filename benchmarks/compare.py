@@ -52,7 +52,7 @@ from app.tools.bench.workload import (  # noqa: E402
     multi_turn_conversations,
     synthetic_requests,
 )
-from app.tools.vllm_server import ray_serve_llm_available  # noqa: E402
+from app.tools.vllm_server import ray_serve_llm_available, remove_leftover_shm, shm_entries  # noqa: E402
 
 MODEL = "pdserve-tiny-llama"
 # pdserve-disaggregated: the default (adaptive placement); pdserve-always-remote: every prompt on a prefill replica
@@ -152,33 +152,6 @@ def ray_serve_llm_app(kv_dir: str):
 
     return build_pd_openai_app({"prefill_config": config("prefill"), "decode_config": config("decode"),
                                 "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}})
-
-
-SHM = Path("/dev/shm")
-
-
-def shm_entries() -> set[str]:
-    return set(p.name for p in SHM.iterdir()) if SHM.is_dir() else set()
-
-
-def remove_leftover_shm(before: set[str]) -> list[str]:
-    """Remove /dev/shm entries this run created and no live process holds (vLLM's multiprocess engines, killed
-    with their replicas, leave their shared-memory queues behind)."""
-    held: set[str] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            held |= {Path(str(fd.readlink())).name for fd in (proc / "fd").iterdir()
-                     if str(fd.readlink()).startswith("/dev/shm/")}
-            held |= {line.split("/dev/shm/")[1].split()[0] for line in (proc / "maps").read_text().splitlines()
-                     if "/dev/shm/" in line}
-        except OSError:  # the process ended, or is not ours to read
-            continue
-    removed = sorted(shm_entries() - before - held)
-    for name in removed:
-        (SHM / name).unlink(missing_ok=True)
-    return removed
 
 
 def wait_ready(base: str, timeout_s: float) -> float:

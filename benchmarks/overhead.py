@@ -43,7 +43,14 @@ from app.tools.bench import report, stats  # noqa: E402
 from app.tools.bench.client import run_workload  # noqa: E402
 from app.tools.bench.processes import OTHER, ROLES, Profiler, cpu_by_role  # noqa: E402
 from app.tools.bench.workload import Arrivals, BenchRequest  # noqa: E402
-from app.tools.vllm_server import VLLMServer, default_sigint, ray_serve_llm_available, wait_ready  # noqa: E402
+from app.tools.vllm_server import (  # noqa: E402
+    VLLMServer,
+    default_sigint,
+    ray_serve_llm_available,
+    remove_leftover_shm,
+    shm_entries,
+    wait_ready,
+)
 
 MODEL = "pdserve-tiny-llama"
 PORT = 8000
@@ -275,6 +282,7 @@ def main() -> None:
             else:
                 command = _pdserve_command(system.removeprefix("pdserve-"), Path(scratch), args.pdserve_repo,
                                            json.loads(args.args))
+            shm_before = shm_entries()
             process = _start(command, Path(scratch) / f"{system}.log", system, args.pdserve_repo)
             try:
                 ready_s = _wait_ready(process)
@@ -285,6 +293,8 @@ def main() -> None:
                                         for p in _profile(args.seed, process.pid, args.profile, system)]
             finally:
                 _stop(process)
+                if removed := remove_leftover_shm(shm_before):  # vLLM's multiprocess engines, killed, leave them
+                    print(f"  removed {len(removed)} shared-memory files {system} left in /dev/shm", flush=True)
             runs.setdefault(system, []).append({"ready_s": ready_s, **measured})
             print(f"  {measured}", flush=True)
     rows = [*_ratio_rows(runs), "", *_cpu_rows(runs)]

@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -287,3 +288,22 @@ def test_overhead_deploys_ray_serve_llm_as_serve_run_would_with_vllms_engine_kno
         from ray.serve.llm import LLMConfig
 
         LLMConfig.model_validate(app["args"]["llm_configs"][0])
+
+
+def test_leftover_shared_memory_is_removed_only_if_new_and_held_by_no_process():
+    from app.tools.vllm_server import SHM, remove_leftover_shm, shm_entries
+
+    tag = f"pdserve-test-{os.getpid()}"
+    old, new, held = (SHM / f"{tag}-{name}" for name in ("old", "new", "held"))
+    old.write_bytes(b"x")
+    before = shm_entries()
+    new.write_bytes(b"x")
+    held.write_bytes(b"x")
+    try:
+        with held.open("rb"):  # a live process (this one) still has it open
+            removed = remove_leftover_shm(before)
+        assert new.name in removed and not new.exists()
+        assert old.exists() and held.exists() and {old.name, held.name}.isdisjoint(removed)
+    finally:
+        for path in (old, new, held):
+            path.unlink(missing_ok=True)

@@ -5,7 +5,9 @@ engine knobs pdserve's defaults use); `start()` launches it in a session of its 
 `/v1/models` answers; `stop()` presses Ctrl-C (it then exits in seconds and cleans up after itself), waits for
 the rest of its session (engine core, resource tracker) to exit, kills its process group if anything lingers,
 and removes the /dev/shm files its processes had mapped that a kill left behind (only those: other programs'
-shared memory is never touched).
+shared memory is never touched). For servers whose processes it cannot name (Ray Serve's replicas, which run
+vLLM's engines in processes of their own), `remove_leftover_shm` removes what appeared since a snapshot
+(`shm_entries`) and no live process holds.
 """
 
 from __future__ import annotations
@@ -152,3 +154,37 @@ def ray_serve_llm_available() -> str | None:
     """None if Ray Serve LLM (the other baseline the benchmarks run) can run here, else why not."""
     missing = [m for m in ("pyarrow", "jsonref") if importlib.util.find_spec(m) is None]
     return f"missing {', '.join(missing)}: pip install -e '.[raysllm]'" if missing else None
+
+
+SHM = Path("/dev/shm")
+
+
+def shm_entries() -> set[str]:
+    """The names in /dev/shm now (a benchmark's snapshot before it starts its servers)."""
+    return set(p.name for p in SHM.iterdir()) if SHM.is_dir() else set()
+
+
+def remove_leftover_shm(before: set[str]) -> list[str]:
+    """Remove /dev/shm entries this run created and no live process holds (vLLM's multiprocess engines, killed
+    with their replicas, leave their shared-memory queues behind)."""
+    held: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+            maps = (proc / "maps").read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile (one fd gone must not hide the process's other files)
+                continue
+            if target.startswith("/dev/shm/"):
+                held.add(Path(target).name)
+        held |= {line.split("/dev/shm/")[1].split()[0] for line in maps.splitlines() if "/dev/shm/" in line}
+    removed = sorted(shm_entries() - before - held)
+    for name in removed:
+        (SHM / name).unlink(missing_ok=True)
+    return removed
