@@ -254,13 +254,45 @@ def test_idle_pair_holds_no_gpu_kernel_and_destroy_leaves_nothing_behind():
 # Two processes on the one GPU: NCCL refuses two ranks on one device ("Duplicate GPU detected"), a check
 # keyed on the host hash and the bus id. NCCL_HOSTID gives each process its own host hash, so NCCL
 # would take them for two hosts and use its network transport over loopback (no P2P, no SHM).
+TWO_RANKS_ON_ONE_GPU = {"NCCL_HOSTID": "pdserve-rank{rank}", "NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1",
+                        "NCCL_NET": "Socket"}  # the arrangement NCCL accepts ({rank}: each process its own)
 _TWO_PROC_VARIANTS = [
     ("NCCL defaults", {}, 25),
     ("NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1", {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}, 25),
-    ("NCCL_HOSTID per process, sockets over loopback",
-     {"NCCL_HOSTID": "pdserve-rank{rank}", "NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1",
-      "NCCL_NET": "Socket"}, 40),
+    ("NCCL_HOSTID per process, sockets over loopback", TWO_RANKS_ON_ONE_GPU, 40),
 ]
+
+
+def run_two_ranks(worker: str, args: str, workdir: Path, extra_env: dict[str, str], limit_s: float
+                  ) -> tuple[list[dict], list[str], bool]:
+    """`tests.<worker>(rank, <args>)` as ranks 0 and 1, each in a process of its own on this GPU with `extra_env`
+    (`{rank}` filled in), killed if still running after `limit_s`. Returns each rank's result (what it wrote to
+    `workdir/rank<r>.json`, or an error saying it wrote nothing), both logs, and whether any rank hung."""
+    root = Path(__file__).resolve().parents[1]
+    module, function = worker.rsplit(".", 1)
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(root), "NCCL_DEBUG": "WARN",
+               **{k: v.format(rank=rank) for k, v in extra_env.items()}}
+        code = f"from tests.{module} import {function}; {function}({rank}, {args})"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + limit_s
+    hung = False
+    logs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            hung = True
+        logs.append(out or "")
+    results = []
+    for rank in (0, 1):
+        path = workdir / f"rank{rank}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else {"rank": rank, "error": "no result"})
+    return results, logs, hung
 
 
 def _file_kv(folder: Path) -> dict:
@@ -345,33 +377,12 @@ def _pair_scenario(rank: int, workdir: Path, connect_timeout_s: float, result: d
 
 
 def test_two_processes_on_one_gpu_as_a_two_rank_nccl_pair(tmp_path):
-    root = Path(__file__).resolve().parents[1]
     summary = []
     for index, (name, extra, limit_s) in enumerate(_TWO_PROC_VARIANTS):
         work = tmp_path / f"variant{index}"
         work.mkdir()
-        procs = []
-        for rank in (0, 1):
-            env = {**os.environ, "PYTHONPATH": str(root), "NCCL_DEBUG": "WARN",
-                   **{k: v.format(rank=rank) for k, v in extra.items()}}
-            code = f"from tests.test_gpu_kv import _pair_worker; _pair_worker({rank}, {str(work)!r}, {limit_s - 8})"
-            procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + limit_s
-        hung = False
-        logs = []
-        for proc in procs:
-            try:
-                out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
-                hung = True
-            logs.append(out or "")
-        results = []
-        for rank in (0, 1):
-            path = work / f"rank{rank}.json"
-            results.append(json.loads(path.read_text()) if path.exists() else {"rank": rank, "error": "no result"})
+        results, logs, hung = run_two_ranks("test_gpu_kv._pair_worker", f"{str(work)!r}, {limit_s - 8}", work, extra,
+                                            limit_s)
         warns = sorted({line.split("NCCL WARN", 1)[1].strip()[:160] for log in logs for line in log.splitlines()
                         if "NCCL WARN" in line})
         print(f"\ntwo processes on one GPU, {name}: hung={hung} " + json.dumps(results))

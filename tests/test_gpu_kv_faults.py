@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,13 +27,11 @@ from app.kv.header import UNSEALED, KVHeader, xfer_key
 from app.kv.nccl_comm import NcclPairComm
 from app.kv.nccl_group import PairNccl
 from app.kv.payload import CHECKSUM_WEIGHTED, checksum, gather_blocks
-from tests.test_gpu_kv import _caches, _cuda_usable, _CudaLoopback, _file_kv
+from tests.test_gpu_kv import TWO_RANKS_ON_ONE_GPU, _caches, _cuda_usable, _CudaLoopback, _file_kv, run_two_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEADLINE_S = 5.0
-_TWO_RANKS_ON_ONE_GPU = {"NCCL_HOSTID": "pdserve-fault{rank}", "NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1",
-                         "NCCL_NET": "Socket"}
 
 
 def test_sender_thread_seals_a_cuda_payload_gathered_on_the_engine_thread():
@@ -137,27 +134,10 @@ def _decode_sees(comm: NcclPairComm) -> dict:
 
 @pytest.mark.parametrize("scenario", ["decode_dies_mid_transfer", "prefill_dies_mid_transfer", "decode_dies_idle"])
 def test_a_peer_killed_on_a_two_rank_nccl_pair_fails_the_other_side_within_the_deadline(tmp_path, scenario):
-    root = Path(__file__).resolve().parents[1]
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(root), "NCCL_DEBUG": "WARN",
-               **{k: v.format(rank=rank) for k, v in _TWO_RANKS_ON_ONE_GPU.items()}}
-        code = (f"from tests.test_gpu_kv_faults import _fault_worker; "
-                f"_fault_worker({rank}, {str(tmp_path)!r}, {scenario!r})")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-            out = (out or "") + "\n[hung: killed by the test]"
-        logs.append(out or "")
+    results, logs, _ = run_two_ranks("test_gpu_kv_faults._fault_worker", f"{str(tmp_path)!r}, {scenario!r}", tmp_path,
+                                     TWO_RANKS_ON_ONE_GPU, 90)
     survivor = 1 if scenario.startswith("prefill") else 0
-    path = tmp_path / f"rank{survivor}.json"
-    result = json.loads(path.read_text()) if path.exists() else {"error": "no result", "log": logs[survivor][-2000:]}
+    result = results[survivor]
     print(f"\n{scenario}: survivor rank {survivor}: {json.dumps(result)}")
     assert "error" not in result, logs[survivor][-2000:]
     if scenario == "decode_dies_idle":  # prefill's peer watch broke the pair: the next send fails at once
