@@ -99,3 +99,24 @@ def test_placement_counts_only_the_tokens_the_decode_replica_does_not_hold():
     # all of it cached: the last prompt token is still computed
     full = place(request(640), "adaptive", limits, backlog_tokens=0, decode_requests=0, cached_local=640)
     assert full.local and full.reason == "decode_idle" and "1 not cached" in full.detail
+
+
+def test_prompts_placed_together_see_each_other_in_the_backlog_before_their_prefill_replica_is_chosen():
+    from app.messages import GenerateRequest, SamplingSpec
+    from app.serving.placement import PlacementLimits, PrefillBacklog, place
+
+    backlog, limits = PrefillBacklog(), PlacementLimits(224, idle=1024, busy=1024)
+    request = GenerateRequest("r", tuple(range(600)), SamplingSpec(max_tokens=4))
+    # 1. the first of a burst goes to prefill and waits there for a replica: counted from its placement on
+    with backlog.waiting(600):
+        assert (backlog.num_tokens, backlog.num_requests) == (600, 1)
+        # 2. the next one sees it: prefill is busy with at least its own length, so it runs on its decode replica
+        second = place(request, "adaptive", limits, backlog.num_tokens, decode_requests=2)
+        assert second.local and second.reason == "prefill_busy"
+    # 3. dispatched (the handoff counts it from then on) or given up: no longer waiting
+    assert (backlog.num_tokens, backlog.num_requests) == (0, 0)
+    assert not place(request, "adaptive", limits, backlog.num_tokens, decode_requests=2).local
+    # 4. the rerun of a request whose KV was lost runs on its decode replica, whatever the backlog
+    rerun = place(GenerateRequest("r", tuple(range(600)), SamplingSpec(max_tokens=4), rerun_after_lost_kv=True),
+                  "adaptive", limits, 0, decode_requests=2)
+    assert rerun.local and rerun.reason == "forced"

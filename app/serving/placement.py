@@ -8,7 +8,8 @@ fallback: fallbacks are for failures and are counted apart.
 
 Rules, first match wins:
 1. `prompt_logprobs` asked for: local (vLLM computes prompt logprobs only for tokens it runs itself).
-2. The caller asked for a remote prefill (the ingress's warm path, which must warm the transfer path).
+2. A rerun after the request's KV was lost on the way (app/serving/first_token.py): local. The caller asked for
+   a remote prefill (the ingress's warm path, which must warm the transfer path): remote.
 3. `placement.policy` always_local / always_remote.
 4. adaptive, with L = `placement.local_max_prompt_tokens` (the prompt tokens a decode replica computes within
    its stall budget), I = `placement.idle_local_max_prompt_tokens` and a prompt's uncached tokens (its length
@@ -24,15 +25,18 @@ Rules, first match wins:
    tokens also runs locally while the prefill backlog is at least its own length (it would wait there at least
    as long as it computes here).
    Every other prompt runs remotely.
-   The backlog is what this ingress has dispatched to prefill replicas and not seen finish
-   (`PrefillBacklog`); the decode replica's requests are the ones this ingress has on it (waiting for KV or
-   generating): both exact with one ingress replica, lower bounds with several.
+   The backlog is what this ingress has placed on prefill replicas and not seen finish (`PrefillBacklog`: from
+   the placement on, so that prompts arriving together see each other); the decode replica's requests are the
+   ones this ingress has on it (waiting for KV or generating): both exact with one ingress replica, lower bounds
+   with several.
 Not yet used (issue 13): decode's KV usage.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,12 +59,25 @@ class Placement:
 
 
 class PrefillBacklog:
-    """Prompt tokens this ingress has on prefill replicas: added at dispatch, removed once prefill answered."""
+    """Prompt tokens this ingress has placed on prefill replicas: counted from the placement (`waiting`, while a
+    prefill replica is chosen: prompts that arrive together, or wait for a free replica, see each other), then
+    from dispatch (`add`) until prefill answered (`remove`)."""
 
     def __init__(self) -> None:
         self.num_tokens = 0
         self.num_requests = 0
         self.by_replica: Counter[str] = Counter()  # requests per prefill replica (prefix routing's load)
+
+    @contextlib.contextmanager
+    def waiting(self, num_tokens: int) -> Iterator[None]:
+        """Count a prompt placed on prefill whose replica is not chosen yet (until it is dispatched or given up)."""
+        self.num_tokens += num_tokens
+        self.num_requests += 1
+        try:
+            yield
+        finally:
+            self.num_tokens -= num_tokens
+            self.num_requests -= 1
 
     def add(self, num_tokens: int, replica_id: str) -> None:
         self.num_tokens += num_tokens
@@ -95,6 +112,9 @@ def place(request: GenerateRequest, policy: Policy, limits: PlacementLimits, bac
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
                          "its logprobs")
+    if request.rerun_after_lost_kv:
+        return Placement(True, "forced", "a rerun after its KV was lost on the way: the prompt runs on the decode "
+                         "replica")
     if request.remote_prefill:
         return Placement(False, "forced", "the caller asked for a prefill replica")
     if policy == "always_local":
