@@ -35,6 +35,11 @@ class PlacementConfig(BaseModel, extra="forbid", frozen=True):
         "there stalls its replies; with it, prompts up to idle_local_max_prompt_tokens also run there while the "
         "prefill backlog is at least their length (docs/placement.md). None: whole prompts, and only prompts up to "
         "local_max_prompt_tokens beside running replies.")
+    first_token_from_prefill: bool = Field(
+        True, description="A prompt that prefills on a prefill replica gets its first token from there, streamed as "
+        "soon as it is sampled (with the request's sampling), and decode continues after it: its KV handoff and a "
+        "decode step leave the time to first token. Requests with n > 1, a seed, presence or frequency penalties, "
+        "stop strings, bad words, structured output or logprobs keep decode sampling every token.")
     prefix_routing_slack: int = Field(
         4, ge=-1, description="Prefix-aware routing (both phases): the replica that probably holds the longest cached "
         "prefix of the prompt is chosen unless it has more than this many requests above the least busy replica; -1: "

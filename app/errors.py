@@ -50,6 +50,18 @@ class KVTransferFailed(Exception):
         self.reason = reason
 
 
+class FirstTokenUnknown(Exception):
+    """Decode cannot tell which first token the client got: prefill may have streamed one, and its KV (whose header
+    names it) never arrived. The ingress continues the request after what it sent (app/serving/first_token.py)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"KV transfer failed after the first token may have been sent: {self.reason}"
+
+
 class TwoStepUnsupported(Exception):
     """`disagg_mode` asked of an app that runs collocated."""
 

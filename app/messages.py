@@ -54,6 +54,7 @@ class GenerateRequest:
     cache_salt: str | None = None
     remote_prefill: bool = False  # disaggregated: prefill on a prefill replica whatever the placement policy says
     reply_to: BusTarget | None = None  # chunks after the first go there, not through the streaming call
+    rerun_after_lost_kv: bool = False  # prefill's KV never reached decode: this run prefills on decode, no transfer
 
     @property
     def wants_prompt_logprobs(self) -> bool:

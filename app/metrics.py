@@ -73,7 +73,7 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
               "send; decode: first to last token)."),
     MetricDef("pdserve_fallbacks_total", "Counter", "requests", ("kind",),
               "Requests that left the plain path: retried_other_prefill, recomputed, failed_fast, "
-              "retried_dead_replica, no_prefill_replica."),
+              "retried_dead_replica, continued_after_lost_kv, no_prefill_replica."),
     MetricDef("pdserve_placements_total", "Counter", "requests", ("placement", "reason"),
               "Disaggregated requests by where their prompt prefilled (local: on the decode replica; remote: on a "
               "prefill replica) and why: decode_idle, prefix_cached, prefill_busy, prefill_idle, long_prompt, policy, "

@@ -96,6 +96,7 @@ class OrchestratorSpec:
     limits: PlacementLimits  # adaptive: the longest prompts a decode replica prefills itself
     prefix_routing_slack: int  # -1: no prefix-aware routing
     block_size: int  # the engines' KV block: prefix caches hold whole blocks
+    first_token_from_prefill: bool = True  # app/serving/first_token.py
 
     @classmethod
     def from_config(cls, config: AppConfig) -> OrchestratorSpec:
@@ -107,7 +108,8 @@ class OrchestratorSpec:
                    limits=PlacementLimits(
                        local=placement.local_max_prompt_tokens, idle=placement.idle_local_max_prompt_tokens,
                        busy=placement.idle_local_max_prompt_tokens if placement.local_chunk_tokens else 0),
-                   prefix_routing_slack=placement.prefix_routing_slack, block_size=config.engine.block_size)
+                   prefix_routing_slack=placement.prefix_routing_slack, block_size=config.engine.block_size,
+                   first_token_from_prefill=placement.first_token_from_prefill)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ Life cycle of `generate(request, prefill_id, xfer_id)`:
    drains transfers into the mailbox. Wait on the event loop until the KV arrived or failed: every
    running request keeps decoding meanwhile. A failure with `kv_transfer.on_failure: fail` ends here
    with `KVTransferFailed` (a 503 at the ingress).
+   A request whose first token the client got from prefill (`first_from_prefill`) continues after the token the
+   KV's header names; if no header came, it cannot tell whether the client has a token and raises
+   `FirstTokenUnknown` (the ingress continues the request after what it sent; app/serving/first_token.py).
 2. Add the request to the engine with the transfer's `kv_transfer_params`. The connector loads the KV
    into the blocks vLLM allocated and the request continues from the last prompt token. If the transfer
    failed, the prompt is recomputed here. (Should a request reach the engine before its KV, the
@@ -28,7 +31,7 @@ from ray import serve
 
 from app.config import KVTransferConfig
 from app.engine import EngineDriver, EngineLoad
-from app.errors import KVTransferFailed
+from app.errors import FirstTokenUnknown, KVTransferFailed
 from app.kv.connector import kv_transfer_config
 from app.kv.header import xfer_key
 from app.kv.hub import reset_hub, transfer_params
@@ -36,6 +39,7 @@ from app.kv.mailbox import KVMailbox, XferState
 from app.kv.pairs import PairTransport, resolve_backend
 from app.messages import GenerateRequest, GenerationChunk, KVReport
 from app.metrics import record_fallback, record_recompute
+from app.serving.first_token import continued
 from app.specs import DecodeSpec
 from deployments.engine_replica import EngineReplica
 
@@ -51,6 +55,7 @@ class Decode(EngineReplica):
         self.kv, self.pair_timeout_s = spec.kv, spec.kv.pair_timeout_s
         self.hub = reset_hub()
         self.mailbox = KVMailbox(spec.kv.lease_s, on_change=self._wake)
+        self.no_first_token: set[int] = set()  # failed transfers whose first token never reached the client
         self.hub.mailbox = self.mailbox
         self.fallbacks: Counter[str] = Counter()  # requests that did not use transferred KV, by reason
         self.num_placed_locally = 0  # prompts the router placed here (not fallbacks)
@@ -65,9 +70,12 @@ class Decode(EngineReplica):
         return {"pair_id": self.replica_id}
 
     async def generate(self, request: GenerateRequest, prefill_id: str | None, xfer_id: str,
-                       local_reason: str | None = None, placed_locally: bool = False) -> AsyncIterator[GenerationChunk]:
+                       local_reason: str | None = None, placed_locally: bool = False,
+                       first_from_prefill: bool = False) -> AsyncIterator[GenerationChunk]:
         """Stream `request`; its KV comes from `prefill_id` (None: run the prompt here, because no prefill replica
-        was free, or, with `placed_locally`, because the router placed it here for `local_reason`)."""
+        was free, or, with `placed_locally`, because the router placed it here for `local_reason`). With
+        `first_from_prefill` the client may get the first token from prefill: the KV's header names it, and the
+        request continues after it (app/serving/first_token.py)."""
         if prefill_id is None:
             async for chunk in self._generate_locally(request, local_reason or "no prefill replica", placed_locally):
                 yield chunk
@@ -85,26 +93,33 @@ class Decode(EngineReplica):
                 self.fallbacks["failed_fast"] += 1
                 record_fallback("failed_fast")
                 raise KVTransferFailed(error or "KV transfer failed")
-            # 2./3. generate; the connector loads the KV (or, if it failed, the prompt is recomputed)
+            # 2. the first token: the one prefill streamed to the client, as the KV's header names it
+            num_prompt, params, run = len(request.prompt_token_ids), transfer_params(xfer_id), request
+            if first_from_prefill and (token_id := self.mailbox.first_token(key)) is not None:
+                run, params = continued(request, (token_id,)), transfer_params(xfer_id, num_kv_tokens=num_prompt)
+            elif first_from_prefill and state == XferState.FAILED and key not in self.no_first_token:
+                raise FirstTokenUnknown(error or "KV transfer failed")  # no header: the client may have a token
+            # 3. generate; the connector loads the KV (or, if it failed, the prompt is recomputed)
             first = True
             async for chunk in self.engine.generate(
-                request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt,
-                kv_transfer_params=transfer_params(xfer_id), reply_to=request.reply_to,
+                run.request_id, list(run.prompt_token_ids), run.sampling, cache_salt=run.cache_salt,
+                kv_transfer_params=params, reply_to=run.reply_to,
             ):
                 if first:
                     first = False
-                    chunk = chunk.with_report(self._report(key, prefill_id, chunk))
+                    chunk = chunk.with_report(self._report(key, prefill_id, min(chunk.num_cached_tokens, num_prompt)))
                 yield chunk
         finally:
             self.mailbox.forget(key)
+            self.no_first_token.discard(key)
 
-    def _report(self, key: int, prefill_id: str, chunk: GenerationChunk) -> KVReport:
+    def _report(self, key: int, prefill_id: str, num_cached_tokens: int) -> KVReport:
         source, reason = self.mailbox.report(key)
         if source == "recomputed":
             self.fallbacks[reason or "unknown"] += 1
             record_recompute(reason)
         return KVReport(mode="disaggregated", prefill_replica=prefill_id, decode_replica=self.replica_id,
-                        kv_source=source, fallback_reason=reason, num_cached_tokens=chunk.num_cached_tokens)
+                        kv_source=source, fallback_reason=reason, num_cached_tokens=num_cached_tokens)
 
     async def _generate_locally(self, request: GenerateRequest, reason: str, placed: bool
                                 ) -> AsyncIterator[GenerationChunk]:
@@ -129,8 +144,12 @@ class Decode(EngineReplica):
                                                   prefix_cache_hit_tokens=chunk.num_cached_tokens))
             yield chunk
 
-    async def transfer_failed(self, xfer_id: str, reason: str, replica_pin: str | None = None) -> None:
-        """The router saw prefill fail: end the wait for this transfer now (fallback or 503)."""
+    async def transfer_failed(self, xfer_id: str, reason: str, replica_pin: str | None = None,
+                              first_token_sent: bool = True) -> None:
+        """The router saw prefill fail: end the wait for this transfer now (fallback or 503). `first_token_sent`
+        False: prefill failed before its first token reached the client, so decode samples it (a recompute)."""
+        if not first_token_sent:
+            self.no_first_token.add(xfer_key(xfer_id))
         self.mailbox.fail(xfer_key(xfer_id), reason)
 
     async def set_on_failure(self, policy: str) -> None:

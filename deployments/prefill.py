@@ -8,22 +8,19 @@ Life cycle of `prefill(request, decode_id, xfer_id)`:
    frees the blocks when the step ends; the payload copy is what travels.
 3. Wait until the send completed (or failed / timed out: the pair is dropped, and the error goes back
    to the ingress, while decode's deadline turns into its fallback).
+`prefill_first` (streaming) is the same with the first token sampled here, with the request's sampling: its chunk
+is yielded as soon as the engine gives it, ahead of the result (app/serving/first_token.py).
 
-Two-step API (`disagg_mode`): `prefill_park` runs the prompt the same way but parks the gathered KV in
-the replica's `ParkingLot` under a lease and returns a `kv_cache_id`; later `claim_parked` (and
-`release_parked` if the decode request is refused) and `send_parked` ship it to a decode replica.
-Calls for one parked entry are pinned to this replica by `PinnableRouter` (the id names the replica).
-Errors leave as domain errors (`ParkingFull`, `KVCacheNotFound`); the ingress maps them to HTTP.
+Two-step API (`disagg_mode`): the methods of `ParkingReplica` (deployments/parked.py) park a prompt's gathered
+KV under a lease and ship it to a decode replica later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import threading
-import time
-from dataclasses import replace
+from collections.abc import AsyncIterator
 
 from ray import serve
 
@@ -32,21 +29,23 @@ from app.config import FaultInjection
 from app.engine import EngineDriver, EngineLoad
 from app.kv.channel import SendResult
 from app.kv.connector import kv_transfer_config
-from app.kv.header import xfer_key
+from app.kv.header import NO_TOKEN
 from app.kv.hub import reset_hub, transfer_params
-from app.kv.outbox import KVOutbox, settle
+from app.kv.outbox import KVOutbox
 from app.kv.pairs import PairTransport, resolve_backend
-from app.kv.parking import ParkedKV, ParkingLot, new_kv_cache_id
-from app.messages import GenerateRequest, ParkedPrompt, ParkResult, PrefillResult, SamplingSpec
+from app.kv.parking import ParkingLot
+from app.messages import GenerateRequest, GenerationChunk, PrefillResult, SamplingSpec
 from app.metrics import observe_transfer, set_parked
+from app.serving.first_token import first_chunk, prefill_sampling
 from app.specs import PrefillSpec
 from deployments.engine_replica import EngineReplica
+from deployments.parked import ParkingReplica
 
 FAULTS_ENV = "PDSERVE_FAULT_INJECTION"
 
 
 @serve.deployment
-class Prefill(EngineReplica):
+class Prefill(ParkingReplica, EngineReplica):
     role = "prefill"
 
     async def __init__(self, spec: PrefillSpec):
@@ -72,20 +71,40 @@ class Prefill(EngineReplica):
         return {"pair_id": self.replica_id}
 
     async def prefill(self, request: GenerateRequest, decode_id: str, xfer_id: str) -> PrefillResult:
+        """Run the prompt and send its KV to `decode_id`; decode samples the first token."""
+        results = [item async for item in self._prefill(request, decode_id, xfer_id, first_token=False)]
+        return results[-1]  # the only item: no first token without `first_token`
+
+    async def prefill_first(self, request: GenerateRequest, decode_id: str, xfer_id: str
+                            ) -> AsyncIterator[GenerationChunk | PrefillResult]:
+        """Streaming: as `prefill`, but the first token is sampled here with the request's sampling and its chunk
+        yielded the moment the engine gives it, before the `PrefillResult` (app/serving/first_token.py)."""
+        async for item in self._prefill(request, decode_id, xfer_id, first_token=True):
+            yield item
+
+    async def _prefill(self, request: GenerateRequest, decode_id: str, xfer_id: str, first_token: bool
+                       ) -> AsyncIterator[GenerationChunk | PrefillResult]:
         # 1. pair
         await asyncio.to_thread(self.transport.ensure, decode_id)
-        # 2. prompt -> KV gathered -> queued on the pair's sender
-        outgoing = self.outbox.open(xfer_id, decode_id)
-        num_cached = 0
+        # 2. prompt -> KV gathered -> queued on the pair's sender (the first token sampled, with `first_token`)
+        outgoing = self.outbox.open(xfer_id, decode_id, hold=first_token)  # with it, the header carries the token
+        sampling = prefill_sampling(request.sampling) if first_token else SamplingSpec(max_tokens=1, temperature=0.0)
+        first: GenerationChunk | None = None
         try:
             async with asyncio.timeout(self.kv.prefill_timeout_s):  # the phase deadline; leaving aborts it
                 await self.window.admit(len(request.prompt_token_ids))
                 async for chunk in self.engine.generate(
-                    f"{request.request_id}-prefill", list(request.prompt_token_ids),
-                    SamplingSpec(max_tokens=1, temperature=0.0), cache_salt=request.cache_salt,
-                    kv_transfer_params=transfer_params(xfer_id),
+                    f"{request.request_id}-prefill", list(request.prompt_token_ids), sampling,
+                    cache_salt=request.cache_salt, kv_transfer_params=transfer_params(xfer_id),
                 ):
-                    num_cached = chunk.num_cached_tokens
+                    first = chunk if first is None else first.joined(chunk)
+            if first_token:
+                if outgoing.done.done() and outgoing.done.exception() is not None:
+                    raise outgoing.done.exception()  # failed already: the ingress may still retry elsewhere
+                token_id = first.token_ids[0] if first is not None and first.token_ids else NO_TOKEN
+                outgoing.release_first_token(token_id)  # the KV goes now, its header naming the token
+                if token_id != NO_TOKEN:
+                    yield first_chunk(first, request.sampling)
             # 3. wait for the send
             sent: SendResult = await asyncio.wait_for(outgoing.done, self.kv.timeout_s)
         except BaseException:
@@ -94,72 +113,9 @@ class Prefill(EngineReplica):
         finally:
             self.outbox.close(xfer_id)
         observe_transfer(self.transport.backend, sent.send_s, sent.num_bytes)
-        return PrefillResult(xfer_id=xfer_id, num_prompt_tokens=len(request.prompt_token_ids),
-                             num_bytes=sent.num_bytes, prefill_s=outgoing.gathered_at - outgoing.arrived_at,
-                             send_s=sent.send_s, num_cached_tokens=num_cached)
-
-    # -- two-step API -----------------------------------------------------------------------------
-
-    async def prefill_park(self, request: GenerateRequest, tenant: str, tenant_parked_limit: int | None
-                           ) -> ParkResult:
-        """Run the prompt (one token, the request's sampling) and park its KV; `ParkingFull` when full."""
-        reservation = self.parking.reserve(tenant, tenant_parked_limit)
-        xfer_id = secrets.token_hex(16)
-        outgoing = self.outbox.open(xfer_id, None)
-        text, token_ids, finish, cached = "", (), "length", 0
-        parked = False
-        try:
-            await self.window.admit(len(request.prompt_token_ids))
-            async for chunk in self.engine.generate(
-                f"{request.request_id}-park", list(request.prompt_token_ids), replace(request.sampling, max_tokens=1),
-                cache_salt=request.cache_salt, kv_transfer_params=transfer_params(xfer_id),
-            ):
-                text, token_ids = text + chunk.text, token_ids + chunk.token_ids
-                finish, cached = chunk.finish_reason or finish, chunk.num_cached_tokens
-            header, payload = await asyncio.wait_for(outgoing.done, self.kv.timeout_s)
-            kv_cache_id = new_kv_cache_id(self.replica_id)
-            expires_at = time.time() + self.two_step.ttl_s
-            self.parking.park(ParkedKV(kv_cache_id, tenant, tuple(request.prompt_token_ids), request.cache_salt,
-                                       header, payload, expires_at), reservation)
-            parked = True
-        finally:
-            self.outbox.close(xfer_id)
-            if not parked:
-                self.parking.cancel(reservation)
-        return ParkResult(kv_cache_id, expires_at, text, tuple(token_ids), finish, len(request.prompt_token_ids),
-                          cached)
-
-    async def claim_parked(self, kv_cache_id: str, tenant: str, replica_pin: str | None = None) -> ParkedPrompt:
-        """Take a parked entry for a decode_only request; `KVCacheNotFound` unless it is here for `tenant`."""
-        entry = self.parking.claim(kv_cache_id, tenant)
-        return ParkedPrompt(entry.prompt_token_ids, entry.cache_salt)
-
-    async def release_parked(self, kv_cache_id: str, replica_pin: str | None = None) -> None:
-        self.parking.release(kv_cache_id)
-
-    async def send_parked(self, kv_cache_id: str, decode_id: str, xfer_id: str, replica_pin: str | None = None
-                          ) -> PrefillResult:
-        """Ship a claimed entry to `decode_id` under transfer id `xfer_id`."""
-        entry = self.parking.take_claimed(kv_cache_id)
-        await asyncio.to_thread(self.transport.ensure, decode_id)
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        header = replace(entry.header, xfer_key=xfer_key(xfer_id))
-        self.transport.send(decode_id, header, entry.payload,
-                            lambda res, err: loop.call_soon_threadsafe(settle, done, res, err))
-        sent: SendResult = await asyncio.wait_for(done, self.kv.timeout_s)
-        observe_transfer(self.transport.backend, sent.send_s, sent.num_bytes)
-        return PrefillResult(xfer_id=xfer_id, num_prompt_tokens=len(entry.prompt_token_ids),
-                             num_bytes=sent.num_bytes, prefill_s=0.0, send_s=sent.send_s)
-
-    async def parking_stats(self) -> dict:
-        return {"num_parked": self.parking.count(), "parked_bytes": self.parking.num_bytes(),
-                "num_expired": self.parking.num_expired}
-
-    def _sweep(self) -> None:
-        assert self._stopped is not None
-        while not self._stopped.wait(0.5):
-            self.parking.sweep()
+        yield PrefillResult(xfer_id=xfer_id, num_prompt_tokens=len(request.prompt_token_ids),
+                            num_bytes=sent.num_bytes, prefill_s=outgoing.gathered_at - outgoing.arrived_at,
+                            send_s=sent.send_s, num_cached_tokens=first.num_cached_tokens if first else 0)
 
     # -- load: metrics and the autoscaling signal --------------------------------------------------
 

@@ -97,21 +97,25 @@ def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, o
     assert chunked == (1 if num_tokens > 64 else 0)
     assert body["choices"][0]["text"] == want
     assert body["pdserve"]["kv_source"] == "transfer"
-    assert body["pdserve"]["num_cached_tokens"] == num_tokens - 1  # decode computed only the last prompt token
-    # 2. the connector loaded the prompt's KV (all but the last token), it did not recompute it
+    # the first token came from prefill: decode computed no prompt token, only that first token's KV
+    assert body["pdserve"]["num_cached_tokens"] == num_tokens
+    # 2. the connector loaded the whole prompt's KV, it did not recompute any of it
     loaded_after = sum(s["num_loaded_tokens"] for s in _broadcast("Decode", "kv_stats"))
-    assert loaded_after - loaded_before == num_tokens - 1
+    assert loaded_after - loaded_before == num_tokens
     # 3. streaming: the first token by decode's Serve stream, each later one in a token-bus message of its step
     bus_before = app["handle"].token_bus_stats.remote().result()
     stream = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream) == want
     bus_after = app["handle"].token_bus_stats.remote().result()
-    assert bus_after["num_messages"] - bus_before["num_messages"] == len(want_ids) - 1
+    # (the first token from prefill, the second by decode's Serve stream, the rest by the bus)
+    assert bus_after["num_messages"] - bus_before["num_messages"] == len(want_ids) - 2
     assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
 
 
 def test_prompt_fully_prefix_cached_on_decode_drops_its_transfer_without_wedging(app, offline_engine, tokenizer):
-    prompt = prompt_of_length(tokenizer, 65, offset=40)
+    # 64 tokens: decode continues after prefill's first token (65), and vLLM reuses at most all but the last token
+    # of a prompt, so 64 (two whole blocks) can all be cached there
+    prompt = prompt_of_length(tokenizer, 64, offset=40)
     want, _ = offline_generate(offline_engine, prompt, 8)
     # The same prompt on every decode replica, so the next one is cached wherever it lands.
     for _ in range(6):
@@ -237,8 +241,9 @@ def test_a_transfer_lost_without_notice_is_recomputed_at_decodes_own_deadline(ap
         body = _complete(app, prompt, 12)
         waited_s = time.monotonic() - started
     assert body["choices"][0]["text"] == want
-    assert body["pdserve"]["kv_source"] == "recomputed"
-    assert "deadline passed" in body["pdserve"]["fallback_reason"]
+    # decode cannot tell which first token prefill sent (no header came): the ingress ran the request again, its
+    # prompt on the decode replica
+    assert body["pdserve"]["kv_source"] == "local" and "deadline passed" in body["pdserve"]["retried_after"]
     assert deadline_s - 1 <= waited_s < deadline_s + 10  # it waited for its deadline, not for a notice
 
 
@@ -314,12 +319,14 @@ def test_late_transfer_misses_its_deadline_and_does_not_wedge_the_pair(app, offl
     cancelled_before = cancelled_sends()
     with _prefill_faults({"delay_s": 3.0}):  # past the 2 s transfer deadline
         body = _complete(app, prompt, 10)
-    assert body["choices"][0]["text"] == want and body["pdserve"]["kv_source"] == "recomputed"
-    assert "Timeout" in body["pdserve"]["fallback_reason"]  # both prefill attempts missed the deadline
-    deadline = time.monotonic() + 10  # each late send reaches its sender 3 s after its prompt ran
-    while cancelled_sends() < cancelled_before + 2 and time.monotonic() < deadline:
+    # prefill's send missed its deadline after its first token: not retried on the other prefill replica (it could
+    # sample another token); decode could not tell which token was sent, so the request ran again on decode
+    assert body["choices"][0]["text"] == want and body["pdserve"]["kv_source"] == "local"
+    assert "Timeout" in body["pdserve"]["retried_after"]
+    deadline = time.monotonic() + 10  # the late send reaches its sender 3 s after its prompt ran
+    while cancelled_sends() < cancelled_before + 1 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert cancelled_sends() == cancelled_before + 2  # both were dropped at their turn, never sent late
+    assert cancelled_sends() == cancelled_before + 1  # dropped at its turn, never sent late
     for offset in (200, 210, 220, 230):  # every pair still carries fresh transfers
         prompt = prompt_of_length(tokenizer, 35, offset=offset)
         assert _complete(app, prompt, 6)["pdserve"]["kv_source"] == "transfer"
@@ -432,8 +439,13 @@ def test_prefill_killed_mid_transfer_completes_through_the_fallback(app, offline
         _broadcast_alive("Prefill", "set_fault_injection", {})
     body = result["body"]
     assert body["choices"][0]["text"] == offline_generate(offline_engine, prompt, 8)[0]
-    assert body["pdserve"].get("fallback") in ("retried_other_prefill", "recomputed")
-    assert victim in body["pdserve"]["fallback_reason"]
+    # killed before it sent the first token: retried on the other prefill replica; after (its KV was delayed):
+    # decode, told of the failure, cannot tell which token was sent, and the request runs again on decode
+    pdserve_field = body["pdserve"]
+    if pdserve_field.get("fallback") == "retried_other_prefill":
+        assert victim in pdserve_field["fallback_reason"]
+    else:
+        assert pdserve_field["kv_source"] == "local" and victim in pdserve_field["retried_after"]
 
 
 def _running_decode() -> str | None:
@@ -453,10 +465,33 @@ def _kill_running_decode() -> str:
     return victim
 
 
-def test_decode_killed_mid_stream_ends_the_stream_with_an_error_event(app, tokenizer):
+def test_decode_killed_mid_stream_continues_on_a_live_replica_after_what_the_client_got(app, offline_engine,
+                                                                                        tokenizer):
     _wait_for_replicas("Decode", 2)
+    prompt = prompt_of_length(tokenizer, 20, offset=145)
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 600, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{app['base']}/v1/completions", json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        first = next(lines)
+        assert first.startswith("data: {")
+        _kill_running_decode()
+        events = [first, *(line for line in lines if line)]
+    assert events[-1] == "data: [DONE]"
+    import json
+
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert not [c for c in chunks if "error" in c]
+    # greedy: the continuation on the other replica gives exactly what one run would have given
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == offline_generate(offline_engine, prompt, 600, ignore_eos=True)[0]
+
+
+def test_decode_killed_mid_stream_of_a_seeded_request_ends_the_stream_with_an_error_event(app, tokenizer):
+    _wait_for_replicas("Decode", 2)
+    # a seed keeps every token on one run (its generator cannot continue elsewhere): no continuation
     body = {"model": MODEL_NAME, "prompt": prompt_of_length(tokenizer, 20, offset=140), "max_tokens": 3000,
-            "ignore_eos": True, "temperature": 0, "stream": True}
+            "ignore_eos": True, "temperature": 0, "seed": 5, "stream": True}
     with httpx.stream("POST", f"{app['base']}/v1/completions", json=body, timeout=120) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: {")

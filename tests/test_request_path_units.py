@@ -62,7 +62,28 @@ def test_matched_tokens_can_be_asked_again_and_again_without_side_effects():
     scheduler.update_state_after_alloc(request, _blocks([7, 8, 9, 10]), 99 - 32)
     assert mailbox.report(key) == ("transfer", None)
     (load,) = scheduler.build_connector_meta(SimpleNamespace()).loads
-    assert (load.block_ids, load.first_block, load.num_tokens) == ((8, 9, 10), 1, 100)
+    assert (load.block_ids, load.first_block, load.num_tokens, load.num_external) == ((8, 9, 10), 1, 100, 99 - 32)
+
+
+def test_a_request_continuing_after_prefills_first_token_loads_the_whole_transferred_prompt():
+    # 96 prompt tokens (3 whole blocks) went over; decode runs them plus prefill's first token (97: 4 blocks)
+    scheduler, mailbox = _decode_scheduler()
+    key = xfer_key("x9")
+    request = SimpleNamespace(request_id="r9", kv_transfer_params=transfer_params("x9", num_kv_tokens=96),
+                              num_prompt_tokens=97)
+    mailbox.expect(key, timeout_s=30)
+    mailbox.deliver(_arrived("x9", 96))
+    # every transferred token is loaded (none recomputed); only the first token's own KV is computed here
+    assert scheduler.get_num_new_matched_tokens(request, 32) == (96 - 32, False)
+    scheduler.update_state_after_alloc(request, _blocks([5, 6, 7, 8]), 96 - 32)
+    (load,) = scheduler.build_connector_meta(SimpleNamespace()).loads
+    # the payload's blocks only (not the fourth, which holds the first token), checked against its 96 tokens
+    assert (load.block_ids, load.first_block, load.num_tokens, load.num_external) == ((6, 7), 1, 96, 64)
+    # without num_kv_tokens the same request would leave its last prompt token to decode
+    plain = _request("r10", "x10", 97)
+    mailbox.expect(xfer_key("x10"), timeout_s=30)
+    mailbox.deliver(_arrived("x10", 97))
+    assert scheduler.get_num_new_matched_tokens(plain, 0) == (96, False)
 
 
 def test_a_failed_transfer_is_settled_once_as_recomputed_with_its_reason():

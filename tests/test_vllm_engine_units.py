@@ -32,13 +32,14 @@ class FakeClient:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         self.requests.append(request)
+        text = self.text[len(self.text) - request.sampling.max_tokens:]  # a continuation gives the rest
         try:
-            for i, ch in enumerate(self.text):
+            for i, ch in enumerate(text):
                 if self.die_first and len(self.requests) == 1 and i == 1:
                     from ray.exceptions import ActorDiedError
 
                     raise ActorDiedError()
-                last = i == len(self.text) - 1
+                last = i == len(text) - 1
                 yield GenerationChunk(text=ch, token_ids=(ord(ch),), finish_reason="length" if last else None,
                                       num_prompt_tokens=len(request.prompt_token_ids),
                                       report=KVReport(kv_source="transfer") if i == 0 else None)
@@ -107,14 +108,28 @@ def test_a_dead_replica_is_retried_once_for_non_streaming_and_reported():
     assert len(client.requests) == 2 and scope.final_report().retried_after.startswith("replica died")
 
 
-def test_a_dead_replica_fails_a_stream_as_vllms_generation_error_and_the_scope_keeps_why():
+def test_a_stream_whose_replica_died_continues_after_what_the_client_got():
+    client = FakeClient("abc", die_first=True)  # dies after its first token, "a"
+    scope = RequestScope()
+    outs = _run(PDServeEngine(client, _Config(), None),
+                SamplingParams(max_tokens=3, temperature=0.7, output_kind=RequestOutputKind.DELTA), scope)
+    assert "".join(o.outputs[0].text for o in outs) == "abc" and outs[-1].finished
+    first, retry = client.requests
+    # the rest runs as a continuation: prompt plus the token sent, one token fewer, the same sampling otherwise
+    assert retry.prompt_token_ids == (*first.prompt_token_ids, ord("a")) and retry.sampling.max_tokens == 2
+    assert retry.sampling.temperature == 0.7 and retry.request_id == f"{first.request_id}-retry"
+    assert scope.final_report().retried_after.startswith("replica died")
+
+
+def test_a_dead_replica_fails_a_stream_it_cannot_continue_as_vllms_generation_error_and_the_scope_keeps_why():
     from vllm.exceptions import GenerationError
 
     client = FakeClient("abc", die_first=True)
     scope = RequestScope()
     with pytest.raises(GenerationError) as info:  # vLLM's stream generators send it as a 500 error event
+        # a seeded request cannot continue elsewhere (the seed's generator would start over)
         _run(PDServeEngine(client, _Config(), None),
-             SamplingParams(max_tokens=3, output_kind=RequestOutputKind.DELTA), scope)
+             SamplingParams(max_tokens=3, seed=3, output_kind=RequestOutputKind.DELTA), scope)
     assert info.value.status_code == 500 and str(info.value).startswith("generation failed")
     assert scope.failure is not None and scope.num_outputs == 1 and len(client.requests) == 1
 

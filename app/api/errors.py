@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from app.api.protocol import OpenAIError
 from app.errors import (
     EngineInputError,
+    FirstTokenUnknown,
     KVCacheNotFound,
     KVTransferFailed,
     ParkingFull,
@@ -57,6 +58,9 @@ def _from_domain(exc: BaseException) -> OpenAIError | None:
         return OpenAIError(503, f"the prompt's KV did not arrive intact ({exc.reason}) and local recompute is off "
                            "(kv_transfer.on_failure: fail); retry the request", type="server_error",
                            code="kv_transfer_failed", headers={"Retry-After": "1"})
+    if isinstance(exc, FirstTokenUnknown):  # surfaces only if continuing the request failed too
+        return OpenAIError(503, f"{exc}; retry the request", type="server_error", code="kv_transfer_failed",
+                           headers={"Retry-After": "1"})
     if isinstance(exc, TwoStepUnsupported):
         return OpenAIError(400, "disagg_mode needs the disaggregated serving mode (this app runs collocated)",
                            param="disagg_mode", code="unsupported_parameter")
@@ -86,3 +90,8 @@ def replica_died(exc: BaseException) -> bool:
 
     return any(isinstance(seen, RayActorError | ActorUnavailableError)
                or type(seen).__name__ in ("ReplicaUnavailableError", "ActorDiedError") for seen in causes(exc))
+
+
+def first_token_unknown(exc: BaseException) -> bool:
+    """Did decode give up on `exc`'s request because it cannot tell which first token the client got?"""
+    return any(isinstance(seen, FirstTokenUnknown) for seen in causes(exc))

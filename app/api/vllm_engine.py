@@ -37,12 +37,13 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.async_utils import merge_async_iterators
 
-from app.api.errors import as_openai_error, replica_died
+from app.api.errors import as_openai_error, first_token_unknown, replica_died
 from app.api.vllm_outputs import Choice, child_params, request_output
 from app.errors import short_error
 from app.messages import GenerateRequest, GenerationChunk, KVReport
 from app.metrics import observe_request, record_fallback, record_report_fallbacks
 from app.serving.client import EngineClient
+from app.serving.first_token import can_continue, continued
 
 
 @dataclass
@@ -142,22 +143,32 @@ class PDServeEngine(VLLMEngineClient):
                    ) -> AsyncIterator[GenerationChunk]:
         """One choice's chunks. If its engine replica dies before any of them reached the client (a stream before
         its first chunk; non-streaming, whose chunks are held until it finishes, any time), it runs once more from
-        the start (reported as `retried_after`)."""
-        sent = False
-        for attempt in (request, replace(request, request_id=f"{request.request_id}-retry")):
+        the start; a stream that got tokens already continues after them (if `can_continue`: its first token may
+        have come from prefill before its decode replica died). So does a request whose decode replica could not
+        tell which first token the client got (`FirstTokenUnknown`: prefill's KV never came). Reported as
+        `retried_after`."""
+        sent: list[int] = []  # token ids the client got
+        attempt = request
+        while True:
             held: list[GenerationChunk] = []
             try:
                 async for chunk in self._reported(scope, attempt, index):
                     if final_only:
                         held.append(chunk)
                         continue
-                    sent = True
+                    sent.extend(chunk.token_ids)
                     yield chunk
             except Exception as exc:
-                if sent or attempt is not request or not (self.retry_dead_replica and replica_died(exc)):
+                lost_kv = first_token_unknown(exc)  # prefill streamed a token whose KV never reached decode
+                if (attempt is not request or not (lost_kv or self.retry_dead_replica and replica_died(exc))
+                        or (sent and not can_continue(request))):
                     raise
-                scope.retried_after = f"replica died: {short_error(exc)}"
-                record_fallback("retried_dead_replica")
+                scope.retried_after = short_error(exc) if lost_kv else f"replica died: {short_error(exc)}"
+                record_fallback("continued_after_lost_kv" if lost_kv else "retried_dead_replica")
+                retry_id = f"{request.request_id}-retry"
+                attempt = continued(request, sent, retry_id) if sent else replace(request, request_id=retry_id)
+                if lost_kv:  # the transfer path just failed: this time the prompt runs on a decode replica
+                    attempt = replace(attempt, rerun_after_lost_kv=True)
                 continue
             for chunk in held:
                 yield chunk

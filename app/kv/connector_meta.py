@@ -30,7 +30,8 @@ class LoadSpec:
     xfer_id: str
     block_ids: tuple[int, ...]  # the engine's blocks to fill, from `first_block` of the payload on
     first_block: int
-    num_tokens: int  # prompt length the payload must describe
+    num_tokens: int  # the tokens the payload must describe (the prompt, or all of it but prefill's first token)
+    num_external: int  # of them, the tokens this load gives the engine (its `num_external_tokens`)
 
 
 @dataclass
@@ -44,3 +45,8 @@ def xfer_id_of(params: dict[str, Any] | None) -> str | None:
     if not params or PARAMS_KEY not in params:
         return None
     return params[PARAMS_KEY]["xfer_id"]
+
+
+def num_kv_tokens_of(params: dict[str, Any] | None, num_prompt_tokens: int) -> int:
+    """The prompt tokens a request's transfer holds KV for (all of them unless its params say fewer)."""
+    return min(num_prompt_tokens, (params or {}).get(PARAMS_KEY, {}).get("num_kv_tokens", num_prompt_tokens))

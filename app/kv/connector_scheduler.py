@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from app.kv.connector_meta import LoadSpec, PDConnectorMetadata, SaveSpec, xfer_id_of
+from app.kv.connector_meta import LoadSpec, PDConnectorMetadata, SaveSpec, num_kv_tokens_of, xfer_id_of
 from app.kv.header import xfer_key
 from app.kv.hub import KVHub
 from app.kv.mailbox import KVMailbox, XferState
@@ -69,8 +69,10 @@ class PDConnectorScheduler:
         if state == XferState.EXPECTED:
             return None, False  # KV still in flight: ask again next step
         if state == XferState.ARRIVED:
-            # The last prompt token is always recomputed: it yields the logits of the first new token.
-            return max(0, request.num_prompt_tokens - 1 - num_computed_tokens), False
+            # The last prompt token is always computed here: it yields the logits of the next token. A request that
+            # continues after prefill's first token ends with that token, whose KV no transfer holds.
+            num_kv = num_kv_tokens_of(request.kv_transfer_params, request.num_prompt_tokens)
+            return max(0, min(num_kv, request.num_prompt_tokens - 1) - num_computed_tokens), False
         return 0, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -86,9 +88,10 @@ class PDConnectorScheduler:
             mailbox.settle(key, "transfer")
             first = (num_prompt - 1 - num_external_tokens) // self.block_size  # blocks cached here are kept
             block_ids = blocks.get_block_ids()[0]
+            num_kv = num_kv_tokens_of(request.kv_transfer_params, num_prompt)
             self._pending_loads.append(LoadSpec(request.request_id, xfer_id,
-                                                tuple(block_ids[first:_num_blocks(num_prompt, self.block_size)]),
-                                                first, num_prompt))
+                                                tuple(block_ids[first:_num_blocks(num_kv, self.block_size)]),
+                                                first, num_kv, num_external_tokens))
             return
         state, error = mailbox.state(key)
         if state == XferState.ARRIVED:

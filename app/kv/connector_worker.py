@@ -75,7 +75,7 @@ class PDConnectorWorker:
             scatter_blocks(layers, list(load.block_ids), part)
         finally:
             mailbox.loaded(key)  # a shared-memory payload goes back to prefill now, loaded or refused
-        self.hub.counters.num_loaded_tokens += load.num_tokens - 1 - load.first_block * self.block_size
+        self.hub.counters.num_loaded_tokens += load.num_external
 
     def wait_for_save(self, metadata: PDConnectorMetadata) -> None:
         counters = self.hub.counters

@@ -27,9 +27,14 @@ from app.kv.mailbox import KVMailbox
 PARAMS_KEY = "pdserve"
 
 
-def transfer_params(xfer_id: str) -> dict[str, dict[str, str]]:
-    """A request's `kv_transfer_params` that tie it to transfer `xfer_id`."""
-    return {PARAMS_KEY: {"xfer_id": xfer_id}}
+def transfer_params(xfer_id: str, num_kv_tokens: int | None = None) -> dict[str, dict[str, str | int]]:
+    """A request's `kv_transfer_params` that tie it to transfer `xfer_id`. `num_kv_tokens`: the tokens the transfer
+    holds KV for, when fewer than the request's prompt (decode continuing after prefill's first token: its prompt
+    is the transferred one plus that token); None: the whole prompt."""
+    params: dict[str, str | int] = {"xfer_id": xfer_id}
+    if num_kv_tokens is not None:
+        params["num_kv_tokens"] = num_kv_tokens
+    return {PARAMS_KEY: params}
 
 
 @dataclass

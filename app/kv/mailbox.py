@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from app.kv.channel import Received
-from app.kv.header import KVHeader
+from app.kv.header import NO_TOKEN, KVHeader
 from app.messages import KVSource
 
 DEADLINE_PASSED = "KV transfer deadline passed"
@@ -65,12 +65,18 @@ class Transfer:
 
     def take(self, received: Received, lease_end: float) -> None:
         """The transfer arrived: hold its payload, or fail with why it cannot be used."""
-        self.release = received.release
+        self.release, self.header = received.release, received.header  # the header also when the payload failed
         if received.error is not None:
             self.fail(received.error, lease_end)
         else:
             self.state, self.deadline = XferState.ARRIVED, lease_end
-            self.header, self.payload = received.header, received.payload
+            self.payload = received.payload
+
+    @property
+    def first_token(self) -> int | None:
+        """The first token the header names (also when the payload failed); None: no header came, or it names none."""
+        header = self.header
+        return header.first_token if header is not None and header.first_token != NO_TOKEN else None
 
     def let_go(self) -> None:
         """Give the payload's shared memory back, if it has any and nobody did yet."""
@@ -93,16 +99,14 @@ class KVMailbox:
 
     def expect(self, key: int, timeout_s: float) -> None:
         with self._lock:
-            record = self._records.get(key)
-            if record is None:
+            if (record := self._records.get(key)) is None:
                 self._records[key] = Transfer(XferState.EXPECTED, time.monotonic() + timeout_s, owned=True)
             else:
                 record.owned = True  # it arrived (or failed) before its request asked for it
 
     def fail(self, key: int, error: str) -> None:
         with self._lock:
-            record = self._records.get(key)
-            if record is None:
+            if (record := self._records.get(key)) is None:
                 self._records[key] = Transfer(XferState.FAILED, time.monotonic() + self.lease_s, error=error)
             elif record.state in (XferState.EXPECTED, XferState.ARRIVED):
                 record.fail(error, time.monotonic() + self.lease_s)
@@ -127,8 +131,7 @@ class KVMailbox:
     def report(self, key: int) -> tuple[KVSource | None, str | None]:
         """Where the request's prompt KV came from, and why it fell back (None: not decided)."""
         with self._lock:
-            record = self._records.get(key)
-            return (record.source, record.fallback_reason) if record is not None else (None, None)
+            return (r.source, r.fallback_reason) if (r := self._records.get(key)) is not None else (None, None)
 
     def forget(self, key: int) -> None:
         """The request is done with this transfer (finished, aborted or fell back): drop its record, and
@@ -159,12 +162,16 @@ class KVMailbox:
     def state(self, key: int) -> tuple[XferState | None, str | None]:
         """Current state and error; an expectation past its deadline turns FAILED here."""
         with self._lock:
-            record = self._records.get(key)
-            if record is None:
+            if (record := self._records.get(key)) is None:
                 return None, None
             if record.state == XferState.EXPECTED and time.monotonic() > record.deadline:
                 record.fail(DEADLINE_PASSED, time.monotonic() + self.lease_s)
             return record.state, record.error
+
+    def first_token(self, key: int) -> int | None:
+        """The first token prefill streamed to the client, as the header names it (`Transfer.first_token`)."""
+        with self._lock:
+            return record.first_token if (record := self._records.get(key)) is not None else None
 
     def claim(self, key: int) -> tuple[KVHeader, torch.Tensor]:
         """Take an ARRIVED payload (once); raises KeyError if it is not (or no longer) there."""

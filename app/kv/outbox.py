@@ -2,13 +2,14 @@
 
 Life cycle of one `Outgoing` (keyed by transfer id):
 1. `open(xfer_id, decode_id)` before the prompt enters the engine (`decode_id` None: park the KV).
-2. The engine thread asks `payload_buffer` where to gather the prompt's KV (a shared-memory segment of the
-   pair when decode can map it, so the payload never crosses a socket), then calls `on_saved` with the
-   gathered header + payload in the step that completed the prompt: the payload is queued on the pair's
-   sender thread (or handed back for parking). Fault injection (drills) acts here: fail, corrupt after the
-   checksum (on the sender thread, once it sealed the header), send wrong KV with a matching checksum (a
-   negative control: the reply must change), send a header that does not fit the prompt (decode's load must
-   refuse it), report a send that never happens (a silent loss), or delay the send.
+2. The engine thread asks `payload_buffer` where to gather the prompt's KV (a shared-memory segment of the pair when
+   decode can map it, so the payload never crosses a socket), then calls `on_saved` with the gathered header + payload
+   in the step that completed the prompt: the payload is queued on the pair's sender thread (or handed back for
+   parking). A transfer opened with `hold` waits there until the event loop releases its first token (prefill's,
+   streamed to the client), which its header then carries to decode. Fault injection (drills) acts here: fail, corrupt
+   after the checksum (on the sender thread, once it sealed the header), send wrong KV with a matching checksum (a
+   negative control: the reply must change), send a header that does not fit the prompt (decode's load must refuse it),
+   report a send that never happens (a silent loss), or delay the send.
 3. `done` resolves on the replica's event loop with the `SendResult` (or the error); a request that gives
    up first marks its transfer `cancelled`, so a queued send never goes out late.
 4. `close(xfer_id)` whatever happened.
@@ -20,13 +21,14 @@ import asyncio
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from app.config import FaultInjection
 from app.kv.channel import SendResult
-from app.kv.header import KVHeader
+from app.kv.header import NO_TOKEN, KVHeader
 from app.kv.pairs import PairTransport
 from app.kv.shm import Segment
 
@@ -39,6 +41,34 @@ class Outgoing:
     arrived_at: float = field(default_factory=time.perf_counter)
     gathered_at: float = 0.0
     cancelled: bool = False  # the request gave up (deadline): the KV must not be sent late
+    hold: bool = False  # the send waits for `release_first_token` (its header carries the first token)
+    first_token: int | None = None  # once released
+    _held: Callable[[int], None] | None = None  # the send, gathered and waiting for the first token
+    _held_segment: Segment | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send_when_released(self, send: Callable[[int], None], segment: Segment | None) -> None:
+        """Engine thread: send now with the first token, if it was released already, else once it is."""
+        with self._lock:
+            if self.first_token is None:
+                self._held, self._held_segment = send, segment
+                return
+        send(self.first_token)
+
+    def release_first_token(self, token_id: int) -> None:
+        """Event loop: the first token the client got (`NO_TOKEN`: none); a held send goes out with it."""
+        with self._lock:
+            self.first_token = token_id
+            send, self._held, self._held_segment = self._held, None, None
+        if send is not None:
+            send(token_id)
+
+    def drop_held(self) -> None:
+        """The request ended before its first token was released: the held send never goes out."""
+        with self._lock:
+            segment, self._held, self._held_segment = self._held_segment, None, None
+        if segment is not None:
+            segment.release()
 
 
 class KVOutbox:
@@ -53,13 +83,16 @@ class KVOutbox:
         self._faults = faults
         self._fault_rng = random.Random(faults.seed)
 
-    def open(self, xfer_id: str, decode_id: str | None) -> Outgoing:
+    def open(self, xfer_id: str, decode_id: str | None, hold: bool = False) -> Outgoing:
+        """`hold`: the send waits for the request's first token (`Outgoing.release_first_token`), which its header
+        carries to decode."""
         loop = asyncio.get_running_loop()
-        outgoing = self._outgoing[xfer_id] = Outgoing(decode_id, loop, loop.create_future())
+        outgoing = self._outgoing[xfer_id] = Outgoing(decode_id, loop, loop.create_future(), hold=hold)
         return outgoing
 
     def close(self, xfer_id: str) -> None:
-        self._outgoing.pop(xfer_id, None)
+        if (outgoing := self._outgoing.pop(xfer_id, None)) is not None:
+            outgoing.drop_held()
         if (leased := self._segments.pop(xfer_id, None)) is not None:
             leased.release()  # leased for a gather that never reached `on_saved` (the step failed)
 
@@ -122,18 +155,30 @@ class KVOutbox:
             payload.copy_(payload.flip(0))
         decode_id = outgoing.decode_id
 
-        def is_cancelled() -> bool:  # the pair's sender thread asks once, when this send's turn comes
+        counted = False
+
+        def is_cancelled() -> bool:  # the pair's sender thread asks when this send's turn comes (and at its end)
+            nonlocal counted
             cancelled = outgoing.cancelled
-            self.num_cancelled_sends += cancelled
+            if cancelled and not counted:  # one dropped send counts once, however often it is asked about
+                counted = True
+                self.num_cancelled_sends += 1
             return cancelled
 
-        def send() -> None:
-            self.transport.send(decode_id, header, payload, done, is_cancelled, segment=segment, tamper=tamper)
+        def send(first_token: int = NO_TOKEN) -> None:
+            if faults.delay_s:
+                threading.Timer(faults.delay_s, go, args=(first_token,)).start()
+            else:
+                go(first_token)
 
-        if faults.delay_s:
-            threading.Timer(faults.delay_s, send).start()
-            return
-        send()
+        def go(first_token: int) -> None:
+            sent = header if first_token == NO_TOKEN else replace(header, first_token=first_token)
+            self.transport.send(decode_id, sent, payload, done, is_cancelled, segment=segment, tamper=tamper)
+
+        if outgoing.hold:
+            outgoing.send_when_released(send, segment)
+        else:
+            send()
 
 
 def _corrupt(payload: torch.Tensor) -> None:

@@ -9,6 +9,11 @@
    is told at once (`transfer_failed`), so it recomputes (or answers 503) without sitting out the
    transfer deadline.
 3. The consumer left early: both calls are cancelled.
+With the first token from prefill (`Transfer.first_from_prefill`, app/serving/first_token.py) the prefill call is a
+stream: its first token's chunk goes out first (the KV's header names that token to decode); a prefill that fails
+before it is retried as in 2 (decode then samples the first token), one that fails after it is not (another
+replica could sample another token): decode, told of the failure, cannot tell which token the client got and
+answers `FirstTokenUnknown`, and the ingress continues the request after what it sent (app/api/vllm_engine.py).
 The report goes on the first chunk if prefill has answered by then (it is waited for up to the transfer
 deadline), else on the last chunk.
 """
@@ -58,6 +63,7 @@ class Transfer:
     prefill_id: str
     decode_id: str
     xfer_id: str
+    first_from_prefill: bool = False  # prefill's streaming call gives the first token (app/serving/first_token.py)
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,23 @@ class Handoff:
         self.phase_ratio = phase_ratio
         self.backlog = backlog
 
-    async def stream(self, transfer: Transfer, stream: DeploymentResponseGenerator, prefill_call: DeploymentResponse,
-                     retry: bool) -> AsyncIterator[GenerationChunk]:
-        watch = asyncio.ensure_future(self._watch(transfer, prefill_call, retry))
+    async def stream(self, transfer: Transfer, stream: DeploymentResponseGenerator,
+                     prefill_call: DeploymentResponse | DeploymentResponseGenerator, retry: bool
+                     ) -> AsyncIterator[GenerationChunk]:
+        """Decode's chunks, while prefill is watched. With `transfer.first_from_prefill`, `prefill_call` is prefill's
+        stream (`prefill_first`): its first token goes out before decode's (decode learns it from the KV's header and
+        continues after it; app/serving/first_token.py)."""
+        first = asyncio.get_running_loop().create_future() if transfer.first_from_prefill else None
+        watch = asyncio.ensure_future(self._watch(transfer, prefill_call, retry, first))
         finished, reported, first_at = False, False, None
         try:
+            if first is not None and (early := await self._first_token(transfer, first)) is not None:
+                first_at = time.perf_counter()
+                yield early
+                if early.finish_reason is not None:  # the whole reply (a stop token, or one token asked for)
+                    stream.cancel()
+                    finished = True
+                    return
             async for chunk in stream:
                 if first_at is None:
                     first_at = time.perf_counter()
@@ -97,27 +115,44 @@ class Handoff:
         if outcome.result is not None and finished and first_at is not None:
             self.phase_ratio.add(outcome.result.prefill_s + outcome.result.send_s, time.perf_counter() - first_at)
 
-    async def _watch(self, transfer: Transfer, call: DeploymentResponse, retry: bool) -> PrefillOutcome:
+    @staticmethod
+    async def _first_token(transfer: Transfer, first: asyncio.Future) -> GenerationChunk | None:
+        """Prefill's first-token chunk (None: prefill gave none, decode samples it). A stream's headers leave with
+        it: they say where its KV is going (a later fallback is counted, and reported in a non-streaming body)."""
+        chunk: GenerationChunk | None = await first
+        return None if chunk is None else chunk.with_report(KVReport(
+            mode="disaggregated", prefill_replica=transfer.prefill_id, decode_replica=transfer.decode_id,
+            kv_source="transfer"))
+
+    async def _watch(self, transfer: Transfer, call: DeploymentResponse | DeploymentResponseGenerator, retry: bool,
+                     first: asyncio.Future | None) -> PrefillOutcome:
         num_tokens = len(transfer.request.prompt_token_ids)
         self.backlog.add(num_tokens, transfer.prefill_id)
         try:
-            return await self._outcome(transfer, call, retry)
+            return await self._outcome(transfer, call, retry, first)
         finally:
             self.backlog.remove(num_tokens, transfer.prefill_id)
+            if first is not None and not first.done():
+                first.set_result(None)  # no first token from prefill: decode samples it
 
-    async def _outcome(self, transfer: Transfer, call: DeploymentResponse, retry: bool) -> PrefillOutcome:
+    async def _outcome(self, transfer: Transfer, call: DeploymentResponse | DeploymentResponseGenerator, retry: bool,
+                       first: asyncio.Future | None) -> PrefillOutcome:
         prefill_id, decode_id = transfer.prefill_id, transfer.decode_id
         try:
-            result = await call
+            result = await _result(call, first)
         except asyncio.CancelledError:
             return PrefillOutcome(None, None)
         except Exception as exc:  # noqa: BLE001 - every prefill failure becomes a fallback with a reason
-            return await self._after_failure(transfer, exc, retry)
+            if first is not None and not first.done():
+                first.set_result(None)  # before any retry: a retried prefill leaves the first token to decode
+            committed = first is not None and first.result() is not None
+            return await self._after_failure(transfer, exc, retry and not committed, committed)
         BREAKERS.record_success(prefill_id)
         BREAKERS.record_success(pair_key(prefill_id, decode_id))
         return PrefillOutcome(result, KVReport(prefix_cache_hit_tokens=result.num_cached_tokens))
 
-    async def _after_failure(self, transfer: Transfer, exc: Exception, retry: bool) -> PrefillOutcome:
+    async def _after_failure(self, transfer: Transfer, exc: Exception, retry: bool, token_sent: bool = False
+                             ) -> PrefillOutcome:
         prefill_id, decode_id = transfer.prefill_id, transfer.decode_id
         BREAKERS.record_failure(prefill_id)
         BREAKERS.record_failure(pair_key(prefill_id, decode_id))
@@ -133,7 +168,8 @@ class Handoff:
                                                        fallback_reason=f"{reason}; retried on {other}",
                                                        prefix_cache_hit_tokens=result.num_cached_tokens))
         try:
-            await self.decode_calls.transfer_failed.remote(transfer.xfer_id, reason, replica_pin=decode_id)
+            await self.decode_calls.transfer_failed.remote(transfer.xfer_id, reason, replica_pin=decode_id,
+                                                           first_token_sent=token_sent)
         except Exception:  # noqa: BLE001 - decode gone too: its own deadline or death handles it
             logger.exception("could not tell decode %s about the failed transfer", decode_id)
         return PrefillOutcome(None, None)
@@ -156,3 +192,16 @@ class Handoff:
                 raise
         BREAKERS.record_success(other)
         return other, result
+
+
+async def _result(call: DeploymentResponse | DeploymentResponseGenerator, first: asyncio.Future | None
+                  ) -> PrefillResult:
+    """Prefill's result; from a streaming call (`first` set), its first-token chunk goes to `first` as it comes."""
+    if first is None:
+        return await call
+    async for item in call:
+        if isinstance(item, PrefillResult):
+            return item
+        if not first.done():
+            first.set_result(item)
+    raise RuntimeError("prefill's stream ended without its result")

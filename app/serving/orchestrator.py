@@ -14,7 +14,9 @@ One request (`generate`):
    `no_replica_wait_s` (scaled to zero, or all busy), decode runs the prompt itself (reported as a
    fallback) and one wake-up call waits on the prefill deployment so Serve starts a replica.
 2. Dispatch both at once with a fresh transfer id: prefill runs the prompt and sends its KV to that
-   decode replica, while the decode replica pairs up, waits for the KV and then streams tokens.
+   decode replica, while the decode replica pairs up, waits for the KV and then streams tokens. Where the
+   request allows it (`placement.first_token_from_prefill`, app/serving/first_token.py), prefill samples the
+   first token and streams it at once, and decode continues after it.
 3. `Handoff` streams decode's chunks while it watches prefill (retry, breakers, telling decode).
 
 Two-step API: `prefill_only` runs the prompt on a prefill replica that parks its KV and answers with a
@@ -41,6 +43,7 @@ from app.errors import KVCacheNotFound
 from app.kv.parking import replica_of
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
 from app.metrics import PhaseRatio, record_placement
+from app.serving.first_token import can_continue
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
 from app.serving.placement import PrefillBacklog, place
 from app.serving.prefix_index import PrefixRouting
@@ -58,6 +61,7 @@ class DisaggregatedClient:
     def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, spec: OrchestratorSpec,
                  bus: TokenBus | None = None):
         self.prefill = prefill
+        self.prefill_stream = prefill.options(stream=True)  # prefill_first: the first token, then the result
         self.decode = decode.options(stream=True)
         self.spec = spec
         self.bus = bus  # decode's tokens after the first (None: all through its Serve stream)
@@ -83,8 +87,8 @@ class DisaggregatedClient:
             with self._on_decode(decode_id):
                 prefixes.mark(prefixes.decode, decode_id, request)
                 if placement.local:
-                    stream = self._cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id, placement.detail,
-                                                                    placed_locally=True))
+                    stream = _cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id, placement.detail,
+                                                               placed_locally=True))
                 else:
                     stream = self._remote(request, xfer_id, d_sel, decode_id, prefill_route, placement.detail)
                 output_ids: list[int] = []
@@ -108,29 +112,32 @@ class DisaggregatedClient:
                       placement_reason: str) -> AsyncIterator[GenerationChunk]:
         # 1. choose the prefill end (replicas whose pair with the decode replica is failing are avoided; one that
         #    probably holds the prompt's prefix is preferred)
+        early = self.spec.first_token_from_prefill and can_continue(request)  # app/serving/first_token.py
+        prefill_method = self.prefill_stream.prefill_first if early else self.prefill.prefill
         async with contextlib.AsyncExitStack() as stack:
             choosing = stack.enter_async_context(
-                self.prefill.prefill.choose_replica(request, avoid=open_pairs(decode_id), **route))
-            if self.spec.when_no_prefill == "wait":
-                p_sel = await choosing
-            else:
-                try:
-                    p_sel = await asyncio.wait_for(choosing, self.spec.no_prefill_wait_s)
-                except TimeoutError:
-                    self._wake_prefill()
-                    reason = f"no prefill replica free within {self.spec.no_prefill_wait_s} s (decode_locally)"
-                    async for chunk in self._cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id,
-                                                                              reason)):
-                        yield chunk
-                    return
+                prefill_method.choose_replica(request, avoid=open_pairs(decode_id), **route))
+            p_sel = None
+            with self.backlog.waiting(len(request.prompt_token_ids)):  # until dispatched (Handoff counts it then)
+                if self.spec.when_no_prefill == "wait":
+                    p_sel = await choosing
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        p_sel = await asyncio.wait_for(choosing, self.spec.no_prefill_wait_s)
+            if p_sel is None:
+                self._wake_prefill()
+                reason = f"no prefill replica free within {self.spec.no_prefill_wait_s} s (decode_locally)"
+                async for chunk in _cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id, reason)):
+                    yield chunk
+                return
             prefill_id = pair_id(p_sel)
             BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
             self.prefixes.mark(self.prefixes.prefill, prefill_id, request)
             # 2. dispatch both
-            prefill_call = self.prefill.dispatch(p_sel, request, decode_id, xfer_id)
-            stream = self._decode_call(d_sel, request, prefill_id, xfer_id)
-            # 3. stream decode's tokens while watching prefill
-            transfer = Transfer(request, prefill_id, decode_id, xfer_id)
+            prefill_call = (self.prefill_stream if early else self.prefill).dispatch(p_sel, request, decode_id, xfer_id)
+            stream = self._decode_call(d_sel, request, prefill_id, xfer_id, first_from_prefill=early)
+            # 3. stream decode's tokens (after prefill's first one) while watching prefill
+            transfer = Transfer(request, prefill_id, decode_id, xfer_id, first_from_prefill=early)
             first = True
             async for chunk in self.handoff.stream(transfer, stream, prefill_call, self.spec.retry_other_prefill):
                 if first:
@@ -141,17 +148,6 @@ class DisaggregatedClient:
     def _decode_call(self, d_sel, request: GenerateRequest, *args, **kwargs):
         """Decode's streaming call on the chosen replica, its tokens after the first on the bus (if on)."""
         return streamed(self.bus, request, lambda r: self.decode.dispatch(d_sel, r, *args, **kwargs))
-
-    @staticmethod
-    async def _cancel_on_exit(stream) -> AsyncIterator[GenerationChunk]:
-        finished = False
-        try:
-            async for chunk in stream:
-                yield chunk
-            finished = True
-        finally:
-            if not finished:  # the consumer left: stop generating
-                stream.cancel()
 
     def _wake_prefill(self) -> None:
         """Leave one call waiting for a prefill replica: Serve counts it as queued and scales prefill up
@@ -201,3 +197,14 @@ class DisaggregatedClient:
                 transfer = Transfer(request, prefill_id, decode_id, xfer_id)
                 async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
                     yield chunk
+
+
+async def _cancel_on_exit(stream) -> AsyncIterator[GenerationChunk]:
+    finished = False
+    try:
+        async for chunk in stream:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:  # the consumer left: stop generating
+            stream.cancel()

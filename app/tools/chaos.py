@@ -5,11 +5,12 @@ checks before trusting the app with traffic.
 Life cycle of `run_soak`:
 1. References: every prompt of the pool once, greedy, while nothing is injected (the app's healthy answer, which
    the test suite shows equal to the collocated path's and to vLLM's own).
-2. Soak, for `duration_s`: `num_streams` clients in a closed loop, each request one of: a greedy stream (most),
-   a stream the client drops after its first chunks, or a bad request (malformed JSON, a bad parameter, a body
-   past `max_request_body_bytes`). Beside them, chaos: every `kill_every_s` a replica of Prefill or Decode (in
-   turn) is killed, and every `fault_every_s` prefill replicas fail or corrupt a share of their transfers for a
-   while (`wrong_kv_fraction` is never injected: it changes replies by design).
+2. Soak, for `duration_s`: `num_streams` clients in a closed loop, each request one of: a greedy stream (most;
+   half the clients send a seed, so a stream cut by a kill ends with an error event, where the others continue on
+   a live replica), a stream the client drops after its first chunks, or a bad request (malformed JSON, a bad
+   parameter, a body past `max_request_body_bytes`). Beside them, chaos: every `kill_every_s` a replica of
+   Prefill or Decode (in turn) is killed, and every `fault_every_s` prefill replicas fail or corrupt a share of
+   their transfers for a while (`wrong_kv_fraction` is never injected: it changes replies by design).
 3. Quiesce: faults cleared, every killed replica replaced (the deployments' replica counts back), requests drained.
 4. Report: wrong tokens among completed greedy requests, hung requests (no answer within `request_timeout_s`),
    failures without a clear answer (a status other than 4xx/503 with an OpenAI error body, or a stream that
@@ -144,6 +145,8 @@ async def _client_loop(report: SoakReport, config: SoakConfig, base_url: str, mo
                 index = rng.randrange(len(prompts))
                 body = {"model": model, "prompt": prompts[index], "max_tokens": 24, "temperature": 0,
                         "ignore_eos": True}
+                if worker % 2:  # seeded: a stream cut by a kill cannot continue elsewhere and ends with an error
+                    body["seed"] = 7
                 drop_after = rng.randint(1, 3) if roll < 0.15 else None
                 status, text, end = await _stream(client, url, body, drop_after)
                 report.statuses[status] += 1
