@@ -148,9 +148,10 @@ class Decode(EngineReplica):
                               first_token_sent: bool = True) -> None:
         """The router saw prefill fail: end the wait for this transfer now (fallback or 503). `first_token_sent`
         False: prefill failed before its first token reached the client, so decode samples it (a recompute)."""
-        if not first_token_sent:
-            self.no_first_token.add(xfer_key(xfer_id))
-        self.mailbox.fail(xfer_key(xfer_id), reason)
+        key = xfer_key(xfer_id)
+        if not first_token_sent and self.mailbox.state(key)[0] is not None:  # only while its request may read it
+            self.no_first_token.add(key)
+        self.mailbox.fail(key, reason)
 
     async def set_on_failure(self, policy: str) -> None:
         """Operators' switch: `recompute` (fall back locally) or `fail` (503) when KV does not arrive intact."""
