@@ -95,10 +95,12 @@ class _Outlet:
 
     def deliver(self, request_id: str, item: Any) -> None:
         stream = self.streams.get(request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.put, item)
+        if stream is not None and not _post(stream.loop, stream.put, item):
+            self.streams.pop(request_id, None)
 
-    def deliver_step(self, outputs: list[Any]) -> None:
+    def deliver_step(self, outputs: list[Any]) -> list[str]:
+        """Hand one step's outputs to their consumers; returns the requests whose consumer's loop is gone
+        (closed before the consumer stopped its stream): nobody will read them, the driver aborts them."""
         # One loop callback per consumer loop, not one per request: each wake-up costs this thread the GIL.
         # Deltas of requests with a bus go out as one message per ingress, from this thread.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
@@ -117,8 +119,13 @@ class _Outlet:
             by_loop.setdefault(stream.loop, []).append((stream, chunk))
         if by_bus:
             self.bus.send(by_bus)
+        orphans = []
         for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            if not _post(loop, _put_all, batch):
+                orphans += [request_id for request_id, stream in list(self.streams.items()) if stream.loop is loop]
+        for request_id in orphans:
+            self.streams.pop(request_id, None)
+        return orphans
 
 
 class EngineDriver:
@@ -261,13 +268,26 @@ class EngineDriver:
                     self._outlet.deliver(request_id, EngineError(f"engine step failed: {exc}"))
                     self.engine.abort_request([request_id])
                 continue
-            self._outlet.deliver_step(outputs)
+            orphans = self._outlet.deliver_step(outputs)
+            if orphans:
+                logger.warning("aborting %d request(s) whose consumer's event loop closed", len(orphans))
+                self.engine.abort_request(orphans)
             if not outputs:
                 self._wake.wait(timeout=self.IDLE_POLL_S)
                 self._wake.clear()
 
 
 _SENT = object()  # a stream's end marker: its last delta went to the bus
+
+
+def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> bool:
+    """Run `callback` on `loop` from the driver thread; False if that loop is closed (its consumer is gone: a
+    stream's owner may close its loop between the driver's lookup and this call)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # "Event loop is closed": the driver thread must outlive any consumer
+        return False
+    return True
 
 
 def _put_all(batch: list[tuple[_Stream, Any]]) -> None:

@@ -65,6 +65,26 @@ def test_abandoned_stream_aborts_and_frees_blocks(driver, tokenizer):
     assert driver.num_free_blocks() == free_before
 
 
+def test_a_consumer_whose_loop_closed_mid_stream_is_aborted_and_the_driver_keeps_serving(driver, tokenizer):
+    import time
+
+    free_before = driver.num_free_blocks()
+    # 1. a consumer takes one chunk, then its event loop closes under the stream (still registered)
+    loop = asyncio.new_event_loop()
+    stream = driver.generate("orphan-1", prompt_of_length(tokenizer, 60, offset=31),
+                             SamplingSpec(max_tokens=400, temperature=0, ignore_eos=True))
+    loop.run_until_complete(stream.__anext__())
+    loop.close()
+    # 2. the driver's next delivery finds that loop closed: it aborts the request instead of dying
+    deadline = time.monotonic() + 10
+    while driver.num_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert driver.is_alive() and driver.num_unfinished() == 0
+    assert driver.num_free_blocks() == free_before
+    # 3. it keeps serving; the abandoned generator closes without its loop
+    assert len(offline_generate(driver, [1, 2, 3], 3, ignore_eos=True)[1]) == 3
+    asyncio.run(stream.aclose())
+
 def test_engine_refusal_reaches_the_caller_and_driver_keeps_serving(driver):
     from app.engine import EngineInputError
 
