@@ -8,7 +8,7 @@ Life cycle of `run_soak`:
 2. Soak, for `duration_s`: `num_streams` clients in a closed loop, each request one of: a greedy stream (most;
    half the clients send a seed, so a stream cut by a kill ends with an error event, where the others continue on
    a live replica), a stream the client drops after its first chunks, or a bad request (malformed JSON, a bad
-   parameter, a body past `max_request_body_bytes`). Beside them, chaos: every `kill_every_s` a replica of
+   parameter, a body past `max_request_body_bytes`). Beside them, chaos: every `kill_every_s` the busiest replica of
    Prefill or Decode (in turn) is killed, and every `fault_every_s` prefill replicas fail or corrupt a share of
    their transfers for a while (`wrong_kv_fraction` is never injected: it changes replies by design).
 3. Quiesce: faults cleared, every killed replica replaced (the deployments' replica counts back), requests drained.
@@ -169,13 +169,16 @@ async def _client_loop(report: SoakReport, config: SoakConfig, base_url: str, mo
                 report.examples.append(f"unclear: {type(exc).__name__}: {exc}")
 
 
-def _replica_ids(app_name: str, deployment: str) -> list[str]:
+def _busiest_replicas(app_name: str, deployment: str) -> list[str]:
+    """The live replicas of `deployment` that hold the most requests in their engines: a kill there cuts streams
+    (a kill of an idle replica tests nothing, and which one is idle is chance)."""
     from ray import serve
 
     # A replica killed a moment ago may still be listed: it answers with an error, and is no victim.
     handle = serve.get_deployment_handle(deployment, app_name)
-    results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
-    return [s["replica_id"] for s in results if isinstance(s, dict)]
+    stats = [s for s in handle.broadcast("stats").results(timeout_s=30, return_exceptions=True) if isinstance(s, dict)]
+    most = max((s["num_unfinished"] for s in stats), default=0)
+    return [s["replica_id"] for s in stats if s["num_unfinished"] == most]
 
 
 def _set_faults(app_name: str, faults: dict[str, Any]) -> None:
@@ -198,7 +201,7 @@ async def _chaos_loop(report: SoakReport, config: SoakConfig, stop_at: float) ->
         now = time.monotonic()
         if now >= next_kill:
             deployment = deployments[report.num_kills % 2]
-            victims = await asyncio.to_thread(_replica_ids, config.app_name, deployment)
+            victims = await asyncio.to_thread(_busiest_replicas, config.app_name, deployment)
             if victims:
                 name = f"SERVE_REPLICA::{config.app_name}#{deployment}#{rng.choice(victims)}"
                 ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
