@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import sys
 import tempfile
@@ -104,7 +105,8 @@ PRESETS = {
 
 # -- systems ----------------------------------------------------------------------------------------
 
-def pdserve_app(system: str):
+def pdserve_app(system: str, placement: dict[str, Any] | None = None):
+    """`placement`: settings for the default system's placement (`--placement`), else its defaults."""
     from deployments.builder import build_app
 
     mode = "collocated" if system == "collocated" else "disaggregated"
@@ -118,6 +120,8 @@ def pdserve_app(system: str):
         args["decode"] = {"num_replicas": 1, "num_cpus": 1, "max_ongoing_requests": 128}
     if system == "always-remote":
         args["placement"] = {"policy": "always_remote"}
+    elif system == "disaggregated" and placement:
+        args["placement"] = placement
     args["ingress"] = {"num_cpus": 0.1, "max_ongoing_requests": 512}
     return build_app(args)
 
@@ -238,7 +242,8 @@ def _log(system: str, label: str, summary: dict[str, Any]) -> None:
 
 # -- report -----------------------------------------------------------------------------------------
 
-def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:
+def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]], placement: PlacementConfig
+                   ) -> list[str]:
     """The report's reading of this run: the ratios that carry the argument, and why they come out so."""
     ratio = {(r["workload"], r["rate"], r["baseline"], r["metric"]): r["ratio"] for r in rows}
 
@@ -256,7 +261,6 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> li
         return f"{found[0]:.2f}" if found else "n/a"
 
     colo, remote, rsl = "pdserve-collocated", "pdserve-always-remote", "ray-serve-llm-pd"
-    placement = PlacementConfig()  # pdserve_app() leaves placement at its defaults (always_remote: the policy only)
     rates = sorted(r["rate"] for r in rows if r["workload"] == "steady" and r["rate"] and r["baseline"] == colo
                    and r["metric"] == "TTFT p50")
     steady_ttft = [ratio[("steady", rate, colo, "TTFT p50")] for rate in rates]
@@ -376,7 +380,8 @@ def write_docs(results: dict[str, Any], plots: list[Path], out: Path, command: s
     for (workload, rate, baseline), by_metric in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         name = workload + (f" @ {rate:g}/s" if rate else "")
         lines.append(f"| {name} | {baseline} | " + " | ".join(by_metric.get(k[0], "-") for k in report.KEYS) + " |")
-    lines += ["", "## What the numbers mean", ""] + interpretation(rows, runs)
+    placement = PlacementConfig(**meta.get("placement", {}))  # the default system's (always_remote: the policy)
+    lines += ["", "## What the numbers mean", ""] + interpretation(rows, runs, placement)
     behind = [r for r in rows if r["behind"]]
     lines += ["", "## Where pdserve is behind", ""]
     if behind:
@@ -403,7 +408,15 @@ def main() -> None:
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md (always for --preset full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--placement", default=None, help="JSON: placement settings for pdserve-disaggregated, to try "
+                        "thresholds against the baselines in one run, e.g. '{\"idle_local_max_prompt_tokens\": 512}' "
+                        "(recorded in the results; the full preset then writes docs only with --docs)")
     args = parser.parse_args()
+    placement = json.loads(args.placement) if args.placement else {}
+    try:
+        PlacementConfig(**placement)
+    except (TypeError, ValueError) as exc:
+        sys.exit(f"--placement: {exc}")
     preset = PRESETS[args.preset]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := set(systems) - set(SYSTEMS):
@@ -437,7 +450,7 @@ def main() -> None:
                 if system == "ray-serve-llm-pd":
                     app = ray_serve_llm_app(kv_dir)
                 else:
-                    app = pdserve_app(system.removeprefix("pdserve-"))
+                    app = pdserve_app(system.removeprefix("pdserve-"), placement)
                 serve.run(app, name=system, route_prefix=route)
                 ready_s[system] = wait_ready(base, 600) + (time.monotonic() - started)
                 print(f"[{system}] ready after {ready_s[system]:.0f} s", flush=True)
@@ -464,21 +477,23 @@ def main() -> None:
                  f"prefix of its own, turns adding {preset.turn_input} tokens and replies of {preset.turn_output}.")
     results = {"meta": {"preset": args.preset, "seed": args.seed, "date": time.strftime("%Y-%m-%d"),
                         "machine": report.machine(), "versions": {"ray": ray.__version__, "vllm": vllm.__version__},
-                        "skipped": skipped, "ready_s": ready_s, "workloads": workloads,
+                        "skipped": skipped, "ready_s": ready_s, "workloads": workloads, "placement": placement,
                         "results_file": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)},
                "runs": runs}
     report.save(results, out)
     print(f"results: {out}")
-    plot_dir = ROOT / "docs" / "benchmarks" if (args.docs or args.preset == "full") else out.parent / args.preset
+    docs_wanted = args.docs or (args.preset == "full" and not placement)
+    plot_dir = ROOT / "docs" / "benchmarks" if docs_wanted else out.parent / args.preset
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = [report.plot_cdfs(runs, w, plot_dir / f"cdf_{w.replace('/', '_')}.png")
              for w in ("steady", "bursty/long-gen", "bursty/long-prompt", "multi-turn")]
     if len(preset.steady_rates) > 1:
         plots.append(report.plot_goodput(runs, "steady", plot_dir / "goodput_steady.png"))
     print("plots: " + ", ".join(str(p) for p in plots))
-    if args.docs or args.preset == "full":
+    if docs_wanted:
         docs = ROOT / "docs" / "benchmarks.md"
-        write_docs(results, plots, docs, f".venv/bin/python benchmarks/compare.py --preset {args.preset}")
+        command = f".venv/bin/python benchmarks/compare.py --preset {args.preset}"
+        write_docs(results, plots, docs, command + (f" --placement '{args.placement}'" if placement else ""))
         print(f"report: {docs}")
     for row in report.comparisons(runs, "pdserve-disaggregated", BASELINES):
         if row["behind"]:
