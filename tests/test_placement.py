@@ -11,7 +11,7 @@ import httpx
 import pytest
 from ray import serve
 
-from app.messages import GenerateRequest, SamplingSpec
+from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
 from app.serving.placement import PlacementLimits, place
 from tests.conftest import MODEL_NAME
 from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
@@ -131,7 +131,7 @@ def test_a_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_
     backlog.join(120)
     assert report["prefill_replica"] is None and report["decode_replica"]
     assert ingress.placement_stats.remote().result() == {"prefill_backlog_tokens": 0, "prefill_backlog_requests": 0,
-                                                         "decode_requests": 0}
+                                                         "decode_requests": 0, "decode_backlog_tokens": 0}
 
 
 @pytest.mark.slow
@@ -245,6 +245,54 @@ def test_with_chunked_local_prefill_a_busy_decode_replica_takes_a_prompt_behind_
     assert not whole.local and whole.reason == "long_prompt"
     short = busy(64, backlog_tokens=64)  # a short prompt keeps its own rule (backlog of at least L)
     assert short.local and short.reason == "prefill_busy" and "<= 64" in short.detail
+
+
+def test_a_prefill_backlog_sends_a_prompt_to_decode_only_while_decode_has_the_shorter_queue():
+    def busy(num_tokens: int, backlog_tokens: int, decode_backlog: int):
+        return place(_request(num_tokens), "adaptive", PlacementLimits(64, idle=300, busy=300),
+                     backlog_tokens=backlog_tokens, decode_requests=2, decode_backlog=decode_backlog)
+
+    # short prompt (its own rule), then a chunked one: local while prefill's queue covers decode's plus its own
+    assert busy(64, backlog_tokens=500, decode_backlog=436).reason == "prefill_busy"
+    short = busy(64, backlog_tokens=500, decode_backlog=437)
+    assert not short.local and short.reason == "decode_busy" and "437 prompt tokens placed" in short.detail
+    assert busy(200, backlog_tokens=500, decode_backlog=300).reason == "prefill_busy"
+    longer = busy(200, backlog_tokens=500, decode_backlog=301)
+    assert not longer.local and longer.reason == "decode_busy" and "more than the 500 queued" in longer.detail
+    # decode's queue does not touch the other rules: an idle replica, or one that holds the conversation
+    assert place(_request(64), "adaptive", PlacementLimits(64), decode_requests=0, decode_backlog=10_000).local
+    cached = place(_request(100), "adaptive", PlacementLimits(64), cached_local=64, decode_backlog=10_000)
+    assert cached.local and cached.reason == "prefix_cached"
+
+
+def test_the_decode_backlog_counts_a_local_prompt_until_its_first_token_or_its_end():
+    import asyncio
+
+    from app.serving.placement import DecodeBacklog
+
+    def chunk(*token_ids: int) -> GenerationChunk:
+        return GenerationChunk(text="", token_ids=token_ids, finish_reason=None, num_prompt_tokens=1)
+
+    async def replies(*chunks: GenerationChunk):
+        for c in chunks:
+            yield c
+
+    async def story() -> list[int]:
+        backlog, seen = DecodeBacklog(), []
+        # 1. counted until a chunk with a token comes (an empty first chunk is no first token)
+        stream = backlog.until_first_token("d1", 300, replies(chunk(), chunk(7), chunk(8)))
+        async for _ in stream:
+            seen.append(backlog.by_replica["d1"])
+        # 2. a stream that ends (or is left) before its first token stops counting too
+        async for _ in backlog.until_first_token("d2", 50, replies(chunk())):
+            seen.append(backlog.by_replica["d2"])
+        left = backlog.until_first_token("d3", 40, replies(chunk(), chunk(1)))
+        await anext(left)
+        seen.append(backlog.by_replica["d3"])
+        await left.aclose()
+        return [*seen, len(backlog.by_replica)]
+
+    assert asyncio.run(story()) == [300, 0, 0, 50, 40, 0]
 
 
 def test_adaptive_places_short_prompts_beside_running_replies_locally_only_behind_a_prefill_backlog():

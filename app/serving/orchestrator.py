@@ -45,7 +45,7 @@ from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPromp
 from app.metrics import PhaseRatio, record_placement
 from app.serving.first_token import can_continue
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
-from app.serving.placement import PrefillBacklog, place
+from app.serving.placement import DecodeBacklog, PrefillBacklog, place, uncached_tokens
 from app.serving.prefix_index import PrefixRouting
 from app.specs import OrchestratorSpec
 from app.token_bus import TokenBus, streamed
@@ -68,6 +68,7 @@ class DisaggregatedClient:
         self.phase_ratio = PhaseRatio()
         self.backlog = PrefillBacklog()  # prompt tokens dispatched to prefill replicas, not answered yet
         self.on_decode: Counter[str] = Counter()  # requests this ingress has on each decode replica (by pair id)
+        self.decode_backlog = DecodeBacklog()  # prompt tokens placed on each decode replica, before their first token
         self.prefixes = PrefixRouting(spec.block_size, spec.prefix_routing_slack)
         self.handoff = Handoff(prefill, decode, spec.notify_timeout_s, self.phase_ratio, self.backlog)
         self._wake_up: asyncio.Future | None = None  # an outstanding call that makes Serve start a prefill replica
@@ -80,15 +81,17 @@ class DisaggregatedClient:
         async with self.decode.generate.choose_replica(request, **decode_route) as d_sel:
             decode_id = pair_id(d_sel)
             # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
+            cached = cached_decode.get(decode_id, 0)
             placement = place(request, self.spec.placement, self.spec.limits, self.backlog.num_tokens,
-                              self.on_decode[decode_id], cached_decode.get(decode_id, 0),
-                              max(cached_prefill.values(), default=0))
+                              self.on_decode[decode_id], cached, max(cached_prefill.values(), default=0),
+                              self.decode_backlog.by_replica[decode_id])
             record_placement(placement.where, placement.reason)
             with self._on_decode(decode_id):
                 prefixes.mark(prefixes.decode, decode_id, request)
                 if placement.local:
-                    stream = _cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id, placement.detail,
-                                                               placed_locally=True))
+                    stream = self.decode_backlog.until_first_token(decode_id, uncached_tokens(
+                        len(request.prompt_token_ids), cached), _cancel_on_exit(self._decode_call(
+                            d_sel, request, None, xfer_id, placement.detail, placed_locally=True)))
                 else:
                     stream = self._remote(request, xfer_id, d_sel, decode_id, prefill_route, placement.detail)
                 output_ids: list[int] = []
@@ -167,7 +170,8 @@ class DisaggregatedClient:
     def placement_state(self) -> dict[str, int]:
         backlog = self.backlog
         return {"prefill_backlog_tokens": backlog.num_tokens, "prefill_backlog_requests": backlog.num_requests,
-                "decode_requests": sum(self.on_decode.values())}
+                "decode_requests": sum(self.on_decode.values()),
+                "decode_backlog_tokens": sum(self.decode_backlog.by_replica.values())}
 
     # -- two-step API -----------------------------------------------------------------------------
 

@@ -23,7 +23,10 @@ Rules, first match wins:
    decode). Where decode computes local prompts in chunks (`placement.local_chunk_tokens`: no step then stalls
    its replies for more than that many prompt tokens, however long the prompt), a prompt of up to I uncached
    tokens also runs locally while the prefill backlog is at least its own length (it would wait there at least
-   as long as it computes here).
+   as long as it computes here). Both backlog rules weigh the queue a local prompt joins too: the prompt tokens
+   placed locally on that decode replica still without their first token (`DecodeBacklog`). A prompt runs
+   locally for the backlog only while prefill's queue is at least that queue plus its own length; otherwise
+   decode is the busier end (`decode_busy`: remote).
    Every other prompt runs remotely.
    The backlog is what this ingress has placed on prefill replicas and not seen finish (`PrefillBacklog`: from
    the placement on, so that prompts arriving together see each other); the decode replica's requests are the
@@ -36,15 +39,15 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from app.messages import GenerateRequest
+from app.messages import GenerateRequest, GenerationChunk
 
 Policy = Literal["adaptive", "always_remote", "always_local"]
 Reason = Literal["prompt_logprobs", "forced", "policy", "decode_idle", "prefix_cached", "prefill_busy",
-                 "prefill_idle", "long_prompt"]
+                 "prefill_idle", "decode_busy", "long_prompt"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,40 @@ class PrefillBacklog:
             del self.by_replica[replica_id]
 
 
+class DecodeBacklog:
+    """Prompt tokens placed on each decode replica (local placements) that have not given their first token yet:
+    the queue a prompt placed there joins, as `PrefillBacklog` is the one at prefill."""
+
+    def __init__(self) -> None:
+        self.by_replica: Counter[str] = Counter()
+
+    async def until_first_token(self, replica_id: str, num_tokens: int, stream: AsyncIterator[GenerationChunk]
+                                ) -> AsyncIterator[GenerationChunk]:
+        """Pass `stream` through, counting `num_tokens` on `replica_id` until its first token (or its end)."""
+        self.by_replica[replica_id] += num_tokens
+        counted = True
+        try:
+            async for chunk in stream:
+                if counted and chunk.token_ids:
+                    self._remove(replica_id, num_tokens)
+                    counted = False
+                yield chunk
+        finally:
+            if counted:
+                self._remove(replica_id, num_tokens)
+
+    def _remove(self, replica_id: str, num_tokens: int) -> None:
+        self.by_replica[replica_id] -= num_tokens
+        if not self.by_replica[replica_id]:
+            del self.by_replica[replica_id]
+
+
+def uncached_tokens(num_prompt: int, cached_local: int) -> int:
+    """Prompt tokens a decode replica computes for a prompt of which it holds `cached_local` (vLLM always computes
+    the last prompt token)."""
+    return num_prompt - min(cached_local, num_prompt - 1)
+
+
 @dataclass(frozen=True)
 class PlacementLimits:
     """The most uncached prompt tokens a decode replica takes (adaptive): `local` (L, its stall budget) beside
@@ -105,9 +142,11 @@ class PlacementLimits:
 
 
 def place(request: GenerateRequest, policy: Policy, limits: PlacementLimits, backlog_tokens: int = 0,
-          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0) -> Placement:
+          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0, decode_backlog: int = 0
+          ) -> Placement:
     """Where `request` prefills. `decode_requests`: what this ingress has on the decode replica chosen for it;
-    `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached."""
+    `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached;
+    `decode_backlog`: prompt tokens placed on that replica still without their first token (`DecodeBacklog`)."""
     num_prompt = len(request.prompt_token_ids)
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
@@ -123,7 +162,7 @@ def place(request: GenerateRequest, policy: Policy, limits: PlacementLimits, bac
         return Placement(False, "policy", "placement.policy: always_remote")
     limit = limits.local
     idle_limit, busy_limit = max(limit, limits.idle), max(limit, limits.busy)
-    uncached = num_prompt - min(cached_local, num_prompt - 1)  # vLLM always computes the last prompt token
+    uncached = uncached_tokens(num_prompt, cached_local)
     prompt = f"prompt of {num_prompt} tokens"
     if cached_local:
         prompt += f" ({uncached} not cached on its decode replica)"
@@ -137,9 +176,13 @@ def place(request: GenerateRequest, policy: Policy, limits: PlacementLimits, bac
         if backlog_tokens < limit:
             return Placement(False, "prefill_idle", f"{prompt}, {backlog_tokens} prompt tokens queued at prefill < "
                              f"{limit}: prefill is free enough")
+        if backlog_tokens < decode_backlog + uncached:
+            return _decode_busy(prompt, backlog_tokens, decode_backlog)
         return Placement(True, "prefill_busy", f"{prompt} <= {limit}, and {backlog_tokens} prompt tokens queued at "
                          f"prefill >= {limit}: it would wait longer there than it stalls decode")
     if uncached <= busy_limit and backlog_tokens >= uncached:
+        if backlog_tokens < decode_backlog + uncached:
+            return _decode_busy(prompt, backlog_tokens, decode_backlog)
         return Placement(True, "prefill_busy", f"{prompt} <= {busy_limit}, and {backlog_tokens} prompt tokens "
                          "queued at prefill, at least its own: it would wait longer there than it takes here, in "
                          "chunks between decode steps")
@@ -149,3 +192,9 @@ def place(request: GenerateRequest, policy: Policy, limits: PlacementLimits, bac
     elif uncached <= idle_limit:
         why = " and its decode replica holds other requests"
     return Placement(False, "long_prompt", f"{prompt} > placement.local_max_prompt_tokens ({limit}){why}")
+
+
+def _decode_busy(prompt: str, backlog_tokens: int, decode_backlog: int) -> Placement:
+    return Placement(False, "decode_busy", f"{prompt}: {decode_backlog} prompt tokens placed on its decode replica "
+                     f"wait for their first token, and with its own more than the {backlog_tokens} queued at "
+                     "prefill: it would wait longer there")
