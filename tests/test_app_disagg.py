@@ -485,6 +485,10 @@ def test_decode_killed_mid_stream_continues_on_a_live_replica_after_what_the_cli
     # greedy: the continuation on the other replica gives exactly what one run would have given
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert text == offline_generate(offline_engine, prompt, 600, ignore_eos=True)[0]
+    # the headers went out before the replica died: the last event before [DONE] says the stream ran again
+    late = chunks[-1]
+    assert late["choices"] == [] and late["pdserve"]["retried_after"].startswith("replica died")
+    assert late["id"] == chunks[0]["id"] and "pdserve" not in chunks[0]
 
 
 def test_decode_killed_mid_stream_of_a_seeded_request_ends_the_stream_with_an_error_event(app, tokenizer):
@@ -552,7 +556,10 @@ def test_a_stream_whose_decode_replica_dies_before_its_first_token_is_retried(ap
     assert result["status"] == 200 and result["events"][-1] == "data: [DONE]"
     chunks = [json.loads(e[len("data: "):]) for e in result["events"][:-1]]
     assert not [c for c in chunks if "error" in c]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == offline_generate(offline_engine, prompt, 12)[0]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == offline_generate(offline_engine, prompt, 12)[0]
+    # the headers carry no retried_after: the last event before [DONE] does
+    assert chunks[-1]["choices"] == [] and chunks[-1]["pdserve"]["retried_after"].startswith("replica died")
     # What the lost attempt left on the live decode replica (its transfer's record) ends within its deadline
     # and lease, like any transfer whose request went away.
     bound_s = ARGS["kv_transfer"]["prefill_timeout_s"] + ARGS["kv_transfer"]["timeout_s"] + LEASE_S + 5

@@ -11,7 +11,9 @@ Life cycle of one request (`run`):
 2. The serving class renders the prompt and calls the engine with the request's `RequestScope` set.
 3. A body gets the `pdserve` field from the scope's `KVReport`. A stream's first event is awaited here,
    so a failure before any token is an HTTP status (not a 200 with an error event) and the headers can
-   say where the KV came from; later failures are error events, as in vLLM.
+   say where the KV came from; later failures are error events, as in vLLM. A stream that ran again after
+   its first event (its replica died, or its KV was lost on the way) says so in one more event before
+   `[DONE]`: no choices, and the `pdserve` field with `retried_after` (the headers went out before it).
 Errors leave as `OpenAIError`: vLLM's own error bodies keep vLLM's fields; pdserve's domain errors
 (`app/api/errors.py`) keep theirs.
 """
@@ -135,7 +137,21 @@ class VLLMFront:
         if scope.failure is not None and not scope.num_outputs:  # failed before any token: an HTTP status
             await result.aclose()
             raise error_of(scope.failure)
-        return Answer(scope.report, events=prepend(first, result))
+        return Answer(scope.report, events=_with_late_report(prepend(first, result), scope))
+
+
+async def _with_late_report(events: AsyncIterator[str], scope: RequestScope) -> AsyncIterator[str]:
+    """`events`, and before `[DONE]` an event with the `pdserve` field if the request ran again after the
+    headers were sent (its envelope, id and model, copied from the stream's first event)."""
+    envelope: dict[str, Any] = {}
+    async for event in events:
+        if event.startswith("data: [DONE]") and scope.retried_after is not None:
+            late = {**envelope, "choices": [], "pdserve": scope.final_report().to_json()}
+            yield f"data: {json.dumps(late)}\n\n"
+        elif not envelope and event.startswith("data: {"):
+            first = json.loads(event[len("data: "):])
+            envelope = {key: first[key] for key in ("id", "object", "created", "model") if key in first}
+        yield event
 
 
 def sse_to_dicts(events: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
