@@ -201,3 +201,28 @@ def test_a_clients_kv_transfer_params_never_reach_the_replicas():
 def test_salts():
     assert salted(None, None) is None
     assert salted("t", None) == "t" and salted(None, "r") == "r" and salted("t", "r") == "t:r"
+
+
+def test_a_stream_that_ran_again_ends_with_an_event_that_says_so_and_others_end_as_before():
+    import json
+
+    from app.api.vllm_front import _with_late_report
+
+    opened = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m"}
+    events = [f"data: {json.dumps({**opened, 'choices': [{'text': 'a'}]})}\n\n",
+              f"data: {json.dumps({**opened, 'choices': [{'text': 'b'}]})}\n\n", "data: [DONE]\n\n"]
+
+    async def run(retried_after: str | None) -> list[str]:
+        async def stream():
+            for event in events:
+                yield event
+
+        scope = RequestScope(report=KVReport(kv_source="transfer"), retried_after=retried_after)
+        return [e async for e in _with_late_report(stream(), scope)]
+
+    assert asyncio.run(run(None)) == events  # the plain path: untouched
+    ran_again = asyncio.run(run("replica died: ActorDiedError"))
+    assert ran_again[:2] == events[:2] and ran_again[-1] == "data: [DONE]\n\n"
+    late = json.loads(ran_again[2][len("data: "):])
+    assert late == {**opened, "choices": [], "pdserve": {"kv_source": "transfer",
+                                                         "retried_after": "replica died: ActorDiedError"}}

@@ -143,14 +143,15 @@ class VLLMFront:
 async def _with_late_report(events: AsyncIterator[str], scope: RequestScope) -> AsyncIterator[str]:
     """`events`, and before `[DONE]` an event with the `pdserve` field if the request ran again after the
     headers were sent (its envelope, id and model, copied from the stream's first event)."""
-    envelope: dict[str, Any] = {}
+    first: str | None = None  # parsed only if it is needed: every stream passes here
     async for event in events:
-        if event.startswith("data: [DONE]") and scope.retried_after is not None:
-            late = {**envelope, "choices": [], "pdserve": scope.final_report().to_json()}
+        if first is None and event.startswith("data: {"):
+            first = event
+        elif event.startswith("data: [DONE]") and scope.retried_after is not None:
+            opened = json.loads(first[len("data: "):]) if first else {}
+            late = {key: opened[key] for key in ("id", "object", "created", "model") if key in opened}
+            late |= {"choices": [], "pdserve": scope.final_report().to_json()}
             yield f"data: {json.dumps(late)}\n\n"
-        elif not envelope and event.startswith("data: {"):
-            first = json.loads(event[len("data: "):])
-            envelope = {key: first[key] for key in ("id", "object", "created", "model") if key in first}
         yield event
 
 
