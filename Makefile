@@ -5,9 +5,10 @@
 setup:
 	@bash scripts/setup.sh
 
-# RAY_SERVE_PROXY_USE_GRPC: Serve's HTTP proxy streams to the ingress over gRPC (app/serve_env.py says why).
+# `pdserve serve-env`: Serve's settings for pdserve (HAProxy ingress, ...; app/serve_env.py says why), the
+# environment's values winning.
 run: setup
-	RAY_SERVE_PROXY_USE_GRPC=$${RAY_SERVE_PROXY_USE_GRPC:-1} .venv/bin/serve run serve_config.yaml
+	env $$(.venv/bin/pdserve serve-env) .venv/bin/serve run serve_config.yaml
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)

@@ -111,6 +111,12 @@ def _config_table(args: argparse.Namespace) -> None:
         print(config_table())
 
 
+def _serve_env(args: argparse.Namespace) -> None:
+    from app import serve_env
+
+    print("\n".join(f"{key}={value}" for key, value in serve_env.environment().items()))
+
+
 def format_summary(label: str, summary: dict[str, Any]) -> str:
     def ms(key: str, q: str) -> str:
         return f"{summary[key][q] * 1000:.1f}"
@@ -146,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     table = sub.add_parser("config-table", help="print the README's configuration table, generated from the models")
     table.add_argument("--write", action="store_true", help="rewrite the table in README.md instead of printing it")
     table.set_defaults(func=_config_table)
+
+    env = sub.add_parser("serve-env", help="print the Ray Serve settings a cluster for pdserve starts with "
+                         "(KEY=VALUE lines: `env $(pdserve serve-env) serve run serve_config.yaml`)")
+    env.set_defaults(func=_serve_env)
 
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (streaming), report latencies")
     bench.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")

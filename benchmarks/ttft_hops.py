@@ -12,7 +12,8 @@ sends the same kind of request (random tokens, greedy, 8 output tokens, streamin
    replica's event loop, its engine thread, the first chunk back through Serve's stream);
 3. `ingress`: the ingress's `create_completion_stream` through a DeploymentHandle (adds vLLM's serving layer:
    tokenisation-free here, request models, the engine client, SSE rendering, and one more handle hop);
-4. `http`: POST /v1/completions through Serve's HTTP proxy (adds the proxy, HTTP and its hop to the ingress).
+4. `http`: POST /v1/completions through Serve's HTTP ingress (adds HTTP: HAProxy and the ingress replica's own HTTP
+   server, as pdserve runs; Serve's Python proxy and its hop to the ingress with `RAY_SERVE_ENABLE_HA_PROXY=0`).
 Each layer's median TTFT minus the one below is what that layer adds. Medians of `--repeats` requests per layer and
 length, the layers interleaved so that drift hits each alike. Nothing else should run beside it.
 """
@@ -124,9 +125,16 @@ async def _measure_mode(mode: str, args: dict[str, Any], driver: EngineDriver, l
         serve.delete(app_name)
 
 
+def http_ingress() -> str:
+    """How HTTP reached the ingress in this run (Serve's settings, app/serve_env.py)."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return "HAProxy to the ingress replica's own HTTP server"
+    return "Python HTTP proxy and its hop to the ingress"
+
+
 def _rows(results: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     rows = ["| mode, prompt tokens | engine alone | + replica (handle, Serve stream) | + ingress (vLLM serving, "
-            "handle) | + HTTP proxy | HTTP TTFT |", "|---|---|---|---|---|---|"]
+            "handle) | + HTTP | HTTP TTFT |", "|---|---|---|---|---|---|"]
     for mode, by_length in results.items():
         for length, ms in by_length.items():
             steps = [ms["engine"], ms["replica"] - ms["engine"], ms["ingress"] - ms["replica"],
@@ -156,7 +164,7 @@ def main() -> None:
     config = parse_app_config(args)
     # the engine of a replica (its compute threads: one per reserved core, as in the replicas), outside Serve
     driver = EngineDriver.from_spec(EngineSpec.from_config(config, config.decode))
-    with socket.socket() as sock:  # a free port for Serve's HTTP proxy
+    with socket.socket() as sock:  # a free port for Serve's HTTP ingress
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="pdserve-ttft-hops")
@@ -191,8 +199,8 @@ def _write_docs(rows: list[str], repeats: int, argv: str) -> Path:
              "Serve or Ray. Each further column is what that layer adds to the one below it: the engine replica "
              "through a DeploymentHandle (router, actor call, the replica's event loop and engine thread, the first "
              "chunk back through Serve's stream), the ingress through a DeploymentHandle (vLLM's serving layer and "
-             "request models, pdserve's engine client, SSE rendering, one more handle hop), and Serve's HTTP proxy "
-             "(HTTP, and its gRPC hop to the ingress). A negative step is noise, or the benchmark's own process "
+             "request models, pdserve's engine client, SSE rendering, one more handle hop), and HTTP through "
+             f"Serve's {http_ingress()}. A negative step is noise, or the benchmark's own process "
              "(its event loop, the client) slowing the engine it hosts more than a replica's process slows its own.",
              "", *rows, ""]
     out = REPO / "docs" / "ttft_hops.md"

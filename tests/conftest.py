@@ -66,7 +66,9 @@ def ray_session() -> Iterator[int]:
     yield port
     serve.shutdown()
     if started_here:
+        node_ids = [node["NodeID"] for node in ray.nodes()]
         ray.shutdown()
+        serve_env.remove_haproxy_files(node_ids)
 
 
 @pytest.fixture(scope="session")

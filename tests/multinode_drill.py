@@ -50,8 +50,10 @@ def main() -> None:
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from app import serve_env
     from deployments.builder import build_app
 
+    serve_env.apply()  # ports of its own for Serve's HTTP ingress: the test session's cluster may still run
     store = 128 << 20  # object store per node: four nodes share this machine's /dev/shm
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"ingress_node": 1},
                                                             "object_store_memory": store})
@@ -103,8 +105,10 @@ def main() -> None:
     finally:
         print(json.dumps(seen), flush=True)
         serve.shutdown()
+        node_ids = [node["NodeID"] for node in ray.nodes()]
         ray.shutdown()
         cluster.shutdown()
+        serve_env.remove_haproxy_files(node_ids)
 
 
 if __name__ == "__main__":

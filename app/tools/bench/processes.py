@@ -19,8 +19,10 @@ from pathlib import Path
 
 from app.tools.vllm_server import default_sigint
 
-# What each process of a system is, by its command line (Serve replicas name their deployment).
-ROLES = (("ProxyActor", "Serve HTTP proxy"), (":Ingress", "ingress"), (":Prefill", "prefill replica"),
+# What each process of a system is, by its command line (Serve replicas name their deployment; Serve's HAProxy
+# ingress is the `haproxy` binary and the actor that runs it, its fallback Python proxy a `ProxyActor`).
+ROLES = (("HAProxyManager", "HAProxy"), ("haproxy", "HAProxy"), ("ProxyActor", "Serve HTTP proxy"),
+         (":Ingress", "ingress"), (":Prefill", "prefill replica"),
          (":Decode", "decode replica"), (":Collocated", "collocated replica"),
          (":OpenAiIngress", "Ray Serve LLM ingress"), (":LLMServer", "Ray Serve LLM server"),
          ("VLLM::Worker", "vLLM worker"),
