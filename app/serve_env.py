@@ -50,7 +50,8 @@ CLUSTER_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT
 PICKED_PORTS = "PDSERVE_PICKED_SERVE_PORTS"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (the kernel's pick)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -64,7 +65,7 @@ def apply() -> None:
     picked = {key for key in os.environ.get(PICKED_PORTS, "").split(",") if key}
     for key in CLUSTER_PORTS:
         if key not in os.environ or key in picked:
-            os.environ[key] = str(_free_port())
+            os.environ[key] = str(free_port())
             picked.add(key)
     os.environ[PICKED_PORTS] = ",".join(sorted(picked))
 

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -164,9 +163,7 @@ def main() -> None:
     config = parse_app_config(args)
     # the engine of a replica (its compute threads: one per reserved core, as in the replicas), outside Serve
     driver = EngineDriver.from_spec(EngineSpec.from_config(config, config.decode))
-    with socket.socket() as sock:  # a free port for Serve's HTTP ingress
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = serve_env.free_port()  # for Serve's HTTP ingress
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="pdserve-ttft-hops")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -7,7 +7,6 @@ The session ends with a check that nothing new was left in /dev/shm.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,10 +32,7 @@ def _shm_entries() -> set[str]:
 _SHM_AT_START = _shm_entries()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = serve_env.free_port  # what tests import from here
 
 
 @pytest.fixture(scope="session")

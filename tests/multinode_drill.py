@@ -13,18 +13,11 @@ Prints one JSON line with what it saw; exits non-zero on any failure.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _complete(base: str, prompt: list[int]) -> dict:
@@ -63,7 +56,7 @@ def main() -> None:
     seen: dict = {}
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        port = _free_port()
+        port = serve_env.free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})  # one machine
         serve.run(build_app({
             "placement": {"policy": "always_remote"},
