@@ -235,7 +235,8 @@ def _ratio_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 def _cpu_rows(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Where the CPU goes during the 16 streams: milliseconds per output token, by process role (means of runs)."""
     seen = {role for results in runs.values() for r in results for role in r["concurrent16"]["cpu_ms_per_token"]}
-    roles = [role for role in [*(name for _, name in ROLES), OTHER] if role in seen]
+    roles = [role for role in dict.fromkeys([*(name for _, name in ROLES), OTHER]) if role in seen]  # a role may
+    # have several command-line keys (HAProxy's binary and its actor)
     systems = list(runs)
     rows = ["| CPU ms per output token, 16 streams | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for role in [*roles, "total"]:
@@ -321,6 +322,8 @@ def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: l
              "prompt tokens kept 16 at a time. First request: the "
              "TTFT of the first request after the server said it was ready (100 prompt tokens). Cells: ratio to vLLM's "
              "server (value); below 1 is better than vLLM's server for latencies, above 1 for tokens/s.", "",
+             "pdserve runs with its Serve settings (`pdserve serve-env`, README \"Ray Serve settings\"): "
+             + ", ".join(f"`{key}={value}`" for key, value in serve_env.environment().items()) + ".", "",
              *(["rayserve-llm: Ray Serve LLM's collocated app (`ray.serve.llm:build_openai_app`), deployed with "
                 "`serve run` of a config that gives it the engine knobs vLLM's server gets here (vLLM's defaults "
                 "otherwise; its engine core in a process of its own, as it runs by default), 1.8 cores for its "
@@ -331,7 +334,7 @@ def _write_docs(rows: list[str], runs: dict[str, list[dict[str, Any]]], order: l
              "run, divided by the output tokens: what each token costs the machine, wherever it is spent. Two cores "
              "give at most 2000 ms of CPU per second.", "",
              "Ready after start: " + ", ".join(f"{system} {seconds:.0f} s" for system, seconds in ready.items()) + ".",
-             "Where a lone request's TTFT goes, layer by layer (engine, replica, ingress, HTTP proxy): "
+             "Where a lone request's TTFT goes, layer by layer (engine, replica, ingress, HTTP): "
              "[ttft_hops.md](ttft_hops.md) (`benchmarks/ttft_hops.py --docs`).", "", *_profile_lines(profiled)]
     out = REPO / "docs" / "overhead.md"
     out.write_text("\n".join(lines))
