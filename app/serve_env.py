@@ -79,6 +79,16 @@ def remove_haproxy_files(node_ids: Iterable[str]) -> None:
             shutil.rmtree(base / node_id, ignore_errors=True)
 
 
+def shutdown_serve() -> None:
+    """`serve.shutdown()`, then delete the files Serve's HAProxy left on disk for this cluster's nodes."""
+    import ray
+    from ray import serve
+
+    node_ids = [node["NodeID"] for node in ray.nodes()] if ray.is_initialized() else []
+    serve.shutdown()
+    remove_haproxy_files(node_ids)
+
+
 def environment() -> dict[str, str]:
     """`SERVE_ENV` with this environment's values winning (what `pdserve serve-env` prints for `serve run`)."""
     return {key: os.environ.get(key, value) for key, value in SERVE_ENV.items()}

@@ -54,7 +54,7 @@ def main() -> None:
                             kill_every_s=args.kill_every, fault_every_s=args.fault_every, seed=args.seed)
         report = asyncio.run(run_soak(f"http://127.0.0.1:{args.port}", MODEL, prompts, config))
     finally:
-        serve.shutdown()
+        serve_env.shutdown_serve()  # and the files its HAProxy left
         ray.shutdown()
     print("\n".join(report.lines()))
     sys.exit(0 if report.ok else 1)

@@ -459,7 +459,7 @@ def main() -> None:
                 finally:
                     serve.delete(system, _blocking=True)
     finally:
-        serve.shutdown()
+        serve_env.shutdown_serve()  # and the files its HAProxy left
         ray.shutdown()
         if removed := remove_leftover_shm(shm_before):
             print(f"removed {len(removed)} shared-memory files the engines left in /dev/shm", flush=True)

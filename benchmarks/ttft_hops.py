@@ -172,7 +172,7 @@ def main() -> None:
                    for mode in options.modes.split(",")}
     finally:
         driver.shutdown()
-        serve.shutdown()
+        serve_env.shutdown_serve()  # and the files its HAProxy left
         ray.shutdown()
     rows = _rows(results)
     print("\n".join(rows))

@@ -60,11 +60,9 @@ def ray_session() -> Iterator[int]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
-    serve.shutdown()
+    serve_env.shutdown_serve()
     if started_here:
-        node_ids = [node["NodeID"] for node in ray.nodes()]
         ray.shutdown()
-        serve_env.remove_haproxy_files(node_ids)
 
 
 @pytest.fixture(scope="session")

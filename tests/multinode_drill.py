@@ -97,11 +97,9 @@ def main() -> None:
         assert set(_nodes_of("pd", "Decode")) == {survivor}, seen  # a replacement may start there too
     finally:
         print(json.dumps(seen), flush=True)
-        serve.shutdown()
-        node_ids = [node["NodeID"] for node in ray.nodes()]
+        serve_env.shutdown_serve()
         ray.shutdown()
         cluster.shutdown()
-        serve_env.remove_haproxy_files(node_ids)
 
 
 if __name__ == "__main__":
