@@ -62,6 +62,18 @@ class FirstTokenUnknown(Exception):
         return f"KV transfer failed after the first token may have been sent: {self.reason}"
 
 
+class WrongReplica(RuntimeError):
+    """A call pinned to one replica (`replica_pin`) reached another: the one it was meant for is gone (Serve's
+    router then sends a pinned call anywhere). The ingress treats it as that replica's death (retry)."""
+
+    def __init__(self, method: str, pinned: str, replica_id: str):
+        super().__init__(method, pinned, replica_id)
+        self.method, self.pinned, self.replica_id = method, pinned, replica_id
+
+    def __str__(self) -> str:
+        return f"{self.method} was meant for replica {self.pinned}, not {self.replica_id}"
+
+
 class TwoStepUnsupported(Exception):
     """`disagg_mode` asked of an app that runs collocated."""
 

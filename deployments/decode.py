@@ -71,11 +71,13 @@ class Decode(EngineReplica):
 
     async def generate(self, request: GenerateRequest, prefill_id: str | None, xfer_id: str,
                        local_reason: str | None = None, placed_locally: bool = False,
-                       first_from_prefill: bool = False) -> AsyncIterator[GenerationChunk]:
+                       first_from_prefill: bool = False, replica_pin: str | None = None
+                       ) -> AsyncIterator[GenerationChunk]:
         """Stream `request`; its KV comes from `prefill_id` (None: run the prompt here, because no prefill replica
         was free, or, with `placed_locally`, because the router placed it here for `local_reason`). With
         `first_from_prefill` the client may get the first token from prefill: the KV's header names it, and the
-        request continues after it (app/serving/first_token.py)."""
+        request continues after it (app/serving/first_token.py). A call pinned to another replica is refused."""
+        self._check_pin("generate", replica_pin)
         if prefill_id is None:
             async for chunk in self._generate_locally(request, local_reason or "no prefill replica", placed_locally):
                 yield chunk

@@ -18,6 +18,7 @@ from typing import Any
 from app.config import WarmupConfig
 from app.engine import EngineDriver, EngineLoad
 from app.engine_setup import freeze_gc_heap
+from app.errors import WrongReplica
 from app.kv.pairs import PairTransport
 from app.metrics import set_engine_load
 from app.specs import EngineSpec
@@ -97,12 +98,16 @@ class EngineReplica:
 
     async def pair_with(self, peer_id: str, replica_pin: str | None = None, warmup: bool = False) -> None:
         """Join the pair group with `peer_id` (a warming-up peer, or a retried prefill decode did not expect)."""
-        if replica_pin is not None and replica_pin != self.replica_id:
-            raise RuntimeError(f"pair_with was meant for replica {replica_pin}, not {self.replica_id}")
+        self._check_pin("pair_with", replica_pin)
         if self.transport is None:
             raise RuntimeError(f"a {self.role} replica has no pair groups")
         timeout = self.pair_timeout_s if warmup else None
         await asyncio.to_thread(self.transport.ensure, peer_id, timeout, warmup)
+
+    def _check_pin(self, method: str, replica_pin: str | None) -> None:
+        """A call pinned to another replica (it is gone, so Serve's router sent it here) must not run here."""
+        if replica_pin is not None and replica_pin != self.replica_id:
+            raise WrongReplica(method, replica_pin, self.replica_id)
 
     # -- load ---------------------------------------------------------------------------------------
 

@@ -70,15 +70,19 @@ class Prefill(ParkingReplica, EngineReplica):
     def record_replica_metadata(self) -> dict[str, str]:
         return {"pair_id": self.replica_id}
 
-    async def prefill(self, request: GenerateRequest, decode_id: str, xfer_id: str) -> PrefillResult:
-        """Run the prompt and send its KV to `decode_id`; decode samples the first token."""
+    async def prefill(self, request: GenerateRequest, decode_id: str, xfer_id: str, replica_pin: str | None = None
+                      ) -> PrefillResult:
+        """Run the prompt and send its KV to `decode_id`; decode samples the first token. A call pinned to another
+        replica is refused (decode expects the KV from the one the router chose)."""
+        self._check_pin("prefill", replica_pin)
         results = [item async for item in self._prefill(request, decode_id, xfer_id, first_token=False)]
         return results[-1]  # the only item: no first token without `first_token`
 
-    async def prefill_first(self, request: GenerateRequest, decode_id: str, xfer_id: str
-                            ) -> AsyncIterator[GenerationChunk | PrefillResult]:
+    async def prefill_first(self, request: GenerateRequest, decode_id: str, xfer_id: str,
+                            replica_pin: str | None = None) -> AsyncIterator[GenerationChunk | PrefillResult]:
         """Streaming: as `prefill`, but the first token is sampled here with the request's sampling and its chunk
         yielded the moment the engine gives it, before the `PrefillResult` (app/serving/first_token.py)."""
+        self._check_pin("prefill_first", replica_pin)
         async for item in self._prefill(request, decode_id, xfer_id, first_token=True):
             yield item
 
@@ -138,8 +142,7 @@ class Prefill(ParkingReplica, EngineReplica):
         """Operators' drill switch (and the tests'): replace the fault-injection settings at runtime. Returns this
         replica's id; a call pinned to another replica (one the caller's router did not know) is refused, so that a
         drill never lands on the wrong replica unnoticed."""
-        if replica_pin is not None and replica_pin != self.replica_id:
-            raise RuntimeError(f"set_fault_injection was meant for replica {replica_pin}, not {self.replica_id}")
+        self._check_pin("set_fault_injection", replica_pin)
         self.outbox.set_faults(FaultInjection.model_validate(faults))
         return self.replica_id
 

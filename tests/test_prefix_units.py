@@ -70,6 +70,57 @@ def test_the_router_prefers_the_longest_cached_prefix_within_the_load_slack():
     assert _choose({}, {}) is None
 
 
+# -- a pick without a reservation (pick_replica) --------------------------------------------------------
+
+class _Full(_Replica):
+    max_ongoing_requests = 8
+
+
+class _Pending:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def _router(queue_lens: dict[str, int]):
+    """PinnableRouter's choosing half, with a queue-length cache as Serve's router keeps it (nothing else of Serve)."""
+    from ray.serve._private.request_router.common import ReplicaQueueLengthCache
+
+    from app.serving.replica_router import PinnableRouter
+
+    router = object.__new__(PinnableRouter)
+    router._replica_queue_len_cache = ReplicaQueueLengthCache()
+    replicas = {replica_id: _Full(replica_id) for replica_id in queue_lens}
+    for replica_id, queue_len in queue_lens.items():
+        router._replica_queue_len_cache.update(replicas[replica_id].replica_id, queue_len)
+    return router, list(replicas.values())
+
+
+def _ids(ranks) -> list[list[str]]:
+    return [[r.replica_id.unique_id for r in rank] for rank in ranks]
+
+
+def test_a_pick_leaves_out_full_replicas_and_puts_the_least_busy_first():
+    import asyncio
+
+    from app.serving.replica_router import PICK_KWARG
+
+    # 1. "x" is avoided, so the choice is among the usable rest: "c" is full (8 of 8), "b" is less busy than "a"
+    router, replicas = _router({"a": 5, "b": 1, "c": 8, "x": 0})
+    ranks = asyncio.run(router.choose_replicas(replicas, _Pending(avoid=["x"], **{PICK_KWARG: True})))
+    assert _ids(ranks) == [["b", "a"]]  # Serve takes the first of a pick's candidates
+    # 2. the same choice for a call that reserves (or is sent): Serve probes and weighs the candidates itself
+    ranks = asyncio.run(router.choose_replicas(replicas, _Pending(avoid=["x", "a"])))
+    assert sorted(_ids(ranks)[0]) == ["b", "c"]
+    # 3. all full: nothing to pick yet (Serve's router backs off and asks again, the pick waits)
+    router, replicas = _router({"a": 8, "b": 9})
+    assert asyncio.run(router.choose_replicas(replicas, _Pending(**{PICK_KWARG: True}))) == []
+    # 4. the prefix holder is preferred only while it has room
+    router, replicas = _router({"a": 8, "b": 2, "c": 3})
+    prefer = {"prefer": {"a": 320, "c": 64}, "load": {}, "slack": 4}
+    assert _ids(asyncio.run(router.choose_replicas(replicas, _Pending(**prefer, **{PICK_KWARG: True})))) == [["c"]]
+    assert _ids(asyncio.run(router.choose_replicas(replicas, _Pending(**prefer)))) == [["a"]]
+
+
 # -- placement from uncached tokens -----------------------------------------------------------------
 
 def test_placement_counts_only_the_tokens_the_decode_replica_does_not_hold():

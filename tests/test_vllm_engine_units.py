@@ -22,9 +22,11 @@ class FakeClient:
 
     mode = "collocated"
 
-    def __init__(self, text: str = "abc", die_first: bool = False, pause_s: float = 0.0):
+    def __init__(self, text: str = "abc", die_first: bool = False, pause_s: float = 0.0, die_at: int = 1,
+                 death: BaseException | None = None):
         self.text = text
-        self.die_first = die_first
+        self.die_first = die_first  # the first request's replica dies before its chunk `die_at`, with `death`
+        self.die_at, self.death = die_at, death
         self.pause_s = pause_s
         self.requests: list[GenerateRequest] = []
         self.closed: list[str] = []
@@ -35,10 +37,10 @@ class FakeClient:
         text = self.text[len(self.text) - request.sampling.max_tokens:]  # a continuation gives the rest
         try:
             for i, ch in enumerate(text):
-                if self.die_first and len(self.requests) == 1 and i == 1:
+                if self.die_first and len(self.requests) == 1 and i == self.die_at:
                     from ray.exceptions import ActorDiedError
 
-                    raise ActorDiedError()
+                    raise self.death or ActorDiedError()
                 last = i == len(text) - 1
                 yield GenerationChunk(text=ch, token_ids=(ord(ch),), finish_reason="length" if last else None,
                                       num_prompt_tokens=len(request.prompt_token_ids),
@@ -119,6 +121,30 @@ def test_a_stream_whose_replica_died_continues_after_what_the_client_got():
     assert retry.prompt_token_ids == (*first.prompt_token_ids, ord("a")) and retry.sampling.max_tokens == 2
     assert retry.sampling.temperature == 0.7 and retry.request_id == f"{first.request_id}-retry"
     assert scope.final_report().retried_after.startswith("replica died")
+
+
+def test_a_call_pinned_to_a_replica_that_went_away_is_refused_there_and_runs_again():
+    from app.api.errors import as_openai_error
+    from app.errors import WrongReplica
+    from deployments.engine_replica import EngineReplica
+
+    # 1. the orchestrator picked replica d1 and pinned the call to it; d1 left, so Serve's router sent it to d2
+    d2 = object.__new__(EngineReplica)
+    d2.replica_id = "d2"
+    d2._check_pin("generate", "d2")  # its own calls run
+    with pytest.raises(WrongReplica) as refused:
+        d2._check_pin("generate", "d1")
+    # 2. the ingress runs the request again, as for a replica that died before its first token
+    client = FakeClient("abc", die_first=True, die_at=0, death=refused.value)
+    scope = RequestScope()
+    outs = _run(PDServeEngine(client, _Config(), None),
+                SamplingParams(max_tokens=3, output_kind=RequestOutputKind.DELTA), scope)
+    assert "".join(o.outputs[0].text for o in outs) == "abc" and len(client.requests) == 2
+    assert client.requests[1].prompt_token_ids == client.requests[0].prompt_token_ids  # nothing was sent yet
+    assert "meant for replica d1, not d2" in scope.final_report().retried_after
+    # 3. should the second attempt be refused too, the client is told to retry (503), not a server error (500)
+    error = as_openai_error(refused.value)
+    assert error.status == 503 and error.code == "replica_unavailable"
 
 
 def test_a_dead_replica_fails_a_stream_it_cannot_continue_as_vllms_generation_error_and_the_scope_keeps_why():

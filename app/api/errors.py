@@ -17,6 +17,7 @@ from app.errors import (
     KVTransferFailed,
     ParkingFull,
     TwoStepUnsupported,
+    WrongReplica,
     short_error,
 )
 
@@ -61,6 +62,9 @@ def _from_domain(exc: BaseException) -> OpenAIError | None:
     if isinstance(exc, FirstTokenUnknown):  # surfaces only if continuing the request failed too
         return OpenAIError(503, f"{exc}; retry the request", type="server_error", code="kv_transfer_failed",
                            headers={"Retry-After": "1"})
+    if isinstance(exc, WrongReplica):  # surfaces only if the retry failed too
+        return OpenAIError(503, f"the engine replica chosen for this request went away ({exc}); retry the request",
+                           type="server_error", code="replica_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, TwoStepUnsupported):
         return OpenAIError(400, "disagg_mode needs the disaggregated serving mode (this app runs collocated)",
                            param="disagg_mode", code="unsupported_parameter")
@@ -88,7 +92,7 @@ def replica_died(exc: BaseException) -> bool:
     """Did `exc` come from an engine replica dying (not from the request itself)?"""
     from ray.exceptions import ActorUnavailableError, RayActorError
 
-    return any(isinstance(seen, RayActorError | ActorUnavailableError)
+    return any(isinstance(seen, RayActorError | ActorUnavailableError | WrongReplica)
                or type(seen).__name__ in ("ReplicaUnavailableError", "ActorDiedError") for seen in causes(exc))
 
 

@@ -34,6 +34,7 @@ from app.errors import short_error
 from app.messages import GenerateRequest, GenerationChunk, KVReport, PrefillResult
 from app.metrics import PhaseRatio
 from app.serving.placement import PrefillBacklog
+from app.serving.replica_router import pick_replica
 
 logger = logging.getLogger(__name__)
 
@@ -177,19 +178,20 @@ class Handoff:
     async def _retry(self, transfer: Transfer) -> tuple[str, PrefillResult]:
         """The prompt again on another prefill replica, paired with the same decode replica first."""
         avoid = [transfer.prefill_id, *open_pairs(transfer.decode_id)]
-        async with self.prefill.prefill.choose_replica(transfer.request, avoid=avoid) as p_sel:
-            other = pair_id(p_sel)
-            if other == transfer.prefill_id:
-                raise RuntimeError("no other prefill replica is available")
-            BREAKERS.allow(other)
-            pairing = self.decode_calls.pair_with.remote(other, replica_pin=transfer.decode_id)
-            call = self.prefill.dispatch(p_sel, transfer.request, transfer.decode_id, transfer.xfer_id)
-            try:
-                await pairing
-                result = await call
-            except Exception:
-                BREAKERS.record_failure(other)
-                raise
+        p_sel = await pick_replica(self.prefill.prefill, transfer.request, avoid=avoid)
+        other = pair_id(p_sel)
+        if other == transfer.prefill_id:
+            raise RuntimeError("no other prefill replica is available")
+        BREAKERS.allow(other)
+        pairing = self.decode_calls.pair_with.remote(other, replica_pin=transfer.decode_id)
+        call = self.prefill.prefill.remote(transfer.request, transfer.decode_id, transfer.xfer_id,
+                                           replica_pin=p_sel.replica_id)
+        try:
+            await pairing
+            result = await call
+        except Exception:
+            BREAKERS.record_failure(other)
+            raise
         BREAKERS.record_success(other)
         return other, result
 

@@ -1,22 +1,23 @@
 """`DisaggregatedClient`: the prefill/decode orchestrator, an `EngineClient` for `mode: disaggregated`.
 
 One request (`generate`):
-0. Choose the decode replica (Serve's router, `choose_replica`; one that probably holds the longest cached prefix
-   of the prompt is preferred unless it is much busier, `prefix_index.py`), then place the prompt (`placement.py`):
+0. Choose the decode replica (Serve's router, `pick_replica`: no slot is reserved, the calls go pinned; one that
+   probably holds the longest cached prefix of the prompt is preferred unless it is much busier, `prefix_index.py`),
+   then place the prompt (`placement.py`):
    a prompt with few tokens uncached there whose decode replica holds nothing else of this ingress, holds at
    least L of its tokens and no prefill replica more, or that arrives while prefill is backlogged (and one asking
    for prompt logprobs), prefills on that decode replica, reported as `kv_source: local` with the reason; the rest
    go on:
-1. Choose the prefill replica (Serve's router, `choose_replica`; replicas and pairs whose circuit breaker is open
+1. Choose the prefill replica (Serve's router, `pick_replica`; replicas and pairs whose circuit breaker is open
    are avoided, one that holds the prompt's prefix preferred), so both ends of the transfer are known before it
    starts; each replica publishes its pair id through `record_replica_metadata`. With
    `autoscaling.prefill.when_no_replica: decode_locally`, if no prefill replica is free within
    `no_replica_wait_s` (scaled to zero, or all busy), decode runs the prompt itself (reported as a
    fallback) and one wake-up call waits on the prefill deployment so Serve starts a replica.
-2. Dispatch both at once with a fresh transfer id: prefill runs the prompt and sends its KV to that
-   decode replica, while the decode replica pairs up, waits for the KV and then streams tokens. Where the
-   request allows it (`placement.first_token_from_prefill`, app/serving/first_token.py), prefill samples the
-   first token and streams it at once, and decode continues after it.
+2. Send both calls at once, each pinned to its replica, with a fresh transfer id: prefill runs the prompt and
+   sends its KV to that decode replica, while the decode replica pairs up, waits for the KV and then streams
+   tokens. Where the request allows it (`placement.first_token_from_prefill`, app/serving/first_token.py), prefill
+   samples the first token and streams it at once, and decode continues after it.
 3. `Handoff` streams decode's chunks while it watches prefill (retry, breakers, telling decode).
 
 Two-step API: `prefill_only` runs the prompt on a prefill replica that parks its KV and answers with a
@@ -47,6 +48,7 @@ from app.serving.first_token import can_continue
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
 from app.serving.placement import DecodeBacklog, PrefillBacklog, place, uncached_tokens
 from app.serving.prefix_index import PrefixRouting
+from app.serving.replica_router import pick_replica
 from app.specs import OrchestratorSpec
 from app.token_bus import TokenBus, streamed
 
@@ -78,27 +80,27 @@ class DisaggregatedClient:
         xfer_id, prefixes = secrets.token_hex(16), self.prefixes
         decode_route, cached_decode = prefixes.route(prefixes.decode, request, self.on_decode)
         prefill_route, cached_prefill = prefixes.route(prefixes.prefill, request, self.backlog.by_replica)
-        async with self.decode.generate.choose_replica(request, **decode_route) as d_sel:
-            decode_id = pair_id(d_sel)
-            # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
-            cached = cached_decode.get(decode_id, 0)
-            placement = place(request, self.spec.placement, self.spec.limits, self.backlog.num_tokens,
-                              self.on_decode[decode_id], cached, max(cached_prefill.values(), default=0),
-                              self.decode_backlog.by_replica[decode_id])
-            record_placement(placement.where, placement.reason)
-            with self._on_decode(decode_id):
-                prefixes.mark(prefixes.decode, decode_id, request)
-                if placement.local:
-                    stream = self.decode_backlog.until_first_token(decode_id, uncached_tokens(
-                        len(request.prompt_token_ids), cached), _cancel_on_exit(self._decode_call(
-                            d_sel, request, None, xfer_id, placement.detail, placed_locally=True)))
-                else:
-                    stream = self._remote(request, xfer_id, d_sel, decode_id, prefill_route, placement.detail)
-                output_ids: list[int] = []
-                async for chunk in stream:
-                    output_ids.extend(chunk.token_ids)
-                    yield chunk
-                prefixes.mark(prefixes.decode, decode_id, request, output_ids[:-1])  # the reply too (last: no KV)
+        d_sel = await pick_replica(self.decode.generate, request, **decode_route)
+        decode_id = pair_id(d_sel)
+        # 0. placement: on the decode replica, or on a prefill replica with the KV moved over
+        cached = cached_decode.get(decode_id, 0)
+        placement = place(request, self.spec.placement, self.spec.limits, self.backlog.num_tokens,
+                          self.on_decode[decode_id], cached, max(cached_prefill.values(), default=0),
+                          self.decode_backlog.by_replica[decode_id])
+        record_placement(placement.where, placement.reason)
+        with self._on_decode(decode_id):
+            prefixes.mark(prefixes.decode, decode_id, request)
+            if placement.local:
+                stream = self.decode_backlog.until_first_token(decode_id, uncached_tokens(
+                    len(request.prompt_token_ids), cached), _cancel_on_exit(self._decode_call(
+                        d_sel, request, None, xfer_id, placement.detail, placed_locally=True)))
+            else:
+                stream = self._remote(request, xfer_id, d_sel, decode_id, prefill_route, placement.detail)
+            output_ids: list[int] = []
+            async for chunk in stream:
+                output_ids.extend(chunk.token_ids)
+                yield chunk
+            prefixes.mark(prefixes.decode, decode_id, request, output_ids[:-1])  # the reply too (last: no KV)
 
     @contextlib.contextmanager
     def _on_decode(self, decode_id: str):
@@ -117,40 +119,39 @@ class DisaggregatedClient:
         #    probably holds the prompt's prefix is preferred)
         early = self.spec.first_token_from_prefill and can_continue(request)  # app/serving/first_token.py
         prefill_method = self.prefill_stream.prefill_first if early else self.prefill.prefill
-        async with contextlib.AsyncExitStack() as stack:
-            choosing = stack.enter_async_context(
-                prefill_method.choose_replica(request, avoid=open_pairs(decode_id), **route))
-            p_sel = None
-            with self.backlog.waiting(len(request.prompt_token_ids)):  # until dispatched (Handoff counts it then)
-                if self.spec.when_no_prefill == "wait":
-                    p_sel = await choosing
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        p_sel = await asyncio.wait_for(choosing, self.spec.no_prefill_wait_s)
-            if p_sel is None:
-                self._wake_prefill()
-                reason = f"no prefill replica free within {self.spec.no_prefill_wait_s} s (decode_locally)"
-                async for chunk in _cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id, reason)):
-                    yield chunk
-                return
-            prefill_id = pair_id(p_sel)
-            BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
-            self.prefixes.mark(self.prefixes.prefill, prefill_id, request)
-            # 2. dispatch both
-            prefill_call = (self.prefill_stream if early else self.prefill).dispatch(p_sel, request, decode_id, xfer_id)
-            stream = self._decode_call(d_sel, request, prefill_id, xfer_id, first_from_prefill=early)
-            # 3. stream decode's tokens (after prefill's first one) while watching prefill
-            transfer = Transfer(request, prefill_id, decode_id, xfer_id, first_from_prefill=early)
-            first = True
-            async for chunk in self.handoff.stream(transfer, stream, prefill_call, self.spec.retry_other_prefill):
-                if first:
-                    first = False
-                    chunk = chunk.with_report(KVReport(placement_reason=placement_reason))
+        choosing = pick_replica(prefill_method, request, avoid=open_pairs(decode_id), **route)
+        p_sel = None
+        with self.backlog.waiting(len(request.prompt_token_ids)):  # until sent (Handoff counts it then)
+            if self.spec.when_no_prefill == "wait":
+                p_sel = await choosing
+            else:
+                with contextlib.suppress(TimeoutError):
+                    p_sel = await asyncio.wait_for(choosing, self.spec.no_prefill_wait_s)
+        if p_sel is None:
+            self._wake_prefill()
+            reason = f"no prefill replica free within {self.spec.no_prefill_wait_s} s (decode_locally)"
+            async for chunk in _cancel_on_exit(self._decode_call(d_sel, request, None, xfer_id, reason)):
                 yield chunk
+            return
+        prefill_id = pair_id(p_sel)
+        BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
+        self.prefixes.mark(self.prefixes.prefill, prefill_id, request)
+        # 2. send both
+        prefill_call = prefill_method.remote(request, decode_id, xfer_id, replica_pin=p_sel.replica_id)
+        stream = self._decode_call(d_sel, request, prefill_id, xfer_id, first_from_prefill=early)
+        # 3. stream decode's tokens (after prefill's first one) while watching prefill
+        transfer = Transfer(request, prefill_id, decode_id, xfer_id, first_from_prefill=early)
+        first = True
+        async for chunk in self.handoff.stream(transfer, stream, prefill_call, self.spec.retry_other_prefill):
+            if first:
+                first = False
+                chunk = chunk.with_report(KVReport(placement_reason=placement_reason))
+            yield chunk
 
     def _decode_call(self, d_sel, request: GenerateRequest, *args, **kwargs):
         """Decode's streaming call on the chosen replica, its tokens after the first on the bus (if on)."""
-        return streamed(self.bus, request, lambda r: self.decode.dispatch(d_sel, r, *args, **kwargs))
+        return streamed(self.bus, request,
+                        lambda r: self.decode.generate.remote(r, *args, replica_pin=d_sel.replica_id, **kwargs))
 
     def _wake_prefill(self) -> None:
         """Leave one call waiting for a prefill replica: Serve counts it as queued and scales prefill up
@@ -192,15 +193,14 @@ class DisaggregatedClient:
         prefill_id = replica_of(kv_cache_id)
         assert prefill_id is not None, "claim() checked the id"
         xfer_id = secrets.token_hex(16)
-        async with self.decode.generate.choose_replica(request) as d_sel:
-            decode_id = pair_id(d_sel)
-            with self._on_decode(decode_id):
-                prefill_call = self.prefill.send_parked.remote(kv_cache_id, decode_id, xfer_id,
-                                                               replica_pin=prefill_id)
-                stream = self._decode_call(d_sel, request, prefill_id, xfer_id)
-                transfer = Transfer(request, prefill_id, decode_id, xfer_id)
-                async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
-                    yield chunk
+        d_sel = await pick_replica(self.decode.generate, request)
+        decode_id = pair_id(d_sel)
+        with self._on_decode(decode_id):
+            prefill_call = self.prefill.send_parked.remote(kv_cache_id, decode_id, xfer_id, replica_pin=prefill_id)
+            stream = self._decode_call(d_sel, request, prefill_id, xfer_id)
+            transfer = Transfer(request, prefill_id, decode_id, xfer_id)
+            async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
+                yield chunk
 
 
 async def _cancel_on_exit(stream) -> AsyncIterator[GenerationChunk]:

@@ -9,27 +9,52 @@ Serve's power-of-two router, plus two things the orchestrator needs:
   slack=n)` takes the replica holding the longest cached prefix among those with at most `n` requests more than
   the least busy one (`load`: the caller's own count; a replica it does not name has none).
 It runs in the caller's process (the ingress), where the orchestrator records into the same breakers.
+
+`pick_replica` is how the orchestrator chooses: Serve's `choose_replica` without its slot reservation (an RPC to
+the chosen replica before the call can go: about 4 ms of a lone request's time to first token on the 2-core
+machine, docs/ttft_hops.md), then the call goes pinned to the choice and the replica admits it as it admits any
+call (Serve's rejection protocol: a full replica makes it wait in the router, not fail). Without a reservation
+Serve takes the first candidate the policy returns, so for a pick (`pick_only`) `choose_replicas` leaves out the
+replicas this router knows are full (with none left, Serve's router backs off and asks again: the pick waits, as a
+reservation would) and puts the rest in order of their queue length as this router last heard it (sent, finished,
+rejected): power of two choices on cached lengths.
 """
 
 from __future__ import annotations
 
 import importlib
 import random
+from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
 PIN_KWARG = "replica_pin"
 AVOID_KWARG = "avoid"
 PREFER_KWARG, LOAD_KWARG, SLACK_KWARG = "prefer", "load", "slack"
+PICK_KWARG = "pick_only"  # `pick_replica`'s choice: no reservation follows
 
 
 class PinnableRouter(PowerOfTwoChoicesRequestRouter):
     """Serve's power-of-two router, plus: a call with `replica_pin=<replica id>` goes to that replica (or,
-    if it is gone, to any replica, which then answers that it has nothing); `avoid=[ids]` (given to
+    if it is gone, to any replica, which then refuses it or answers that it has nothing); `avoid=[ids]` (given to
     `choose_replica`) and open circuit breakers take replicas out of the choice unless none is left."""
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         kwargs = pending_request.kwargs if pending_request is not None else {}
+        if not kwargs.get(PICK_KWARG):
+            return await self._choose(candidate_replicas, pending_request, kwargs)
+        candidate_replicas = [r for r in candidate_replicas if self._has_room(r)]
+        ranks = await self._choose(candidate_replicas, pending_request, kwargs) if candidate_replicas else []
+        return [sorted(filter(self._has_room, rank), key=self._queue_len) for rank in ranks]
+
+    def _queue_len(self, replica) -> int:
+        """The replica's queue length as this router last heard it; unknown counts as 0."""
+        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+
+    def _has_room(self, replica) -> bool:
+        return self._queue_len(replica) < replica.max_ongoing_requests
+
+    async def _choose(self, candidate_replicas, pending_request, kwargs: dict):
         pin = kwargs.get(PIN_KWARG)
         if pin is not None:
             matches = [r for r in candidate_replicas if r.replica_id.unique_id == pin]
@@ -60,6 +85,13 @@ class PinnableRouter(PowerOfTwoChoicesRequestRouter):
                 pending.future.set_result(replica)
                 self._remove_pending_request_from_indices(pending)
                 return
+
+
+async def pick_replica(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """The replica Serve's router chooses for `method(*args, **kwargs)` (a `ReplicaSelection`: its `replica_id`,
+    `replica_metadata`), without reserving a slot on it; send the call with `replica_pin=selection.replica_id`."""
+    async with method.choose_replica(*args, _reserve=False, **{PICK_KWARG: True}, **kwargs) as selection:
+        return selection
 
 
 def _accepts(kwargs: dict, replica_id: str, live: set[str]) -> bool:
