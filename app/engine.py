@@ -10,13 +10,14 @@ Life cycle of a request:
 2. The driver thread applies queued commands between steps, then calls `engine.step()`, which
    batches every running request; each step's `RequestOutput` deltas go to their streams in one
    `loop.call_soon_threadsafe` per consumer loop.
-3. The stream yields `GenerationChunk`s until the request finishes: the first as soon as it exists, later
+3. The stream yields `GenerationChunk`s until the request finishes: the first as soon as it exists (passed
+   through the caller's `on_first` on the driver thread, which adds what the replica reports about it), later
    ones joined with whatever else of the same request is already waiting (a consumer that fell behind
    catches up in one item per hop, not one per token). A request with a `reply_to` (the ingress's token bus,
-   app/token_bus.py) yields only its first chunk: the driver thread sends every later delta to the bus itself,
-   one message per ingress per step, and the stream ends when the last one was sent. If the consumer goes away
-   (client disconnect, cancellation), `generate()`'s `finally` queues an `abort`, so the engine
-   frees the request's blocks.
+   app/token_bus.py) yields none: the driver thread sends every delta, the first included, to the bus itself,
+   one message per ingress per step, and the stream ends when the last one was sent (errors still come by the
+   stream). If the consumer goes away (client disconnect, cancellation), `generate()`'s `finally` queues an
+   `abort`, so the engine frees the request's blocks.
 Only the driver thread touches the engine; everything else talks to it through the command queue.
 """
 
@@ -27,51 +28,27 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from app.engine_outlet import SENT, Outlet, Stream
 from app.engine_setup import (
     arrival_priority,
     build_engine,
     configure_engine_thread,
     engine_env,
     parameter_of,
-    to_chunk,
     to_vllm_sampling,
 )
 from app.errors import EngineError, EngineInputError
-from app.messages import BusTarget, GenerationChunk, SamplingSpec, pop_joined
+from app.messages import BusTarget, GenerationChunk, SamplingSpec
 from app.specs import EngineSpec
-from app.token_bus import BusSender
 
 # Re-exported: callers build engines and their environment through this module.
 __all__ = ["EngineDriver", "EngineError", "EngineInputError", "EngineLoad", "build_engine", "engine_env"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Stream:
-    """One request's outputs on their way to its consumer; touched only on the consumer's loop."""
-
-    loop: asyncio.AbstractEventLoop
-    bus: BusTarget | None = None  # where chunks after the first go (None: all through this stream)
-    items: deque = field(default_factory=deque)  # GenerationChunk | BaseException | _SENT, oldest first
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    started: bool = False  # its first chunk was delivered (driver thread only)
-
-    def put(self, item: GenerationChunk | BaseException) -> None:
-        self.items.append(item)
-        self.ready.set()
-
-    async def take(self) -> GenerationChunk | BaseException:
-        """The next item; chunks that are already waiting travel on as one (never holding the first back)."""
-        while not self.items:
-            self.ready.clear()
-            await self.ready.wait()
-        return pop_joined(self.items)
 
 
 @dataclass(frozen=True)
@@ -83,49 +60,6 @@ class EngineLoad:
     num_queued_prompt_tokens: int = 0  # prompt tokens not computed yet, waiting and running requests
     kv_usage: float = 0.0  # share of KV blocks in use, 0-1
     step_s: float = 0.0  # mean engine step since the previous measure (0: it did not step)
-
-
-class _Outlet:
-    """Where each request's outputs go: its stream on its consumer's loop, or, after the first, its token bus.
-    `streams` is changed on consumer loops and read by the driver thread; the rest runs on the driver thread."""
-
-    def __init__(self) -> None:
-        self.streams: dict[str, _Stream] = {}
-        self.bus = BusSender()
-
-    def deliver(self, request_id: str, item: Any) -> None:
-        stream = self.streams.get(request_id)
-        if stream is not None and not _post(stream.loop, stream.put, item):
-            self.streams.pop(request_id, None)
-
-    def deliver_step(self, outputs: list[Any]) -> list[str]:
-        """Hand one step's outputs to their consumers; returns the requests whose consumer's loop is gone
-        (closed before the consumer stopped its stream): nobody will read them, the driver aborts them."""
-        # One loop callback per consumer loop, not one per request: each wake-up costs this thread the GIL.
-        # Deltas of requests with a bus go out as one message per ingress, from this thread.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
-        by_bus: dict[str, tuple[bytes, list[tuple[int, GenerationChunk]]]] = {}
-        for output in outputs:
-            stream = self.streams.get(output.request_id)
-            if stream is None:
-                continue
-            chunk = to_chunk(output)
-            if stream.bus is not None and stream.started:
-                by_bus.setdefault(stream.bus.endpoint, (stream.bus.secret, []))[1].append((stream.bus.key, chunk))
-                if chunk.finish_reason is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream, _SENT))
-                continue
-            stream.started = True
-            by_loop.setdefault(stream.loop, []).append((stream, chunk))
-        if by_bus:
-            self.bus.send(by_bus)
-        orphans = []
-        for loop, batch in by_loop.items():
-            if not _post(loop, _put_all, batch):
-                orphans += [request_id for request_id, stream in list(self.streams.items()) if stream.loop is loop]
-        for request_id in orphans:
-            self.streams.pop(request_id, None)
-        return orphans
 
 
 class EngineDriver:
@@ -146,7 +80,7 @@ class EngineDriver:
         self.cpu_affinity = cpu_affinity  # cores of the engine thread and the compute threads it starts
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._outlet = _Outlet()
+        self._outlet = Outlet()
         self._stopped = False
         self.load = EngineLoad()
         self._load_at = 0.0  # monotonic time `load` was measured
@@ -163,12 +97,15 @@ class EngineDriver:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec | Any, *,
                        cache_salt: str | None = None, kv_transfer_params: dict[str, Any] | None = None,
-                       reply_to: BusTarget | None = None) -> AsyncIterator[GenerationChunk]:
+                       reply_to: BusTarget | None = None,
+                       on_first: Callable[[GenerationChunk], GenerationChunk] | None = None
+                       ) -> AsyncIterator[GenerationChunk]:
         """Run one request (`sampling`: pdserve's spec or vLLM's `SamplingParams`); yields its output deltas (with
-        `reply_to`, only the first: the rest go to that bus); aborts it if the consumer stops early."""
+        `reply_to`, none: they go to that bus, and this ends after the last); aborts it if the consumer stops early.
+        `on_first` (cheap, thread-safe: it runs on the driver thread) may add to the first chunk, e.g. a report."""
         if request_id in self._outlet.streams:
             raise EngineError(f"duplicate request id {request_id}")
-        stream = _Stream(loop=asyncio.get_running_loop(), bus=reply_to)
+        stream = Stream(loop=asyncio.get_running_loop(), bus=reply_to, on_first=on_first)
         self._outlet.streams[request_id] = stream
         salted = {"cache_salt": cache_salt} if cache_salt is not None else {}
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids), **salted}
@@ -181,7 +118,7 @@ class EngineDriver:
                 item = await stream.take()
                 if isinstance(item, BaseException):
                     raise item
-                if item is _SENT:  # the last delta went to the bus
+                if item is SENT:  # the last delta went to the bus
                     finished = True
                     break
                 finished = item.finish_reason is not None
@@ -275,21 +212,3 @@ class EngineDriver:
             if not outputs:
                 self._wake.wait(timeout=self.IDLE_POLL_S)
                 self._wake.clear()
-
-
-_SENT = object()  # a stream's end marker: its last delta went to the bus
-
-
-def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> bool:
-    """Run `callback` on `loop` from the driver thread; False if that loop is closed (its consumer is gone: a
-    stream's owner may close its loop between the driver's lookup and this call)."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # "Event loop is closed": the driver thread must outlive any consumer
-        return False
-    return True
-
-
-def _put_all(batch: list[tuple[_Stream, Any]]) -> None:
-    for stream, chunk in batch:
-        stream.put(chunk)

@@ -1,12 +1,14 @@
-"""The token bus: a request's tokens after its first go from the engine thread straight to the ingress.
+"""The token bus: a request's tokens go from the engine thread straight to the ingress.
 
 Why: a Serve streaming call costs the engine replica's process Python work per item (Serve's generator
 machinery, Ray's per-item report), and that work takes the GIL from the thread that steps the engine. Measured
 on the default tiny model (2 cores, docs/overhead.md): one engine step took 5.1 ms inside a decode replica that
 streamed every token through Serve against 3.5 ms when it did not, and 19 ms against 7.9 ms with 16 streams.
-So the Serve call carries a request's first chunk (with its `KVReport`), its errors, its cancellation and its
-end; every later delta goes over this bus: one ZeroMQ message per engine step and ingress, however many
-requests it holds, sent by the engine thread itself (no event-loop hop, no Serve item).
+The first token too: through the replica's event loop and a Serve stream item it took 4-5 ms more of a lone
+request's time to first token than this bus (traced on the 2-core machine, 2026-11-29). So the Serve call carries
+a request's errors, its cancellation and its end; every delta, the first with its `KVReport`, goes over this bus:
+one ZeroMQ message per engine step and ingress, however many requests it holds, sent by the engine thread itself
+(no event-loop hop, no Serve item).
 
 Life cycle:
 1. The ingress binds one PULL socket (`TokenBus`, on its loop, at the first request) on its node's address
@@ -16,8 +18,8 @@ Life cycle:
 3. The ingress's reader checks the secret (a message without it is dropped unread: nothing unpickles what a
    stranger sent) and hands each chunk to its key's `BusStream`; chunks of keys it no longer holds (a cancelled
    request) are dropped.
-4. `BusStream` yields the Serve stream's first chunk, then the bus's chunks (waiting ones joined into one)
-   until the last (`finish_reason`), and raises what the Serve call raises (engine error, replica death).
+4. `BusStream` yields the bus's chunks (waiting ones joined into one) until the last (`finish_reason`), and raises
+   what the Serve call raises (engine error, replica death); a chunk the call itself gives is passed on too.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ class TokenBus:
 
 
 class BusStream:
-    """A Serve streaming call whose chunks after the first come over the bus; iterate it like the call."""
+    """A Serve streaming call whose chunks come over the bus; iterate it like the call."""
 
     def __init__(self, bus: TokenBus, key: int, inbox: _Inbox, call: Any):
         self._bus, self._key, self._inbox, self._call = bus, key, inbox, call
@@ -161,16 +163,7 @@ class BusStream:
 
     async def _run(self) -> AsyncIterator[GenerationChunk]:
         call_it = self._call.__aiter__()
-        # 1. the first chunk (or the whole answer, if it finished at once) comes by the call
-        first = await _next(call_it)
-        if first is _END:
-            raise EngineError("the engine replica ended the stream without output")
-        yield first
-        if first.finish_reason is not None:
-            while await _next(call_it) is not _END:  # let the call end (it raises if the replica failed)
-                pass
-            return
-        # 2. the rest by the bus, while the call is watched: it raises an error, or ends after the last chunk
+        # the chunks come by the bus, while the call is watched: it raises an error, or ends after the last chunk
         inbox = self._inbox
         call_next: asyncio.Future | None = asyncio.ensure_future(_next(call_it))
         deadline: float | None = None  # once the call ended: when the last chunk must have come

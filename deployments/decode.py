@@ -101,15 +101,13 @@ class Decode(EngineReplica):
                 run, params = continued(request, (token_id,)), transfer_params(xfer_id, num_kv_tokens=num_prompt)
             elif first_from_prefill and state == XferState.FAILED and key not in self.no_first_token:
                 raise FirstTokenUnknown(error or "KV transfer failed")  # no header: the client may have a token
-            # 3. generate; the connector loads the KV (or, if it failed, the prompt is recomputed)
-            first = True
+            # 3. generate; the connector loads the KV (or, if it failed, the prompt is recomputed). The report is
+            #    read on the engine thread right after the step that loaded it, as the first chunk leaves.
             async for chunk in self.engine.generate(
                 run.request_id, list(run.prompt_token_ids), run.sampling, cache_salt=run.cache_salt,
                 kv_transfer_params=params, reply_to=run.reply_to,
+                on_first=lambda c: c.with_report(self._report(key, prefill_id, min(c.num_cached_tokens, num_prompt))),
             ):
-                if first:
-                    first = False
-                    chunk = chunk.with_report(self._report(key, prefill_id, min(chunk.num_cached_tokens, num_prompt)))
                 yield chunk
         finally:
             self.mailbox.forget(key)
@@ -136,14 +134,12 @@ class Decode(EngineReplica):
             record_recompute(reason)
             report = KVReport(mode="disaggregated", decode_replica=self.replica_id, kv_source="recomputed",
                               fallback="no_prefill_replica", fallback_reason=reason)
-        first = True
-        async for chunk in self.engine.generate(request.request_id, list(request.prompt_token_ids), request.sampling,
-                                                cache_salt=request.cache_salt, reply_to=request.reply_to):
-            if first:
-                first = False
-                # the prompt ran here: what this engine found cached is the tenant's prefix-cache hit
-                chunk = chunk.with_report(replace(report, num_cached_tokens=chunk.num_cached_tokens,
-                                                  prefix_cache_hit_tokens=chunk.num_cached_tokens))
+        # the prompt ran here: what this engine found cached is the tenant's prefix-cache hit
+        async for chunk in self.engine.generate(
+            request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt,
+            reply_to=request.reply_to, on_first=lambda c: c.with_report(replace(
+                report, num_cached_tokens=c.num_cached_tokens, prefix_cache_hit_tokens=c.num_cached_tokens)),
+        ):
             yield chunk
 
     async def transfer_failed(self, xfer_id: str, reason: str, replica_pin: str | None = None,

@@ -227,13 +227,13 @@ def test_no_capability_probing_on_the_request_path():
 def test_engine_stream_joins_waiting_deltas_but_never_holds_the_first_back():
     import asyncio
 
-    from app.engine import _Stream
+    from app.engine_outlet import Stream
 
     def chunk(text: str, token: int, finish: str | None = None) -> GenerationChunk:
         return GenerationChunk(text, (token,), finish, 5, num_cached_tokens=4)
 
     async def scenario() -> list:
-        stream, taken = _Stream(asyncio.get_running_loop()), []
+        stream, taken = Stream(asyncio.get_running_loop()), []
         stream.put(chunk("a", 1))
         taken.append(await stream.take())  # alone: out at once
         for i, text in enumerate("bcd"):  # the consumer fell behind by three steps

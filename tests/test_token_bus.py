@@ -1,6 +1,6 @@
-"""The token bus (app/token_bus.py): the first chunk by the call, the rest by the bus, in order; errors and the end
-by the call; strangers' messages dropped unread. Then the engine driver's half: with a `reply_to` its stream carries
-only the first chunk, the bus the rest, and together they are the tokens a plain stream gives."""
+"""The token bus (app/token_bus.py): every chunk by the bus, in order; errors and the end by the call; strangers'
+messages dropped unread. Then the engine driver's half: with a `reply_to` its stream carries no chunk, the bus all of
+them (the first with what `on_first` added), and they are the tokens a plain stream gives."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import zmq
 
 from app import token_bus
 from app.errors import EngineError
-from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
+from app.messages import GenerateRequest, GenerationChunk, KVReport, SamplingSpec
 from app.token_bus import BusSender, TokenBus, streamed
 from tests.helpers import prompt_of_length
 
@@ -24,9 +24,9 @@ def _chunk(i: int, last: bool = False) -> GenerationChunk:
 
 
 class FakeCall:
-    """A Serve streaming call as the replica answers with a bus: the first chunk, then the end (or an error)."""
+    """A Serve streaming call as the replica answers with a bus: no chunk (or `first`), then the end (or an error)."""
 
-    def __init__(self, request: GenerateRequest, first: GenerationChunk, error: Exception | None = None):
+    def __init__(self, request: GenerateRequest, first: GenerationChunk | None = None, error: Exception | None = None):
         self.request, self.first, self.error = request, first, error
         self.finish = asyncio.Event()  # set when the replica's stream ends
         self.cancelled = False
@@ -39,7 +39,8 @@ class FakeCall:
         return self._items()
 
     async def _items(self):
-        yield self.first
+        if self.first is not None:
+            yield self.first
         await self.finish.wait()
         if self.error is not None:
             raise self.error
@@ -61,35 +62,60 @@ def _send_from_thread(target, batches: list[list[tuple[int, GenerationChunk]]], 
 REQUEST = GenerateRequest("r1", (1, 2, 3), SamplingSpec(max_tokens=8))
 
 
-def _open(bus: TokenBus, error: Exception | None = None) -> tuple[token_bus.BusStream, FakeCall]:
-    """A streamed call on `bus` whose replica answers with chunk 0, then its end (or `error`)."""
+def _open(bus: TokenBus, error: Exception | None = None, send_first: bool = True
+          ) -> tuple[token_bus.BusStream, FakeCall]:
+    """A streamed call on `bus` whose replica sends chunk 0 on the bus (`send_first`); its call ends when `finish` is
+    set (raising `error`)."""
     calls: list[FakeCall] = []
-    stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, _chunk(0), error)) or calls[0])
+    stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, error=error)) or calls[0])
+    target = calls[0].request.reply_to
+    if send_first:
+        _send_from_thread(target, [[(target.key, _chunk(0))]])
     return stream, calls[0]
 
 
-def test_later_chunks_come_by_the_bus_in_order_and_waiting_ones_are_joined():
+def test_chunks_come_by_the_bus_in_order_and_waiting_ones_are_joined():
     async def run():
         bus = TokenBus("127.0.0.1")
         stream, call = _open(bus)
         target = call.request.reply_to
         assert target is not None and target.endpoint.startswith("tcp://127.0.0.1:")
-        # steps 1-2 land before the consumer looks: they come out as one chunk; then 3 and the last one
+        # steps 0-2 land before the consumer looks: they come out as one chunk; then 3 and the last one
         _send_from_thread(target, [[(target.key, _chunk(1))], [(target.key, _chunk(2))]])
+        while bus.stats()["num_messages"] < 3:
+            await asyncio.sleep(0.01)
         out = []
         async for chunk in stream:
             out.append(chunk)
-            if len(out) == 2:
+            if len(out) == 1:
                 _send_from_thread(target, [[(target.key, _chunk(3))], [(target.key, _chunk(4, last=True))]])
                 call.finish.set()
         bus.close()
         return out, bus.stats(), call.cancelled
 
     out, stats, cancelled = asyncio.run(run())
-    assert [c.token_ids for c in out][:2] == [(0,), (1, 2)]
+    assert out[0].token_ids == (0, 1, 2)
     assert sum((c.token_ids for c in out), ()) == (0, 1, 2, 3, 4)
     assert out[-1].finish_reason == "length" and "".join(c.text for c in out) == "t0 t1 t2 t3 t4 "
-    assert stats["num_open"] == 0 and stats["num_messages"] == 4 and not cancelled
+    assert stats["num_open"] == 0 and stats["num_messages"] == 5 and not cancelled
+
+
+def test_a_chunk_the_call_gives_itself_is_passed_on_before_the_bus_takes_over():
+    async def run():
+        bus = TokenBus("127.0.0.1")
+        calls: list[FakeCall] = []
+        stream = bus.call(REQUEST, lambda r: calls.append(FakeCall(r, first=_chunk(0))) or calls[0])
+        out = []
+        async for chunk in stream:
+            out.append(chunk)
+            if len(out) == 1:
+                target = calls[0].request.reply_to
+                _send_from_thread(target, [[(target.key, _chunk(1, last=True))]])
+                calls[0].finish.set()
+        bus.close()
+        return out
+
+    assert [c.token_ids for c in asyncio.run(run())] == [(0,), (1,)]
 
 
 def test_a_message_without_the_secret_is_dropped_unread(monkeypatch):
@@ -110,7 +136,7 @@ def test_a_message_without_the_secret_is_dropped_unread(monkeypatch):
 
     out, stats = asyncio.run(run())
     assert sum((c.token_ids for c in out), ()) == (0, 1)
-    assert stats["num_dropped"] == 1 and stats["num_messages"] == 1 and len(unpickled) == 1
+    assert stats["num_dropped"] == 1 and stats["num_messages"] == 2 and len(unpickled) == 2
 
 
 def test_an_error_of_the_call_after_the_first_chunk_reaches_the_consumer():
@@ -134,7 +160,7 @@ def test_a_call_that_ends_without_its_last_chunk_fails_after_the_wait(monkeypatc
 
     async def run():
         bus = TokenBus("127.0.0.1")
-        stream, call = _open(bus)
+        stream, call = _open(bus, send_first=False)  # the replica's call ended, no chunk came
         call.finish.set()
         try:
             with pytest.raises(EngineError, match="last chunk never arrived"):
@@ -156,14 +182,14 @@ def test_a_consumer_that_leaves_cancels_the_call_and_later_chunks_are_dropped():
         await chunks.aclose()
         _send_from_thread(target, [[(target.key, _chunk(1))]])
         for _ in range(100):
-            if bus.stats()["num_messages"]:
+            if bus.stats()["num_messages"] == 2:
                 break
             await asyncio.sleep(0.01)
         bus.close()
         return bus.stats(), call.cancelled
 
     stats, cancelled = asyncio.run(run())
-    assert cancelled and stats == {"num_messages": 1, "num_dropped": 1, "num_open": 0}
+    assert cancelled and stats == {"num_messages": 2, "num_dropped": 1, "num_open": 0}
 
 
 def test_without_a_bus_the_call_is_used_as_it_is():
@@ -171,7 +197,7 @@ def test_without_a_bus_the_call_is_used_as_it_is():
     assert streamed(None, REQUEST, lambda r: call if r.reply_to is None else None) is call
 
 
-def test_the_driver_sends_every_delta_after_the_first_to_the_bus(driver, tokenizer):
+def test_the_driver_sends_every_delta_to_the_bus_the_first_with_what_on_first_added(driver, tokenizer):
     prompt = prompt_of_length(tokenizer, 40)
     sampling = SamplingSpec(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -190,21 +216,40 @@ def test_the_driver_sends_every_delta_after_the_first_to_the_bus(driver, tokeniz
                 pass
 
             async def __aiter__(self):
-                async for chunk in driver.generate("bus-1", prompt, sampling, reply_to=self.request.reply_to):
+                async for chunk in driver.generate("bus-1", prompt, sampling, reply_to=self.request.reply_to,
+                                                   on_first=lambda c: c.with_report(KVReport(kv_source="local"))):
                     by_call.append(chunk)
                     yield chunk
 
         stream = streamed(bus, GenerateRequest("bus-1", tuple(prompt), sampling), Call)
-        got = []
+        got, reports = [], []
         async for chunk in stream:
             got.extend(chunk.token_ids)
+            reports.append(chunk.report)
         bus.close()
-        return plain, got, by_call, bus.stats()
+        return plain, got, by_call, reports, bus.stats()
 
-    plain, got, by_call, stats = asyncio.run(run())
+    plain, got, by_call, reports, stats = asyncio.run(run())
     assert got == plain and len(plain) == 12
-    assert len(by_call) == 1 and len(by_call[0].token_ids) == 1  # the call carried the first token only
+    assert by_call == []  # the call carried no token: its end only
+    assert reports[0] == KVReport(kv_source="local") and reports[1:] == [None] * (len(reports) - 1)
     assert stats["num_messages"] >= 1 and stats["num_open"] == 0
+
+
+def test_an_on_first_that_fails_fails_its_request_and_the_driver_serves_on(driver, tokenizer):
+    prompt = prompt_of_length(tokenizer, 20)
+    sampling = SamplingSpec(max_tokens=4, temperature=0, ignore_eos=True)
+
+    def broken(chunk):
+        raise KeyError("gone")
+
+    async def run():
+        with pytest.raises(EngineError, match="reporting on the first output failed"):
+            async for _ in driver.generate("bus-broken", prompt, sampling, on_first=broken):
+                pass
+        return [t async for c in driver.generate("bus-after", prompt, sampling) for t in c.token_ids]
+
+    assert len(asyncio.run(run())) == 4 and driver.is_alive()
 
 
 def test_the_sender_drops_rather_than_blocks_when_an_ingress_stops_reading(monkeypatch):
