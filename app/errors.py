@@ -7,6 +7,8 @@ bodies and statuses in one place (`app/api/errors.py`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class EngineError(RuntimeError):
     """The engine failed a request (message is safe to show a client)."""
@@ -82,3 +84,21 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     """The last non-blank line of an exception's text (Ray wraps remote errors in tracebacks)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else type(exc).__name__)[:limit]
+
+
+_MAX_DEPTH = 4
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps (Ray's task errors, `raise ... from`), outermost first."""
+    from ray.exceptions import RayTaskError
+
+    seen: BaseException | None = exc
+    for _ in range(_MAX_DEPTH):
+        if seen is None:
+            return
+        if isinstance(seen, RayTaskError):  # its dual class looks like the cause but lacks its fields
+            seen = seen.cause
+            continue
+        yield seen
+        seen = seen.__cause__

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from app.serving.prefix_index import PrefixIndex, block_keys
 
 B = 32
@@ -119,6 +121,49 @@ def test_a_pick_leaves_out_full_replicas_and_puts_the_least_busy_first():
     prefer = {"prefer": {"a": 320, "c": 64}, "load": {}, "slack": 4}
     assert _ids(asyncio.run(router.choose_replicas(replicas, _Pending(**prefer, **{PICK_KWARG: True})))) == [["c"]]
     assert _ids(asyncio.run(router.choose_replicas(replicas, _Pending(**prefer)))) == [["a"]]
+
+
+def test_a_request_whose_picked_replica_had_gone_is_picked_again_until_the_bound():
+    import asyncio
+
+    from app.errors import WrongReplica
+    from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
+    from app.serving.orchestrator import MAX_REPICKS, DisaggregatedClient
+
+    request = GenerateRequest("r1", (1, 2, 3), SamplingSpec(max_tokens=1))
+    chunk = GenerationChunk(text="a", token_ids=(7,), finish_reason="length", num_prompt_tokens=3)
+
+    def client(refusals: int, error: Exception | None = None, after_chunk: bool = False):
+        """An orchestrator whose attempts are refused `refusals` times (the picked replica had gone), then answer."""
+        orchestrator, attempts = object.__new__(DisaggregatedClient), []
+
+        async def attempt(_):
+            attempts.append(1)
+            if after_chunk:
+                yield chunk
+            if len(attempts) <= refusals:
+                raise error or WrongReplica("generate", "d-gone", "d-live")
+            yield chunk
+
+        orchestrator._generate = attempt
+        return orchestrator, attempts
+
+    async def run(orchestrator):
+        return [c.token_ids async for c in orchestrator.generate(request)]
+
+    # 1. refused twice: picked again each time, then it runs
+    orchestrator, attempts = client(MAX_REPICKS)
+    assert asyncio.run(run(orchestrator)) == [(7,)] and len(attempts) == MAX_REPICKS + 1
+    # 2. past the bound the refusal reaches the caller (the ingress retries it as a dead replica's request)
+    orchestrator, attempts = client(MAX_REPICKS + 1)
+    with pytest.raises(WrongReplica):
+        asyncio.run(run(orchestrator))
+    assert len(attempts) == MAX_REPICKS + 1
+    # 3. not after a chunk went out, and not for other errors
+    for orchestrator, attempts in (client(1, after_chunk=True), client(1, error=RuntimeError("engine failed"))):
+        with pytest.raises((WrongReplica, RuntimeError)):
+            asyncio.run(run(orchestrator))
+        assert len(attempts) == 1
 
 
 # -- placement from uncached tokens -----------------------------------------------------------------

@@ -7,8 +7,6 @@ never builds HTTP answers itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from app.api.protocol import OpenAIError
 from app.errors import (
     EngineInputError,
@@ -18,25 +16,9 @@ from app.errors import (
     ParkingFull,
     TwoStepUnsupported,
     WrongReplica,
+    causes,
     short_error,
 )
-
-_MAX_DEPTH = 4
-
-
-def causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and what it wraps (Ray's task errors, `raise ... from`), outermost first."""
-    from ray.exceptions import RayTaskError
-
-    seen: BaseException | None = exc
-    for _ in range(_MAX_DEPTH):
-        if seen is None:
-            return
-        if isinstance(seen, RayTaskError):  # its dual class looks like the cause but lacks its fields
-            seen = seen.cause
-            continue
-        yield seen
-        seen = seen.__cause__
 
 
 def kv_cache_not_found() -> OpenAIError:

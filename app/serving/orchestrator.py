@@ -19,6 +19,9 @@ One request (`generate`):
    tokens. Where the request allows it (`placement.first_token_from_prefill`, app/serving/first_token.py), prefill
    samples the first token and streams it at once, and decode continues after it.
 3. `Handoff` streams decode's chunks while it watches prefill (retry, breakers, telling decode).
+A pick is not a reservation: a replica that died just before may still be picked, and Serve's router learns of it
+only when the pinned call is sent (it then sends the call to a live replica, which refuses it: `WrongReplica`).
+Nothing ran anywhere, so the request is picked again, up to `MAX_REPICKS` times.
 
 Two-step API: `prefill_only` runs the prompt on a prefill replica that parks its KV and answers with a
 `kv_cache_id`; `decode_only` claims that entry on the replica the id names (calls pinned with the
@@ -40,7 +43,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.circuit import BREAKERS
 from app.circuit import configure as configure_breakers
-from app.errors import KVCacheNotFound
+from app.errors import KVCacheNotFound, WrongReplica, causes, short_error
 from app.kv.parking import replica_of
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
 from app.metrics import PhaseRatio, record_placement
@@ -53,6 +56,8 @@ from app.specs import OrchestratorSpec
 from app.token_bus import TokenBus, streamed
 
 logger = logging.getLogger(__name__)
+
+MAX_REPICKS = 2  # picks again after a pinned call found its replica gone (each time, the router knows one more)
 
 
 
@@ -77,6 +82,19 @@ class DisaggregatedClient:
         configure_breakers(spec.breaker_failures, spec.breaker_window_s, spec.breaker_open_s)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        for repick in range(MAX_REPICKS + 1):
+            produced = False
+            try:
+                async for chunk in self._generate(request):
+                    produced = True
+                    yield chunk
+                return
+            except Exception as exc:
+                if produced or repick == MAX_REPICKS or not any(isinstance(e, WrongReplica) for e in causes(exc)):
+                    raise
+                logger.info("request %s picked again: %s", request.request_id, short_error(exc))
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         xfer_id, prefixes = secrets.token_hex(16), self.prefixes
         decode_route, cached_decode = prefixes.route(prefixes.decode, request, self.on_decode)
         prefill_route, cached_prefill = prefixes.route(prefixes.prefill, request, self.backlog.by_replica)
