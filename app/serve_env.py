@@ -70,10 +70,21 @@ def apply() -> None:
     os.environ[PICKED_PORTS] = ",".join(sorted(picked))
 
 
+def _haproxy_base() -> Path:
+    return Path(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg")).parent
+
+
+def haproxy_node_dirs() -> set[str]:
+    """The Ray nodes HAProxy mode keeps files for on this machine (for a caller that cannot ask its cluster: compare
+    before and after a `serve run` it started)."""
+    base = _haproxy_base()
+    return {entry.name for entry in base.iterdir() if entry.is_dir()} if base.is_dir() else set()
+
+
 def remove_haproxy_files(node_ids: Iterable[str]) -> None:
     """Delete what HAProxy mode left on disk for these Ray nodes (config, sockets, logs: Ray keeps one folder per node
     under the config file's folder and never removes it); for whoever started those nodes, after they stopped."""
-    base = Path(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg")).parent
+    base = _haproxy_base()
     for node_id in node_ids:
         if node_id:
             shutil.rmtree(base / node_id, ignore_errors=True)

@@ -283,7 +283,7 @@ def main() -> None:
             else:
                 command = _pdserve_command(system.removeprefix("pdserve-"), Path(scratch), args.pdserve_repo,
                                            json.loads(args.args))
-            shm_before = shm_entries()
+            shm_before, haproxy_before = shm_entries(), serve_env.haproxy_node_dirs()
             process = _start(command, Path(scratch) / f"{system}.log", system, args.pdserve_repo)
             try:
                 ready_s = _wait_ready(process)
@@ -296,6 +296,7 @@ def main() -> None:
                 _stop(process)
                 if removed := remove_leftover_shm(shm_before):  # vLLM's multiprocess engines, killed, leave them
                     print(f"  removed {len(removed)} shared-memory files {system} left in /dev/shm", flush=True)
+                serve_env.remove_haproxy_files(serve_env.haproxy_node_dirs() - haproxy_before)  # its cluster's node
             runs.setdefault(system, []).append({"ready_s": ready_s, **measured})
             print(f"  {measured}", flush=True)
     rows = [*_ratio_rows(runs), "", *_cpu_rows(runs)]

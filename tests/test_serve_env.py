@@ -67,5 +67,7 @@ def test_haproxy_files_of_the_given_nodes_are_removed_and_no_others(clean_env, t
     for node in ("ours", "theirs"):
         (tmp_path / node).mkdir()
         (tmp_path / node / "haproxy.cfg").write_text("global\n")
+    assert serve_env.haproxy_node_dirs() == {"ours", "theirs"}  # what a benchmark compares around its `serve run`
     serve_env.remove_haproxy_files(["ours", ""])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]
+    assert serve_env.haproxy_node_dirs() == {"theirs"}
