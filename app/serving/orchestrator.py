@@ -81,18 +81,8 @@ class DisaggregatedClient:
         self._wake_up: asyncio.Future | None = None  # an outstanding call that makes Serve start a prefill replica
         configure_breakers(spec.breaker_failures, spec.breaker_window_s, spec.breaker_open_s)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        for repick in range(MAX_REPICKS + 1):
-            produced = False
-            try:
-                async for chunk in self._generate(request):
-                    produced = True
-                    yield chunk
-                return
-            except Exception as exc:
-                if produced or repick == MAX_REPICKS or not any(isinstance(e, WrongReplica) for e in causes(exc)):
-                    raise
-                logger.info("request %s picked again: %s", request.request_id, short_error(exc))
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        return _picked_again(self._generate, request)
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         xfer_id, prefixes = secrets.token_hex(16), self.prefixes
@@ -219,6 +209,22 @@ class DisaggregatedClient:
             transfer = Transfer(request, prefill_id, decode_id, xfer_id)
             async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
                 yield chunk
+
+
+async def _picked_again(attempt, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+    """`attempt(request)`'s chunks; run again while it fails, before any chunk, because the replica picked for it had
+    gone (`WrongReplica`), up to `MAX_REPICKS` times."""
+    for repick in range(MAX_REPICKS + 1):
+        produced = False
+        try:
+            async for chunk in attempt(request):
+                produced = True
+                yield chunk
+            return
+        except Exception as exc:
+            if produced or repick == MAX_REPICKS or not any(isinstance(e, WrongReplica) for e in causes(exc)):
+                raise
+            logger.info("request %s picked again: %s", request.request_id, short_error(exc))
 
 
 async def _cancel_on_exit(stream) -> AsyncIterator[GenerationChunk]:
