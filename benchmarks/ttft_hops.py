@@ -11,7 +11,9 @@ sends the same kind of request (random tokens, greedy, 8 output tokens, streamin
 2. `replica`: the engine replica's `generate` through a DeploymentHandle (Serve's router, a Ray actor call, the
    replica's event loop, its engine thread, the first chunk back through Serve's stream);
 3. `ingress`: the ingress's `create_completion_stream` through a DeploymentHandle (adds vLLM's serving layer:
-   tokenisation-free here, request models, the engine client, SSE rendering, and one more handle hop);
+   tokenisation-free here, request models, the engine client, SSE rendering, and one more handle hop; the first
+   token comes back over the token bus, not through the replica's Serve stream, so this step also gets back what
+   that stream item cost in `replica`);
 4. `http`: POST /v1/completions through Serve's HTTP ingress (adds HTTP: HAProxy and the ingress replica's own HTTP
    server, as pdserve runs; Serve's Python proxy and its hop to the ingress with `RAY_SERVE_ENABLE_HA_PROXY=0`).
 Each layer's median TTFT minus the one below is what that layer adds. Medians of `--repeats` requests per layer and
@@ -196,7 +198,9 @@ def _write_docs(rows: list[str], repeats: int, argv: str) -> Path:
              "Serve or Ray. Each further column is what that layer adds to the one below it: the engine replica "
              "through a DeploymentHandle (router, actor call, the replica's event loop and engine thread, the first "
              "chunk back through Serve's stream), the ingress through a DeploymentHandle (vLLM's serving layer and "
-             "request models, pdserve's engine client, SSE rendering, one more handle hop), and HTTP through "
+             "request models, pdserve's engine client, SSE rendering, one more handle hop; its first token comes "
+             "back over the token bus, not through the replica's Serve stream, so this step also gets back what that "
+             "stream item cost in the column before), and HTTP through "
              f"Serve's {http_ingress()}. A negative step is noise, or the benchmark's own process "
              "(its event loop, the client) slowing the engine it hosts more than a replica's process slows its own.",
              "", *rows, ""]
