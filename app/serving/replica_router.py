@@ -11,13 +11,13 @@ Serve's power-of-two router, plus two things the orchestrator needs:
 It runs in the caller's process (the ingress), where the orchestrator records into the same breakers.
 
 `pick_replica` is how the orchestrator chooses: Serve's `choose_replica` without its slot reservation (an RPC to
-the chosen replica before the call can go: about 4 ms of a lone request's time to first token on the 2-core
-machine, docs/ttft_hops.md), then the call goes pinned to the choice and the replica admits it as it admits any
-call (Serve's rejection protocol: a full replica makes it wait in the router, not fail). Without a reservation
-Serve takes the first candidate the policy returns, so for a pick (`pick_only`) `choose_replicas` leaves out the
-replicas this router knows are full (with none left, Serve's router backs off and asks again: the pick waits, as a
-reservation would) and puts the rest in order of their queue length as this router last heard it (sent, finished,
-rejected): power of two choices on cached lengths.
+the chosen replica before the call can go: 4.8-5.8 ms of a lone request's time to first token on the 2-core
+machine, traced stage by stage on 2026-11-29), then the call goes pinned to the choice and the replica admits it as
+it admits any call (Serve's rejection protocol: a full replica makes it wait in the router, not fail). Without a
+reservation Serve takes the first candidate the policy returns, so for a pick (`pick_only`) `choose_replicas`
+leaves out the replicas this router knows are full (with none left, Serve's router backs off and asks again: the
+pick waits, as a reservation would) and puts the rest in order of their queue length as this router last heard it
+(sent, finished, rejected): power of two choices on cached lengths.
 """
 
 from __future__ import annotations
