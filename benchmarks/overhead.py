@@ -311,7 +311,7 @@ def main() -> None:
             runs.setdefault(system, []).append({"ready_s": ready_s, **measured})
             print(f"  {measured}", flush=True)
     results = {"machine": report.machine(), "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv[1:]),
-               "runs": runs, "order": order, "profiles": profiled}
+               "serve_env": serve_env.environment(), "runs": runs, "order": order, "profiles": profiled}
     report.save(results, args.out)
     print(f"results: {args.out}")
     _report(results, args.docs)
@@ -343,7 +343,7 @@ def _write_docs(rows: list[str], results: dict[str, Any]) -> Path:
              "vLLM's server (value, the mean of a system's passes; then each pass's value where it ran more than "
              "once); below 1 is better than vLLM's server for latencies, above 1 for tokens/s.", "",
              "pdserve runs with its Serve settings (`pdserve serve-env`, README \"Ray Serve settings\"): "
-             + ", ".join(f"`{key}={value}`" for key, value in serve_env.environment().items()) + ".", "",
+             + ", ".join(f"`{key}={value}`" for key, value in results["serve_env"].items()) + ".", "",
              *(["rayserve-llm: Ray Serve LLM's collocated app (`ray.serve.llm:build_openai_app`), deployed with "
                 "`serve run` of a config that gives it the engine knobs vLLM's server gets here (vLLM's defaults "
                 "otherwise; its engine core in a process of its own, as it runs by default), 1.8 cores for its "
