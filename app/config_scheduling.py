@@ -35,6 +35,12 @@ class PlacementConfig(BaseModel, extra="forbid", frozen=True):
         "there stalls its replies; with it, prompts up to idle_local_max_prompt_tokens also run there while the "
         "prefill backlog is at least their length (docs/placement.md). None: whole prompts, and only prompts up to "
         "local_max_prompt_tokens beside running replies.")
+    local_short_first_ms_per_token: float = Field(
+        2.0, ge=0, le=1000, description="The decode replica's waiting work goes shortest first, within a "
+        "bound, as prefill_batching.short_first_ms_per_token does at prefill: a request whose KV arrived (one token "
+        "left to compute) or a short local prompt passes a longer local prompt that arrived less than this many ms per "
+        "token of difference before it. 0: arrival order (a reply whose first token came from prefill then waits for "
+        "every local prompt queued before its KV arrived).")
     first_token_from_prefill: bool = Field(
         True, description="A prompt that prefills on a prefill replica gets its first token from there, streamed as "
         "soon as it is sampled (with the request's sampling), and decode continues after it: its KV handoff and a "

@@ -98,11 +98,13 @@ class EngineDriver:
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec | Any, *,
                        cache_salt: str | None = None, kv_transfer_params: dict[str, Any] | None = None,
                        reply_to: BusTarget | None = None,
-                       on_first: Callable[[GenerationChunk], GenerationChunk] | None = None
-                       ) -> AsyncIterator[GenerationChunk]:
+                       on_first: Callable[[GenerationChunk], GenerationChunk] | None = None,
+                       num_compute_tokens: int | None = None) -> AsyncIterator[GenerationChunk]:
         """Run one request (`sampling`: pdserve's spec or vLLM's `SamplingParams`); yields its output deltas (with
         `reply_to`, none: they go to that bus, and this ends after the last); aborts it if the consumer stops early.
-        `on_first` (cheap, thread-safe: it runs on the driver thread) may add to the first chunk, e.g. a report."""
+        `on_first` (cheap, thread-safe: it runs on the driver thread) may add to the first chunk, e.g. a report.
+        `num_compute_tokens`: the prompt tokens this engine will compute, which place it in a shortest-first order
+        (a request whose KV arrives from prefill computes one); None: the whole prompt."""
         if request_id in self._outlet.streams:
             raise EngineError(f"duplicate request id {request_id}")
         stream = Stream(loop=asyncio.get_running_loop(), bus=reply_to, on_first=on_first)
@@ -111,7 +113,8 @@ class EngineDriver:
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids), **salted}
         extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
         params = to_vllm_sampling(sampling, extra)
-        self._submit(lambda: self._add(request_id, prompt, params))
+        priority = arrival_priority(num_compute_tokens or len(prompt_token_ids), self.short_first_ms_per_token)
+        self._submit(lambda: self._add(request_id, prompt, params, priority))
         finished = False
         try:
             while not finished:
@@ -170,8 +173,7 @@ class EngineDriver:
         self._commands.put(command)
         self._wake.set()
 
-    def _add(self, request_id: str, prompt: dict[str, Any], params: Any) -> None:
-        priority = arrival_priority(len(prompt["prompt_token_ids"]), self.short_first_ms_per_token)
+    def _add(self, request_id: str, prompt: dict[str, Any], params: Any, priority: int) -> None:
         try:
             self.engine.add_request(request_id, prompt, params, priority=priority)
         except Exception as exc:  # noqa: BLE001 - a bad request must not kill the driver

@@ -102,11 +102,13 @@ class Decode(EngineReplica):
             elif first_from_prefill and state == XferState.FAILED and key not in self.no_first_token:
                 raise FirstTokenUnknown(error or "KV transfer failed")  # no header: the client may have a token
             # 3. generate; the connector loads the KV (or, if it failed, the prompt is recomputed). The report is
-            #    read on the engine thread right after the step that loaded it, as the first chunk leaves.
+            #    read on the engine thread right after the step that loaded it, as the first chunk leaves. KV that
+            #    arrived leaves one token to compute: it goes before waiting local prompts (shortest first).
             async for chunk in self.engine.generate(
                 run.request_id, list(run.prompt_token_ids), run.sampling, cache_salt=run.cache_salt,
                 kv_transfer_params=params, reply_to=run.reply_to,
                 on_first=lambda c: c.with_report(self._report(key, prefill_id, min(c.num_cached_tokens, num_prompt))),
+                num_compute_tokens=1 if state == XferState.ARRIVED else None,
             ):
                 yield chunk
         finally:

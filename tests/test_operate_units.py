@@ -183,7 +183,16 @@ def test_prefill_batching_overrides_only_the_prefill_engine():
     prefill, shared = EngineSpec.for_prefill(config), EngineSpec.from_config(config)
     assert (prefill.max_num_seqs, prefill.max_num_batched_tokens) == (8, 8192)
     assert (shared.max_num_seqs, shared.max_num_batched_tokens) == (32, 4096)
-    assert (prefill.short_first_ms_per_token, shared.short_first_ms_per_token) == (2.0, 0.0)  # decode: arrival order
+    assert (prefill.short_first_ms_per_token, shared.short_first_ms_per_token) == (2.0, 0.0)  # collocated: arrival
+
+
+def test_the_decode_engine_runs_its_waiting_work_shortest_first_unless_told_arrival_order():
+    from app.specs import DecodeSpec
+
+    assert DecodeSpec.from_config(parse_app_config({})).engine.short_first_ms_per_token == 2.0
+    fifo = parse_app_config({"placement": {"local_short_first_ms_per_token": 0}})
+    assert DecodeSpec.from_config(fifo).engine.short_first_ms_per_token == 0.0
+    assert EngineSpec.for_prefill(fifo).short_first_ms_per_token == 2.0  # prefill keeps its own order
 
 
 def test_the_prefill_step_chunks_long_prompts_by_default_and_none_restores_whole_prompts():
