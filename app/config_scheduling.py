@@ -32,9 +32,15 @@ class PlacementConfig(BaseModel, extra="forbid", frozen=True):
     local_chunk_tokens: int | None = Field(
         512, ge=16, description="adaptive: the most prompt tokens a decode replica computes in one step beside its "
         "running requests' one each (the rest in later steps), which bounds how long one step of a prompt placed "
-        "there stalls its replies; with it, prompts up to idle_local_max_prompt_tokens also run there while the "
-        "prefill backlog is at least their length (docs/placement.md). None: whole prompts, and only prompts up to "
+        "there stalls its replies; with it, longer prompts (up to busy_local_max_prompt_tokens) also run there while "
+        "prefill's queue is longer (docs/placement.md). None: whole prompts, and only prompts up to "
         "local_max_prompt_tokens beside running replies.")
+    busy_local_max_prompt_tokens: int | None = Field(
+        None, ge=0, description="adaptive, with local_chunk_tokens: the longest prompt (tokens not cached on its "
+        "decode replica) that prefills there beside running replies, which it does while the prompt tokens queued at "
+        "prefill are at least those already placed on that replica without a first token plus its own (it would wait "
+        "longer at prefill). None: no limit but the model's context (no step stalls the replies for more than "
+        "local_chunk_tokens prompt tokens); below local_max_prompt_tokens it counts as local_max_prompt_tokens.")
     local_short_first_ms_per_token: float = Field(
         2.0, ge=0, le=1000, description="The decode replica's waiting work goes shortest first, within a "
         "bound, as prefill_batching.short_first_ms_per_token does at prefill: a request whose KV arrived (one token "

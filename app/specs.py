@@ -111,9 +111,19 @@ class OrchestratorSpec:
                    notify_timeout_s=config.kv_transfer.timeout_s, placement=placement.policy,
                    limits=PlacementLimits(
                        local=placement.local_max_prompt_tokens, idle=placement.idle_local_max_prompt_tokens,
-                       busy=placement.idle_local_max_prompt_tokens if placement.local_chunk_tokens else 0),
+                       busy=_busy_local_limit(config)),
                    prefix_routing_slack=placement.prefix_routing_slack, block_size=config.engine.block_size,
                    first_token_from_prefill=placement.first_token_from_prefill)
+
+
+def _busy_local_limit(config: AppConfig) -> int:
+    """The longest prompt a decode replica prefills beside running replies behind a prefill backlog: only where it
+    computes local prompts in chunks (0, which counts as L, otherwise); None in the config: the model's context."""
+    placement = config.placement
+    if not placement.local_chunk_tokens:
+        return 0
+    limit = placement.busy_local_max_prompt_tokens
+    return config.model.max_model_len if limit is None else limit
 
 
 @dataclass(frozen=True)

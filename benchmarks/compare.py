@@ -285,12 +285,14 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]], place
         f"always-remote's, goodput {get('multi-turn', colo, 'goodput')} collocated's. The price of prefilling turns on "
         "the decode replica is in the other replies' pauses: longest pause "
         f"{get('multi-turn', remote, 'longest pause')} always-remote's.",
-        f"- **Where pdserve is still behind: bursts of long prompts.** Their TTFT p50 is "
-        f"{get('bursty/long-prompt', colo, 'TTFT p50')} collocated's: on two cores the disaggregated app has one "
-        "prefill engine for prompts of 1,500 to 2,500 tokens, longer than a decode replica takes "
-        f"(`placement.idle_local_max_prompt_tokens`, {placement.idle_local_max_prompt_tokens}), where collocated "
-        "prefills on both engines. More prefill "
-        "replicas, or letting decode take longer prompts in chunks while prefill is backlogged, are the levers.",
+        f"- **Bursts of long prompts.** Their TTFT p50 is {get('bursty/long-prompt', colo, 'TTFT p50')} "
+        f"collocated's and {get('bursty/long-prompt', remote, 'TTFT p50')} always-remote's: on two cores the "
+        "disaggregated app has one prefill engine, and collocated prefills on both; the default lets the decode "
+        "replica take prompts of any length (`placement.busy_local_max_prompt_tokens`: "
+        f"{placement.busy_local_max_prompt_tokens or 'no limit'}) in {placement.local_chunk_tokens}-token steps "
+        "while prefill's queue is the longer, so both engines prefill. The price is the generations' pauses: "
+        f"longest pause {get('bursty/long-gen', remote, 'longest pause')} always-remote's (still "
+        f"{get('bursty/long-gen', colo, 'longest pause')} collocated's). More prefill replicas are the other lever.",
         f"- **Against Ray Serve LLM's prefill/decode app** (same split, same engine): goodput "
         f"{goodput('pdserve-disaggregated', 'bursty/long-prompt')} against {goodput(rsl, 'bursty/long-prompt')} req/s "
         f"on the long prompts and {get('bursty/long-gen', rsl, 'goodput')} its own on the generations during bursts, "

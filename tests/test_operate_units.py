@@ -213,7 +213,9 @@ def test_local_chunk_tokens_chunks_only_the_decode_engine_and_lets_busy_decode_t
     assert decode.max_num_batched_tokens == 256 + decode.max_num_seqs  # one chunk beside every running request
     assert EngineSpec.from_config(config).max_num_batched_tokens == 4096  # collocated: whole prompts
     assert EngineSpec.for_prefill(config).max_num_batched_tokens == 1024  # prefill: its own batching
-    assert OrchestratorSpec.from_config(config).limits.busy == 1024  # idle_local_max_prompt_tokens
+    assert OrchestratorSpec.from_config(config).limits.busy == 4096  # no limit but the model's context
+    bounded = parse_app_config({"placement": {"busy_local_max_prompt_tokens": 1024}})
+    assert OrchestratorSpec.from_config(bounded).limits.busy == 1024
     whole = parse_app_config({"placement": {"local_chunk_tokens": None}})  # whole prompts, short ones beside replies
     assert DecodeSpec.from_config(whole).engine.max_num_batched_tokens == 4096
     assert OrchestratorSpec.from_config(whole).limits.busy == 0  # counts as L

@@ -21,10 +21,11 @@ Rules, first match wins:
    turns: a remote prefill would compute no less and send again the KV the decode replica has), or while the
    prefill backlog is at least L tokens (there it would wait at least as long as its local prefill stalls
    decode). Where decode computes local prompts in chunks (`placement.local_chunk_tokens`: no step then stalls
-   its replies for more than that many prompt tokens, however long the prompt), a prompt of up to I uncached
-   tokens also runs locally while the prefill backlog is at least its own length (it would wait there at least
-   as long as it computes here). Both backlog rules weigh the queue a local prompt joins too: the prompt tokens
-   placed locally on that decode replica still without their first token (`DecodeBacklog`). A prompt runs
+   its replies for more than that many prompt tokens, however long the prompt), a longer prompt (up to B =
+   `placement.busy_local_max_prompt_tokens`, by default the model's context) also runs locally while the prefill
+   backlog is at least its own length (it would wait there at least as long as it computes here). Both backlog
+   rules weigh the queue a local prompt joins too: the prompt tokens placed locally on that decode replica still
+   without their first token (`DecodeBacklog`). A prompt runs
    locally for the backlog only while prefill's queue is at least that queue plus its own length; otherwise
    decode is the busier end (`decode_busy`: remote).
    Every other prompt runs remotely.
