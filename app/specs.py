@@ -70,11 +70,10 @@ class EngineSpec:
         """The decode engine's spec: prompts placed there computed `placement.local_chunk_tokens` at a time (its
         running requests' one token each fit beside them), waiting work shortest first (KV that arrived before
         waiting local prompts)."""
-        placement = config.placement
-        spec = replace(cls.from_config(config, config.decode),
-                       short_first_ms_per_token=placement.local_short_first_ms_per_token)
+        spec, placement = cls.from_config(config, config.decode), config.placement
         chunk = placement.local_chunk_tokens
-        return replace(spec, max_num_batched_tokens=chunk + spec.max_num_seqs) if chunk else spec
+        return replace(spec, short_first_ms_per_token=placement.local_short_first_ms_per_token,
+                       max_num_batched_tokens=chunk + spec.max_num_seqs if chunk else spec.max_num_batched_tokens)
 
     @classmethod
     def for_prefill(cls, config: AppConfig) -> EngineSpec:

@@ -288,8 +288,9 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]], place
         f"- **Bursts of long prompts.** Their TTFT p50 is {get('bursty/long-prompt', colo, 'TTFT p50')} "
         f"collocated's and {get('bursty/long-prompt', remote, 'TTFT p50')} always-remote's: on two cores the "
         "disaggregated app has one prefill engine, and collocated prefills on both; the default lets the decode "
-        "replica take prompts of any length (`placement.busy_local_max_prompt_tokens`: "
-        f"{placement.busy_local_max_prompt_tokens or 'no limit'}) in {placement.local_chunk_tokens}-token steps "
+        "replica take long prompts too (`placement.busy_local_max_prompt_tokens`: "
+        f"{'no limit' if placement.busy_local_max_prompt_tokens is None else placement.busy_local_max_prompt_tokens}"
+        f") in {placement.local_chunk_tokens}-token steps "
         "while prefill's queue is the longer, so both engines prefill. The price is the generations' pauses: "
         f"longest pause {get('bursty/long-gen', remote, 'longest pause')} always-remote's (still "
         f"{get('bursty/long-gen', colo, 'longest pause')} collocated's). More prefill replicas are the other lever.",
