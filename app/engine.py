@@ -102,17 +102,15 @@ class EngineDriver:
                        num_compute_tokens: int | None = None) -> AsyncIterator[GenerationChunk]:
         """Run one request (`sampling`: pdserve's spec or vLLM's `SamplingParams`); yields its output deltas (with
         `reply_to`, none: they go to that bus, and this ends after the last); aborts it if the consumer stops early.
-        `on_first` (cheap, thread-safe: it runs on the driver thread) may add to the first chunk, e.g. a report.
-        `num_compute_tokens`: the prompt tokens this engine will compute, which place it in a shortest-first order
-        (a request whose KV arrives from prefill computes one); None: the whole prompt."""
+        `on_first` (cheap, thread-safe: runs on the driver thread) may add to the first chunk, e.g. a report. Its place
+        in a shortest-first order counts `num_compute_tokens` (KV from prefill leaves one; None: the whole prompt)."""
         if request_id in self._outlet.streams:
             raise EngineError(f"duplicate request id {request_id}")
         stream = Stream(loop=asyncio.get_running_loop(), bus=reply_to, on_first=on_first)
         self._outlet.streams[request_id] = stream
         salted = {"cache_salt": cache_salt} if cache_salt is not None else {}
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids), **salted}
-        extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
-        params = to_vllm_sampling(sampling, extra)
+        params = to_vllm_sampling(sampling, {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)
         priority = arrival_priority(num_compute_tokens or len(prompt_token_ids), self.short_first_ms_per_token)
         self._submit(lambda: self._add(request_id, prompt, params, priority))
         finished = False
