@@ -201,10 +201,15 @@ def test_mailbox_states_deadlines_leases_and_single_claim():
 
 # 5. gloo pair group -----------------------------------------------------------------------------
 
+def _kv(store: dict) -> dict:
+    """Rendezvous KV functions on a dict (Ray's internal KV in the app)."""
+    return {"kv_put": lambda k, v, overwrite=True: store.__setitem__(k, v), "kv_get": store.get,
+            "kv_del": lambda k: store.pop(k, None)}
+
+
 def _connected_pair(name: str) -> tuple[PairGlooGroup, PairGlooGroup]:
     store: dict = {}
-    kv = {"kv_put": lambda k, v, overwrite=True: store.__setitem__(k, v), "kv_get": store.get,
-          "kv_del": lambda k: store.pop(k, None)}
+    kv = _kv(store)
     groups = PairGlooGroup(2, 0, name), PairGlooGroup(2, 1, name)
     threads = [threading.Thread(target=g.connect, args=(20,), kwargs=kv) for g in groups]
     for t in threads:
@@ -228,6 +233,38 @@ def test_gloo_pair_groups_are_independent_and_tagged():
     assert torch.equal(got_a, x) and torch.equal(got_b, x * 3)
     for g in (a0, a1, b0, b1):
         g.destroy_group()
+
+
+def _connect_outcome(group: PairGlooGroup, store: dict, timeout_s: float) -> tuple[str, float]:
+    """`group.connect`'s outcome (its error's text, or "ok") and seconds, waited for in a daemon thread so that a
+    connect that never returns fails the test instead of hanging it."""
+    outcome: queue.Queue = queue.Queue()
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            group.connect(timeout_s, **_kv(store))
+            outcome.put(("ok", time.monotonic() - started))
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            outcome.put((f"{type(exc).__name__}: {exc}", time.monotonic() - started))
+
+    threading.Thread(target=run, daemon=True).start()
+    return outcome.get(timeout=20)
+
+
+def test_gloo_connect_gives_up_on_a_peer_that_never_joins_within_its_timeout():
+    # A decode replica lost with its node: prefill (rank 0) forms the pair again for the next request routed
+    # there. The process group's own timeout is idle-long, so the rendezvous itself must bound the wait.
+    store: dict = {}
+    prefill = PairGlooGroup(2, 0, "gnever")
+    error, seconds = _connect_outcome(prefill, store, 1.0)
+    assert error.startswith("TimeoutError") and "never joined" in error and seconds < 5
+    assert not prefill.is_connected and not store  # its rendezvous key is gone with it
+    # The other way round: decode (rank 1) reads the address of a prefill that died after publishing it.
+    store[b"pdserve:gloo:gstale"] = b"127.0.0.1:9"  # nothing listens there
+    decode = PairGlooGroup(2, 1, "gstale")
+    error, seconds = _connect_outcome(decode, store, 1.0)
+    assert error != "ok" and seconds < 5 and not decode.is_connected
 
 
 def test_gloo_send_without_receiver_times_out():

@@ -1,8 +1,7 @@
-"""The NCCL pair group's store side: the ranks' check-in at connect, and its control messages.
+"""The NCCL pair group's store side: its control messages.
 
-A pair's `TCPStore` (rank 0 hosts it, `app.kv.rendezvous`) carries what must not wait in NCCL:
-- at connect every rank checks in (`check_in`), and rank 0 waits for all, so no NCCL set-up waits on a
-  rank that never came;
+A pair's `TCPStore` (rank 0 hosts it; `app.kv.rendezvous`, where every rank checks in at connect so that no
+NCCL set-up waits on a rank that never came) carries what must not wait in NCCL:
 - a transfer's header travels as a control message (`StoreControl`): rank r's n-th message is the key
   `ctl/<r>/<n>`, so messages are FIFO per receiving rank. The receiver blocks in a store wait on the CPU,
   on a connection of its own, and posts no NCCL receive until a header has announced the payload; an idle
@@ -32,20 +31,6 @@ from app.kv.rendezvous import node_ip
 _CLOSED = b"\x00pdserve:pair-closed"  # what `close()` puts under the key a receive waits on
 _WATCH_KEY = "watch/1"  # in the pair's store: where rank 1 hosts the store rank 0 watches
 _WATCH_CLOSED = "closed"  # in the watched store: what rank 0's `close()` sets to wake its own watch
-
-
-def check_in(store: dist.TCPStore, rank: int, world_size: int, deadline: float, group_name: str) -> None:
-    """Every rank checks in on the store; rank 0 waits for all until `deadline` (`TimeoutError` past it)."""
-    if rank != 0:
-        store.set(f"joined/{rank}", b"1")
-        return
-    keys = [f"joined/{r}" for r in range(1, world_size)]
-    if not keys:
-        return
-    try:
-        store.wait(keys, datetime.timedelta(seconds=max(remaining(deadline), 0.001)))
-    except dist.DistStoreError as exc:
-        raise TimeoutError(f"peer never joined pair group {group_name}: {exc}") from exc
 
 
 class StoreControl:

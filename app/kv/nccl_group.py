@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from app.kv import nccl_ops, rendezvous
-from app.kv.nccl_control import StoreControl, check_in
+from app.kv.nccl_control import StoreControl
 from app.kv.nccl_ops import IDLE_TIMEOUT, NcclPairError, nbytes, nccl_available
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,6 @@ class PairNccl(_PairGroupBase):
             try:
                 with rendezvous.pair_store("nccl", self.group_name, self.rank, self.world_size, timeout_s,
                                            kv_put, kv_get, kv_del) as store:
-                    check_in(store, self.rank, self.world_size, deadline, self.group_name)
                     control = StoreControl(store, self.rank, self.group_name, deadline, lambda: self._broken,
                                            self._break, watch=self.world_size > 1)
                     pg = self.new_process_group(dist.PrefixStore("nccl", store), self.rank, self.world_size,
