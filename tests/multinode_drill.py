@@ -20,13 +20,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _complete(base: str, prompt: list[int]) -> dict:
+def _complete(base: str, prompt: list[int], timeline: list) -> dict:
+    """One greedy completion; its outcome and seconds go on `timeline`, so a failure shows which request hung."""
     import httpx
 
-    response = httpx.post(f"{base}/v1/completions", timeout=120, json={
-        "model": "pdserve-tiny-llama", "prompt": prompt, "max_tokens": 16, "temperature": 0})
-    assert response.status_code == 200, response.text
-    return response.json()
+    start, outcome = time.monotonic(), "error"
+    try:
+        response = httpx.post(f"{base}/v1/completions", timeout=120, json={
+            "model": "pdserve-tiny-llama", "prompt": prompt, "max_tokens": 16, "temperature": 0})
+        outcome = str(response.status_code)
+        assert response.status_code == 200, response.text
+        return response.json()
+    finally:
+        timeline.append([base.rsplit("/", 1)[-1], len(prompt), outcome, round(time.monotonic() - start, 2)])
 
 
 def _nodes_of(app: str, deployment: str) -> list[str]:
@@ -53,7 +59,8 @@ def main() -> None:
     prefill_node = cluster.add_node(num_cpus=2, resources={"prefill_node": 1}, object_store_memory=store)
     decode_nodes = [cluster.add_node(num_cpus=2, resources={"decode_node": 1}, object_store_memory=store)
                     for _ in range(2)]
-    seen: dict = {}
+    seen: dict = {"timeline": []}  # [app, prompt tokens, status or "error", seconds] per request, in order
+    timeline = seen["timeline"]
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         port = serve_env.free_port()
@@ -74,19 +81,20 @@ def main() -> None:
         # 2. cross-node transfers give the collocated app's tokens
         prompts = [[(11 * i + 5 * j) % 4000 + 10 for j in range(20 + 23 * i)] for i in range(8)]
         base_pd, base_colo = f"http://127.0.0.1:{port}/pd", f"http://127.0.0.1:{port}/colo"
-        replies = [_complete(base_pd, p) for p in prompts]
+        replies = [_complete(base_pd, p, timeline) for p in prompts]
         seen["kv_sources"] = sorted({r["pdserve"]["kv_source"] for r in replies})
         seen["decode_replicas"] = len({r["pdserve"]["decode_replica"] for r in replies})
         assert seen["kv_sources"] == ["transfer"], seen
-        assert [r["choices"][0]["text"] for r in replies] == [_complete(base_colo, p)["choices"][0]["text"]
+        assert [r["choices"][0]["text"] for r in replies] == [_complete(base_colo, p, timeline)["choices"][0]["text"]
                                                               for p in prompts]
         # 3. a decode node goes away with its replica: the other one serves
         cluster.remove_node(decode_nodes[0], allow_graceful=False)
+        timeline.append(["decode node removed"])
         survivor = decode_nodes[1].node_id
         deadline, ok = time.monotonic() + 120, 0
         while time.monotonic() < deadline and ok < 8:
             try:
-                reply = _complete(base_pd, prompts[ok])
+                reply = _complete(base_pd, prompts[ok], timeline)
                 assert reply["choices"][0]["text"] == replies[ok]["choices"][0]["text"]
                 ok += 1
             except AssertionError as exc:  # the ingress may still route to the lost replica until Serve notices
@@ -95,6 +103,9 @@ def main() -> None:
         seen["served_after_loss"] = ok
         assert ok == 8, seen
         assert set(_nodes_of("pd", "Decode")) == {survivor}, seen  # a replacement may start there too
+    except BaseException as exc:
+        seen["error"] = repr(exc)[:1000]
+        raise
     finally:
         print(json.dumps(seen), flush=True)
         serve_env.shutdown_serve()
