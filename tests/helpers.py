@@ -119,6 +119,12 @@ def stop_app(name: str) -> None:
     serve.delete(name, _blocking=True)
 
 
+def dict_kv(store: dict) -> dict:
+    """Pair-rendezvous KV functions on a dict (Ray's internal KV in the app): `connect(..., **dict_kv(store))`."""
+    return {"kv_put": lambda k, v, overwrite=True: store.__setitem__(k, v), "kv_get": store.get,
+            "kv_del": lambda k: store.pop(k, None)}
+
+
 def in_thread(fn, *args) -> queue.Queue:
     """Run fn(*args) on a daemon thread; the queue gets ("ok", result, seconds) or ("error", exc, seconds).
     (Stdlib only: the GPU tests import it on a machine without Ray or vLLM.)"""

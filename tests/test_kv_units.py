@@ -16,6 +16,7 @@ from app.kv.gloo_group import PairGlooGroup
 from app.kv.header import KVHeader, KVHeaderError, xfer_key
 from app.kv.mailbox import KVMailbox, XferState
 from app.kv.payload import CHECKSUM_CRC32, CHECKSUM_WEIGHTED, CHECKSUM_XXH3, checksum, gather_blocks, scatter_blocks
+from tests.helpers import dict_kv
 
 BLOCK_SHAPE = (2, 32, 128)  # CPU layout: [num_kv_heads, block_size, 2 * head_size]
 
@@ -201,15 +202,9 @@ def test_mailbox_states_deadlines_leases_and_single_claim():
 
 # 5. gloo pair group -----------------------------------------------------------------------------
 
-def _kv(store: dict) -> dict:
-    """Rendezvous KV functions on a dict (Ray's internal KV in the app)."""
-    return {"kv_put": lambda k, v, overwrite=True: store.__setitem__(k, v), "kv_get": store.get,
-            "kv_del": lambda k: store.pop(k, None)}
-
-
 def _connected_pair(name: str) -> tuple[PairGlooGroup, PairGlooGroup]:
     store: dict = {}
-    kv = _kv(store)
+    kv = dict_kv(store)
     groups = PairGlooGroup(2, 0, name), PairGlooGroup(2, 1, name)
     threads = [threading.Thread(target=g.connect, args=(20,), kwargs=kv) for g in groups]
     for t in threads:
@@ -243,7 +238,7 @@ def _connect_outcome(group: PairGlooGroup, store: dict, timeout_s: float) -> tup
     def run() -> None:
         started = time.monotonic()
         try:
-            group.connect(timeout_s, **_kv(store))
+            group.connect(timeout_s, **dict_kv(store))
             outcome.put(("ok", time.monotonic() - started))
         except Exception as exc:  # noqa: BLE001 - the test reads it
             outcome.put((f"{type(exc).__name__}: {exc}", time.monotonic() - started))

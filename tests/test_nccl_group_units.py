@@ -28,7 +28,7 @@ from app.kv.nccl_comm import NcclPairComm
 from app.kv.nccl_control import StoreControl
 from app.kv.nccl_group import NcclPairError, PairNccl
 from app.kv.payload import CHECKSUM_CRC32, checksum
-from tests.helpers import in_thread
+from tests.helpers import dict_kv, in_thread
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -178,11 +178,6 @@ class FakeNcclPG:
 
 # -- helpers ------------------------------------------------------------------------------------------
 
-def _kv(store: dict) -> dict:
-    return {"kv_put": lambda k, v, overwrite=True: store.__setitem__(k, v), "kv_get": store.get,
-            "kv_del": lambda k: store.pop(k, None)}
-
-
 def _group(name: str, rank: int, wire: FakeWire, world_size: int = 2) -> PairNccl:
     group = PairNccl(world_size, rank, name)
     group.new_process_group = lambda store, r, size, timeout: FakeNcclPG(wire, r, size, timeout)
@@ -196,7 +191,7 @@ def _connected(name: str, delay_s: float = 0.0, timeout_s: float = 20) -> tuple[
 
     def connect(g: PairNccl) -> None:
         try:
-            g.connect(timeout_s, device=CPU, **_kv(store))
+            g.connect(timeout_s, device=CPU, **dict_kv(store))
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -388,13 +383,13 @@ def test_connect_gives_up_at_its_deadline_when_the_peer_never_comes():
     lonely = _group("n-lonely", 0, wire)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        lonely.connect(0.5, device=CPU, **_kv(store))
+        lonely.connect(0.5, device=CPU, **dict_kv(store))
     assert time.monotonic() - started < 3 and not store and not lonely.is_connected
 
     late_store: dict = {}
     rank1 = _group("n-lonely-1", 1, FakeWire())
     with pytest.raises(TimeoutError):  # rank 1 with no rank 0: no address within the deadline
-        rank1.connect(0.3, device=CPU, **_kv(late_store))
+        rank1.connect(0.3, device=CPU, **dict_kv(late_store))
 
 
 def test_connect_gives_up_when_the_communicator_never_forms():
@@ -402,7 +397,7 @@ def test_connect_gives_up_when_the_communicator_never_forms():
     wire, store = FakeWire(), {}
     g0, g1 = _group("n-hang", 0, wire), _group("n-hang", 1, wire)
     g1.new_process_group = lambda s, r, size, timeout: _NeverInitPG(wire, r, size, timeout)
-    results = [in_thread(lambda g=g: g.connect(0.8, device=CPU, **_kv(store))) for g in (g0, g1)]
+    results = [in_thread(lambda g=g: g.connect(0.8, device=CPU, **dict_kv(store))) for g in (g0, g1)]
     for pending in results:
         status, exc, took = pending.get(timeout=15)
         assert status == "error" and isinstance(exc, TimeoutError) and took < 3
@@ -417,7 +412,7 @@ class _NeverInitPG(FakeNcclPG):
 def test_one_rank_group_exchanges_with_itself():
     wire, store = FakeWire(0.05), {}
     g = _group("n-self", 0, wire, world_size=1)
-    g.connect(5, device=CPU, **_kv(store))
+    g.connect(5, device=CPU, **dict_kv(store))
     x, got = torch.arange(8.0), torch.zeros(8)
     g.send_recv(x, got, 0, timeout_s=5)
     assert torch.equal(got, x) and not store
@@ -496,7 +491,7 @@ def _fake_collective(monkeypatch, wire: FakeWire, kv_store: dict) -> tuple[dict,
         for key in [k for k in groups if k[0] == name and k[1] == getattr(me, "rank", 0)]:
             groups.pop(key).destroy_group()
 
-    monkeypatch.setattr(rendezvous, "kv_functions", lambda *args: tuple(_kv(kv_store).values()))
+    monkeypatch.setattr(rendezvous, "kv_functions", lambda *args: tuple(dict_kv(kv_store).values()))
     monkeypatch.setattr(collective, "init_collective_group", init_collective_group)
     monkeypatch.setattr(collective, "get_group_handle", lambda name: groups[(name, me.rank)])
     monkeypatch.setattr(collective, "is_group_initialized",
