@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,31 @@ class EngineLoad:
     step_s: float = 0.0  # mean engine step since the previous measure (0: it did not step)
 
 
+def has_replies(running: Iterable[Any], waiting: Iterable[Any]) -> bool:
+    """Whether vLLM requests include a reply that a long prompt step would stall: a running request past its prompt,
+    or a waiting one whose KV came from prefill (pdserve's `kv_transfer_params`; a local prompt has none)."""
+    return (any(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+            or any(r.kv_transfer_params for r in waiting))
+
+
+def apply_step_budget(scheduler: Any, replies_budget: int) -> None:
+    """Driver thread only: a step holds at most `replies_budget` tokens while a reply runs or waits, so a local prompt
+    stalls them one chunk at a time; the engine's whole budget otherwise, so a local prompt on an idle replica runs in
+    one step (chunks would stall nothing and cost it steps)."""
+    replies = has_replies(scheduler.running, [*scheduler.waiting, *scheduler.kv_holding_waiting])
+    whole = scheduler.scheduler_config.max_num_batched_tokens
+    scheduler.max_num_scheduled_tokens = replies_budget if replies else whole
+
+
+def measure_load(scheduler: Any, num_steps: int, step_s: float) -> EngineLoad:
+    """Driver thread only: the scheduler's queues are not safe to walk from elsewhere."""
+    requests = [*scheduler.running, *scheduler.waiting, *scheduler.kv_holding_waiting]
+    num_running, num_waiting = scheduler.get_request_counts()
+    queued = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in requests)
+    return EngineLoad(num_running, num_waiting, queued, float(scheduler.get_kv_cache_usage()),
+                      step_s / num_steps if num_steps else 0.0)
+
+
 class EngineDriver:
     """Owns one in-process `LLMEngine` and the thread that steps it."""
 
@@ -73,8 +98,9 @@ class EngineDriver:
     LOAD_INTERVAL_S = 0.05
 
     def __init__(self, engine: Any, num_threads: int | None = None, cpu_affinity: tuple[int, ...] | None = None,
-                 short_first_ms_per_token: float = 0.0):
+                 short_first_ms_per_token: float = 0.0, replies_budget: int | None = None):
         self.engine = engine
+        self.replies_budget = replies_budget  # tokens a step holds while replies run (None: the engine's budget)
         self.short_first_ms_per_token = short_first_ms_per_token  # > 0: the engine runs vLLM's priority policy
         self.num_threads = num_threads  # compute threads of the engine thread (None: the process default)
         self.cpu_affinity = cpu_affinity  # cores of the engine thread and the compute threads it starts
@@ -91,7 +117,7 @@ class EngineDriver:
     @classmethod
     def from_spec(cls, spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None) -> EngineDriver:
         return cls(build_engine(spec, kv_transfer_config), spec.cpu_threads, spec.cpu_affinity,
-                   spec.short_first_ms_per_token)
+                   spec.short_first_ms_per_token, spec.replies_budget)
 
     # -- asyncio side ---------------------------------------------------------------------------
 
@@ -157,16 +183,6 @@ class EngineDriver:
     def _scheduler(self):
         return self.engine.engine_core.engine_core.scheduler
 
-    def _measure_load(self) -> EngineLoad:
-        """Driver thread only: the scheduler's queues are not safe to walk from elsewhere."""
-        scheduler = self._scheduler()
-        requests = [*scheduler.running, *scheduler.waiting, *scheduler.kv_holding_waiting]
-        num_running, num_waiting = scheduler.get_request_counts()
-        queued = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in requests)
-        (num_steps, step_s), self._steps = self._steps, [0, 0.0]
-        return EngineLoad(num_running, num_waiting, queued, float(scheduler.get_kv_cache_usage()),
-                          step_s / num_steps if num_steps else 0.0)
-
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
         self._wake.set()
@@ -189,11 +205,14 @@ class EngineDriver:
             busy = self.engine.has_unfinished_requests()
             now = time.monotonic()
             if not busy or now - self._load_at >= self.LOAD_INTERVAL_S:  # idle: measured before each sleep
-                self.load, self._load_at = self._measure_load(), now
+                (num_steps, step_s), self._steps = self._steps, [0, 0.0]
+                self.load, self._load_at = measure_load(self._scheduler(), num_steps, step_s), now
             if not busy:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
+            if self.replies_budget:
+                apply_step_budget(self._scheduler(), self.replies_budget)
             try:
                 started = time.perf_counter()
                 outputs = self.engine.step()

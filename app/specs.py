@@ -42,6 +42,7 @@ class EngineSpec:
     cpu_threads: int | None  # None: the process's default
     cpu_affinity: tuple[int, ...] | None  # cores the engine thread may run on (None: any)
     short_first_ms_per_token: float = 0.0  # > 0: vLLM's priority policy, shortest waiting prompt first (bounded)
+    replies_budget: int | None = None  # tokens a step holds while replies run (None: max_num_batched_tokens always)
 
     @classmethod
     def from_config(cls, config: AppConfig, options: DeploymentOptions | None = None) -> EngineSpec:
@@ -67,13 +68,13 @@ class EngineSpec:
 
     @classmethod
     def for_decode(cls, config: AppConfig) -> EngineSpec:
-        """The decode engine's spec: prompts placed there computed `placement.local_chunk_tokens` at a time (its
-        running requests' one token each fit beside them), waiting work shortest first (KV that arrived before
-        waiting local prompts)."""
+        """The decode engine's spec: prompts placed there computed `placement.local_chunk_tokens` at a time while
+        replies run (their one token each fit beside them; whole on an idle replica), waiting work shortest first
+        (KV that arrived before waiting local prompts)."""
         spec, placement = cls.from_config(config, config.decode), config.placement
         chunk = placement.local_chunk_tokens
         return replace(spec, short_first_ms_per_token=placement.local_short_first_ms_per_token,
-                       max_num_batched_tokens=chunk + spec.max_num_seqs if chunk else spec.max_num_batched_tokens)
+                       replies_budget=chunk + spec.max_num_seqs if chunk else None)
 
     @classmethod
     def for_prefill(cls, config: AppConfig) -> EngineSpec:

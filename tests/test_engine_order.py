@@ -4,7 +4,8 @@ Prefill (`prefill_batching.short_first_ms_per_token`): a long prompt A is runnin
 and then C (short) arrive while it runs. vLLM finishes a running prompt before it starts a waiting one, so A comes
 first either way; then arrival order runs B before C, short-first runs C before B. The tokens are the same either way.
 
-Decode (`placement.local_short_first_ms_per_token`): the same story with local prompts on the decode engine, plus D,
+Decode (`placement.local_short_first_ms_per_token`): the same story with local prompts on the decode engine beside
+a running reply R (without one, an idle decode replica computes a local prompt whole), plus D,
 a request whose KV arrived from prefill (one token left to compute: `num_compute_tokens=1`), arriving last. It goes
 first after A, so a reply whose first token came from prefill does not wait for every local prompt queued before its
 KV arrived. (This engine has no connector: D's prompt is computed here; its place in the order is what is tested.)
@@ -41,26 +42,61 @@ class _Engine:
                 "local_chunk_tokens": 32, "local_short_first_ms_per_token": short_first_ms_per_token}})
             spec = EngineSpec.for_decode(config)
         self.driver = EngineDriver.from_spec(spec)
+        self.num_steps = 0
+        step = self.driver.engine.step
 
-    async def first_token_order(self, requests: list[tuple[str, int, int | None]]
-                                ) -> tuple[list[str], dict[str, list[int]]]:
-        """Run `requests` (name, prompt tokens, tokens to compute), the first until it is running, the rest 5 ms
-        apart after it; names in the order their first token came out, and each one's tokens."""
+        def counted_step():  # the driver's thread steps the engine through this
+            self.num_steps += 1
+            return step()
+
+        self.driver.engine.step = counted_step
+
+    async def steps_to_first_token(self, num_tokens: int, beside_reply: bool) -> int:
+        """Engine steps from a local prompt's arrival to its first token, on an idle engine or beside a reply."""
+        reply = None
+        if beside_reply:
+            started = asyncio.Event()
+
+            async def run_reply() -> None:
+                async for _ in self.driver.generate("R", [11] * 20, SamplingSpec(max_tokens=400, temperature=0,
+                                                                                      ignore_eos=True)):
+                    started.set()
+
+            reply = asyncio.ensure_future(run_reply())
+            await started.wait()
+        before = self.num_steps
+        prompt = [(7 * i + 3 * beside_reply) % 4000 + 10 for i in range(num_tokens)]  # none of it cached
+        async for chunk in self.driver.generate("P", prompt, SamplingSpec(max_tokens=1, temperature=0)):
+            if chunk.token_ids:
+                break
+        steps = self.num_steps - before
+        if reply is not None:
+            reply.cancel()
+        return steps
+
+    async def first_token_order(self, requests: list[tuple[str, int, int | None]], first_max_tokens: int = 2,
+                                num_leading: int = 1) -> tuple[list[str], dict[str, list[int]]]:
+        """Run `requests` (name, prompt tokens, tokens to compute): the first `num_leading` one after the other, each
+        until it is running (the first with `first_max_tokens`, never stopped early), the rest 5 ms apart after them;
+        names in the order their first token came out, and each one's tokens."""
         order: list[str] = []
         tokens: dict[str, list[int]] = {}
 
         async def run(index: int, name: str, num_tokens: int, num_compute: int | None) -> None:
             prompt = [(7 * i + index) % 4000 + 10 for i in range(num_tokens)]
-            async for chunk in self.driver.generate(name, prompt, SamplingSpec(max_tokens=2, temperature=0),
-                                                    num_compute_tokens=num_compute):
+            sampling = SamplingSpec(max_tokens=first_max_tokens if index == 0 else 2, temperature=0,
+                                    ignore_eos=index == 0)
+            async for chunk in self.driver.generate(name, prompt, sampling, num_compute_tokens=num_compute):
                 if chunk.token_ids and name not in order:
                     order.append(name)
                 tokens.setdefault(name, []).extend(chunk.token_ids)
 
-        tasks = [asyncio.create_task(run(0, *requests[0]))]
-        while self.driver.load.num_running == 0:  # the first has started its first chunk
-            await asyncio.sleep(0.001)
-        for index, request in enumerate(requests[1:], start=1):
+        tasks = []
+        for index, request in enumerate(requests[:num_leading]):
+            tasks.append(asyncio.create_task(run(index, *request)))
+            while self.driver.load.num_running <= index:  # it has started (its first chunk)
+                await asyncio.sleep(0.001)
+        for index, request in enumerate(requests[num_leading:], start=num_leading):
             tasks.append(asyncio.create_task(run(index, *request)))
             await asyncio.sleep(0.005)  # arrival order is list order
         await asyncio.gather(*tasks)
@@ -70,11 +106,23 @@ class _Engine:
         self.driver.shutdown()
 
 
-def _run(role: str, short_first_ms_per_token: float, requests: list[tuple[str, int, int | None]]
-         ) -> tuple[list[str], dict[str, list[int]]]:
+def _run(role: str, short_first_ms_per_token: float, requests: list[tuple[str, int, int | None]],
+         first_max_tokens: int = 2, num_leading: int = 1) -> tuple[list[str], dict[str, list[int]]]:
     engine = _Engine.remote(role, short_first_ms_per_token)
     try:
-        return ray.get(engine.first_token_order.remote(requests), timeout=120)
+        return ray.get(engine.first_token_order.remote(requests, first_max_tokens, num_leading), timeout=120)
+    finally:
+        ray.get(engine.shutdown.remote(), timeout=30)
+        ray.kill(engine)
+
+
+def test_an_idle_decode_engine_computes_a_local_prompt_whole_and_in_chunks_beside_a_reply(ray_session):
+    engine = _Engine.remote("decode", 2.0)  # local_chunk_tokens 32: 32 + max_num_seqs tokens a step beside replies
+    try:
+        # 1. idle: the 400-token prompt is one step (nothing to stall; chunks would cost it steps)
+        assert ray.get(engine.steps_to_first_token.remote(400, beside_reply=False), timeout=120) == 1
+        # 2. beside a decoding reply: at most 32 + max_num_seqs tokens a step, so it takes several
+        assert ray.get(engine.steps_to_first_token.remote(400, beside_reply=True), timeout=120) >= 5
     finally:
         ray.get(engine.shutdown.remote(), timeout=30)
         ray.kill(engine)
@@ -93,9 +141,10 @@ def test_short_prompts_pass_waiting_long_ones_and_arrival_order_does_not(ray_ses
 
 
 def test_on_decode_arrived_kv_and_short_local_prompts_pass_waiting_long_local_prompts(ray_session):
-    # arrival order A (running), B, C, then D, whose KV arrived last (vLLM's arrival order: the prefill test above)
-    requests = [("A", 400, None), ("B", 400, None), ("C", 20, None), ("D", 400, 1)]
-    order, tokens = _run("decode", 2.0, requests)
+    # R, a reply, decodes throughout (so local prompts run in chunks); then, in arrival order, A (running), B, C,
+    # and D, whose KV arrived last (vLLM's arrival order: the prefill test above)
+    requests = [("R", 20, None), ("A", 400, None), ("B", 400, None), ("C", 20, None), ("D", 400, 1)]
+    order, tokens = _run("decode", 2.0, requests, first_max_tokens=200, num_leading=2)
     # D (one token to compute) passes C and B; C passes B
-    assert order == ["A", "D", "C", "B"]
-    assert all(len(ids) == 2 for ids in tokens.values())
+    assert order == ["R", "A", "D", "C", "B"]
+    assert len(tokens["R"]) == 200 and all(len(tokens[name]) == 2 for name in "ABCD")

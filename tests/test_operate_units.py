@@ -207,10 +207,11 @@ def test_the_prefill_step_chunks_long_prompts_by_default_and_none_restores_whole
 def test_local_chunk_tokens_chunks_only_the_decode_engine_and_lets_busy_decode_take_longer_prompts():
     from app.specs import DecodeSpec, OrchestratorSpec
 
-    assert DecodeSpec.from_config(parse_app_config({})).engine.max_num_batched_tokens == 512 + 32  # the default
+    assert DecodeSpec.from_config(parse_app_config({})).engine.replies_budget == 512 + 32  # the default
     config = parse_app_config({"placement": {"local_chunk_tokens": 256}})
     decode = DecodeSpec.from_config(config).engine
-    assert decode.max_num_batched_tokens == 256 + decode.max_num_seqs  # one chunk beside every running request
+    assert decode.replies_budget == 256 + decode.max_num_seqs  # one chunk beside every running request
+    assert decode.max_num_batched_tokens == 4096  # an idle decode replica computes a local prompt whole
     assert EngineSpec.from_config(config).max_num_batched_tokens == 4096  # collocated: whole prompts
     assert EngineSpec.for_prefill(config).max_num_batched_tokens == 1024  # prefill: its own batching
     assert OrchestratorSpec.from_config(config).limits.busy == 4096  # no limit but the model's context
@@ -218,6 +219,7 @@ def test_local_chunk_tokens_chunks_only_the_decode_engine_and_lets_busy_decode_t
     assert OrchestratorSpec.from_config(bounded).limits.busy == 1024
     whole = parse_app_config({"placement": {"local_chunk_tokens": None}})  # whole prompts, short ones beside replies
     assert DecodeSpec.from_config(whole).engine.max_num_batched_tokens == 4096
+    assert DecodeSpec.from_config(whole).engine.replies_budget is None
     assert OrchestratorSpec.from_config(whole).limits.busy == 0  # counts as L
 
 
@@ -388,3 +390,19 @@ def test_periodic_warmup_runs_only_while_idle():
 
     assert asyncio.run(run(num_unfinished=0)) == 3  # idle: it repeats
     assert asyncio.run(run(num_unfinished=5)) == 0  # real requests running: it waits
+
+
+def test_a_decode_step_is_chunked_only_while_a_reply_runs_or_arrived_kv_waits():
+    from types import SimpleNamespace
+
+    from app.engine import has_replies
+
+    def request(num_prompt: int, num_computed: int, kv_params: dict | None = None) -> SimpleNamespace:
+        return SimpleNamespace(num_prompt_tokens=num_prompt, num_computed_tokens=num_computed,
+                               kv_transfer_params=kv_params)
+
+    local_prompt = request(2000, 512)  # a local prompt half computed
+    assert not has_replies([local_prompt], [request(300, 0)])  # prompts only: one whole step each
+    assert has_replies([local_prompt, request(100, 101)], [])  # a reply decoding beside it
+    assert has_replies([local_prompt], [request(100, 0, {"pdserve": {"xfer_id": "x"}})])  # KV arrived, waiting
+    assert not has_replies([], [])

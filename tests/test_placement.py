@@ -20,7 +20,7 @@ APP = "place"
 PREFIX = "/place"
 LOCAL_MAX = 96
 IDLE_MAX = 160
-CHUNK = 64  # decode computes a local prompt CHUNK + max_num_seqs (32) tokens a step: IDLE_MAX takes two steps
+CHUNK = 64  # beside a reply, decode computes a local prompt CHUNK + max_num_seqs (32) tokens a step; idle, whole
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +108,26 @@ def test_a_short_prompt_beside_a_running_reply_with_prefill_idle_goes_remote(app
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("num_tokens", "reason"), [
-    (40, f"queued at prefill >= {LOCAL_MAX}"),  # short: behind any backlog of at least L
-    (150, "at least its own: it would wait longer there than it takes here, in chunks"),  # longer: chunked here
+@pytest.mark.parametrize(("num_tokens", "beside_reply", "reason"), [
+    (40, False, f"queued at prefill >= {LOCAL_MAX}"),  # short: behind any backlog of at least L
+    # longer: in chunks between the running reply's steps (two: 95 + 55 tokens)
+    (150, True, "at least its own: it would wait longer there than it takes here, in chunks"),
 ])
 def test_a_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_tokens(
-        app, offline_engine, tokenizer, num_tokens, reason):
+        app, offline_engine, tokenizer, num_tokens, beside_reply, reason):
     import threading
     import time
 
     ingress = serve.get_deployment_handle("Ingress", APP)
     short = prompt_of_length(tokenizer, num_tokens, offset=1700 + 10 * num_tokens)
     _, want_ids = offline_generate(offline_engine, short, 24)
+    reply = threading.Thread(target=_complete, args=(app, prompt_of_length(tokenizer, 30, offset=2600), 400))
+    if beside_reply:
+        reply.start()  # a reply decoding on the (only) decode replica: the local prompt runs in chunks beside it
+        deadline = time.monotonic() + 30
+        while ingress.placement_stats.remote().result()["decode_requests"] < 1:
+            assert time.monotonic() < deadline, "the reply never reached decode"
+            time.sleep(0.005)
     long_prompt = prompt_of_length(tokenizer, 3500, offset=20 * num_tokens)  # a few hundred ms of prefill here
     backlog = threading.Thread(target=_complete, args=(app, long_prompt, 1))
     backlog.start()
@@ -129,6 +137,8 @@ def test_a_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_
         time.sleep(0.005)
     report = _check(_complete(app, short), want_ids, "local", reason)
     backlog.join(120)
+    if beside_reply:
+        reply.join(120)
     assert report["prefill_replica"] is None and report["decode_replica"]
     assert ingress.placement_stats.remote().result() == {"prefill_backlog_tokens": 0, "prefill_backlog_requests": 0,
                                                          "decode_requests": 0, "decode_backlog_tokens": 0}
