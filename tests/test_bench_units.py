@@ -339,3 +339,32 @@ def test_leftover_shared_memory_is_removed_only_if_new_and_held_by_no_process():
     finally:
         for path in (old, new, held):
             path.unlink(missing_ok=True)
+
+
+def test_interleaved_table_gives_each_system_its_ratio_to_vllms_server_at_the_same_length():
+    from benchmarks.interleaved import rows, summarize
+
+    def lone(ttft: float, tpot: float, kv_source: str | None = None) -> Timing:
+        # 64 tokens: the first at `ttft`, then one every `tpot`
+        timing = _timing(0.0, [ttft + i * tpot for i in range(64)], 64)
+        timing.kv_source = kv_source
+        return timing
+
+    summary = summarize({
+        "vllm": {100: [lone(0.040, 0.010), lone(0.050, 0.010), lone(0.060, 0.010)],
+                 1000: [lone(0.400, 0.010)]},
+        "pdserve-disaggregated": {100: [lone(0.060, 0.011, "local"), lone(0.075, 0.011, "local"),
+                                        _timing(0.0, [], 0, error="HTTP 503")],
+                                  1000: [lone(0.440, 0.012, "transfer")]},
+    })
+    assert summary["vllm"][100]["ttft_ms"] == pytest.approx(50.0)
+    assert summary["vllm"][100]["ttft_q1_ms"] == pytest.approx(45.0)
+    assert summary["pdserve-disaggregated"][100]["num_ok"] == 2  # the failed request counts in no median
+    assert summary["pdserve-disaggregated"][100]["kv_source"] == {"local": 2}
+    table = rows(summary)
+    assert table[2] == "| vllm | 100 | 50.0 ms (45.0-55.0) | 10.0 ms (10.0-10.0) |  |"
+    # 67.5 / 50 and 11 / 10 at 100 tokens; 440 / 400 and 12 / 10 at 1000, each against its own length
+    assert table[4].startswith("| pdserve-disaggregated (1 failed) | 100 | x1.35 (67.5 ms")
+    assert "| x1.10 (11.0 ms" in table[4]
+    assert table[4].endswith("| local 2 |")
+    assert table[5].startswith("| pdserve-disaggregated | 1000 | x1.10 (440.0 ms") and "| x1.20 (12.0 ms" in table[5]

@@ -72,6 +72,12 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
     return timing
 
 
+async def time_request(client: httpx.AsyncClient, base_url: str, model: str, request: BenchRequest) -> Timing:
+    """One request on a client the caller keeps open, timed from now (`sent_at` 0): lone requests sent to several
+    servers in turn (benchmarks/interleaved.py)."""
+    return await _one(client, base_url.rstrip("/") + "/v1/completions", model, request, time.perf_counter(), {})
+
+
 async def run_workload(base_url: str, model: str, requests: list[BenchRequest], arrivals: Arrivals,
                        seed: int = 0, api_key: str | None = None, timeout_s: float = 600.0,
                        on_done: Callable[[], None] | None = None,
