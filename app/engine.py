@@ -24,6 +24,7 @@ Only the driver thread touches the engine; everything else talks to it through t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -64,16 +65,19 @@ class EngineLoad:
 
 def has_replies(running: Iterable[Any], waiting: Iterable[Any]) -> bool:
     """Whether vLLM requests include a reply that a long prompt step would stall: a running request past its prompt,
-    or a waiting one whose KV came from prefill (pdserve's `kv_transfer_params`; a local prompt has none)."""
-    return (any(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
-            or any(r.kv_transfer_params for r in waiting))
+    a waiting one whose KV came from prefill (pdserve's `kv_transfer_params`; a local prompt has none), or one that
+    has produced tokens already (preempted, then resumed: it recomputes from scratch)."""
+    return (any(r.num_computed_tokens >= r.num_prompt_tokens or r.num_output_tokens for r in running)
+            or any(r.kv_transfer_params or r.num_output_tokens for r in waiting))
 
 
-def apply_step_budget(scheduler: Any, replies_budget: int) -> None:
-    """Driver thread only: a step holds at most `replies_budget` tokens while a reply runs or waits, so a local prompt
-    stalls them one chunk at a time; the engine's whole budget otherwise, so a local prompt on an idle replica runs in
-    one step (chunks would stall nothing and cost it steps)."""
-    replies = has_replies(scheduler.running, [*scheduler.waiting, *scheduler.kv_holding_waiting])
+def apply_step_budget(scheduler: Any, replies_budget: int, replies_pending: bool = False) -> None:
+    """Driver thread only: a step holds at most `replies_budget` tokens while a reply runs or waits (in the engine,
+    or, `replies_pending`, still outside it: KV on its way from prefill), so a local prompt stalls them one chunk at a
+    time; the engine's whole budget otherwise, so a local prompt on an idle replica runs in one step (chunks would
+    stall nothing and cost it steps)."""
+    replies = replies_pending or has_replies(scheduler.running,
+                                             itertools.chain(scheduler.waiting, scheduler.kv_holding_waiting))
     whole = scheduler.scheduler_config.max_num_batched_tokens
     scheduler.max_num_scheduled_tokens = replies_budget if replies else whole
 
@@ -101,6 +105,7 @@ class EngineDriver:
                  short_first_ms_per_token: float = 0.0, replies_budget: int | None = None):
         self.engine = engine
         self.replies_budget = replies_budget  # tokens a step holds while replies run (None: the engine's budget)
+        self.replies_pending: Callable[[], bool] = lambda: False  # replies not in the engine yet (decode: KV coming)
         self.short_first_ms_per_token = short_first_ms_per_token  # > 0: the engine runs vLLM's priority policy
         self.num_threads = num_threads  # compute threads of the engine thread (None: the process default)
         self.cpu_affinity = cpu_affinity  # cores of the engine thread and the compute threads it starts
@@ -212,7 +217,7 @@ class EngineDriver:
                 self._wake.clear()
                 continue
             if self.replies_budget:
-                apply_step_budget(self._scheduler(), self.replies_budget)
+                apply_step_budget(self._scheduler(), self.replies_budget, self.replies_pending())
             try:
                 started = time.perf_counter()
                 outputs = self.engine.step()

@@ -200,6 +200,19 @@ def test_mailbox_states_deadlines_leases_and_single_claim():
     assert box.num_held_bytes() == 0 and box.state(xfer_key("orphan"))[0] is None
 
 
+
+def test_mailbox_has_transfers_from_expectation_to_forget_so_decode_keeps_chunking_local_prompts():
+    box = KVMailbox(lease_s=5)
+    assert not box.has_transfers()
+    a = xfer_key("a")
+    box.expect(a, timeout_s=5)  # a reply's KV is on its way: not in the engine yet, but coming
+    assert box.has_transfers()
+    box.deliver(_received("a"))
+    box.claim(a)
+    assert box.has_transfers()  # loaded, its reply decoding
+    box.forget(a)
+    assert not box.has_transfers()
+
 # 5. gloo pair group -----------------------------------------------------------------------------
 
 def _connected_pair(name: str) -> tuple[PairGlooGroup, PairGlooGroup]:

@@ -395,14 +395,33 @@ def test_periodic_warmup_runs_only_while_idle():
 def test_a_decode_step_is_chunked_only_while_a_reply_runs_or_arrived_kv_waits():
     from types import SimpleNamespace
 
-    from app.engine import has_replies
+    from app.engine import apply_step_budget, has_replies
 
-    def request(num_prompt: int, num_computed: int, kv_params: dict | None = None) -> SimpleNamespace:
+    def request(num_prompt: int, num_computed: int, kv_params: dict | None = None, num_output: int = 0
+                ) -> SimpleNamespace:
         return SimpleNamespace(num_prompt_tokens=num_prompt, num_computed_tokens=num_computed,
-                               kv_transfer_params=kv_params)
+                               kv_transfer_params=kv_params, num_output_tokens=num_output)
 
     local_prompt = request(2000, 512)  # a local prompt half computed
     assert not has_replies([local_prompt], [request(300, 0)])  # prompts only: one whole step each
     assert has_replies([local_prompt, request(100, 101)], [])  # a reply decoding beside it
     assert has_replies([local_prompt], [request(100, 0, {"pdserve": {"xfer_id": "x"}})])  # KV arrived, waiting
+    assert has_replies([], [request(100, 0, num_output=7)])  # a reply preempted (recomputes from scratch)
+    assert has_replies([request(100, 40, num_output=7)], [])  # ... and resumed, mid-recompute
     assert not has_replies([], [])
+
+    def scheduler(running: list, waiting: list = (), holding: list = ()) -> SimpleNamespace:
+        return SimpleNamespace(running=running, waiting=waiting, kv_holding_waiting=holding,
+                               scheduler_config=SimpleNamespace(max_num_batched_tokens=4096),
+                               max_num_scheduled_tokens=4096)
+
+    idle = scheduler([local_prompt])
+    apply_step_budget(idle, 544)
+    assert idle.max_num_scheduled_tokens == 4096  # nothing to stall: the prompt runs whole
+    apply_step_budget(idle, 544, replies_pending=True)
+    assert idle.max_num_scheduled_tokens == 544  # a reply's KV is on its way to this engine: chunks
+    apply_step_budget(idle, 544)
+    assert idle.max_num_scheduled_tokens == 4096  # back once it is not
+    holding = scheduler([local_prompt], holding=[request(100, 0, {"pdserve": {"xfer_id": "x"}})])
+    apply_step_budget(holding, 544)
+    assert holding.max_num_scheduled_tokens == 544  # a reply waiting in vLLM's other queue counts too
