@@ -60,7 +60,8 @@ class Decode(EngineReplica):
         self.fallbacks: Counter[str] = Counter()  # requests that did not use transferred KV, by reason
         self.num_placed_locally = 0  # prompts the router placed here (not fallbacks)
         self.driver = EngineDriver.from_spec(spec.engine, kv_transfer_config("kv_consumer"))
-        self.driver.replies_pending = self.mailbox.has_transfers  # KV on its way: local prompts go in chunks
+        # a transfer expected, here or in use: its reply is coming to (or on) this engine, so local prompts go in chunks
+        self.driver.replies_pending = lambda: len(self.mailbox) > 0
         self.transport = PairTransport("decode", self.replica_id, resolve_backend(spec.kv.backend, self.hub.device),
                                        spec.kv.timeout_s, self.hub.device, deliver=self.mailbox.deliver,
                                        shm_max_bytes=spec.kv.shared_memory_mib << 20)

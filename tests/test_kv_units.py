@@ -201,17 +201,17 @@ def test_mailbox_states_deadlines_leases_and_single_claim():
 
 
 
-def test_mailbox_has_transfers_from_expectation_to_forget_so_decode_keeps_chunking_local_prompts():
+def test_mailbox_counts_a_transfer_from_expectation_to_forget_so_decode_keeps_chunking_local_prompts():
     box = KVMailbox(lease_s=5)
-    assert not box.has_transfers()
+    assert len(box) == 0
     a = xfer_key("a")
     box.expect(a, timeout_s=5)  # a reply's KV is on its way: not in the engine yet, but coming
-    assert box.has_transfers()
+    assert len(box) == 1
     box.deliver(_received("a"))
     box.claim(a)
-    assert box.has_transfers()  # loaded, its reply decoding
+    assert len(box) == 1  # loaded, its reply decoding
     box.forget(a)
-    assert not box.has_transfers()
+    assert len(box) == 0
 
 # 5. gloo pair group -----------------------------------------------------------------------------
 

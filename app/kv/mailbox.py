@@ -97,11 +97,6 @@ class KVMailbox:
         self.num_expired = 0
         self.num_late = 0
 
-    def has_transfers(self) -> bool:
-        """Whether any transfer is expected, here, or in use (its reply is coming to, or running on, this engine).
-        Read by the engine thread every step: no lock (a dict's truth value is one atomic read)."""
-        return bool(self._records)
-
     def expect(self, key: int, timeout_s: float) -> None:
         with self._lock:
             if (record := self._records.get(key)) is None:
