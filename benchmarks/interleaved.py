@@ -45,6 +45,7 @@ from app.tools.bench import report, stats  # noqa: E402
 from app.tools.bench.client import Timing, time_request  # noqa: E402
 from app.tools.bench.workload import BenchRequest  # noqa: E402
 from app.tools.vllm_server import VLLMServer  # noqa: E402
+from benchmarks.overhead import _merged  # noqa: E402  (the same config overlay)
 
 MODEL = "pdserve-tiny-llama"
 OUTPUT_TOKENS = 64
@@ -55,13 +56,6 @@ SETTLE_S = 10  # after the warm-up requests: what a server still does after its 
 
 def _request(rng: random.Random, length: int) -> BenchRequest:
     return BenchRequest(tuple(rng.randrange(1, 4000) for _ in range(length)), length, OUTPUT_TOKENS)
-
-
-def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
 
 
 def summarize(timings: dict[str, dict[int, list[Timing]]]) -> dict[str, dict[int, dict[str, Any]]]:
