@@ -1,5 +1,5 @@
 """Warm-up: what an engine replica does before it reports ready, so real requests pay no set-up; and the
-ingress's own (`warm_path`, at the end of its constructor: one plain and one streamed request through the whole
+ingress's own (`warm_path`, at the end of its constructor: three requests through the whole
 path before Serve routes anything to it).
 
 Life cycle (`warm_up`, called at the end of a Prefill/Decode/Collocated constructor, so also after a
@@ -100,22 +100,27 @@ async def pair_with_peers(transport: Any, replica_id: str, peer_deployment: str,
 
 
 async def warm_path(front: VLLMFront, served_name: str) -> None:
-    """Before Serve routes anything here: one streamed and one plain request through the whole path (tokenizer,
-    engine client, handles and routers, engine replicas, their pair, the token bus), so the first real request after
-    "ready" costs what the tenth does. It waits for the engine replicas (ready after their own warm-up); past
-    `WARM_PATH_TIMEOUT_S`, or if it fails, the ingress starts anyway."""
+    """Before Serve routes anything here: requests through the whole path (tokenizer, engine client, handles and
+    routers, engine replicas, their pair, the token bus), so the first real request after "ready" costs what the
+    tenth does. Two ask for a prefill replica (`remote_prefill`: short prompts place locally, and the transfer path
+    is one to warm), one plain and one streamed; the third, streamed, is placed as real requests are (a short prompt
+    on an idle decode replica: prefilled there) and names its prompt by token ids, the other way clients send one.
+    It waits for the engine replicas (ready after their own warm-up); past `WARM_PATH_TIMEOUT_S`, or if it fails,
+    the ingress starts anyway."""
     from app.api.vllm_engine import RequestScope  # the ingress's modules: engine replicas never import them
 
     request = {"model": served_name, "prompt": "def warm_up():\n", "max_tokens": 2, "temperature": 0}
+    streamed = [({**request, "stream": True}, RequestScope(remote_prefill=True)),
+                ({**request, "stream": True, "prompt": list(range(1, 33))}, RequestScope())]
     started = time.perf_counter()
     try:
         async with asyncio.timeout(WARM_PATH_TIMEOUT_S):
-            # remote_prefill: short prompts place locally, and the transfer path is the one to warm
             await front.run("completion", request, RequestScope(remote_prefill=True))
-            answer = await front.run("completion", {**request, "stream": True}, RequestScope(remote_prefill=True))
-            assert answer.events is not None
-            async for _ in answer.events:
-                pass
+            for body, scope in streamed:
+                answer = await front.run("completion", body, scope)
+                assert answer.events is not None
+                async for _ in answer.events:
+                    pass
     except Exception as exc:  # noqa: BLE001 - a cold first request is better than no ingress
         logger.warning("warming the request path failed after %.1f s: %s", time.perf_counter() - started, exc)
         return

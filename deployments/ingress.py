@@ -13,8 +13,8 @@ leaves as an OpenAI-style body; nothing a client sends can crash the replica.
 Handle calls (`create_completion`, `create_chat_completion` and their `*_stream` twins) take the same
 request bodies (dicts, or pdserve's request models) and return the same bodies as HTTP.
 
-Start-up: the constructor ends with `warm_path` (app/warmup.py: one plain and one streamed request through the engines,
-with `warmup.enabled`), so the app is ready only once a request can go all the way through.
+Start-up: the constructor ends with `warm_path` (app/warmup.py: three requests through the engines, one placed as
+real ones are, with `warmup.enabled`), so the app is ready only once a request can go all the way through.
 """
 
 from __future__ import annotations

@@ -77,11 +77,12 @@ def _complete(app, prompt, max_tokens=16, **extra) -> dict:
 
 
 def test_the_ingress_sent_requests_through_the_whole_path_before_it_was_ready(app):
-    # First in this module: before any test request, the ingress's warm-up (one plain, one streamed request)
-    # already went prefill -> KV transfer -> decode, so the first real request meets no cold part.
+    # First in this module: before any test request, the ingress's warm-up (two requests that ask for prefill, and
+    # one placed by the policy, here always_remote) already went prefill -> KV transfer -> decode, so the first real
+    # request meets no cold part.
     stats = _broadcast("Decode", "kv_stats")
-    assert sum(s["num_loaded"] for s in stats) == 2
-    assert sum(s["num_saved"] for s in _broadcast("Prefill", "kv_stats")) == 2
+    assert sum(s["num_loaded"] for s in stats) == 3
+    assert sum(s["num_saved"] for s in _broadcast("Prefill", "kv_stats")) == 3
 
 
 @pytest.mark.parametrize(("num_tokens", "offset"), [(10, 1), (32, 2), (33, 3), (100, 4), (130, 5)])

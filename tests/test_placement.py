@@ -37,9 +37,12 @@ def _decode_stats() -> list[dict]:
 
 
 @pytest.mark.slow
-def test_the_warm_path_warmed_the_transfer_path_although_its_prompt_is_short(app):
-    # First in this module: the ingress's two warm-up requests asked for a prefill replica (remote_prefill).
-    assert sum(s["num_loaded"] for s in _decode_stats()) == 2
+def test_the_warm_path_warmed_the_transfer_path_and_the_local_path(app):
+    # First in this module: two of the ingress's warm-up requests asked for a prefill replica (remote_prefill), and
+    # its third, short and placed by the policy, prefilled on the idle decode replica.
+    stats = _decode_stats()
+    assert sum(s["num_loaded"] for s in stats) == 2
+    assert sum(s["num_placed_locally"] for s in stats) == 1
 
 
 def _complete(app: str, prompt: list[int], max_tokens: int = 24) -> httpx.Response:
