@@ -139,6 +139,8 @@ def test_a_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_
         assert time.monotonic() < deadline, "the long prompt never reached prefill"
         time.sleep(0.005)
     report = _check(_complete(app, short), want_ids, "local", reason)
+    if beside_reply:  # the reply outlived the local prompt: it ran in chunks beside it, not whole on an idle engine
+        assert reply.is_alive(), "the reply ended before the local prompt did: nothing ran beside it"
     backlog.join(120)
     if beside_reply:
         reply.join(120)
