@@ -275,7 +275,7 @@ def interpretation(rows: list[dict[str, Any]], runs: list[dict[str, Any]], place
         "replica: steady TTFT "
         f"p50 is x{min(steady_ttft, default=float('nan')):.2f} to x{max(steady_ttft, default=float('nan')):.2f} "
         f"the collocated one's across the rates, and x{_range(ratio, 'steady', rates, remote, 'TTFT p50')} "
-        "always-remote's; the replies beside those prompts pause for them (ITL p99.9 "
+        "always-remote's; the price is in the replies' pauses beside those prompts (ITL p99.9 "
         f"x{_range(ratio, 'steady', rates, remote, 'ITL p99.9')} always-remote's, "
         f"x{_range(ratio, 'steady', rates, colo, 'ITL p99.9')} collocated's).",
         f"- **Multi-turn.** Each turn's prompt is its conversation so far; prefix-aware routing and placement by "
@@ -407,8 +407,7 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of "
                         + ", ".join(WORKLOADS) + " (the report covers what ran)")
-    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<preset>.json); with "
-                        "it, the full preset writes docs and their plots only with --docs")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<preset>.json)")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md (always for --preset full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8123)
@@ -486,7 +485,7 @@ def main() -> None:
                "runs": runs}
     report.save(results, out)
     print(f"results: {out}")
-    docs_wanted = args.docs or (args.preset == "full" and not placement and not args.out)  # --out: a trial run
+    docs_wanted = args.docs or (args.preset == "full" and not placement)
     plot_dir = ROOT / "docs" / "benchmarks" if docs_wanted else out.parent / args.preset
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = [report.plot_cdfs(runs, w, plot_dir / f"cdf_{w.replace('/', '_')}.png")
