@@ -78,9 +78,8 @@ def apply_step_budget(scheduler: Any, chunk_tokens: int, replies_pending: bool =
     whole budget otherwise, so a local prompt on an idle replica runs in one step (chunks would stall nothing and
     cost it steps). vLLM schedules running requests first, each up to `long_prefill_token_threshold`, then waiting
     ones with what is left: the running prompts share the chunk, so a reply whose KV arrived (one token to compute,
-    ahead of waiting prompts in the shortest-first order) starts in the next step instead of after the prompts' last
-    chunk. A waiting prompt queued ahead of it (arrival order, or one that has waited past its bound) may take its
-    token, one step per such prompt; and with more running prompts than chunk tokens each still gets one."""
+    first in the waiting queue by the priority policy) starts in the next step instead of after the prompts' last
+    chunk."""
     waiting = list(itertools.chain(scheduler.waiting, scheduler.kv_holding_waiting))
     config = scheduler.scheduler_config
     if not (replies_pending or has_replies(scheduler.running, waiting)):

@@ -433,8 +433,8 @@ def test_a_decode_step_is_chunked_only_while_a_reply_runs_or_arrived_kv_waits():
     holding = scheduler([local_prompt], holding=[arrived])
     apply_step_budget(holding, 512)
     assert budget(holding) == (512 + 1, 512)  # a reply waiting in vLLM's other queue counts too, and gets its token
-    # two decoding replies, two local prompts sharing one chunk (256 each at most), a reply whose KV arrived and a
-    # local prompt waiting: one token per reply beside the chunk, none left for the waiting prompt behind them
+    # two decoding replies, two local prompts sharing one chunk, a reply whose KV arrived and a local prompt waiting:
+    # the prompts' chunk, one token per reply; the waiting prompt gets nothing the replies need
     busy = scheduler([request(100, 102, num_output=3), local_prompt, request(60, 107, num_output=48), request(900, 0)],
                      waiting=[arrived, request(300, 0)])
     apply_step_budget(busy, 512)
