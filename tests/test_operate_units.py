@@ -207,7 +207,7 @@ def test_the_prefill_step_chunks_long_prompts_by_default_and_none_restores_whole
 def test_local_chunk_tokens_chunks_only_the_decode_engine_and_lets_busy_decode_take_longer_prompts():
     from app.specs import DecodeSpec, OrchestratorSpec
 
-    assert DecodeSpec.from_config(parse_app_config({})).engine.replies_chunk_tokens == 128  # the default
+    assert DecodeSpec.from_config(parse_app_config({})).engine.replies_chunk_tokens == 512  # the default
     config = parse_app_config({"placement": {"local_chunk_tokens": 256}})
     decode = DecodeSpec.from_config(config).engine
     assert decode.replies_chunk_tokens == 256  # a prompt's tokens per step beside running requests
@@ -323,8 +323,6 @@ def test_plan_fragment_is_valid_yaml_for_the_config():
     assert config.prefill.max_replicas == 4 and config.decode.min_replicas == 4
     # 10,000 prompt tokens/s x 16 ms per decode step x 2 steps of stall budget
     assert config.placement.local_max_prompt_tokens == result.local_max_prompt_tokens == 320
-    # ... and a chunk of one step's worth beside running replies: 160 tokens
-    assert config.placement.local_chunk_tokens == result.local_chunk_tokens == 160
     assert fragment["autoscaling_policy"]["policy_function"] == "app.autoscaling:PDJointPolicy"
     band = fragment["autoscaling_policy"]["policy_kwargs"]
     assert band["min_ratio"] < 0.5 < band["max_ratio"]
