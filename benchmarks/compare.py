@@ -407,7 +407,8 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of "
                         + ", ".join(WORKLOADS) + " (the report covers what ran)")
-    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<preset>.json)")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<preset>.json); with "
+                        "it, the full preset writes docs and their plots only with --docs")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md (always for --preset full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8123)
@@ -485,7 +486,7 @@ def main() -> None:
                "runs": runs}
     report.save(results, out)
     print(f"results: {out}")
-    docs_wanted = args.docs or (args.preset == "full" and not placement)
+    docs_wanted = args.docs or (args.preset == "full" and not placement and not args.out)  # --out: a trial run
     plot_dir = ROOT / "docs" / "benchmarks" if docs_wanted else out.parent / args.preset
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = [report.plot_cdfs(runs, w, plot_dir / f"cdf_{w.replace('/', '_')}.png")
