@@ -409,7 +409,8 @@ def main() -> None:
                         + ", ".join(WORKLOADS) + " (the report covers what ran)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<preset>.json); with "
                         "it, the full preset writes docs and their plots only with --docs")
-    parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md (always for --preset full)")
+    parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md (the full preset does unless "
+                        "--out or --placement makes it a trial run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--placement", default=None, help="JSON: placement settings for pdserve-disaggregated, to try "
