@@ -114,6 +114,9 @@ class GenerationChunk:
     cumulative_logprob: float | None = None
     prompt_logprobs: tuple[dict | None, ...] | None = None  # first chunk only
     stop_reason: int | str | None = None  # the stop string or token id that ended it (last chunk)
+    # decode's first chunk: the token its run continued after (prefill's first token, as the KV's header named it);
+    # the ingress checks it is the one the client got (app/serving/handoff.py)
+    continues_after: int | None = None
 
     def with_report(self, report: KVReport | None) -> GenerationChunk:
         return self if report is None else replace(self, report=(self.report or KVReport()).merged(report))

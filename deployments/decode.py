@@ -99,7 +99,8 @@ class Decode(EngineReplica):
                 raise KVTransferFailed(error or "KV transfer failed")
             # 2. the first token: the one prefill streamed to the client, as the KV's header names it
             num_prompt, params, run = len(request.prompt_token_ids), transfer_params(xfer_id), request
-            if first_from_prefill and (token_id := self.mailbox.first_token(key)) is not None:
+            token_id = self.mailbox.first_token(key) if first_from_prefill else None
+            if token_id is not None:
                 run, params = continued(request, (token_id,)), transfer_params(xfer_id, num_kv_tokens=num_prompt)
             elif first_from_prefill and state == XferState.FAILED and key not in self.no_first_token:
                 raise FirstTokenUnknown(error or "KV transfer failed")  # no header: the client may have a token
@@ -109,7 +110,8 @@ class Decode(EngineReplica):
             async for chunk in self.engine.generate(
                 run.request_id, list(run.prompt_token_ids), run.sampling, cache_salt=run.cache_salt,
                 kv_transfer_params=params, reply_to=run.reply_to,
-                on_first=lambda c: c.with_report(self._report(key, prefill_id, min(c.num_cached_tokens, num_prompt))),
+                on_first=lambda c: replace(c, continues_after=token_id).with_report(
+                    self._report(key, prefill_id, min(c.num_cached_tokens, num_prompt))),
                 num_compute_tokens=1 if state == XferState.ARRIVED else None,
             ):
                 yield chunk

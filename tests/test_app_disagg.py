@@ -97,7 +97,7 @@ def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, o
     chunked = sum(s["num_chunked_saved"] for s in _broadcast("Prefill", "kv_stats")) - chunked_before
     assert chunked == (1 if num_tokens > 64 else 0)
     assert body["choices"][0]["text"] == want
-    assert body["pdserve"]["kv_source"] == "transfer"
+    assert body["pdserve"]["kv_source"] == "transfer" and body["pdserve"].get("retried_after") is None
     # the first token came from prefill: decode computed no prompt token, only that first token's KV
     assert body["pdserve"]["num_cached_tokens"] == num_tokens
     # 2. the connector loaded the whole prompt's KV, it did not recompute any of it

@@ -13,6 +13,7 @@ import torch
 from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 from app.config import FaultInjection
+from app.errors import FirstTokenUnknown
 from app.kv.channel import Received
 from app.kv.header import NO_TOKEN, KVHeader, xfer_key
 from app.kv.mailbox import KVMailbox
@@ -34,8 +35,9 @@ def _request(sampling) -> GenerateRequest:
     return GenerateRequest("r1", (5, 6, 7), sampling)
 
 
-def _chunk(token: int, finish: str | None = None, stop: int | None = None) -> GenerationChunk:
-    return GenerationChunk(f"<{token}>", (token,), finish, 3, stop_reason=stop)
+def _chunk(token: int, finish: str | None = None, stop: int | None = None, after: int | None = None
+           ) -> GenerationChunk:
+    return GenerationChunk(f"<{token}>", (token,), finish, 3, stop_reason=stop, continues_after=after)
 
 
 # 1. which requests continue after a token another run sampled -------------------------------------------------
@@ -209,7 +211,7 @@ def _transfer() -> Transfer:
 def test_prefills_first_token_goes_out_before_decodes():
     async def go():
         decode, gate = _Decode(), asyncio.Event()
-        decode_stream = _Stream([_chunk(11), _chunk(12), _chunk(13, "length")], gate)  # decode waits for the KV
+        decode_stream = _Stream([_chunk(11, after=10), _chunk(12), _chunk(13, "length")], gate)  # waits for the KV
         prefill = _Stream([first_chunk(_chunk(10, "length"), SamplingParams(max_tokens=4)),
                            PrefillResult("x1", 3, 100, 0.01, 0.001)])
         chunks = []
@@ -238,7 +240,7 @@ def test_a_first_token_that_ends_the_reply_cancels_decode():
 def test_prefill_failing_after_its_token_is_not_retried_and_decode_hears_of_it():
     async def go():
         decode = _Decode()
-        decode_stream = _Stream([_chunk(11), _chunk(12, "length")])
+        decode_stream = _Stream([_chunk(11, after=10), _chunk(12, "length")])
         prefill, handle = _Stream([first_chunk(_chunk(10, "length"), SamplingParams(max_tokens=3)),
                                    RuntimeError("send")]), _Prefill()
         chunks = [c async for c in _handoff(decode, handle).stream(_transfer(), decode_stream, prefill, retry=True)]
@@ -258,5 +260,39 @@ def test_prefill_failing_before_its_token_leaves_the_first_token_to_decode():
         assert [c.token_ids[0] for c in chunks] == [10, 11]  # all decode's
         assert handle.retries == 1  # nothing was sent yet: another prefill replica is tried
         assert [c[:2] for c in decode.calls] == [("transfer_failed", "x1")]
+
+    asyncio.run(go())
+
+
+def test_decode_continuing_after_a_token_the_client_never_got_ends_the_stream_as_first_token_unknown():
+    """Prefill's KV left with its header naming token 10, then its stream broke before the token reached the ingress
+    (its replica killed in between): decode continues after 10, the client has nothing. Streaming decode's tokens
+    would lose the first one; the ingress must hear `FirstTokenUnknown` and run the request again."""
+    async def go():
+        decode = _Decode()
+        decode_stream = _Stream([_chunk(11, after=10), _chunk(12, "length")])
+        prefill = _Stream([RuntimeError("prefill replica died")])
+        chunks = []
+        with pytest.raises(FirstTokenUnknown, match="decode continued after token 10, the client got None"):
+            async for chunk in _handoff(decode).stream(_transfer(), decode_stream, prefill, retry=True):
+                chunks.append(chunk)
+        assert chunks == [] and decode_stream.cancelled
+
+    asyncio.run(go())
+
+
+def test_decode_sampling_again_the_token_the_client_got_from_prefill_ends_the_stream_as_first_token_unknown():
+    """The other way round: the client got prefill's token 10 but decode's run did not continue after it (it would
+    send a first token again). The client keeps 10; the rest must come from a continuation after it."""
+    async def go():
+        decode = _Decode()
+        decode_stream = _Stream([_chunk(10), _chunk(11, "length")])
+        prefill = _Stream([first_chunk(_chunk(10, "length"), SamplingParams(max_tokens=3)),
+                           PrefillResult("x1", 3, 100, 0.01, 0.001)])
+        chunks = []
+        with pytest.raises(FirstTokenUnknown, match="decode continued after token None, the client got 10"):
+            async for chunk in _handoff(decode).stream(_transfer(), decode_stream, prefill, retry=True):
+                chunks.append(chunk)
+        assert [c.token_ids for c in chunks] == [(10,)] and decode_stream.cancelled
 
     asyncio.run(go())

@@ -14,6 +14,8 @@ stream: its first token's chunk goes out first (the KV's header names that token
 before it is retried as in 2 (decode then samples the first token), one that fails after it is not (another
 replica could sample another token): decode, told of the failure, cannot tell which token the client got and
 answers `FirstTokenUnknown`, and the ingress continues the request after what it sent (app/api/vllm_engine.py).
+Decode's first chunk names the token it continued after; one that is not the token the client got (prefill's stream
+broke between its KV leaving and its token reaching the ingress) ends the stream with `FirstTokenUnknown` too.
 The report goes on the first chunk if prefill has answered by then (it is waited for up to the transfer
 deadline), else on the last chunk.
 """
@@ -30,7 +32,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from app.circuit import BREAKERS
-from app.errors import short_error
+from app.errors import FirstTokenUnknown, short_error
 from app.messages import GenerateRequest, GenerationChunk, KVReport, PrefillResult
 from app.metrics import PhaseRatio
 from app.serving.placement import PrefillBacklog
@@ -90,16 +92,20 @@ class Handoff:
         continues after it; app/serving/first_token.py)."""
         first = asyncio.get_running_loop().create_future() if transfer.first_from_prefill else None
         watch = asyncio.ensure_future(self._watch(transfer, prefill_call, retry, first))
-        finished, reported, first_at = False, False, None
+        finished, reported, first_at, sent_token = False, False, None, None
         try:
             if first is not None and (early := await self._first_token(transfer, first)) is not None:
-                first_at = time.perf_counter()
+                first_at, sent_token = time.perf_counter(), early.token_ids[0]
                 yield early
                 if early.finish_reason is not None:  # the whole reply (a stop token, or one token asked for)
                     stream.cancel()
                     finished = True
                     return
+            checked = first is None
             async for chunk in stream:
+                if not checked:
+                    checked = True
+                    _check_continuation(transfer, sent_token, chunk)
                 if first_at is None:
                     first_at = time.perf_counter()
                     if not watch.done():  # a retried prefill reports just after its KV reached decode
@@ -194,6 +200,18 @@ class Handoff:
             raise
         BREAKERS.record_success(other)
         return other, result
+
+
+def _check_continuation(transfer: Transfer, sent_token: int | None, chunk: GenerationChunk) -> None:
+    """Decode's first chunk says which prefill token its run continued after (the KV's header names it); it must be
+    the one the client got. They part when prefill's stream broke after its KV left with the token but before the
+    token reached the ingress (its replica killed then: decode continues after a token the client never got), or the
+    other way round. Either way the reply would be wrong: `FirstTokenUnknown` makes the ingress continue the request
+    after what the client really got (app/api/vllm_engine.py)."""
+    if chunk.continues_after != sent_token:
+        logger.warning("transfer %s: decode continued after token %s, the client got %s", transfer.xfer_id,
+                       chunk.continues_after, sent_token)
+        raise FirstTokenUnknown(f"decode continued after token {chunk.continues_after}, the client got {sent_token}")
 
 
 async def _result(call: DeploymentResponse | DeploymentResponseGenerator, first: asyncio.Future | None

@@ -85,29 +85,32 @@ class SoakConfig:
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, drop_after: int | None
-                  ) -> tuple[int, str, str]:
+                  ) -> tuple[int, str, str, dict]:
     """(status, text, how it ended: done | error (an error event, then [DONE]) | cut | dropped |
-    refused: <the error body's message> | bare (a refusal without one))."""
+    refused: <the error body's message> | bare (a refusal without one), what the `pdserve` fields said (the headers'
+    and events', later ones over earlier: where the prompt ran, fallbacks, `retried_after`))."""
     async with client.stream("POST", url, json={**body, "stream": True}) as response:
         if response.status_code != 200:
             error = json.loads(await response.aread() or b"{}").get("error") or {}
             message = error.get("message")
-            return response.status_code, "", f"refused: {message[:160]}" if message else "bare"
+            return response.status_code, "", f"refused: {message[:160]}" if message else "bare", {}
+        said = {k.removeprefix("x-pdserve-"): v for k, v in response.headers.items() if k.startswith("x-pdserve-")}
         text, events, errored = "", 0, False
         async for line in response.aiter_lines():
             if line == "data: [DONE]":
-                return 200, text, "error" if errored else "done"
+                return 200, text, "error" if errored else "done", said
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[len("data: "):])
+            said.update(event.get("pdserve") or {})
             if "error" in event:
                 errored = True
                 continue
             text += event["choices"][0]["text"] if event["choices"] else ""
             events += 1
             if drop_after is not None and events >= drop_after:
-                return 200, text, "dropped"
-        return 200, text, "cut"
+                return 200, text, "dropped", said
+        return 200, text, "cut", said
 
 
 def _bad_request(rng: random.Random, model: str, max_body: int) -> bytes:
@@ -148,13 +151,14 @@ async def _client_loop(report: SoakReport, config: SoakConfig, base_url: str, mo
                 if worker % 2:  # seeded: a stream cut by a kill cannot continue elsewhere and ends with an error
                     body["seed"] = 7
                 drop_after = rng.randint(1, 3) if roll < 0.15 else None
-                status, text, end = await _stream(client, url, body, drop_after)
+                status, text, end, said = await _stream(client, url, body, drop_after)
                 report.statuses[status] += 1
                 if end == "done":
                     report.num_completed += 1
                     if text != references[index]:
                         report.num_wrong += 1
-                        report.examples.append(f"wrong: prompt {index}: {text!r} != {references[index]!r}")
+                        report.examples.append(f"wrong: prompt {index}: {text!r} != {references[index]!r} "
+                                               f"(seeded: {worker % 2 == 1}; pdserve said: {said})")
                 elif end == "dropped":
                     report.num_dropped += 1
                 elif end == "error" or (end.startswith("refused") and (400 <= status < 500 or status == 503)):
