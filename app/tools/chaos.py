@@ -283,7 +283,7 @@ async def run_soak(base_url: str, model: str, prompts: list[list[int]], config: 
         references = []
         for prompt in prompts:
             body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-            status, text, end = await _stream(client, f"{base_url}/v1/completions", body, None)
+            status, text, end, _ = await _stream(client, f"{base_url}/v1/completions", body, None)
             assert (status, end) == (200, "done"), f"the app does not answer before the soak: {status} {end}"
             references.append(text)
     # 2. soak
