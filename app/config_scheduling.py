@@ -30,12 +30,12 @@ class PlacementConfig(BaseModel, extra="forbid", frozen=True):
         "how long a request arriving meanwhile finds that replica busy prefilling; below local_max_prompt_tokens it "
         "counts as local_max_prompt_tokens.")
     local_chunk_tokens: int | None = Field(
-        512, ge=16, description="adaptive: the most prompt tokens a decode replica computes in one step beside its "
-        "running requests' one each (the rest in later steps), which bounds how long one step of a prompt placed "
-        "there stalls its replies (a replica with no reply running or KV waiting computes it whole: nothing to stall); "
-        "with it, longer prompts (up to busy_local_max_prompt_tokens) also run there while prefill's queue is longer "
-        "(docs/placement.md). None: whole prompts, and only prompts up to local_max_prompt_tokens beside running "
-        "replies.")
+        128, ge=16, description="adaptive: the most prompt tokens a decode replica computes in one step beside its "
+        "replies' one token each (the rest in later steps; a reply whose KV arrived starts beside them), which bounds "
+        "how long one step of a prompt placed there stalls its replies (a replica with no reply running or KV waiting "
+        "computes it whole: nothing to stall); with it, longer prompts (up to busy_local_max_prompt_tokens) also run "
+        "there while prefill's queue is longer (docs/placement.md). `pdserve plan` prints one decode step's worth. "
+        "None: whole prompts, and only prompts up to local_max_prompt_tokens beside running replies.")
     busy_local_max_prompt_tokens: int | None = Field(
         None, ge=0, description="adaptive, with local_chunk_tokens: the longest prompt (tokens not cached on its "
         "decode replica) that prefills there beside running replies, which it does while the prompt tokens queued at "

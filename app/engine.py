@@ -71,15 +71,27 @@ def has_replies(running: Iterable[Any], waiting: Iterable[Any]) -> bool:
             or any(r.kv_transfer_params or r.num_output_tokens for r in waiting))
 
 
-def apply_step_budget(scheduler: Any, replies_budget: int, replies_pending: bool = False) -> None:
-    """Driver thread only: a step holds at most `replies_budget` tokens while a reply runs or waits (in the engine,
-    or, `replies_pending`, still outside it: KV on its way from prefill), so a local prompt stalls them one chunk at a
-    time; the engine's whole budget otherwise, so a local prompt on an idle replica runs in one step (chunks would
-    stall nothing and cost it steps)."""
-    replies = replies_pending or has_replies(scheduler.running,
-                                             itertools.chain(scheduler.waiting, scheduler.kv_holding_waiting))
-    whole = scheduler.scheduler_config.max_num_batched_tokens
-    scheduler.max_num_scheduled_tokens = replies_budget if replies else whole
+def apply_step_budget(scheduler: Any, chunk_tokens: int, replies_pending: bool = False) -> None:
+    """Driver thread only: while a reply runs or waits (in the engine, or, `replies_pending`, still outside it: KV on
+    its way from prefill), a step computes at most `chunk_tokens` prompt tokens beside one token for each decoding
+    reply and each reply whose KV arrived, so local prompts stall the replies one chunk at a time; the engine's
+    whole budget otherwise, so a local prompt on an idle replica runs in one step (chunks would stall nothing and
+    cost it steps). vLLM schedules running requests first, each up to `long_prefill_token_threshold`, then waiting
+    ones with what is left: the running prompts share the chunk, so a reply whose KV arrived (one token to compute,
+    ahead of waiting prompts in the shortest-first order) starts in the next step instead of after the prompts' last
+    chunk. A waiting prompt queued ahead of it (arrival order, or one that has waited past its bound) may take its
+    token, one step per such prompt; and with more running prompts than chunk tokens each still gets one."""
+    waiting = list(itertools.chain(scheduler.waiting, scheduler.kv_holding_waiting))
+    config = scheduler.scheduler_config
+    if not (replies_pending or has_replies(scheduler.running, waiting)):
+        scheduler.max_num_scheduled_tokens = config.max_num_batched_tokens
+        config.long_prefill_token_threshold = 0
+        return
+    num_decoding = sum(1 for r in scheduler.running if r.num_tokens - r.num_computed_tokens <= 1)
+    num_prompts = len(scheduler.running) - num_decoding  # running requests with prompt tokens left (chunked)
+    num_arrived = sum(1 for r in waiting if r.kv_transfer_params)  # replies whose KV came: one token each
+    scheduler.max_num_scheduled_tokens = chunk_tokens + num_decoding + num_arrived
+    config.long_prefill_token_threshold = max(1, chunk_tokens // max(1, num_prompts))
 
 
 def measure_load(scheduler: Any, num_steps: int, step_s: float) -> EngineLoad:
@@ -102,9 +114,9 @@ class EngineDriver:
     LOAD_INTERVAL_S = 0.05
 
     def __init__(self, engine: Any, num_threads: int | None = None, cpu_affinity: tuple[int, ...] | None = None,
-                 short_first_ms_per_token: float = 0.0, replies_budget: int | None = None):
+                 short_first_ms_per_token: float = 0.0, replies_chunk_tokens: int | None = None):
         self.engine = engine
-        self.replies_budget = replies_budget  # tokens a step holds while replies run (None: the engine's budget)
+        self.replies_chunk_tokens = replies_chunk_tokens  # a prompt's tokens per step beside replies (None: whole)
         self.replies_pending: Callable[[], bool] = lambda: False  # replies not in the engine yet (decode: KV coming)
         self.short_first_ms_per_token = short_first_ms_per_token  # > 0: the engine runs vLLM's priority policy
         self.num_threads = num_threads  # compute threads of the engine thread (None: the process default)
@@ -122,7 +134,7 @@ class EngineDriver:
     @classmethod
     def from_spec(cls, spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None) -> EngineDriver:
         return cls(build_engine(spec, kv_transfer_config), spec.cpu_threads, spec.cpu_affinity,
-                   spec.short_first_ms_per_token, spec.replies_budget)
+                   spec.short_first_ms_per_token, spec.replies_chunk_tokens)
 
     # -- asyncio side ---------------------------------------------------------------------------
 
@@ -216,8 +228,8 @@ class EngineDriver:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            if self.replies_budget:
-                apply_step_budget(self._scheduler(), self.replies_budget, self.replies_pending())
+            if self.replies_chunk_tokens:
+                apply_step_budget(self._scheduler(), self.replies_chunk_tokens, self.replies_pending())
             try:
                 started = time.perf_counter()
                 outputs = self.engine.step()

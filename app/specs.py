@@ -42,7 +42,7 @@ class EngineSpec:
     cpu_threads: int | None  # None: the process's default
     cpu_affinity: tuple[int, ...] | None  # cores the engine thread may run on (None: any)
     short_first_ms_per_token: float = 0.0  # > 0: vLLM's priority policy, shortest waiting prompt first (bounded)
-    replies_budget: int | None = None  # tokens a step holds while replies run (None: max_num_batched_tokens always)
+    replies_chunk_tokens: int | None = None  # a prompt's tokens per step while replies run (None: whole prompts)
 
     @classmethod
     def from_config(cls, config: AppConfig, options: DeploymentOptions | None = None) -> EngineSpec:
@@ -74,7 +74,7 @@ class EngineSpec:
         spec, placement = cls.from_config(config, config.decode), config.placement
         chunk = placement.local_chunk_tokens
         return replace(spec, short_first_ms_per_token=placement.local_short_first_ms_per_token,
-                       replies_budget=chunk + spec.max_num_seqs if chunk else None)
+                       replies_chunk_tokens=chunk)
 
     @classmethod
     def for_prefill(cls, config: AppConfig) -> EngineSpec:

@@ -4,11 +4,12 @@ Prefill (`prefill_batching.short_first_ms_per_token`): a long prompt A is runnin
 and then C (short) arrive while it runs. vLLM finishes a running prompt before it starts a waiting one, so A comes
 first either way; then arrival order runs B before C, short-first runs C before B. The tokens are the same either way.
 
-Decode (`placement.local_short_first_ms_per_token`): the same story with local prompts on the decode engine beside
-a running reply R (without one, an idle decode replica computes a local prompt whole), plus D,
-a request whose KV arrived from prefill (one token left to compute: `num_compute_tokens=1`), arriving last. It goes
-first after A, so a reply whose first token came from prefill does not wait for every local prompt queued before its
-KV arrived. (This engine has no connector: D's prompt is computed here; its place in the order is what is tested.)
+Decode (`placement.local_short_first_ms_per_token`, `placement.local_chunk_tokens`): the same story with local
+prompts on the decode engine beside a running reply R (without one, an idle decode replica computes a local prompt
+whole), plus D, a request whose KV arrived from prefill, arriving last. D does not wait for any local prompt, not even
+for the running A's last chunk: a step beside replies holds one chunk of prompt tokens and a token for each reply,
+D's included. (This engine has no connector: D's prompt was computed once before, so that, as with KV loaded from
+prefill, the engine has all of it but the last token, and D carries `kv_transfer_params` as a loaded request does.)
 
 Each engine runs in a Ray actor of its own (one in-process engine per process), on the real vLLM scheduler.
 """
@@ -83,14 +84,20 @@ class _Engine:
         tokens: dict[str, list[int]] = {}
 
         async def run(index: int, name: str, num_tokens: int, num_compute: int | None) -> None:
-            prompt = [(7 * i + index) % 4000 + 10 for i in range(num_tokens)]
+            prompt = _prompt(index, num_tokens)
             sampling = SamplingSpec(max_tokens=first_max_tokens if index == 0 else 2, temperature=0,
                                     ignore_eos=index == 0)
-            async for chunk in self.driver.generate(name, prompt, sampling, num_compute_tokens=num_compute):
+            loaded = {"kv_transfer_params": {"pdserve": {"xfer_id": name}}} if num_compute == 1 else {}
+            async for chunk in self.driver.generate(name, prompt, sampling, num_compute_tokens=num_compute, **loaded):
                 if chunk.token_ids and name not in order:
                     order.append(name)
                 tokens.setdefault(name, []).extend(chunk.token_ids)
 
+        for index, (name, num_tokens, num_compute) in enumerate(requests):
+            if num_compute == 1:  # "KV loaded": computed once, so the prefix cache holds all but its last token
+                async for _ in self.driver.generate(f"{name}-cache", _prompt(index, num_tokens),
+                                                    SamplingSpec(max_tokens=1, temperature=0)):
+                    pass
         tasks = []
         for index, request in enumerate(requests[:num_leading]):
             tasks.append(asyncio.create_task(run(index, *request)))
@@ -106,6 +113,10 @@ class _Engine:
         self.driver.shutdown()
 
 
+def _prompt(index: int, num_tokens: int) -> list[int]:
+    return [(7 * i + index) % 4000 + 10 for i in range(num_tokens)]
+
+
 def _run(role: str, short_first_ms_per_token: float, requests: list[tuple[str, int, int | None]],
          first_max_tokens: int = 2, num_leading: int = 1) -> tuple[list[str], dict[str, list[int]]]:
     engine = _Engine.remote(role, short_first_ms_per_token)
@@ -117,12 +128,13 @@ def _run(role: str, short_first_ms_per_token: float, requests: list[tuple[str, i
 
 
 def test_an_idle_decode_engine_computes_a_local_prompt_whole_and_in_chunks_beside_a_reply(ray_session):
-    engine = _Engine.remote("decode", 2.0)  # local_chunk_tokens 32: 32 + max_num_seqs tokens a step beside replies
+    engine = _Engine.remote("decode", 2.0)  # local_chunk_tokens 32: 32 prompt tokens a step beside replies
     try:
         # 1. idle: the 400-token prompt is one step (nothing to stall; chunks would cost it steps)
         assert ray.get(engine.steps_to_first_token.remote(400, beside_reply=False), timeout=120) == 1
-        # 2. beside a decoding reply: at most 32 + max_num_seqs tokens a step, so it takes several
-        assert ray.get(engine.steps_to_first_token.remote(400, beside_reply=True), timeout=120) >= 5
+        # 2. beside a decoding reply: 32 prompt tokens a step (and the reply's token), so 13 steps (14 if it arrived
+        #    while one was running)
+        assert 13 <= ray.get(engine.steps_to_first_token.remote(400, beside_reply=True), timeout=120) <= 14
     finally:
         ray.get(engine.shutdown.remote(), timeout=30)
         ray.kill(engine)
@@ -142,9 +154,9 @@ def test_short_prompts_pass_waiting_long_ones_and_arrival_order_does_not(ray_ses
 
 def test_on_decode_arrived_kv_and_short_local_prompts_pass_waiting_long_local_prompts(ray_session):
     # R, a reply, decodes throughout (so local prompts run in chunks); then, in arrival order, A (running), B, C,
-    # and D, whose KV arrived last (vLLM's arrival order: the prefill test above)
-    requests = [("R", 20, None), ("A", 400, None), ("B", 400, None), ("C", 20, None), ("D", 400, 1)]
+    # and D, whose KV arrived last (vLLM's arrival order: the prefill test above); D's 417 tokens: 13 whole blocks
+    requests = [("R", 20, None), ("A", 800, None), ("B", 400, None), ("C", 20, None), ("D", 417, 1)]
     order, tokens = _run("decode", 2.0, requests, first_max_tokens=200, num_leading=2)
-    # D (one token to compute) passes C and B; C passes B
-    assert order == ["R", "A", "D", "C", "B"]
+    # D (one token to compute) starts beside A's chunks, before A's last one; C (short) passes B
+    assert order == ["R", "D", "A", "C", "B"]
     assert len(tokens["R"]) == 200 and all(len(tokens[name]) == 2 for name in "ABCD")

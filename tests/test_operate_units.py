@@ -207,10 +207,10 @@ def test_the_prefill_step_chunks_long_prompts_by_default_and_none_restores_whole
 def test_local_chunk_tokens_chunks_only_the_decode_engine_and_lets_busy_decode_take_longer_prompts():
     from app.specs import DecodeSpec, OrchestratorSpec
 
-    assert DecodeSpec.from_config(parse_app_config({})).engine.replies_budget == 512 + 32  # the default
+    assert DecodeSpec.from_config(parse_app_config({})).engine.replies_chunk_tokens == 128  # the default
     config = parse_app_config({"placement": {"local_chunk_tokens": 256}})
     decode = DecodeSpec.from_config(config).engine
-    assert decode.replies_budget == 256 + decode.max_num_seqs  # one chunk beside every running request
+    assert decode.replies_chunk_tokens == 256  # a prompt's tokens per step beside running requests
     assert decode.max_num_batched_tokens == 4096  # an idle decode replica computes a local prompt whole
     assert EngineSpec.from_config(config).max_num_batched_tokens == 4096  # collocated: whole prompts
     assert EngineSpec.for_prefill(config).max_num_batched_tokens == 1024  # prefill: its own batching
@@ -219,7 +219,7 @@ def test_local_chunk_tokens_chunks_only_the_decode_engine_and_lets_busy_decode_t
     assert OrchestratorSpec.from_config(bounded).limits.busy == 1024
     whole = parse_app_config({"placement": {"local_chunk_tokens": None}})  # whole prompts, short ones beside replies
     assert DecodeSpec.from_config(whole).engine.max_num_batched_tokens == 4096
-    assert DecodeSpec.from_config(whole).engine.replies_budget is None
+    assert DecodeSpec.from_config(whole).engine.replies_chunk_tokens is None
     assert OrchestratorSpec.from_config(whole).limits.busy == 0  # counts as L
 
 
@@ -323,6 +323,8 @@ def test_plan_fragment_is_valid_yaml_for_the_config():
     assert config.prefill.max_replicas == 4 and config.decode.min_replicas == 4
     # 10,000 prompt tokens/s x 16 ms per decode step x 2 steps of stall budget
     assert config.placement.local_max_prompt_tokens == result.local_max_prompt_tokens == 320
+    # ... and a chunk of one step's worth beside running replies: 160 tokens
+    assert config.placement.local_chunk_tokens == result.local_chunk_tokens == 160
     assert fragment["autoscaling_policy"]["policy_function"] == "app.autoscaling:PDJointPolicy"
     band = fragment["autoscaling_policy"]["policy_kwargs"]
     assert band["min_ratio"] < 0.5 < band["max_ratio"]
@@ -400,7 +402,8 @@ def test_a_decode_step_is_chunked_only_while_a_reply_runs_or_arrived_kv_waits():
     def request(num_prompt: int, num_computed: int, kv_params: dict | None = None, num_output: int = 0
                 ) -> SimpleNamespace:
         return SimpleNamespace(num_prompt_tokens=num_prompt, num_computed_tokens=num_computed,
-                               kv_transfer_params=kv_params, num_output_tokens=num_output)
+                               kv_transfer_params=kv_params, num_output_tokens=num_output,
+                               num_tokens=num_prompt + num_output)
 
     local_prompt = request(2000, 512)  # a local prompt half computed
     assert not has_replies([local_prompt], [request(300, 0)])  # prompts only: one whole step each
@@ -411,17 +414,28 @@ def test_a_decode_step_is_chunked_only_while_a_reply_runs_or_arrived_kv_waits():
     assert not has_replies([], [])
 
     def scheduler(running: list, waiting: list = (), holding: list = ()) -> SimpleNamespace:
-        return SimpleNamespace(running=running, waiting=waiting, kv_holding_waiting=holding,
-                               scheduler_config=SimpleNamespace(max_num_batched_tokens=4096),
+        return SimpleNamespace(running=running, waiting=waiting, kv_holding_waiting=holding, max_num_running_reqs=32,
+                               scheduler_config=SimpleNamespace(max_num_batched_tokens=4096,
+                                                                long_prefill_token_threshold=0),
                                max_num_scheduled_tokens=4096)
 
+    def budget(sched: SimpleNamespace) -> tuple[int, int]:  # (tokens per step, tokens per prompt per step; 0: all)
+        return sched.max_num_scheduled_tokens, sched.scheduler_config.long_prefill_token_threshold
+
     idle = scheduler([local_prompt])
-    apply_step_budget(idle, 544)
-    assert idle.max_num_scheduled_tokens == 4096  # nothing to stall: the prompt runs whole
-    apply_step_budget(idle, 544, replies_pending=True)
-    assert idle.max_num_scheduled_tokens == 544  # a reply's KV is on its way to this engine: chunks
-    apply_step_budget(idle, 544)
-    assert idle.max_num_scheduled_tokens == 4096  # back once it is not
-    holding = scheduler([local_prompt], holding=[request(100, 0, {"pdserve": {"xfer_id": "x"}})])
-    apply_step_budget(holding, 544)
-    assert holding.max_num_scheduled_tokens == 544  # a reply waiting in vLLM's other queue counts too
+    apply_step_budget(idle, 512)
+    assert budget(idle) == (4096, 0)  # nothing to stall: the prompt runs whole
+    apply_step_budget(idle, 512, replies_pending=True)
+    assert budget(idle) == (512, 512)  # a reply's KV is on its way to this engine: the prompt goes in chunks
+    apply_step_budget(idle, 512)
+    assert budget(idle) == (4096, 0)  # back once it is not
+    arrived = request(100, 0, {"pdserve": {"xfer_id": "x"}})
+    holding = scheduler([local_prompt], holding=[arrived])
+    apply_step_budget(holding, 512)
+    assert budget(holding) == (512 + 1, 512)  # a reply waiting in vLLM's other queue counts too, and gets its token
+    # two decoding replies, two local prompts sharing one chunk (256 each at most), a reply whose KV arrived and a
+    # local prompt waiting: one token per reply beside the chunk, none left for the waiting prompt behind them
+    busy = scheduler([request(100, 102, num_output=3), local_prompt, request(60, 107, num_output=48), request(900, 0)],
+                     waiting=[arrived, request(300, 0)])
+    apply_step_budget(busy, 512)
+    assert budget(busy) == (512 + 2 + 1, 256)

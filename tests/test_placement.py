@@ -20,7 +20,7 @@ APP = "place"
 PREFIX = "/place"
 LOCAL_MAX = 96
 IDLE_MAX = 160
-CHUNK = 64  # beside a reply, decode computes a local prompt CHUNK + max_num_seqs (32) tokens a step; idle, whole
+CHUNK = 64  # beside a reply, decode computes a local prompt CHUNK tokens a step; idle, whole
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_a_short_prompt_beside_a_running_reply_with_prefill_idle_goes_remote(app
 @pytest.mark.slow
 @pytest.mark.parametrize(("num_tokens", "beside_reply", "reason"), [
     (40, False, f"queued at prefill >= {LOCAL_MAX}"),  # short: behind any backlog of at least L
-    # longer: in chunks between the running reply's steps (two: 95 + 55 tokens)
+    # longer: in chunks beside the running reply's tokens (three: 64 + 64 + 22 tokens)
     (150, True, "at least its own: it would wait longer there than it takes here, in chunks"),
 ])
 def test_a_prompt_behind_a_prefill_backlog_runs_on_decode_and_gives_the_offline_tokens(

@@ -53,16 +53,26 @@ class Plan:
     max_prefill: int  # replicas at `peak_rate`
     max_decode: int
     local_max_prompt_tokens: int  # placement: the longest prompt whose prefill fits the stall budget
+    local_chunk_tokens: int  # placement: the prompt tokens a busy decode replica's step computes beside its replies
 
 
 # A prompt prefilled on a decode replica holds up its running replies for the prefill's length: adaptive
 # placement keeps prompts local while that stall is at most this many decode steps at the planned batch.
 STALL_BUDGET_STEPS = 2.0
+# A longer prompt on a busy decode replica runs in chunks, each computed in one step beside the replies' tokens:
+# a chunk costs at most this many decode steps, so no gap between a reply's tokens grows past about twice a step.
+CHUNK_STALL_STEPS = 1.0
 
 
 def local_prefill_limit(measured: Measurement, stall_steps: float = STALL_BUDGET_STEPS) -> int:
     """The longest prompt one decode replica prefills within `stall_steps` decode steps (TPOT at its batch)."""
     return int(measured.prefill_tokens_per_s * measured.tpot_s * stall_steps)
+
+
+def local_chunk(measured: Measurement, stall_steps: float = CHUNK_STALL_STEPS) -> int:
+    """Prompt tokens a decode step computes beside running replies: `stall_steps` decode steps' worth, in whole
+    16-token units (`placement.local_chunk_tokens` takes at least 16)."""
+    return max(16, local_prefill_limit(measured, stall_steps) // 16 * 16)
 
 
 def plan(mean_input: float, mean_output: float, measured: Measurement, rate: float | None = None,
@@ -83,7 +93,7 @@ def plan(mean_input: float, mean_output: float, measured: Measurement, rate: flo
     return Plan(prefill_capacity, decode_capacity, decode_capacity / prefill_capacity, rate, peak_rate,
                 replicas(rate, prefill_capacity), replicas(rate, decode_capacity),
                 replicas(peak_rate, prefill_capacity), replicas(peak_rate, decode_capacity),
-                local_prefill_limit(measured))
+                local_prefill_limit(measured), local_chunk(measured))
 
 
 def decode_batch_limit(spec: EngineSpec, num_kv_blocks: int, mean_input: float, mean_output: float) -> int:
@@ -106,6 +116,7 @@ def config_fragment(result: Plan, band: float = 0.25) -> str:
         f"  num_replicas: auto\n  min_replicas: {result.num_decode}\n  max_replicas: {result.max_decode}",
         f"placement:  # a local prefill delays running replies by at most {STALL_BUDGET_STEPS:g} decode steps",
         f"  local_max_prompt_tokens: {result.local_max_prompt_tokens}",
+        f"  local_chunk_tokens: {result.local_chunk_tokens}  # longer prompts: one step's worth at a time",
         "# next to args (application level), to keep prefill/decode replicas near the measured ratio:",
         "autoscaling_policy:",
         "  policy_function: app.autoscaling:PDJointPolicy",
@@ -188,6 +199,8 @@ def render(inputs: LengthDist, outputs: LengthDist, measured: Measurement, resul
         (f"replicas at peak {result.peak_rate:.2f} req/s", f"{result.max_prefill}, {result.max_decode}"),
         (f"placement: longest local prompt (stall <= {STALL_BUDGET_STEPS:g} decode steps)",
          f"{result.local_max_prompt_tokens}"),
+        (f"placement: local prompt tokens per busy decode step (stall <= {CHUNK_STALL_STEPS:g} decode step)",
+         f"{result.local_chunk_tokens}"),
     ]
     for row in rows:
         table.add_row(*row)
