@@ -119,6 +119,10 @@ class FaultInjection(_Strict):
     lose_fraction: float = Field(0.0, ge=0, le=1, description="Share reported sent but never sent (a silent loss): "
                                  "decode recomputes at its own deadline.")
     delay_s: float = Field(0.0, ge=0, description="Extra wait before each send.")
+    break_after_send_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of prefills that stream the first token whose stream breaks once their KV "
+        "(its header naming that token) was sent and before the token left, as when a prefill replica dies then: the "
+        "client never got the token decode continues after, so the ingress must run the request again.")
     seed: int | None = Field(None, description="Seed for choosing which transfers are hit.")
 
 

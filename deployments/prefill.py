@@ -107,6 +107,9 @@ class Prefill(ParkingReplica, EngineReplica):
                     raise outgoing.done.exception()  # failed already: the ingress may still retry elsewhere
                 token_id = first.token_ids[0] if first is not None and first.token_ids else NO_TOKEN
                 outgoing.release_first_token(token_id)  # the KV goes now, its header naming the token
+                if token_id != NO_TOKEN and self.outbox.breaks_stream():  # drill: the replica "dies" right here
+                    await asyncio.wait_for(asyncio.shield(outgoing.done), self.kv.timeout_s)
+                    raise RuntimeError("injected: prefill's stream broke after its KV left, before its first token")
                 if token_id != NO_TOKEN:
                     yield first_chunk(first, request.sampling)
             # 3. wait for the send

@@ -270,6 +270,25 @@ def test_failed_transfer_falls_back_at_once_and_is_counted(app, offline_engine, 
     assert any("injected" in reason for reason in fallbacks)
 
 
+def test_prefill_stream_broken_after_its_kv_left_still_gives_the_client_its_first_token(app, client, offline_engine,
+                                                                                         tokenizer):
+    """The race a prefill replica killed at the wrong moment makes (the chaos soak met it): the KV reached decode
+    with its header naming the first token, then prefill's stream broke before the token reached the ingress. Decode
+    continues after that token, which the client never got; the ingress sees decode's first chunk name it and runs
+    the request again (on the decode replica, reported as `retried_after`). Before, the reply lacked its first token."""
+    prompts = [prompt_of_length(tokenizer, 40, offset=900), prompt_of_length(tokenizer, 52, offset=1300)]
+    wants = [offline_generate(offline_engine, prompt, 12)[0] for prompt in prompts]
+    with _prefill_faults({"break_after_send_fraction": 1.0}):
+        body = _complete(app, prompts[0], 12)
+        stream = client.completions.create(model=MODEL_NAME, prompt=prompts[1], max_tokens=12, temperature=0,
+                                           stream=True)
+        streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert body["choices"][0]["text"] == wants[0]
+    assert "decode continued after token" in body["pdserve"]["retried_after"]
+    assert body["pdserve"]["kv_source"] == "local"  # the rerun prefilled on its decode replica
+    assert streamed == wants[1]
+
+
 def test_vllm_parameters_through_the_recompute_fallback_equal_the_transfer_path(app, tokenizer):
     """logprobs, n (seeded) and structured output come from the decode replica, so a failed transfer (decode
     recomputes the prompt) must not change them; tests/test_vllm_conformance.py checks the transfer path itself

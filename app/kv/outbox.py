@@ -83,6 +83,11 @@ class KVOutbox:
         self._faults = faults
         self._fault_rng = random.Random(faults.seed)
 
+    def breaks_stream(self) -> bool:
+        """Drill (`break_after_send_fraction`): whether this prefill's stream breaks between its send and its token."""
+        fraction = self._faults.break_after_send_fraction
+        return bool(fraction) and self._fault_rng.random() < fraction
+
     def open(self, xfer_id: str, decode_id: str | None, hold: bool = False) -> Outgoing:
         """`hold`: the send waits for the request's first token (`Outgoing.release_first_token`), which its header
         carries to decode."""
