@@ -213,6 +213,53 @@ def test_mailbox_counts_a_transfer_from_expectation_to_forget_so_decode_keeps_ch
     box.forget(a)
     assert len(box) == 0
 
+def test_a_reserved_payload_waits_for_the_workers_claim_whatever_forget_fail_or_the_lease_do():
+    """The connector told vLLM the KV is here (`reserve`); then the request's call was cancelled (`forget`), the
+    ingress reported prefill failed (`fail`), or the lease ended: the worker must still load it in that step. A failed
+    load would leave blocks vLLM has already prefix-cached holding stale KV if the request is aborted before vLLM
+    recomputes them, and a later prompt with that prefix gets wrong tokens (tests/test_app_disagg.py end to end)."""
+    released: list[str] = []
+    box = KVMailbox(lease_s=0.1)
+
+    def arrive(name: str) -> int:
+        key = xfer_key(name)
+        box.expect(key, timeout_s=5)
+        box.deliver(replace(_received(name), release=lambda: released.append(name)))
+        return key
+
+    forgotten, failed, lapsed, aborted, waiting = (arrive(n) for n in ("forgotten", "failed", "lapsed", "aborted",
+                                                                        "waiting"))
+    assert all(box.reserve(key) for key in (forgotten, failed, lapsed, aborted))
+    assert not box.reserve(xfer_key("never-came"))
+    box.forget(forgotten)
+    box.fail(failed, "prefill failed")
+
+    def claim(key: int) -> None:
+        header, payload = box.claim(key)
+        assert header.xfer_key == key and payload is not None
+        box.loaded(key)
+
+    claim(forgotten)
+    claim(failed)
+    time.sleep(0.15)
+    box.sweep()  # `lapsed` and `aborted` are past their lease; `waiting` (never reserved) fails as before
+    assert box.state(waiting)[0] == XferState.FAILED and box.state(lapsed)[0] == XferState.ARRIVED
+    claim(lapsed)
+    assert len(box) == 4  # failed, lapsed, aborted, waiting: the ones their requests have not forgotten
+    # a request aborted before its load lets its reservation go: forgotten first, then finished in the engine
+    box.forget(aborted)
+    assert len(box) == 4 and "aborted" not in released  # set aside for a claim that may still come this step
+    box.unreserve(aborted)
+    assert "aborted" in released and len(box) == 3
+    # a set-aside payload nobody claims nor lets go is dropped once its lease ended
+    stray = arrive("stray")
+    box.reserve(stray)
+    box.forget(stray)
+    time.sleep(0.15)
+    box.sweep()
+    assert "stray" in released and box.num_held_bytes() == 0
+
+
 # 5. gloo pair group -----------------------------------------------------------------------------
 
 def _connected_pair(name: str) -> tuple[PairGlooGroup, PairGlooGroup]:

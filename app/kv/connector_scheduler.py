@@ -72,7 +72,10 @@ class PDConnectorScheduler:
             # The last prompt token is always computed here: it yields the logits of the next token. A request that
             # continues after prefill's first token ends with that token, whose KV no transfer holds.
             num_kv = num_kv_tokens_of(request.kv_transfer_params, request.num_prompt_tokens)
-            return max(0, min(num_kv, request.num_prompt_tokens - 1) - num_computed_tokens), False
+            num_external = max(0, min(num_kv, request.num_prompt_tokens - 1) - num_computed_tokens)
+            if num_external and not self._mailbox().reserve(xfer_key(xfer_id)):
+                return None, False  # failed or forgotten since `state`: ask again (it then says what to do)
+            return num_external, False
         return 0, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -133,4 +136,6 @@ class PDConnectorScheduler:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._saves.pop(request.request_id, None)
+        if not self.is_producer and (xfer_id := xfer_id_of(request.kv_transfer_params)) is not None:
+            self._mailbox().unreserve(xfer_key(xfer_id))  # aborted before its load: the payload can go
         return False, None  # the blocks are free at once: the worker copied what it sends

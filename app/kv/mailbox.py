@@ -10,8 +10,13 @@ state never goes back):
     CLAIMED   the connector took the payload to load it into the engine's blocks
 Who writes what: the pair's receive loop `deliver`s; the decode replica `expect`s (it then owns the record),
 `fail`s it when the orchestrator says prefill failed, reads `report` at the first token and `forget`s it when
-the request ends, however it ends; the connector's scheduler half `settle`s the source once it decided, its
-worker half `claim`s the payload, says when it has `loaded` it, and overrules that decision when the load fails.
+the request ends, however it ends; the connector's scheduler half `reserve`s an ARRIVED payload when it tells
+vLLM the KV is there and `settle`s the source once it decided, its worker half `claim`s the payload, says when
+it has `loaded` it, and overrules that decision when the load fails.
+A reserved payload stays for the worker whatever other threads do meanwhile (`forget` sets it aside, `fail` and the
+lease leave it): vLLM has allocated and prefix-cached blocks for it, and after a failed load those blocks, should the
+request be aborted before vLLM recomputes them, stay cached with whatever they held (wrong tokens for the next
+prompt with that prefix). The connector's `request_finished` lets go of a reservation its request never claimed.
 A payload in the prefill replica's shared memory (same node) comes with a `release` callback: the record calls
 it exactly once, when the payload was loaded or is dropped for any reason, so prefill can reuse the segment.
 `sweep()` fails owned expectations past their deadline, frees an owned payload whose lease ended (so KV
@@ -34,6 +39,7 @@ import torch
 
 from app.kv.channel import Received
 from app.kv.header import NO_TOKEN, KVHeader
+from app.kv.waiters import Waiters
 from app.messages import KVSource
 
 DEADLINE_PASSED = "KV transfer deadline passed"
@@ -58,6 +64,7 @@ class Transfer:
     source: KVSource | None = None  # where the request's prompt KV came from, once decided
     fallback_reason: str | None = None  # with source "recomputed"
     release: Callable[[], None] | None = None  # gives a shared-memory payload back to prefill (once)
+    reserved: bool = False  # vLLM was told this KV is here: the payload waits for the worker's claim
 
     def fail(self, error: str, lease_end: float) -> None:
         self.state, self.error, self.payload, self.deadline = XferState.FAILED, error, None, lease_end
@@ -85,15 +92,71 @@ class Transfer:
             release()  # non-blocking: queues the segment id for the pair's release thread
 
 
-class KVMailbox:
+class _ConnectorCalls:
+    """What the connector's halves call, on the engine thread: the scheduler `reserve`s and `settle`s, the worker
+    `claim`s and says when it has `loaded`; `unreserve` when vLLM is done with the request (`KVMailbox` holds the
+    state)."""
+
+    _lock: threading.Lock
+    _records: dict[int, Transfer]
+    _set_aside: dict[int, Transfer]
+    _claimed: dict[int, Callable[[], None]]
+
+    def claim(self, key: int) -> tuple[KVHeader, torch.Tensor]:
+        """Take an ARRIVED payload (once); raises KeyError if it is not (or no longer) there."""
+        with self._lock:
+            record = self._records.get(key) or self._set_aside.pop(key, None)
+            if record is None or record.state != XferState.ARRIVED:
+                raise KeyError(f"KV transfer {key:#x} is not available")
+            header, payload = record.header, record.payload
+            record.state, record.payload = XferState.CLAIMED, None
+            if record.release is not None:  # now only `loaded` frees it (`forget` may come mid-scatter)
+                self._claimed[key], record.release = record.release, None
+            assert header is not None and payload is not None
+            return header, payload
+
+    def reserve(self, key: int) -> bool:
+        """Engine thread, as the connector tells vLLM the KV is here: keep the payload for the worker's `claim` (False:
+        it is not ARRIVED, or no longer)."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is None or record.state != XferState.ARRIVED:
+                return False
+            record.reserved = True
+            return True
+
+    def unreserve(self, key: int) -> None:
+        """Engine thread: the request ended (finished, aborted) without claiming a payload it reserved."""
+        with self._lock:
+            if (record := self._set_aside.pop(key, None)) is not None:
+                record.let_go()
+            elif (record := self._records.get(key)) is not None:
+                record.reserved = False
+
+    def loaded(self, key: int) -> None:
+        """The connector is done with the payload it claimed (scattered, or refused): free its shared memory."""
+        if (release := self._claimed.pop(key, None)) is not None:  # dict.pop is atomic
+            release()
+
+    def settle(self, key: int, source: KVSource, reason: str | None = None, overrule: bool = False) -> None:
+        """Where the prompt KV comes from: the scheduler's first decision stands, unless the worker's load
+        failed (`overrule`: vLLM then recomputes the prompt)."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None and (record.source is None or overrule):
+                record.source, record.fallback_reason = source, reason
+
+
+class KVMailbox(_ConnectorCalls):
     def __init__(self, lease_s: float, on_change: Callable[[], None] | None = None):
         self.lease_s = lease_s
         self._records: dict[int, Transfer] = {}
         self._lock = threading.Lock()
         self._on_change = on_change or (lambda: None)
-        self._waiters = _Waiters()  # guarded by _lock
+        self._waiters = Waiters()  # guarded by _lock
         self._done: dict[int, float] = {}  # forgotten keys -> until when a late arrival is dropped at once
         self._claimed: dict[int, Callable[[], None]] = {}  # claimed shared-memory payloads not loaded yet
+        self._set_aside: dict[int, Transfer] = {}  # reserved payloads whose request forgot them before the claim
         self.num_expired = 0
         self.num_late = 0
 
@@ -108,7 +171,7 @@ class KVMailbox:
         with self._lock:
             if (record := self._records.get(key)) is None:
                 self._records[key] = Transfer(XferState.FAILED, time.monotonic() + self.lease_s, error=error)
-            elif record.state in (XferState.EXPECTED, XferState.ARRIVED):
+            elif record.state == XferState.EXPECTED or record.state == XferState.ARRIVED and not record.reserved:
                 record.fail(error, time.monotonic() + self.lease_s)
             self._waiters.wake(key)
         self._on_change()  # a decision changed: the engine may schedule a waiting request now
@@ -138,7 +201,11 @@ class KVMailbox:
         drop the transfer itself if it still arrives later."""
         with self._lock:
             if (record := self._records.pop(key, None)) is not None:
-                record.let_go()
+                if record.reserved and record.state == XferState.ARRIVED:
+                    record.deadline = time.monotonic() + self.lease_s  # `sweep` drops it if nobody does before
+                    self._set_aside[key] = record  # the worker loads it in this step
+                else:
+                    record.let_go()
             self._done[key] = time.monotonic() + self.lease_s
 
     def deliver(self, received: Received) -> None:
@@ -173,32 +240,6 @@ class KVMailbox:
         with self._lock:
             return record.first_token if (record := self._records.get(key)) is not None else None
 
-    def claim(self, key: int) -> tuple[KVHeader, torch.Tensor]:
-        """Take an ARRIVED payload (once); raises KeyError if it is not (or no longer) there."""
-        with self._lock:
-            record = self._records.get(key)
-            if record is None or record.state != XferState.ARRIVED:
-                raise KeyError(f"KV transfer {key:#x} is not available")
-            header, payload = record.header, record.payload
-            record.state, record.payload = XferState.CLAIMED, None
-            if record.release is not None:  # now only `loaded` frees it (`forget` may come mid-scatter)
-                self._claimed[key], record.release = record.release, None
-            assert header is not None and payload is not None
-            return header, payload
-
-    def loaded(self, key: int) -> None:
-        """The connector is done with the payload it claimed (scattered, or refused): free its shared memory."""
-        if (release := self._claimed.pop(key, None)) is not None:  # dict.pop is atomic
-            release()
-
-    def settle(self, key: int, source: KVSource, reason: str | None = None, overrule: bool = False) -> None:
-        """Where the prompt KV comes from: the scheduler's first decision stands, unless the worker's load
-        failed (`overrule`: vLLM then recomputes the prompt)."""
-        with self._lock:
-            record = self._records.get(key)
-            if record is not None and (record.source is None or overrule):
-                record.source, record.fallback_reason = source, reason
-
     def sweep(self) -> int:
         """Fail overdue expectations, free ended leases, drop unowned records; returns how many changed."""
         now = time.monotonic()
@@ -213,7 +254,7 @@ class KVMailbox:
                     self.num_expired += 1
                 elif record.state == XferState.EXPECTED:
                     record.fail(DEADLINE_PASSED, now + self.lease_s)
-                elif record.state == XferState.ARRIVED:
+                elif record.state == XferState.ARRIVED and not record.reserved:
                     record.fail(LEASE_ENDED, now + self.lease_s)
                     self.num_expired += 1
                 else:
@@ -221,47 +262,21 @@ class KVMailbox:
                 changed += 1
             for key in [k for k, until in self._done.items() if until < now]:
                 del self._done[key]
+            for key in [k for k, r in self._set_aside.items() if r.deadline < now]:  # never claimed nor let go
+                self._set_aside.pop(key).let_go()
+                changed += 1
         return changed
 
     def num_held_bytes(self) -> int:
         with self._lock:
-            return sum(r.payload.nbytes for r in self._records.values() if r.payload is not None)
+            held = [*self._records.values(), *self._set_aside.values()]
+            return sum(r.payload.nbytes for r in held if r.payload is not None)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._records)
+            return len(self._records) + len(self._set_aside)
 
     def num_expected(self) -> int:
         """Transfers expected and not arrived yet (requests waiting for their KV)."""
         with self._lock:
             return sum(r.state == XferState.EXPECTED for r in self._records.values())
-
-
-class _Waiters:
-    """Event-loop futures waiting for a transfer's decision, by key (callers hold the mailbox's lock)."""
-
-    def __init__(self):
-        self._by_key: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
-
-    def add(self, key: int) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._by_key.setdefault(key, []).append((loop, future))
-        return future
-
-    def discard(self, key: int, future: asyncio.Future) -> None:
-        left = [w for w in self._by_key.get(key, []) if w[1] is not future]
-        if left:
-            self._by_key[key] = left
-        else:
-            self._by_key.pop(key, None)
-
-    def wake(self, key: int) -> None:
-        """Resolve the key's waiters, each on its own loop."""
-        for loop, future in self._by_key.pop(key, []):
-            loop.call_soon_threadsafe(_resolve, future)
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
