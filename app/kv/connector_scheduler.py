@@ -6,10 +6,10 @@ Prefill engine (kv_role "kv_producer"):
   budget chunks it) and, in the step whose forward completes the prompt, emits one `SaveSpec` (all prompt
   blocks). Each request is saved once, also if it is preempted and resumed afterwards.
 Decode engine (kv_role "kv_consumer"):
-  `get_num_new_matched_tokens` only reads the transfer's state (vLLM may ask several times for one
-  request): not arrived yet -> None ("ask again later"; other requests keep decoding); arrived ->
-  prompt length - 1 - locally cached tokens (the last prompt token is recomputed to produce logits);
-  failed, expired or unknown -> 0. `update_state_after_alloc`, called once the blocks are allocated,
+  `get_num_new_matched_tokens` reads the transfer's state and reserves an arrived payload for the worker (vLLM
+  may ask several times for one request): not arrived yet -> None ("ask again later"; other requests keep
+  decoding); arrived -> prompt length - 1 - locally cached tokens (the last prompt token is recomputed to produce
+  logits); failed, expired or unknown -> 0. `update_state_after_alloc`, called once the blocks are allocated,
   records the decision in the transfer's record (`settle`: transfer, prefix_cache, or recomputed with
   the reason) and queues a `LoadSpec` onto the blocks vLLM allocated.
 The decode replica owns the transfer record's life (it forgets it when the request ends).
@@ -65,7 +65,8 @@ class PDConnectorScheduler:
         xfer_id = xfer_id_of(request.kv_transfer_params)
         if xfer_id is None or self.is_producer:
             return 0, False
-        state, _ = self._mailbox().state(xfer_key(xfer_id))
+        mailbox, key = self._mailbox(), xfer_key(xfer_id)
+        state = mailbox.reserve(key)  # an ARRIVED payload now waits for the worker, whatever happens to its record
         if state == XferState.EXPECTED:
             return None, False  # KV still in flight: ask again next step
         if state == XferState.ARRIVED:
@@ -73,8 +74,8 @@ class PDConnectorScheduler:
             # continues after prefill's first token ends with that token, whose KV no transfer holds.
             num_kv = num_kv_tokens_of(request.kv_transfer_params, request.num_prompt_tokens)
             num_external = max(0, min(num_kv, request.num_prompt_tokens - 1) - num_computed_tokens)
-            if num_external and not self._mailbox().reserve(xfer_key(xfer_id)):
-                return None, False  # failed or forgotten since `state`: ask again (it then says what to do)
+            if not num_external:
+                mailbox.unreserve(key)  # all of it cached here: nothing to load
             return num_external, False
         return 0, False
 

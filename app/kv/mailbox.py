@@ -79,6 +79,11 @@ class Transfer:
             self.state, self.deadline = XferState.ARRIVED, lease_end
             self.payload = received.payload
 
+    def check_deadline(self, lease_s: float) -> None:
+        """An expectation past its deadline turns FAILED (read without waiting for the sweep)."""
+        if self.state == XferState.EXPECTED and time.monotonic() > self.deadline:
+            self.fail(DEADLINE_PASSED, time.monotonic() + lease_s)
+
     @property
     def first_token(self) -> int | None:
         """The first token the header names (also when the payload failed); None: no header came, or it names none."""
@@ -115,15 +120,15 @@ class _ConnectorCalls:
             assert header is not None and payload is not None
             return header, payload
 
-    def reserve(self, key: int) -> bool:
-        """Engine thread, as the connector tells vLLM the KV is here: keep the payload for the worker's `claim` (False:
-        it is not ARRIVED, or no longer)."""
+    def reserve(self, key: int) -> XferState | None:
+        """Engine thread, as the connector decides what to tell vLLM: the transfer's state (as `state` says it), and an
+        ARRIVED payload kept for the worker's `claim` (`unreserve` if vLLM is not told it is here)."""
         with self._lock:
-            record = self._records.get(key)
-            if record is None or record.state != XferState.ARRIVED:
-                return False
-            record.reserved = True
-            return True
+            if (record := self._records.get(key)) is None:
+                return None
+            record.check_deadline(self.lease_s)
+            record.reserved = record.reserved or record.state == XferState.ARRIVED
+            return record.state
 
     def unreserve(self, key: int) -> None:
         """Engine thread: the request ended (finished, aborted) without claiming a payload it reserved."""
@@ -231,8 +236,7 @@ class KVMailbox(_ConnectorCalls):
         with self._lock:
             if (record := self._records.get(key)) is None:
                 return None, None
-            if record.state == XferState.EXPECTED and time.monotonic() > record.deadline:
-                record.fail(DEADLINE_PASSED, time.monotonic() + self.lease_s)
+            record.check_deadline(self.lease_s)
             return record.state, record.error
 
     def first_token(self, key: int) -> int | None:
