@@ -43,6 +43,7 @@ from app.engine_setup import (
     to_vllm_sampling,
 )
 from app.errors import EngineError, EngineInputError
+from app.kv.hub import HUB
 from app.messages import BusTarget, GenerationChunk, SamplingSpec
 from app.specs import EngineSpec
 
@@ -133,8 +134,11 @@ class EngineDriver:
 
     @classmethod
     def from_spec(cls, spec: EngineSpec, kv_transfer_config: dict[str, Any] | None = None) -> EngineDriver:
-        return cls(build_engine(spec, kv_transfer_config), spec.cpu_threads, spec.cpu_affinity,
-                   spec.short_first_ms_per_token, spec.replies_chunk_tokens)
+        driver = cls(build_engine(spec, kv_transfer_config), spec.cpu_threads, spec.cpu_affinity,
+                     spec.short_first_ms_per_token, spec.replies_chunk_tokens)
+        if kv_transfer_config is not None:  # pdserve's connector: its worker half evicts failed loads' blocks
+            HUB.evict_cached_blocks = driver._scheduler().kv_cache_manager.evict_blocks  # (mid-step, driver thread)
+        return driver
 
     # -- asyncio side ---------------------------------------------------------------------------
 

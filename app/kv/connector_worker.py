@@ -9,7 +9,8 @@ It acts only on the step's `PDConnectorMetadata` from the scheduler half:
 - `start_load_kv` (decode; before the forward) claims each `LoadSpec`'s payload from the mailbox, checks
   its header against the engine (tokens, blocks, shape, dtype) and scatters it into the allocated blocks.
   A failed load reports its blocks through `get_block_ids_with_load_errors`, which makes vLLM recompute
-  them, and marks the transfer's record recomputed with the reason.
+  them, drops them from the engine's prefix cache (`hub.evict_cached_blocks`), and marks the transfer's record
+  recomputed with the reason.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class PDConnectorWorker:
                 # vLLM recomputes blocks reported here (kv_load_failure_policy="recompute").
                 logger.warning("KV load for %s failed, recomputing: %s", load.request_id, exc)
                 self._load_error_blocks.update(load.block_ids)
+                if self.hub.evict_cached_blocks is not None:
+                    # vLLM's recompute policy keeps these blocks in its prefix cache for the request's next step;
+                    # were the request aborted before that step, they would stay cached with what they hold now,
+                    # and the next prompt with this prefix would read it. Never cached, they are always recomputed.
+                    self.hub.evict_cached_blocks(set(load.block_ids))
                 counters.num_load_errors += 1
                 if self.hub.mailbox is not None:  # the scheduler said "transfer"; the prompt is recomputed instead
                     self.hub.mailbox.settle(xfer_key(load.xfer_id), "recomputed", f"KV load failed: {exc}",

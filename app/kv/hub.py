@@ -11,6 +11,8 @@ never talk through the hub: only through the step's connector metadata.)
   settles where the KV came from; the worker half claims the payload from it to scatter into the
   blocks the scheduler allocated.
 - The worker half publishes the engine's KV cache (`kv_layers`) and what it did (`counters`).
+- The engine driver that built the engine with this connector sets `evict_cached_blocks(block_ids)`: the worker
+  half drops the blocks of a failed load from the engine's prefix cache with it (app/kv/connector_worker.py).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class KVHub:
     on_saved: Callable[[str, KVHeader, torch.Tensor], None] | None = None
     payload_buffer: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor | None] | None = None
     mailbox: KVMailbox | None = None
+    evict_cached_blocks: Callable[[set[int]], None] | None = None  # engine thread only
     kv_layers: list[torch.Tensor] = field(default_factory=list)  # each [num_total_blocks, *block_shape]
     counters: ConnectorCounters = field(default_factory=ConnectorCounters)
 
@@ -69,6 +72,6 @@ HUB = KVHub()
 
 def reset_hub() -> KVHub:
     """A fresh hub (tests build several engines in sequence in one process)."""
-    HUB.on_saved, HUB.payload_buffer, HUB.mailbox, HUB.kv_layers = None, None, None, []
+    HUB.on_saved, HUB.payload_buffer, HUB.mailbox, HUB.evict_cached_blocks, HUB.kv_layers = None, None, None, None, []
     HUB.counters = ConnectorCounters()
     return HUB
