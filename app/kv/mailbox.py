@@ -102,6 +102,7 @@ class _ConnectorCalls:
     `claim`s and says when it has `loaded`; `unreserve` when vLLM is done with the request (`KVMailbox` holds the
     state)."""
 
+    lease_s: float
     _lock: threading.Lock
     _records: dict[int, Transfer]
     _set_aside: dict[int, Transfer]
