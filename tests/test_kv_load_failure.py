@@ -52,8 +52,9 @@ class _DecodeEngine:
 
         self.driver.engine.step = step_then_abort_a_failed_load
 
-    async def run(self) -> tuple[int, list[int]]:
-        """Returns the number of failed loads and the tokens of the prompt run locally after the aborted one."""
+    async def run(self) -> tuple[int, int, list[int]]:
+        """Returns the number of failed loads, then the prefix-cache hit and the tokens of the prompt run locally after
+        the aborted one."""
         import torch
 
         from app.kv.channel import Received
@@ -78,11 +79,12 @@ class _DecodeEngine:
         await asyncio.wait_for(self.aborted.wait(), 30)
         task.cancel()
         # 3. the same prompt, computed here
-        tokens = []
+        tokens, num_cached = [], None
         async for chunk in self.driver.generate("again", PROMPT, SamplingSpec(max_tokens=8, temperature=0,
                                                                                   ignore_eos=True)):
+            num_cached = chunk.num_cached_tokens if num_cached is None else num_cached
             tokens.extend(chunk.token_ids)
-        return self.hub.counters.num_load_errors, tokens
+        return self.hub.counters.num_load_errors, num_cached, tokens
 
     def shutdown(self) -> None:
         self.driver.shutdown()
@@ -92,9 +94,10 @@ def test_a_failed_kv_load_aborted_before_its_recompute_leaves_no_stale_blocks_in
         ray_session, offline_engine):
     engine = _DecodeEngine.remote()
     try:
-        num_load_errors, tokens = ray.get(engine.run.remote(), timeout=120)
+        num_load_errors, num_cached, tokens = ray.get(engine.run.remote(), timeout=120)
     finally:
         ray.get(engine.shutdown.remote(), timeout=30)
         ray.kill(engine)
     assert num_load_errors == 1  # the header check refused the payload
+    assert num_cached == 0  # none of the failed load's blocks was found in the prefix cache
     assert tokens == offline_generate(offline_engine, PROMPT, 8, ignore_eos=True)[1]
