@@ -215,9 +215,9 @@ def test_mailbox_counts_a_transfer_from_expectation_to_forget_so_decode_keeps_ch
 
 def test_a_reserved_payload_waits_for_the_workers_claim_whatever_forget_fail_or_the_lease_do():
     """The connector told vLLM the KV is here (`reserve`); then the request's call was cancelled (`forget`), the
-    ingress reported prefill failed (`fail`), or the lease ended: the worker must still load it in that step. A failed
-    load would leave blocks vLLM has already prefix-cached holding stale KV if the request is aborted before vLLM
-    recomputes them, and a later prompt with that prefix gets wrong tokens (tests/test_app_disagg.py end to end)."""
+    ingress reported prefill failed (`fail`), or the lease ended: the worker must still load it in that step, or its
+    load fails and the prompt is recomputed (and, were the request aborted first, its blocks stale in the prefix cache
+    but for the eviction tests/test_kv_load_failure.py checks)."""
     released: list[str] = []
     box = KVMailbox(lease_s=0.1)
 

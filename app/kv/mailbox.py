@@ -14,9 +14,10 @@ the request ends, however it ends; the connector's scheduler half `reserve`s an 
 vLLM the KV is there and `settle`s the source once it decided, its worker half `claim`s the payload, says when
 it has `loaded` it, and overrules that decision when the load fails.
 A reserved payload stays for the worker whatever other threads do meanwhile (`forget` sets it aside, `fail` and the
-lease leave it): vLLM has allocated and prefix-cached blocks for it, and after a failed load those blocks, should the
-request be aborted before vLLM recomputes them, stay cached with whatever they held (wrong tokens for the next
-prompt with that prefix). The connector's `request_finished` lets go of a reservation its request never claimed.
+lease leave it): vLLM has allocated and prefix-cached blocks for it, and a load that failed would make it recompute
+the prompt, its blocks dropped from the cache first (app/kv/connector_worker.py) lest an abort before the recompute
+leave them there with whatever they held. The connector's `request_finished` lets go of a reservation its request
+never claimed.
 A payload in the prefill replica's shared memory (same node) comes with a `release` callback: the record calls
 it exactly once, when the payload was loaded or is dropped for any reason, so prefill can reuse the segment.
 `sweep()` fails owned expectations past their deadline, frees an owned payload whose lease ended (so KV
