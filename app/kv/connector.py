@@ -43,7 +43,7 @@ class PDConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = PDConnectorScheduler(block_size, self._kv_transfer_config.is_kv_producer, hub)
         else:
-            self.worker = PDConnectorWorker(block_size, hub)
+            self.worker = PDConnectorWorker(block_size, hub, kv_cache_config.num_blocks if kv_cache_config else None)
 
     def _metadata(self) -> PDConnectorMetadata:
         metadata = self._get_connector_metadata()

@@ -24,7 +24,7 @@ import torch
 from app.kv.connector_meta import LoadSpec, PDConnectorMetadata
 from app.kv.header import UNSEALED, KVHeader, KVHeaderError, xfer_key
 from app.kv.hub import KVHub
-from app.kv.payload import default_checksum_algo, gather_blocks, payload_shape, scatter_blocks
+from app.kv.payload import by_scheduler_block, default_checksum_algo, gather_blocks, payload_shape, scatter_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +35,17 @@ def _layer_index(name: str) -> int:
 
 
 class PDConnectorWorker:
-    def __init__(self, block_size: int, hub: KVHub):
+    def __init__(self, block_size: int, hub: KVHub, num_blocks: int | None = None):
         self.block_size = block_size
         self.hub = hub
+        self.num_blocks = num_blocks  # the scheduler's KV blocks (KVCacheConfig.num_blocks); None: dim 0 taken as is
         self._load_error_blocks: set[int] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        # each [num_total_blocks, *block_shape], in layer order
-        self.hub.kv_layers = [kv_caches[name] for name in sorted(kv_caches, key=_layer_index)]
+        layers = [kv_caches[name] for name in sorted(kv_caches, key=_layer_index)]
+        if self.num_blocks is not None:  # kernel blocks folded into the scheduler's, whose ids the metadata carries
+            layers = [by_scheduler_block(layer, self.num_blocks) for layer in layers]
+        self.hub.kv_layers = layers  # each [num_total_blocks, *block_shape], in layer order
 
     def start_load_kv(self, metadata: PDConnectorMetadata) -> None:
         counters = self.hub.counters

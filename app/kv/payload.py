@@ -1,9 +1,13 @@
 """KV payload: gather a request's paged blocks into one contiguous tensor, scatter them back, checksum.
 
-vLLM 0.32 hands connectors standardized per-layer views with blocks at dim 0:
-    kv_layer  # [num_total_blocks, *block_shape]
-    (CPU: block_shape = [num_kv_heads, block_size, 2 * head_size]; GPU: [2, block_size, heads, head_size]
-     or its stride-permuted twin; the codec only relies on dim 0 being the block.)
+vLLM 0.32 hands connectors one logical view per layer, `[B, H, N, C]` (blocks, heads, token rows, content;
+`vllm/v1/kv_cache_interface.py: create_kv_cache_views`), over one raw allocation; the layout
+(`KVCacheLayout`: NHD, HND, block-outermost...) changes only the strides. When the attention kernel takes
+smaller blocks than the scheduler's (FlashMLA's 64, CUTLASS MLA's 128, a hybrid model's enlarged blocks),
+dim 0 counts kernel blocks, `blocks_per_page` of them per scheduler block; `by_scheduler_block` folds them
+back so that dim 0 is always the scheduler's block id:
+    kv_layer  # [num_total_blocks, *block_shape]; block_shape = [H, N, C] or [blocks_per_page, H, N', C]
+The codec relies only on that dim 0, and works on any strides (`index_select`/`index_copy_`).
 A transfer moves one tensor (collective send/recv take one contiguous tensor per call):
     payload   # [num_layers, num_blocks, *block_shape]
 The same code runs on CPU tensors (gloo) and CUDA tensors (NCCL).
@@ -20,6 +24,21 @@ CHECKSUM_CRC32 = 1  # zlib.crc32 over the bytes; CPU tensors (releases the GIL; 
 CHECKSUM_WEIGHTED = 2  # position-weighted sum of 32-bit words mod 2**64; runs on the tensor's device
 CHECKSUM_XXH3 = 3  # XXH3-64 over the bytes; CPU tensors (the default there: about 16x CRC32's speed here)
 _CHUNK_WORDS = 1 << 20
+
+
+def by_scheduler_block(layer: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """`layer` with dim 0 indexed by the scheduler's block id, however many kernel blocks make one.
+
+    vLLM puts kernel block j of scheduler block b at row b * blocks_per_page + j, each a dense slice of the
+    block's page (`create_kv_cache_views` refuses a split otherwise), so folding dim 0 is always a view.
+    """
+    rows = layer.shape[0]  # [num_blocks * blocks_per_page, H, N', C]
+    if rows == num_blocks:
+        return layer
+    if num_blocks <= 0 or rows % num_blocks:
+        raise ValueError(f"KV cache layer has {rows} blocks on dim 0, not a multiple of the engine's {num_blocks} "
+                         "KV blocks: pdserve cannot map its block ids onto this layout")
+    return layer.unflatten(0, (num_blocks, rows // num_blocks))  # [num_blocks, blocks_per_page, H, N', C]
 
 
 def payload_shape(kv_layers: list[torch.Tensor], num_blocks: int) -> tuple[int, ...]:
