@@ -38,6 +38,7 @@ from typing import Any
 
 from app.errors import EngineError
 from app.messages import BusTarget, GenerateRequest, GenerationChunk, pop_joined
+from app.request_inbox import InboxSender
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class TokenBus:
         self._reader: asyncio.Task | None = None
         self.num_messages = 0
         self.num_dropped = 0  # chunks for keys no longer held, and messages without the secret
+        self.requests = InboxSender()  # requests sent ahead of their Serve calls (app/request_inbox.py)
 
     def _bind(self) -> None:
         import zmq
@@ -132,9 +134,11 @@ class TokenBus:
         if self._socket is not None:
             self._socket.close(linger=0)
         self._socket = self._reader = None
+        self.requests.close()
 
     def stats(self) -> dict[str, int]:
-        return {"num_messages": self.num_messages, "num_dropped": self.num_dropped, "num_open": len(self._inboxes)}
+        return {"num_messages": self.num_messages, "num_dropped": self.num_dropped, "num_open": len(self._inboxes),
+                "num_requests_ahead": self.requests.num_sent}
 
 
 class BusStream:
@@ -212,6 +216,19 @@ async def _next(call_it: Any) -> Any:
         return await call_it.__anext__()
     except StopAsyncIteration:
         return _END
+
+
+def pinned_start(method: Any, bus: TokenBus | None, selection: Any, args: tuple, kwargs: dict[str, Any]
+                 ) -> Callable[[GenerateRequest], Any]:
+    """`method.remote(request, *args, **kwargs)` pinned to the picked replica; with a bus, the request goes ahead
+    through the replica's request inbox, so its engine starts it without waiting for the call's dispatch."""
+    pin = selection.replica_id
+
+    def start(request: GenerateRequest) -> Any:
+        key = None if bus is None else bus.requests.send(selection.replica_metadata, (request, *args),
+                                                         {**kwargs, "replica_pin": pin})
+        return method.remote(request, *args, replica_pin=pin, inbox_key=key, **kwargs)
+    return start
 
 
 def streamed(bus: TokenBus | None, request: GenerateRequest, start: Callable[[GenerateRequest], Any]) -> Any:

@@ -26,6 +26,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 from ray import serve
 
@@ -66,15 +67,22 @@ class Decode(EngineReplica):
                                        spec.kv.timeout_s, self.hub.device, deliver=self.mailbox.deliver,
                                        shm_max_bytes=spec.kv.shared_memory_mib << 20)
         threading.Thread(target=self._sweep, name="kv-mailbox-sweep", daemon=True).start()
+        self._open_inbox(self._generate)  # requests start here before their Serve call arrives
         await self._start()
 
     def record_replica_metadata(self) -> dict[str, str]:
-        return {"pair_id": self.replica_id}
+        return {"pair_id": self.replica_id, **self.inbox_metadata()}
 
-    async def generate(self, request: GenerateRequest, prefill_id: str | None, xfer_id: str,
-                       local_reason: str | None = None, placed_locally: bool = False,
-                       first_from_prefill: bool = False, replica_pin: str | None = None
+    async def generate(self, request: GenerateRequest, *args: Any, inbox_key: str | None = None, **kwargs: Any
                        ) -> AsyncIterator[GenerationChunk]:
+        """`_generate`'s stream; with `inbox_key`, of the run its inbox message started (app/request_inbox.py)."""
+        async for chunk in self._started(inbox_key, self._generate, (request, *args), kwargs):
+            yield chunk
+
+    async def _generate(self, request: GenerateRequest, prefill_id: str | None, xfer_id: str,
+                        local_reason: str | None = None, placed_locally: bool = False,
+                        first_from_prefill: bool = False, replica_pin: str | None = None
+                        ) -> AsyncIterator[GenerationChunk]:
         """Stream `request`; its KV comes from `prefill_id` (None: run the prompt here, because no prefill replica
         was free, or, with `placed_locally`, because the router placed it here for `local_reason`). With
         `first_from_prefill` the client may get the first token from prefill: the KV's header names it, and the
@@ -168,7 +176,7 @@ class Decode(EngineReplica):
                 "num_load_errors": counters.num_load_errors, "fallbacks": dict(self.fallbacks),
                 "num_placed_locally": self.num_placed_locally,
                 "mailbox_entries": len(self.mailbox), "mailbox_bytes": self.mailbox.num_held_bytes(),
-                "replica_id": self.replica_id, **self.transport.stats()}
+                "replica_id": self.replica_id, "inbox": self.inbox.stats(), **self.transport.stats()}
 
     # -- load: metrics and the autoscaling signal --------------------------------------------------
 

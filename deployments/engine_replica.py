@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from app.config import WarmupConfig
@@ -21,6 +22,7 @@ from app.engine_setup import freeze_gc_heap
 from app.errors import WrongReplica
 from app.kv.pairs import PairTransport
 from app.metrics import set_engine_load
+from app.request_inbox import RequestInbox
 from app.specs import EngineSpec
 from app.warmup import PEER_DEPLOYMENT, pair_with_peers, warm_engine
 
@@ -41,6 +43,7 @@ class EngineReplica:
     # Set by the subclass constructor; None until then (shutdown may run on a half-built replica).
     driver: EngineDriver | None = None
     transport: PairTransport | None = None
+    inbox: RequestInbox | None = None  # requests that start before their Serve call (app/request_inbox.py)
     _stopped: threading.Event | None = None
 
     def _init_replica(self, spec: EngineSpec, warmup: WarmupConfig) -> None:
@@ -69,6 +72,21 @@ class EngineReplica:
                 asyncio.get_running_loop().create_task(self._warm_periodically())
         threading.Thread(target=self._publish, name="pdserve-metrics", daemon=True).start()
         freeze_gc_heap()
+
+    # -- the request inbox ---------------------------------------------------------------------------
+
+    def _open_inbox(self, start: Callable[..., AsyncIterator[Any]]) -> None:
+        self.inbox = RequestInbox(start)
+        self.inbox.bind()
+
+    def inbox_metadata(self) -> dict[str, str]:
+        return self.inbox.metadata() if self.inbox is not None else {}
+
+    def _started(self, inbox_key: str | None, start: Callable[..., AsyncIterator[Any]], args: tuple,
+                 kwargs: dict[str, Any]) -> AsyncIterator[Any]:  # the inbox's run, or `start(*args, **kwargs)` here
+        if inbox_key is not None and self.inbox is not None:
+            return self.inbox.attach(inbox_key, args, kwargs)
+        return start(*args, **kwargs)
 
     # -- warm-up and pairing ------------------------------------------------------------------------
 
@@ -154,6 +172,8 @@ class EngineReplica:
         """Stop background threads (`_stopped`), leave every pair group (`transport`), stop the engine."""
         if self._stopped is not None:
             self._stopped.set()
+        if self.inbox is not None:
+            self.inbox.close()
         if self.transport is not None:
             self.transport.close()
         if self.driver is not None:

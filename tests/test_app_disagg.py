@@ -113,6 +113,26 @@ def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, o
     assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
 
 
+def _inbox_counts() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for stats in _broadcast("Decode", "kv_stats"):
+        for name, value in stats["inbox"].items():
+            counts[name] = counts.get(name, 0) + value
+    return counts
+
+
+def test_requests_reach_decode_through_its_inbox_ahead_of_their_serve_calls(app, offline_engine, tokenizer):
+    before, ahead_before = _inbox_counts(), app["handle"].token_bus_stats.remote().result()["num_requests_ahead"]
+    for i in range(4):
+        prompt = prompt_of_length(tokenizer, 40, 60 + i)
+        assert _complete(app, prompt, 6)["choices"][0]["text"] == offline_generate(offline_engine, prompt, 6)[0]
+    after, ahead_after = _inbox_counts(), app["handle"].token_bus_stats.remote().result()["num_requests_ahead"]
+    started, call_first = (after[k] - before[k] for k in ("num_started", "num_call_first"))
+    # each request's message started it; its Serve call attached (the call may win the race once, on a new socket)
+    assert ahead_after - ahead_before == 4 and started + call_first == 4 and started >= 3
+    assert after["num_waiting"] == 0 and after["num_orphaned"] == before["num_orphaned"]
+
+
 def test_prompt_fully_prefix_cached_on_decode_drops_its_transfer_without_wedging(app, offline_engine, tokenizer):
     # 64 tokens: decode continues after prefill's first token (65), and vLLM reuses at most all but the last token
     # of a prompt, so 64 (two whole blocks) can all be cached there

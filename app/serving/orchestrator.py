@@ -53,7 +53,7 @@ from app.serving.placement import DecodeBacklog, PrefillBacklog, place, uncached
 from app.serving.prefix_index import PrefixRouting
 from app.serving.replica_router import pick_replica
 from app.specs import OrchestratorSpec
-from app.token_bus import TokenBus, streamed
+from app.token_bus import TokenBus, pinned_start, streamed
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ class DisaggregatedClient:
 
     def _decode_call(self, d_sel, request: GenerateRequest, *args, **kwargs):
         """Decode's streaming call on the chosen replica, its tokens after the first on the bus (if on)."""
-        return streamed(self.bus, request,
-                        lambda r: self.decode.generate.remote(r, *args, replica_pin=d_sel.replica_id, **kwargs))
+        return streamed(self.bus, request, pinned_start(self.decode.generate, self.bus, d_sel, args, kwargs))
 
     def _wake_prefill(self) -> None:
         """Leave one call waiting for a prefill replica: Serve counts it as queued and scales prefill up

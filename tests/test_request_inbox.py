@@ -1,0 +1,158 @@
+"""The request inbox (app/request_inbox.py): a request its message brought starts before its call attaches; a call
+that comes first runs it and the late message is dropped; a call that leaves cancels the run; a run no call takes
+is cancelled and its late call fails; strangers' messages are dropped unread; the run's error reaches the call."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+import pytest
+
+from app import request_inbox
+from app.errors import EngineError
+from app.request_inbox import InboxSender, RequestInbox
+
+
+class Runs:
+    """The replica's streaming method: records each run's start and end, yields `n` items (or raises)."""
+
+    def __init__(self, n: int = 3, error: Exception | None = None, hold: asyncio.Event | None = None):
+        self.n, self.error, self.hold = n, error, hold
+        self.started: list[tuple] = []
+        self.closed: list[tuple] = []
+
+    async def __call__(self, *args, **kwargs):
+        self.started.append(args)
+        try:
+            for i in range(self.n):
+                if self.hold is not None and i == 1:
+                    await self.hold.wait()
+                yield (args[0], i)
+            if self.error is not None:
+                raise self.error
+        finally:
+            self.closed.append(args)
+
+
+async def _until(predicate, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def _inbox(runs: Runs) -> tuple[RequestInbox, InboxSender, dict]:
+    inbox = RequestInbox(runs, host="127.0.0.1")
+    inbox.bind()
+    return inbox, InboxSender(), inbox.metadata()
+
+
+def test_a_request_starts_from_its_message_before_its_call_attaches():
+    async def run():
+        runs = Runs()
+        inbox, sender, meta = _inbox(runs)
+        key = sender.send(meta, ("r1",), {"flag": True})
+        await _until(lambda: runs.started)  # running with no call yet
+        got = [item async for item in inbox.attach(key, ("r1",), {})]
+        stats = inbox.stats()
+        inbox.close(), sender.close()
+        return runs, got, stats
+
+    runs, got, stats = asyncio.run(run())
+    assert got == [("r1", 0), ("r1", 1), ("r1", 2)] and runs.started == [("r1",)]
+    assert stats == {"num_started": 1, "num_call_first": 0, "num_orphaned": 0, "num_dropped": 0, "num_waiting": 0}
+
+
+def test_a_call_that_comes_first_runs_the_request_and_the_late_message_is_dropped():
+    async def run():
+        runs = Runs()
+        inbox, sender, meta = _inbox(runs)
+        got = [item async for item in inbox.attach("k1", ("r2",), {})]
+        inbox.start("k1", ("r2",), {})  # the message, late
+        await asyncio.sleep(0.05)
+        stats = inbox.stats()
+        inbox.close(), sender.close()
+        return runs, got, stats
+
+    runs, got, stats = asyncio.run(run())
+    assert got == [("r2", 0), ("r2", 1), ("r2", 2)] and len(runs.started) == 1
+    assert stats["num_call_first"] == 1 and stats["num_dropped"] == 1 and stats["num_started"] == 0
+
+
+def test_a_call_that_leaves_early_cancels_its_run():
+    async def run():
+        runs = Runs(n=3, hold=asyncio.Event())  # the run stops after its first item until released
+        inbox, sender, meta = _inbox(runs)
+        key = sender.send(meta, ("r3",), {})
+        chunks = aiter(inbox.attach(key, ("r3",), {}))
+        first = await anext(chunks)
+        await chunks.aclose()
+        await _until(lambda: runs.closed)
+        inbox.close(), sender.close()
+        return first, runs
+
+    first, runs = asyncio.run(run())
+    assert first == ("r3", 0) and runs.closed == [("r3",)]
+
+
+def test_a_run_no_call_takes_is_cancelled_and_its_late_call_fails(monkeypatch):
+    monkeypatch.setattr(request_inbox, "ORPHAN_S", 0.1)
+
+    async def run():
+        runs = Runs(n=3, hold=asyncio.Event())
+        inbox, sender, meta = _inbox(runs)
+        key = sender.send(meta, ("r4",), {})
+        await _until(lambda: runs.started)
+        await asyncio.sleep(0.15)
+        inbox.start("other", ("r5",), {})  # any later message sweeps
+        await _until(lambda: ("r4",) in runs.closed)
+        with pytest.raises(EngineError, match="waited over"):
+            async for _ in inbox.attach(key, ("r4",), {}):
+                pass
+        stats = inbox.stats()
+        inbox.close(), sender.close()
+        return stats
+
+    stats = asyncio.run(run())
+    assert stats["num_orphaned"] == 1
+
+
+def test_a_message_without_the_secret_is_dropped_unread(monkeypatch):
+    unpickled = []
+    real_loads = pickle.loads
+    monkeypatch.setattr(request_inbox.pickle, "loads", lambda data: unpickled.append(data) or real_loads(data))
+
+    async def run():
+        runs = Runs()
+        inbox, sender, meta = _inbox(runs)
+        sender.send({**meta, "inbox_secret": "00" * 16}, ("stranger",), {})
+        sender.send(meta, ("r6",), {})
+        await _until(lambda: runs.started)
+        stats = inbox.stats()
+        inbox.close(), sender.close()
+        return runs, stats
+
+    runs, stats = asyncio.run(run())
+    assert runs.started == [("r6",)] and stats["num_dropped"] == 1 and len(unpickled) == 1
+
+
+def test_the_runs_error_reaches_its_call_after_its_items():
+    async def run():
+        runs = Runs(n=1, error=EngineError("engine died"))
+        inbox, sender, meta = _inbox(runs)
+        key = sender.send(meta, ("r7",), {})
+        got = []
+        with pytest.raises(EngineError, match="engine died"):
+            async for item in inbox.attach(key, ("r7",), {}):
+                got.append(item)
+        inbox.close(), sender.close()
+        return got
+
+    assert asyncio.run(run()) == [("r7", 0)]
+
+
+def test_a_replica_without_an_inbox_gets_no_message():
+    sender = InboxSender()
+    assert sender.send({"pair_id": "x"}, ("r",), {}) is None and sender.num_sent == 0
