@@ -63,6 +63,13 @@ class RequestInbox:
         self._reader: asyncio.Task | None = None
         self.counts = {"num_started": 0, "num_call_first": 0, "num_orphaned": 0, "num_dropped": 0}
 
+    @classmethod
+    def bound(cls, start: Callable[..., AsyncIterator[Any]], host: str | None = None) -> RequestInbox:
+        """A new inbox, bound on the running event loop (the replica's)."""
+        inbox = cls(start, host)
+        inbox.bind()
+        return inbox
+
     def bind(self) -> str:
         import zmq
         import zmq.asyncio

@@ -18,7 +18,8 @@ from app.config import AppConfig, parse_app_config
 from app.specs import CollocatedSpec, DecodeSpec, IngressSpec, PrefillSpec
 from deployments.options import engine_options, serve_options
 
-# Calls about one transfer or parked KV cache go to the replica that holds it (replica_pin=...).
+# Calls about one transfer or parked KV cache, and requests sent ahead to a replica's inbox, go to that replica
+# (replica_pin=...).
 PINNABLE = {"request_router_config": {"request_router_class": "app.serving.replica_router:PinnableRouter"}}
 
 
@@ -28,7 +29,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
 
     config = args if isinstance(args, AppConfig) else parse_app_config(args)
     if config.mode == "collocated":
-        engines = {"collocated": Collocated.options(**engine_options(config.collocated)).bind(
+        engines = {"collocated": Collocated.options(**engine_options(config.collocated), **PINNABLE).bind(
             CollocatedSpec.from_config(config))}
     else:
         from deployments.decode import Decode

@@ -40,6 +40,7 @@ from app.kv.mailbox import KVMailbox, XferState
 from app.kv.pairs import PairTransport, resolve_backend
 from app.messages import GenerateRequest, GenerationChunk, KVReport
 from app.metrics import record_fallback, record_recompute
+from app.request_inbox import RequestInbox
 from app.serving.first_token import continued
 from app.specs import DecodeSpec
 from deployments.engine_replica import EngineReplica
@@ -67,7 +68,7 @@ class Decode(EngineReplica):
                                        spec.kv.timeout_s, self.hub.device, deliver=self.mailbox.deliver,
                                        shm_max_bytes=spec.kv.shared_memory_mib << 20)
         threading.Thread(target=self._sweep, name="kv-mailbox-sweep", daemon=True).start()
-        self._open_inbox(self._generate)  # requests start here before their Serve call arrives
+        self.inbox = RequestInbox.bound(self._generate)  # requests start here before their Serve call arrives
         await self._start()
 
     def record_replica_metadata(self) -> dict[str, str]:

@@ -75,10 +75,6 @@ class EngineReplica:
 
     # -- the request inbox ---------------------------------------------------------------------------
 
-    def _open_inbox(self, start: Callable[..., AsyncIterator[Any]]) -> None:
-        self.inbox = RequestInbox(start)
-        self.inbox.bind()
-
     def inbox_metadata(self) -> dict[str, str]:
         return self.inbox.metadata() if self.inbox is not None else {}
 
@@ -162,6 +158,7 @@ class EngineReplica:
                      "num_queued_prompt_tokens": load.num_queued_prompt_tokens, "kv_usage": load.kv_usage,
                      "step_s": load.step_s},
             "warmup": self.warmup_stats,
+            "inbox": self.inbox.stats() if self.inbox is not None else {},
         }
 
     def check_health(self) -> None:

@@ -64,6 +64,21 @@ def test_chat_greedy_equals_offline_vllm_streaming_and_not(client, offline_engin
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == got.choices[0].finish_reason
 
 
+def test_requests_reach_the_engine_through_its_inbox_ahead_of_their_serve_calls(app, offline_engine, tokenizer):
+    handle = serve.get_deployment_handle("Collocated", APP)
+    before = handle.stats.remote().result()["inbox"]
+    for i in range(4):
+        prompt = prompt_of_length(tokenizer, 40, 70 + i)
+        body = httpx.post(f"{app['base']}/v1/completions", json={"model": MODEL_NAME, "prompt": prompt,
+                                                                 "max_tokens": 6, "temperature": 0}, timeout=60)
+        assert body.json()["choices"][0]["text"] == offline_generate(offline_engine, prompt, 6)[0]
+    after = handle.stats.remote().result()["inbox"]
+    started, call_first = (after[k] - before[k] for k in ("num_started", "num_call_first"))
+    # each request's message started it and its Serve call attached (the call may win once, on a new socket)
+    assert started + call_first == 4 and started >= 3
+    assert after["num_waiting"] == 0 and after["num_orphaned"] == before["num_orphaned"]
+
+
 def test_sse_wire_format_ends_with_done(app):
     body = {"model": MODEL_NAME, "prompt": "import os\n", "max_tokens": 5, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{app['base']}/v1/completions", json=body, timeout=60) as response:

@@ -128,7 +128,8 @@ def test_a_request_whose_picked_replica_had_gone_is_picked_again_until_the_bound
 
     from app.errors import WrongReplica
     from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
-    from app.serving.orchestrator import MAX_REPICKS, DisaggregatedClient
+    from app.serving.orchestrator import DisaggregatedClient
+    from app.serving.replica_router import MAX_REPICKS
 
     request = GenerateRequest("r1", (1, 2, 3), SamplingSpec(max_tokens=1))
     chunk = GenerationChunk(text="a", token_ids=(7,), finish_reason="length", num_prompt_tokens=3)

@@ -5,9 +5,9 @@ request goes in as a `GenerateRequest`, `GenerationChunk`s come out, and domain 
 (`app/errors.py`) say what failed. What a client can do is declared, not probed: `supports_two_step`
 says whether the two-step methods work (a client without it raises `TwoStepUnsupported`).
 
-Implementations: `CollocatedClient` (below: Serve picks a `Collocated` replica, its stream is the
-answer) and `DisaggregatedClient` (`app/serving/orchestrator.py`: prefill and decode replicas, KV
-moved between them).
+Implementations: `CollocatedClient` (below: Serve's router picks a `Collocated` replica, the request goes ahead
+to its inbox and the call pinned to it, its stream is the answer) and `DisaggregatedClient`
+(`app/serving/orchestrator.py`: prefill and decode replicas, KV moved between them).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ray.serve.handle import DeploymentHandle
 
 from app.errors import TwoStepUnsupported
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
-from app.token_bus import TokenBus, streamed
+from app.serving.replica_router import pick_replica, picked_again
+from app.token_bus import TokenBus, pinned_start, streamed
 
 
 class EngineClient(Protocol):
@@ -64,9 +65,14 @@ class CollocatedClient:
         self.handle = handle.options(stream=True)
         self.bus = bus
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        return picked_again(self._generate, request)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        # picked without a slot reservation and pinned, so that the request can go ahead to that replica's inbox
+        selection = await pick_replica(self.handle.generate, request)
         first = True
-        async for chunk in streamed(self.bus, request, self.handle.generate.remote):
+        async for chunk in streamed(self.bus, request, pinned_start(self.handle.generate, self.bus, selection, (), {})):
             if first:
                 first = False
                 chunk = chunk.with_report(KVReport(prefix_cache_hit_tokens=chunk.num_cached_tokens))

@@ -43,7 +43,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.circuit import BREAKERS
 from app.circuit import configure as configure_breakers
-from app.errors import KVCacheNotFound, WrongReplica, causes, short_error
+from app.errors import KVCacheNotFound
 from app.kv.parking import replica_of
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
 from app.metrics import PhaseRatio, record_placement
@@ -51,13 +51,12 @@ from app.serving.first_token import can_continue
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
 from app.serving.placement import DecodeBacklog, PrefillBacklog, place, uncached_tokens
 from app.serving.prefix_index import PrefixRouting
-from app.serving.replica_router import pick_replica
+from app.serving.replica_router import pick_replica, picked_again
 from app.specs import OrchestratorSpec
 from app.token_bus import TokenBus, pinned_start, streamed
 
 logger = logging.getLogger(__name__)
 
-MAX_REPICKS = 2  # picks again after a pinned call found its replica gone (each time, the router knows one more)
 
 
 
@@ -82,7 +81,7 @@ class DisaggregatedClient:
         configure_breakers(spec.breaker_failures, spec.breaker_window_s, spec.breaker_open_s)
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        return _picked_again(self._generate, request)
+        return picked_again(self._generate, request)
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         xfer_id, prefixes = secrets.token_hex(16), self.prefixes
@@ -208,22 +207,6 @@ class DisaggregatedClient:
             transfer = Transfer(request, prefill_id, decode_id, xfer_id)
             async for chunk in self.handoff.stream(transfer, stream, prefill_call, retry=False):
                 yield chunk
-
-
-async def _picked_again(attempt, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-    """`attempt(request)`'s chunks; run again while it fails, before any chunk, because the replica picked for it had
-    gone (`WrongReplica`), up to `MAX_REPICKS` times."""
-    for repick in range(MAX_REPICKS + 1):
-        produced = False
-        try:
-            async for chunk in attempt(request):
-                produced = True
-                yield chunk
-            return
-        except Exception as exc:
-            if produced or repick == MAX_REPICKS or not any(isinstance(e, WrongReplica) for e in causes(exc)):
-                raise
-            logger.info("request %s picked again: %s", request.request_id, short_error(exc))
 
 
 async def _cancel_on_exit(stream) -> AsyncIterator[GenerationChunk]:

@@ -23,14 +23,22 @@ pick waits, as a reservation would) and puts the rest in order of their queue le
 from __future__ import annotations
 
 import importlib
+import logging
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
+from app.errors import WrongReplica, causes, short_error
+from app.messages import GenerateRequest, GenerationChunk
+
+logger = logging.getLogger(__name__)
+
 PIN_KWARG = "replica_pin"
 AVOID_KWARG = "avoid"
 PREFER_KWARG, LOAD_KWARG, SLACK_KWARG = "prefer", "load", "slack"
+MAX_REPICKS = 2  # picks again after a pinned call found its replica gone (each time, the router knows one more)
 PICK_KWARG = "pick_only"  # `pick_replica`'s choice: no reservation follows
 
 
@@ -115,3 +123,19 @@ def prefix_choice(candidates: list, kwargs: dict):
     if not eligible:
         return None
     return by_id[max(eligible, key=lambda i: (prefer[i], -load.get(i, 0)))]
+
+
+async def picked_again(attempt, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+    """`attempt(request)`'s chunks; run again while it fails, before any chunk, because the replica picked for it had
+    gone (`WrongReplica`), up to `MAX_REPICKS` times."""
+    for repick in range(MAX_REPICKS + 1):
+        produced = False
+        try:
+            async for chunk in attempt(request):
+                produced = True
+                yield chunk
+            return
+        except Exception as exc:
+            if produced or repick == MAX_REPICKS or not any(isinstance(e, WrongReplica) for e in causes(exc)):
+                raise
+            logger.info("request %s picked again: %s", request.request_id, short_error(exc))
