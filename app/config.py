@@ -165,9 +165,12 @@ class TwoStepConfig(_Strict):
 
 
 class TokenBusConfig(_Strict):
-    """Tokens after a request's first: engine thread -> ingress over ZeroMQ, one message per step (app/token_bus.py)."""
+    """Tokens: engine thread -> ingress over ZeroMQ, one message per step (app/token_bus.py); and requests: ingress ->
+    engine replica's inbox, ahead of their Serve calls (app/request_inbox.py)."""
 
-    enabled: bool = Field(True, description="false: every token through its request's Serve call.")
+    enabled: bool = Field(True, description="false: every token through its request's Serve call, and no request "
+                          "sent ahead to an engine replica's inbox (engine nodes and ingress cannot reach each other "
+                          "over TCP).")
     host: str | None = Field(None, description="Address the ingress's bus binds (a free port) and engine replicas "
                              "reach over TCP (None: the ingress node's address as Ray knows it).")
 
