@@ -1,10 +1,9 @@
 """The request inbox: a request reaches its decode replica's engine over ZeroMQ, not after a Serve call's dispatch.
 
 Why: the Serve call that carries a request into an engine replica took 5.1-5.4 ms from the ingress's `.remote()` to
-the replica's method (median of 24 lone 100-token requests, traced in both modes on the 2-core machine, 2026-11-30),
-a sixth of the whole time to first token; a ZeroMQ message between the same processes takes 0.2 ms. Serve stays in
-charge of everything else: the call still goes, and carries the request's end, its errors and its cancellation
-(and Serve's queue lengths and autoscaling still count it); it only no longer waits for the engine to start.
+the replica's method (24 lone 100-token requests, traced on the 2-core machine, 2026-11-30), a sixth of the time to
+first token; a ZeroMQ message takes 0.2 ms. The call still goes and carries the request's end, errors and
+cancellation (Serve's queue lengths and autoscaling still count it); the engine just no longer waits for it.
 
 Life cycle of one request (`key`: a fresh random id per call, never a request id, so a retried request cannot
 meet its earlier run):
@@ -16,8 +15,12 @@ meet its earlier run):
    (`start(*args, **kwargs)`, drained into a queue by a task); the Serve call, when it comes, attaches to it
    (`attach`) and yields what it yields. If the call comes first (the message is late or lost), it runs the request
    itself and the message, when it comes, is dropped.
-4. A call that leaves early cancels the run (the engine aborts the request). A run no call attached to within
-   `ORPHAN_S` is cancelled (its ingress gave up before its call left); a call that comes after that fails.
+4. A call that leaves early cancels the run (the engine aborts the request). So does the ingress, with a cancel
+   message, when the request ends before its call reached the replica (the client left while the call waited in
+   Serve's router, or the call failed to go). A message older than `MAX_AGE_S` is dropped unread (a backlog that
+   a healed partition delivers late), and a sender queues nothing for a replica it is not connected to
+   (`zmq.IMMEDIATE`: the call carries those requests). A run no call attached to within `ORPHAN_S` is cancelled
+   (its ingress died before it could cancel); a call that comes after that fails.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from app.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
-ORPHAN_S = 120.0  # how long a started run waits for its Serve call (which comes milliseconds after it)
+ORPHAN_S = 600.0  # how long a started run waits for its Serve call (milliseconds, or as long as Serve queues it)
+MAX_AGE_S = 30.0  # a message sent longer ago than this (sender's clock) is dropped: its call carries the request
+MAX_MESSAGE_BYTES = 64 << 20  # larger frames are refused by ZeroMQ before anything reads them
 SEND_HWM = 10_000  # requests queued for a replica that is not reading (gone): past it, the call carries them
 IDLE_CLOSE_S = 600.0  # a sender closes its socket to a replica it sent nothing for this long (replaced)
 _END = object()
@@ -61,16 +66,10 @@ class RequestInbox:
         self._settled: dict[str, tuple[float, bool]] = {}  # key -> (when, expired): its call came first, or it expired
         self._socket: Any = None
         self._reader: asyncio.Task | None = None
-        self.counts = {"num_started": 0, "num_call_first": 0, "num_orphaned": 0, "num_dropped": 0}
+        self.counts = {"num_started": 0, "num_call_first": 0, "num_cancelled": 0, "num_orphaned": 0, "num_dropped": 0}
 
-    @classmethod
-    def bound(cls, start: Callable[..., AsyncIterator[Any]], host: str | None = None) -> RequestInbox:
-        """A new inbox, bound on the running event loop (the replica's)."""
-        inbox = cls(start, host)
-        inbox.bind()
-        return inbox
-
-    def bind(self) -> str:
+    def bind(self) -> RequestInbox:
+        """Bind the socket and start reading, on the running event loop (the replica's)."""
         import zmq
         import zmq.asyncio
 
@@ -81,10 +80,11 @@ class RequestInbox:
             host = ray.util.get_node_ip_address()
         socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         port = socket.bind_to_random_port(f"tcp://{host}")
         self._socket, self.endpoint = socket, f"tcp://{host}:{port}"
         self._reader = asyncio.get_running_loop().create_task(self._read())
-        return self.endpoint
+        return self
 
     def metadata(self) -> dict[str, str]:
         """What the replica publishes for the ingress (`record_replica_metadata`)."""
@@ -93,22 +93,27 @@ class RequestInbox:
     async def _read(self) -> None:
         while True:
             try:
-                secret, payload = await self._socket.recv_multipart()
+                frames = await self._socket.recv_multipart()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a malformed message must not stop the reader
                 logger.exception("request inbox: receive failed")
                 await asyncio.sleep(0.01)
                 continue
-            if not hmac.compare_digest(secret, self.secret):
+            if len(frames) != 2 or not hmac.compare_digest(frames[0], self.secret):
                 self.counts["num_dropped"] += 1
                 continue
             try:
-                key, args, kwargs = pickle.loads(payload)
+                sent_at, key, request = pickle.loads(frames[1])
             except Exception:  # noqa: BLE001 - the call carries the request anyway
                 logger.exception("request inbox: unreadable request")
                 continue
-            self.start(key, args, kwargs)
+            if request is None:  # its ingress gave it up before its call attached
+                self.cancel(key)
+            elif time.time() - sent_at > MAX_AGE_S:
+                self.counts["num_dropped"] += 1
+            else:
+                self.start(key, *request)
 
     def start(self, key: str, args: tuple, kwargs: dict[str, Any]) -> None:
         """Run a request its message brought, unless its call came first."""
@@ -121,11 +126,20 @@ class RequestInbox:
         self.counts["num_started"] += 1
         asyncio.get_running_loop().call_later(ORPHAN_S + 1, self._sweep)
 
+    def cancel(self, key: str) -> None:
+        """The ingress gave the request up before its call attached: stop the run, or never start it."""
+        run = self._runs.pop(key, None)
+        self._settled[key] = (time.monotonic(), True)
+        if run is not None and run.task is not None:
+            run.task.cancel()
+            self.counts["num_cancelled"] += 1
+
     async def _drain(self, run: _Run, args: tuple, kwargs: dict[str, Any]) -> None:
         try:
             async for item in self._start(*args, **kwargs):
                 run.queue.put_nowait(item)
         except asyncio.CancelledError:
+            run.queue.put_nowait(EngineError("the request was cancelled"))  # nobody should be waiting; never hang one
             raise
         except BaseException as exc:  # noqa: BLE001 - the call raises it
             run.queue.put_nowait(exc)
@@ -138,7 +152,7 @@ class RequestInbox:
         if run is None:
             settled = self._settled.get(key)
             if settled is not None and settled[1]:
-                raise EngineError(f"request {key} waited over {ORPHAN_S} s for its call and was cancelled")
+                raise EngineError(f"request {key} was cancelled before its call came (given up, or over {ORPHAN_S} s)")
             self._settled[key] = (time.monotonic(), False)
             self.counts["num_call_first"] += 1
             async for item in self._start(*args, **kwargs):
@@ -201,35 +215,79 @@ class InboxSender:
 
     def send(self, metadata: dict[str, Any], args: tuple, kwargs: dict[str, Any]) -> str | None:
         """Send a request to the replica whose metadata is `metadata`; returns its key, or None if it has no inbox
-        or is not reading (then the Serve call carries the request as before)."""
+        or is not connected and reading (then the Serve call carries the request as before)."""
+        key = secrets.token_hex(12)
+        if not self._send(metadata, key, (args, kwargs)):
+            return None
+        self.num_sent += 1
+        return key
+
+    def cancel(self, metadata: dict[str, Any], key: str) -> None:
+        """The request `key` ended before its call reached the replica: the replica stops its run."""
+        self._send(metadata, key, None)
+
+    def _send(self, metadata: dict[str, Any], key: str, request: tuple | None) -> bool:
         import zmq
 
         endpoint, secret = metadata.get("inbox"), metadata.get("inbox_secret")
         if not endpoint or not secret:
-            return None
+            return False
         socket = self._sockets.get(endpoint)
         if socket is None:
             socket = self._sockets[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
             socket.setsockopt(zmq.SNDHWM, SEND_HWM)
             socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a replica not connected (gone, or not yet)
             socket.connect(endpoint)
-        key = secrets.token_hex(12)
         try:
-            socket.send_multipart([bytes.fromhex(secret), pickle.dumps((key, args, kwargs),
+            socket.send_multipart([bytes.fromhex(secret), pickle.dumps((time.time(), key, request),
                                                                         protocol=pickle.HIGHEST_PROTOCOL)],
                                   flags=zmq.NOBLOCK)
         except zmq.Again:
             self.num_refused += 1
-            return None
-        self.num_sent += 1
+            return False
         now = self._used_at[endpoint] = time.monotonic()
         for gone in [e for e, at in self._used_at.items() if now - at > IDLE_CLOSE_S]:
             self._sockets.pop(gone).close(linger=0)
             del self._used_at[gone]
-        return key
+        return True
 
     def close(self) -> None:
         for socket in self._sockets.values():
             socket.close(linger=0)
         self._sockets.clear()
         self._used_at.clear()
+
+
+def sent_ahead(method: Any, sender: InboxSender | None, selection: Any, args: tuple, kwargs: dict[str, Any]
+               ) -> Callable[[Any], Any]:
+    """A start for `method.remote(request, *args, **kwargs)` pinned to the picked replica (`selection`), the request
+    sent ahead to its inbox first (with a `sender`); cancelling the call, or its failing to go, cancels that run."""
+    pin = selection.replica_id
+
+    def start(request: Any) -> Any:
+        metadata = selection.replica_metadata
+        key = None if sender is None else sender.send(metadata, (request, *args), {**kwargs, "replica_pin": pin})
+        try:
+            call = method.remote(request, *args, replica_pin=pin, inbox_key=key, **kwargs)
+        except BaseException:
+            if key is not None:
+                sender.cancel(metadata, key)  # type: ignore[union-attr]
+            raise
+        return call if key is None else _SentAhead(call, sender, metadata, key)
+    return start
+
+
+class _SentAhead:
+    """A Serve call whose request went ahead to its replica's inbox; iterate it as the call. Cancelling it also tells
+    the replica (the call may still wait in Serve's router, where cancelling it would never reach the run)."""
+
+    def __init__(self, call: Any, sender: Any, metadata: dict[str, Any], key: str):
+        self._call, self._sender, self._metadata, self._key = call, sender, metadata, key
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._sender.cancel(self._metadata, self._key)
+
+    def __aiter__(self) -> Any:
+        return self._call.__aiter__()

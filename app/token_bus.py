@@ -38,7 +38,7 @@ from typing import Any
 
 from app.errors import EngineError
 from app.messages import BusTarget, GenerateRequest, GenerationChunk, pop_joined
-from app.request_inbox import InboxSender
+from app.request_inbox import InboxSender, sent_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -221,14 +221,8 @@ async def _next(call_it: Any) -> Any:
 def pinned_start(method: Any, bus: TokenBus | None, selection: Any, args: tuple, kwargs: dict[str, Any]
                  ) -> Callable[[GenerateRequest], Any]:
     """`method.remote(request, *args, **kwargs)` pinned to the picked replica; with a bus, the request goes ahead
-    through the replica's request inbox, so its engine starts it without waiting for the call's dispatch."""
-    pin = selection.replica_id
-
-    def start(request: GenerateRequest) -> Any:
-        key = None if bus is None else bus.requests.send(selection.replica_metadata, (request, *args),
-                                                         {**kwargs, "replica_pin": pin})
-        return method.remote(request, *args, replica_pin=pin, inbox_key=key, **kwargs)
-    return start
+    through the replica's request inbox (app/request_inbox.py), so its engine starts it before the call arrives."""
+    return sent_ahead(method, bus.requests if bus is not None else None, selection, args, kwargs)
 
 
 def streamed(bus: TokenBus | None, request: GenerateRequest, start: Callable[[GenerateRequest], Any]) -> Any:

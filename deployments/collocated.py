@@ -28,7 +28,7 @@ class Collocated(EngineReplica):
     async def __init__(self, spec: CollocatedSpec):
         self._init_replica(spec.engine, spec.warmup)
         self.driver = EngineDriver.from_spec(spec.engine)
-        self.inbox = RequestInbox.bound(self._generate)  # requests start here before their Serve call arrives
+        self.inbox = RequestInbox(self._generate).bind()  # requests start here before their Serve call arrives
         await self._start()
 
     def record_replica_metadata(self) -> dict[str, str]:

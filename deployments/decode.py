@@ -68,7 +68,7 @@ class Decode(EngineReplica):
                                        spec.kv.timeout_s, self.hub.device, deliver=self.mailbox.deliver,
                                        shm_max_bytes=spec.kv.shared_memory_mib << 20)
         threading.Thread(target=self._sweep, name="kv-mailbox-sweep", daemon=True).start()
-        self.inbox = RequestInbox.bound(self._generate)  # requests start here before their Serve call arrives
+        self.inbox = RequestInbox(self._generate).bind()  # requests start here before their Serve call arrives
         await self._start()
 
     def record_replica_metadata(self) -> dict[str, str]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import time
 
 import pytest
 
 from app import request_inbox
 from app.errors import EngineError
-from app.request_inbox import InboxSender, RequestInbox
+from app.request_inbox import InboxSender, RequestInbox, sent_ahead
 
 
 class Runs:
@@ -46,7 +47,19 @@ async def _until(predicate, timeout_s: float = 5.0) -> None:
 def _inbox(runs: Runs) -> tuple[RequestInbox, InboxSender, dict]:
     inbox = RequestInbox(runs, host="127.0.0.1")
     inbox.bind()
-    return inbox, InboxSender(), inbox.metadata()
+    return inbox, ConnectedSender(), inbox.metadata()
+
+
+class ConnectedSender(InboxSender):
+    """The ingress's sender, waiting until the socket is connected (a sender queues nothing before: the call
+    carries those requests)."""
+
+    def _send(self, metadata, key, request):
+        for _ in range(200):
+            if super()._send(metadata, key, request):
+                return True
+            time.sleep(0.01)
+        return False
 
 
 def test_a_request_starts_from_its_message_before_its_call_attaches():
@@ -62,7 +75,8 @@ def test_a_request_starts_from_its_message_before_its_call_attaches():
 
     runs, got, stats = asyncio.run(run())
     assert got == [("r1", 0), ("r1", 1), ("r1", 2)] and runs.started == [("r1",)]
-    assert stats == {"num_started": 1, "num_call_first": 0, "num_orphaned": 0, "num_dropped": 0, "num_waiting": 0}
+    assert stats == {"num_started": 1, "num_call_first": 0, "num_cancelled": 0, "num_orphaned": 0, "num_dropped": 0,
+                     "num_waiting": 0}
 
 
 def test_a_call_that_comes_first_runs_the_request_and_the_late_message_is_dropped():
@@ -108,7 +122,7 @@ def test_a_run_no_call_takes_is_cancelled_and_its_late_call_fails(monkeypatch):
         await asyncio.sleep(0.15)
         inbox.start("other", ("r5",), {})  # any later message sweeps
         await _until(lambda: ("r4",) in runs.closed)
-        with pytest.raises(EngineError, match="waited over"):
+        with pytest.raises(EngineError, match="cancelled before its call came"):
             async for _ in inbox.attach(key, ("r4",), {}):
                 pass
         stats = inbox.stats()
@@ -156,3 +170,78 @@ def test_the_runs_error_reaches_its_call_after_its_items():
 def test_a_replica_without_an_inbox_gets_no_message():
     sender = InboxSender()
     assert sender.send({"pair_id": "x"}, ("r",), {}) is None and sender.num_sent == 0
+
+
+class FakeMethod:
+    """`handle.generate` as `sent_ahead` uses it: `.remote(...)` gives a call (or raises `error`)."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error, self.calls = error, []
+
+    def remote(self, *args, **kwargs):
+        if self.error is not None:
+            raise self.error
+        self.calls.append((args, kwargs))
+        return FakeCall()
+
+
+class FakeCall:
+    cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Selection:
+    def __init__(self, metadata):
+        self.replica_id, self.replica_metadata = "rep-1", metadata
+
+
+def test_a_request_given_up_before_its_call_arrives_is_cancelled_by_the_ingress():
+    async def run():
+        runs = Runs(n=3, hold=asyncio.Event())
+        inbox, sender, meta = _inbox(runs)
+        method = FakeMethod()
+        call = sent_ahead(method, sender, Selection(meta), ("x",), {"flag": 1})("r8")
+        await _until(lambda: runs.started)
+        (args, kwargs), = method.calls
+        assert args == ("r8", "x") and kwargs["replica_pin"] == "rep-1" and kwargs["inbox_key"]
+        call.cancel()  # the client left while the call waited in Serve's router: it never reaches the replica
+        await _until(lambda: runs.closed)
+        stats = inbox.stats()
+        inbox.start(kwargs["inbox_key"], ("r8", "x"), {})  # a duplicate of the message, late: dropped
+        inbox.close(), sender.close()
+        return runs, call, stats
+
+    runs, call, stats = asyncio.run(run())
+    assert runs.started == [("r8", "x")] and runs.closed == [("r8", "x")] and call._call.cancelled
+    assert stats["num_cancelled"] == 1 and stats["num_waiting"] == 0
+
+
+def test_a_call_that_fails_to_go_cancels_the_request_it_sent_ahead():
+    async def run():
+        runs = Runs(n=3, hold=asyncio.Event())
+        inbox, sender, meta = _inbox(runs)
+        with pytest.raises(RuntimeError, match="router gone"):
+            sent_ahead(FakeMethod(RuntimeError("router gone")), sender, Selection(meta), (), {})("r9")
+        await _until(lambda: inbox.stats()["num_cancelled"] + inbox.stats()["num_dropped"] >= 1)
+        await asyncio.sleep(0.05)
+        stats = inbox.stats()
+        inbox.close(), sender.close()
+        return runs, stats
+
+    runs, stats = asyncio.run(run())
+    assert stats["num_waiting"] == 0 and runs.started == runs.closed  # never ran, or ran and was stopped
+
+
+def test_a_message_older_than_its_bound_is_dropped(monkeypatch):
+    async def run():
+        runs = Runs()
+        inbox, sender, meta = _inbox(runs)
+        monkeypatch.setattr(request_inbox, "MAX_AGE_S", -1.0)  # every message is too old
+        sender.send(meta, ("stale",), {})
+        await _until(lambda: inbox.stats()["num_dropped"] == 1)
+        inbox.close(), sender.close()
+        return runs
+
+    assert asyncio.run(run()).started == []
