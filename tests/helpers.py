@@ -139,3 +139,19 @@ def in_thread(fn, *args) -> queue.Queue:
 
     threading.Thread(target=run, daemon=True).start()
     return out
+
+
+def cuda_median_ms(fn, repeats: int = 20) -> float:
+    """Median wall time of fn() in ms, the device synchronised before and after each run (GPU tests)."""
+    import statistics
+
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)

@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import queue
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from app.kv.header import HEADER_SLOTS, KVHeader, xfer_key
 from app.kv.nccl_comm import NcclPairComm
 from app.kv.nccl_group import NcclPairError, PairNccl
 from app.kv.payload import CHECKSUM_WEIGHTED, checksum, gather_blocks, scatter_blocks
+from tests.helpers import cuda_median_ms as _median_ms
 from tests.helpers import in_thread
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -43,17 +43,6 @@ def _caches(seed: int) -> list[torch.Tensor]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     return [torch.randn((NUM_TOTAL_BLOCKS, *BLOCK_SHAPE), generator=gen, device="cuda", dtype=torch.bfloat16)
             for _ in range(NUM_LAYERS)]
-
-
-def _median_ms(fn, repeats: int = 20) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
 
 
 def test_gather_scatter_round_trip_on_gpu_and_cost_against_memcpy():

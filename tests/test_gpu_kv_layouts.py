@@ -14,8 +14,6 @@ views. Run with the other GPU tests:
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ import torch
 
 from app.kv.nccl_group import PairNccl
 from app.kv.payload import CHECKSUM_WEIGHTED, by_scheduler_block, checksum, gather_blocks, scatter_blocks
+from tests.helpers import cuda_median_ms, dict_kv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -34,23 +33,10 @@ def _byte_views(raw: torch.Tensor, case: dict) -> list[torch.Tensor]:
     return [raw.as_strided(v["size"], v["stride"], v["offset"]) for v in case["views"]]
 
 
-def _median_ms(fn, repeats: int = 10) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
-
-
 @pytest.fixture(scope="module")
 def self_pair():
-    kv: dict = {}
     group = PairNccl(1, 0, "gpu-layouts")
-    group.connect(60, device="cuda", kv_put=lambda k, v, overwrite=True: kv.__setitem__(k, v), kv_get=kv.get,
-                  kv_del=lambda k: kv.pop(k, None))
+    group.connect(60, device="cuda", **dict_kv({}))
     yield group
     group.destroy_group()
 
@@ -90,9 +76,9 @@ def test_vllm_gpu_layout_moves_exactly_the_schedulers_blocks_through_nccl(case, 
         assert not dst[~written].any(), f"layer {layer}: bytes outside the target blocks were written"
 
     flat = payload.reshape(-1)
-    copy_ms = _median_ms(lambda: payload_in.reshape(-1).copy_(flat))
-    gather_ms = _median_ms(lambda: gather_blocks(src_layers, src_ids, out=payload_in))
-    scatter_ms = _median_ms(lambda: scatter_blocks(dst_layers, dst_ids, payload))
+    copy_ms = cuda_median_ms(lambda: payload_in.reshape(-1).copy_(flat), 10)
+    gather_ms = cuda_median_ms(lambda: gather_blocks(src_layers, src_ids, out=payload_in), 10)
+    scatter_ms = cuda_median_ms(lambda: scatter_blocks(dst_layers, dst_ids, payload), 10)
     print(f"\n{case['layout']} kernel {case['kernel_block_size'] or 64}: block_shape "
           f"{tuple(src_layers[0].shape[1:])}, {payload.numel() * payload.element_size() / 2**20:.0f} MiB: gather "
           f"{gather_ms:.3f} ms, scatter {scatter_ms:.3f} ms, device copy {copy_ms:.3f} ms "
