@@ -1,4 +1,4 @@
-"""The request inbox: a request reaches its decode replica's engine over ZeroMQ, not after a Serve call's dispatch.
+"""The request inbox: a request reaches its engine replica over ZeroMQ, not after a Serve call's dispatch.
 
 Why: the Serve call that carries a request into an engine replica took 5.1-5.4 ms from the ingress's `.remote()` to
 the replica's method (24 lone 100-token requests, traced on the 2-core machine, 2026-11-30), a sixth of the time to
@@ -7,10 +7,11 @@ cancellation (Serve's queue lengths and autoscaling still count it); the engine 
 
 Life cycle of one request (`key`: a fresh random id per call, never a request id, so a retried request cannot
 meet its earlier run):
-1. The decode replica binds a PULL socket at start (`RequestInbox.bind`, on its event loop) and publishes its
-   endpoint and secret in its replica metadata, which the ingress's router holds for every replica.
-2. The ingress sends `[secret, pickle((key, args, kwargs))]` to the chosen replica (`InboxSender.send`), then makes
-   the Serve call with the same arguments and `inbox_key=key`.
+1. The engine replica (Decode, Collocated) binds a PULL socket at start (`RequestInbox.bind`, on its event loop) and
+   publishes its endpoint and secret in its replica metadata, which the ingress's router holds for every replica.
+2. The ingress sends `[secret, pickle((sent_at, key, (args, kwargs)))]` to the chosen replica (`InboxSender.send`;
+   a cancel carries None instead of the request), then makes the Serve call with the same arguments and
+   `inbox_key=key` (`sent_ahead`).
 3. The replica's reader checks the secret (a message without it is dropped unread) and starts the run at once
    (`start(*args, **kwargs)`, drained into a queue by a task); the Serve call, when it comes, attaches to it
    (`attach`) and yields what it yields. If the call comes first (the message is late or lost), it runs the request
