@@ -7,8 +7,8 @@ cancellation (Serve's queue lengths and autoscaling still count it); the engine 
 
 Life cycle of one request (`key`: a fresh random id per call, never a request id, so a retried request cannot
 meet its earlier run):
-1. The engine replica (Decode, Collocated) binds a PULL socket at start (`RequestInbox.bind`, on its event loop) and
-   publishes its endpoint and secret in its replica metadata, which the ingress's router holds for every replica.
+1. Each engine replica (Decode, Collocated, Prefill) binds a PULL socket at start (`RequestInbox.bind`, on its loop)
+   and publishes its endpoint and secret in its replica metadata, which the ingress's router holds for each replica.
 2. The ingress sends `[secret, pickle((sent_at, key, (args, kwargs)))]` to the chosen replica (`InboxSender.send`;
    a cancel carries None instead of the request), then makes the Serve call with the same arguments and
    `inbox_key=key` (`sent_ahead`).
@@ -260,15 +260,18 @@ class InboxSender:
         self._used_at.clear()
 
 
-def sent_ahead(method: Any, sender: InboxSender | None, selection: Any, args: tuple, kwargs: dict[str, Any]
-               ) -> Callable[[Any], Any]:
+def sent_ahead(method: Any, sender: InboxSender | None, selection: Any, args: tuple, kwargs: dict[str, Any],
+               ahead: dict[str, Any] | None = None) -> Callable[[Any], Any]:
     """A start for `method.remote(request, *args, **kwargs)` pinned to the picked replica (`selection`), the request
-    sent ahead to its inbox first (with a `sender`); cancelling the call, or its failing to go, cancels that run."""
+    sent ahead to its inbox first (with a `sender`); cancelling the call, or its failing to go, cancels that run.
+    `ahead`: keywords only the message carries (which of the replica's methods the run stands for: the call's own
+    method says it)."""
     pin = selection.replica_id
 
     def start(request: Any) -> Any:
         metadata = selection.replica_metadata
-        key = None if sender is None else sender.send(metadata, (request, *args), {**kwargs, "replica_pin": pin})
+        message_kwargs = {**kwargs, **(ahead or {}), "replica_pin": pin}
+        key = None if sender is None else sender.send(metadata, (request, *args), message_kwargs)
         try:
             call = method.remote(request, *args, replica_pin=pin, inbox_key=key, **kwargs)
         except BaseException:
@@ -290,5 +293,8 @@ class _SentAhead:
         self._call.cancel()
         self._sender.cancel(self._metadata, self._key)
 
-    def __aiter__(self) -> Any:
+    def __aiter__(self) -> Any:  # a streaming call
         return self._call.__aiter__()
+
+    def __await__(self) -> Any:  # a unary call
+        return self._call.__await__()

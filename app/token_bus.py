@@ -138,7 +138,7 @@ class TokenBus:
 
     def stats(self) -> dict[str, int]:
         return {"num_messages": self.num_messages, "num_dropped": self.num_dropped, "num_open": len(self._inboxes),
-                "num_requests_ahead": self.requests.num_sent}
+                "num_requests_ahead": self.requests.num_sent, "num_requests_not_ahead": self.requests.num_refused}
 
 
 class BusStream:

@@ -1,6 +1,7 @@
 """`Prefill`: runs prompts and ships their KV blocks to the decode replica the ingress chose.
 
-Life cycle of `prefill(request, decode_id, xfer_id)`:
+Life cycle of `prefill(request, decode_id, xfer_id)` (its run starts when the ingress's message reaches the replica's
+request inbox, ahead of the Serve call, which attaches to it: app/request_inbox.py):
 1. Join the pair group with `decode_id` if this replica is not in it yet (off the event loop).
 2. Open the transfer in the `KVOutbox`, then run the prompt for one token with the transfer's
    `kv_transfer_params`. In the step that completes the prompt, the connector's worker half gathers its
@@ -36,6 +37,7 @@ from app.kv.pairs import PairTransport, resolve_backend
 from app.kv.parking import ParkingLot
 from app.messages import GenerateRequest, GenerationChunk, PrefillResult, SamplingSpec
 from app.metrics import observe_transfer, set_parked
+from app.request_inbox import RequestInbox
 from app.serving.first_token import first_chunk, prefill_sampling
 from app.specs import PrefillSpec
 from deployments.engine_replica import EngineReplica
@@ -65,25 +67,35 @@ class Prefill(ParkingReplica, EngineReplica):
         self.parking = ParkingLot(spec.two_step.max_parked_per_replica, retry_after_s=spec.two_step.ttl_s,
                                   claim_timeout_s=spec.kv.timeout_s + spec.kv.prefill_timeout_s)
         threading.Thread(target=self._sweep, name="kv-parking-sweep", daemon=True).start()
+        self.inbox = RequestInbox(self._run).bind()  # prompts start here before their Serve call arrives
         await self._start()
 
     def record_replica_metadata(self) -> dict[str, str]:
-        return {"pair_id": self.replica_id}
+        return {"pair_id": self.replica_id, **self.inbox_metadata()}
 
-    async def prefill(self, request: GenerateRequest, decode_id: str, xfer_id: str, replica_pin: str | None = None
-                      ) -> PrefillResult:
+    async def prefill(self, request: GenerateRequest, decode_id: str, xfer_id: str, replica_pin: str | None = None,
+                      inbox_key: str | None = None) -> PrefillResult:
         """Run the prompt and send its KV to `decode_id`; decode samples the first token. A call pinned to another
-        replica is refused (decode expects the KV from the one the router chose)."""
-        self._check_pin("prefill", replica_pin)
-        results = [item async for item in self._prefill(request, decode_id, xfer_id, first_token=False)]
+        replica is refused (decode expects the KV from the one the router chose). With `inbox_key`, the result of
+        the run its inbox message started."""
+        args, kwargs = (request, decode_id, xfer_id), {"replica_pin": replica_pin, "first_token": False}
+        results = [item async for item in self._started(inbox_key, self._run, args, kwargs)]
         return results[-1]  # the only item: no first token without `first_token`
 
     async def prefill_first(self, request: GenerateRequest, decode_id: str, xfer_id: str,
-                            replica_pin: str | None = None) -> AsyncIterator[GenerationChunk | PrefillResult]:
+                            replica_pin: str | None = None, inbox_key: str | None = None
+                            ) -> AsyncIterator[GenerationChunk | PrefillResult]:
         """Streaming: as `prefill`, but the first token is sampled here with the request's sampling and its chunk
         yielded the moment the engine gives it, before the `PrefillResult` (app/serving/first_token.py)."""
-        self._check_pin("prefill_first", replica_pin)
-        async for item in self._prefill(request, decode_id, xfer_id, first_token=True):
+        args, kwargs = (request, decode_id, xfer_id), {"replica_pin": replica_pin, "first_token": True}
+        async for item in self._started(inbox_key, self._run, args, kwargs):
+            yield item
+
+    async def _run(self, request: GenerateRequest, decode_id: str, xfer_id: str, replica_pin: str | None = None,
+                   first_token: bool = False) -> AsyncIterator[GenerationChunk | PrefillResult]:
+        """The body of both methods, and what the inbox starts (`first_token`: which of the two it stands for)."""
+        self._check_pin("prefill_first" if first_token else "prefill", replica_pin)
+        async for item in self._prefill(request, decode_id, xfer_id, first_token):
             yield item
 
     async def _prefill(self, request: GenerateRequest, decode_id: str, xfer_id: str, first_token: bool
@@ -154,4 +166,5 @@ class Prefill(ParkingReplica, EngineReplica):
         return {"num_saved": counters.num_saved, "num_chunked_saved": counters.num_chunked_saved,
                 "gather_s": counters.gather_s, "num_outgoing": len(self.outbox), "num_parked": self.parking.count(),
                 "num_cancelled_sends": self.outbox.num_cancelled_sends, "replica_id": self.replica_id,
+                "inbox": self.inbox.stats() if self.inbox is not None else {},
                 **self.transport.stats()}

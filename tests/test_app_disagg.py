@@ -113,24 +113,44 @@ def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, o
     assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
 
 
-def _inbox_counts() -> dict[str, int]:
+def _inbox_counts(deployment: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for stats in _broadcast("Decode", "kv_stats"):
+    for stats in _broadcast(deployment, "kv_stats"):
         for name, value in stats["inbox"].items():
             counts[name] = counts.get(name, 0) + value
     return counts
 
 
-def test_requests_reach_decode_through_its_inbox_ahead_of_their_serve_calls(app, offline_engine, tokenizer):
-    before, ahead_before = _inbox_counts(), app["handle"].token_bus_stats.remote().result()["num_requests_ahead"]
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_reach_both_replicas_through_their_inboxes_ahead_of_their_serve_calls(app, client, offline_engine,
+                                                                                       tokenizer, stream):
+    # Prefill's call is `prefill_first` (streaming: the first token comes from prefill) where decode can continue
+    # after it; with `logprobs` it cannot, and the call is the unary `prefill`: both methods go through the inbox.
+    before = {d: _inbox_counts(d) for d in ("Decode", "Prefill")}
+    bus_before = app["handle"].token_bus_stats.remote().result()
     for i in range(4):
         prompt = prompt_of_length(tokenizer, 40, 60 + i)
-        assert _complete(app, prompt, 6)["choices"][0]["text"] == offline_generate(offline_engine, prompt, 6)[0]
-    after, ahead_after = _inbox_counts(), app["handle"].token_bus_stats.remote().result()["num_requests_ahead"]
-    started, call_first = (after[k] - before[k] for k in ("num_started", "num_call_first"))
-    # each request's message started it; its Serve call attached (the call may win the race once, on a new socket)
-    assert ahead_after - ahead_before == 4 and started + call_first == 4 and started >= 3
-    assert after["num_waiting"] == 0 and after["num_orphaned"] == before["num_orphaned"]
+        want = offline_generate(offline_engine, prompt, 6)[0]
+        if stream:
+            chunks = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                               stream=True)
+            assert "".join(chunk.choices[0].text for chunk in chunks) == want
+        else:
+            assert _complete(app, prompt, 6, logprobs=1)["choices"][0]["text"] == want
+    bus_after = app["handle"].token_bus_stats.remote().result()
+    sent, not_sent = (bus_after[k] - bus_before[k] for k in ("num_requests_ahead", "num_requests_not_ahead"))
+    # 4 to decode, 4 to prefill; a message to a replica the ingress's socket is not connected to yet (its first) is
+    # not sent, and the Serve call carries that request
+    assert sent + not_sent == 8 and sent >= 6
+    received = 0
+    for deployment in ("Decode", "Prefill"):
+        after = _inbox_counts(deployment)
+        started, call_first = (after[k] - before[deployment][k] for k in ("num_started", "num_call_first"))
+        # each request's message started it, its Serve call attached (or came first, and the message was dropped)
+        assert started >= 2 and call_first <= 1, (deployment, started, call_first)
+        assert after["num_waiting"] == 0 and after["num_orphaned"] == before[deployment]["num_orphaned"]
+        received += started + call_first
+    assert received == sent
 
 
 def test_prompt_fully_prefix_cached_on_decode_drops_its_transfer_without_wedging(app, offline_engine, tokenizer):

@@ -245,3 +245,37 @@ def test_a_message_older_than_its_bound_is_dropped(monkeypatch):
         return runs
 
     assert asyncio.run(run()).started == []
+
+
+def test_keywords_only_the_message_carries_reach_the_run_and_a_unary_call_awaits_its_result():
+    # Prefill's two methods share one run body; the message says which one it stands for (`ahead`), the call's own
+    # method says it for the call. A unary call (Prefill.prefill) is awaited through the wrapper.
+    seen: list[dict] = []
+
+    async def body(request, *args, **kwargs):
+        seen.append(kwargs)
+        yield request
+
+    class UnaryCall(FakeCall):
+        def __await__(self):
+            yield from asyncio.sleep(0).__await__()
+            return "result"
+
+    class UnaryMethod(FakeMethod):
+        def remote(self, *args, **kwargs):
+            self.calls.append((args, kwargs))
+            return UnaryCall()
+
+    async def run():
+        inbox, sender, meta = _inbox(body)
+        method = UnaryMethod()
+        call = sent_ahead(method, sender, Selection(meta), ("d",), {}, ahead={"first_token": True})("r10")
+        await _until(lambda: seen)
+        result = await call
+        inbox.close(), sender.close()
+        return method.calls, result
+
+    calls, result = asyncio.run(run())
+    (_, call_kwargs), = calls
+    assert seen == [{"first_token": True, "replica_pin": "rep-1"}] and "first_token" not in call_kwargs
+    assert call_kwargs["inbox_key"] and result == "result"

@@ -189,7 +189,8 @@ def test_a_consumer_that_leaves_cancels_the_call_and_later_chunks_are_dropped():
         return bus.stats(), call.cancelled
 
     stats, cancelled = asyncio.run(run())
-    assert cancelled and stats == {"num_messages": 2, "num_dropped": 1, "num_open": 0, "num_requests_ahead": 0}
+    assert cancelled and stats == {"num_messages": 2, "num_dropped": 1, "num_open": 0, "num_requests_ahead": 0,
+                                   "num_requests_not_ahead": 0}
 
 
 def test_without_a_bus_the_call_is_used_as_it_is():

@@ -47,6 +47,7 @@ from app.errors import KVCacheNotFound
 from app.kv.parking import replica_of
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
 from app.metrics import PhaseRatio, record_placement
+from app.request_inbox import sent_ahead
 from app.serving.first_token import can_continue
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
 from app.serving.placement import DecodeBacklog, PrefillBacklog, place, uncached_tokens
@@ -144,7 +145,9 @@ class DisaggregatedClient:
         BREAKERS.allow(prefill_id)  # takes the probe slot if its breaker is half-open
         self.prefixes.mark(self.prefixes.prefill, prefill_id, request)
         # 2. send both
-        prefill_call = prefill_method.remote(request, decode_id, xfer_id, replica_pin=p_sel.replica_id)
+        # (the prompt goes ahead to the replica's request inbox; the call attaches to its run: app/request_inbox.py)
+        prefill_call = sent_ahead(prefill_method, self.bus.requests if self.bus is not None else None, p_sel,
+                                  (decode_id, xfer_id), {}, ahead={"first_token": early})(request)
         stream = self._decode_call(d_sel, request, prefill_id, xfer_id, first_from_prefill=early)
         # 3. stream decode's tokens (after prefill's first one) while watching prefill
         transfer = Transfer(request, prefill_id, decode_id, xfer_id, first_from_prefill=early)
