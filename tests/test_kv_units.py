@@ -15,7 +15,15 @@ from app.kv.channel import TAG_HEADER, TAG_PAYLOAD, ChannelBroken, KVReceiver, K
 from app.kv.gloo_group import PairGlooGroup
 from app.kv.header import KVHeader, KVHeaderError, xfer_key
 from app.kv.mailbox import KVMailbox, XferState
-from app.kv.payload import CHECKSUM_CRC32, CHECKSUM_WEIGHTED, CHECKSUM_XXH3, checksum, gather_blocks, scatter_blocks
+from app.kv.payload import (
+    CHECKSUM_CRC32,
+    CHECKSUM_WEIGHTED,
+    CHECKSUM_XXH3,
+    block_runs,
+    checksum,
+    gather_blocks,
+    scatter_blocks,
+)
 from tests.helpers import dict_kv
 
 BLOCK_SHAPE = (2, 32, 128)  # CPU layout: [num_kv_heads, block_size, 2 * head_size]
@@ -44,6 +52,23 @@ def test_gather_then_scatter_moves_exactly_the_chosen_blocks():
         assert not d[3:].any()
     with pytest.raises(ValueError):
         scatter_blocks(dst, [0, 1], payload)
+
+
+@pytest.mark.parametrize("dst_ids", [
+    list(range(40, 64)),  # one run: slices
+    [50, 51, 52, 3, 4, 60, 61, 62, 63, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25, 30],  # 6 runs: slices
+    list(range(0, 48, 2)),  # 24 runs of one: index_copy_
+])
+def test_scatter_writes_each_block_where_its_id_says_whatever_the_runs_of_consecutive_ids(dst_ids):
+    src = _layers(1, num_blocks=24)
+    payload = gather_blocks(src, list(range(24)))  # [4, 24, *BLOCK_SHAPE]
+    dst = [torch.zeros((64, *BLOCK_SHAPE)) for _ in range(4)]
+    scatter_blocks(dst, dst_ids, payload)
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(d[dst_ids], s[:24])
+        untouched = [b for b in range(64) if b not in dst_ids]
+        assert not d[untouched].any()
+    assert block_runs([50, 51, 52, 3, 4, 60, 61, 62, 63]) == [(0, 50, 3), (3, 3, 2), (5, 60, 4)]
 
 
 @pytest.mark.parametrize("algo", [CHECKSUM_CRC32, CHECKSUM_WEIGHTED, CHECKSUM_XXH3])

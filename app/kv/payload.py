@@ -24,6 +24,7 @@ CHECKSUM_CRC32 = 1  # zlib.crc32 over the bytes; CPU tensors (releases the GIL; 
 CHECKSUM_WEIGHTED = 2  # position-weighted sum of 32-bit words mod 2**64; runs on the tensor's device
 CHECKSUM_XXH3 = 3  # XXH3-64 over the bytes; CPU tensors (the default there: about 16x CRC32's speed here)
 _CHUNK_WORDS = 1 << 20
+MAX_SLICE_RUNS = 8  # a scatter of more runs of consecutive blocks than this takes one `index_copy_` per layer
 
 
 def by_scheduler_block(layer: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -57,14 +58,36 @@ def gather_blocks(kv_layers: list[torch.Tensor], block_ids: list[int], out: torc
     return payload
 
 
+def block_runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
+    """`block_ids` as runs of consecutive ids: (position in the list, first id, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for pos, block in enumerate(block_ids):
+        if runs and runs[-1][1] + runs[-1][2] == block:
+            start, first, length = runs[-1]
+            runs[-1] = (start, first, length + 1)
+        else:
+            runs.append((pos, block, 1))
+    return runs
+
+
 def scatter_blocks(kv_layers: list[torch.Tensor], block_ids: list[int], payload: torch.Tensor) -> None:
-    """Write payload blocks (`[num_layers, len(block_ids), *block_shape]`) into `block_ids` of each layer."""
+    """Write payload blocks (`[num_layers, len(block_ids), *block_shape]`) into `block_ids` of each layer.
+
+    On CPU, runs of consecutive ids (what a fresh allocation mostly gets) are written as slices: a plain copy, where
+    `index_copy_` runs at about 0.7x its speed here (8B-like layer, 16 blocks). Many short runs, or a GPU: one
+    `index_copy_` per layer (one kernel)."""
     if payload.shape[0] != len(kv_layers) or payload.shape[1] != len(block_ids):
         raise ValueError(f"payload {tuple(payload.shape)} does not fit {len(kv_layers)} layers x "
                          f"{len(block_ids)} blocks")
     first = kv_layers[0]
-    ids = torch.tensor(block_ids, dtype=torch.long, device=first.device)
     payload = payload.to(first.device, non_blocking=True)
+    runs = block_runs(block_ids) if first.device.type == "cpu" else []
+    if runs and len(runs) <= MAX_SLICE_RUNS:
+        for layer_idx, layer in enumerate(kv_layers):
+            for pos, block, length in runs:
+                layer[block : block + length].copy_(payload[layer_idx, pos : pos + length])
+        return
+    ids = torch.tensor(block_ids, dtype=torch.long, device=first.device)
     for layer_idx, layer in enumerate(kv_layers):
         layer.index_copy_(0, ids, payload[layer_idx])
 
