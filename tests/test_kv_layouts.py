@@ -20,10 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+    SlidingWindowSpec,
+)
 from vllm.v1.kv_cache_layout import KVCacheLayout
 from vllm.v1.worker.utils import allocate_kv_cache
 
+from app.kv.connector import check_one_kv_cache_group
 from app.kv.connector_worker import PDConnectorWorker
 from app.kv.header import KVHeader, KVHeaderError, xfer_key
 from app.kv.hub import KVHub
@@ -107,6 +114,22 @@ def test_a_layout_whose_rows_are_not_whole_blocks_is_refused_with_a_message():
     worker = PDConnectorWorker(BLOCK_SIZE, KVHub(), num_blocks=12)
     with pytest.raises(ValueError, match="not a multiple of the engine's 12 KV blocks"):
         worker.register_kv_caches({"model.layers.0.self_attn.attn": torch.zeros(30, 2, 16, 16)})
+
+
+def test_an_engine_with_several_kv_cache_groups_is_refused_with_a_message():
+    # a sliding-window group beside the full-attention one (what vLLM's hybrid KV cache manager would make): the
+    # connector would index every layer with the first group's block ids
+    full = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    window = SlidingWindowSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=16, dtype=torch.float32,
+                               sliding_window=128)
+    names = _names(4)
+    config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(names[:2], full), KVCacheGroupSpec(names[2:], window)])
+    with pytest.raises(ValueError, match=r"has 2 \(FullAttentionSpec, SlidingWindowSpec\): run this model with mode"):
+        check_one_kv_cache_group(config)
+    check_one_kv_cache_group(KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                                           kv_cache_groups=[KVCacheGroupSpec(names, full)]))  # one group: fine
+    check_one_kv_cache_group(None)
 
 
 # -- the fixture the GPU test replays ---------------------------------------------------------------

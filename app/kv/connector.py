@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 class PDConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_one_kv_cache_group(kv_cache_config)
         block_size = vllm_config.cache_config.block_size
         hub = hub_module.HUB
         self.scheduler: PDConnectorScheduler | None = None
@@ -91,6 +92,18 @@ class PDConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
         return self.scheduler.request_finished(request, block_ids)
+
+
+def check_one_kv_cache_group(kv_cache_config: KVCacheConfig | None) -> None:
+    """pdserve moves one KV cache group: every layer indexed by the same block ids (the metadata carries group 0's).
+    vLLM gives a connector without `SupportsHMA` one group (it turns its hybrid KV cache manager off: sliding-window
+    layers are kept as full attention, and SSM hybrids fail at start-up with vLLM's own message). This guard stands
+    should a vLLM version hand it several: moving group 0's block ids into other groups' layers would be wrong KV."""
+    groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+    if len(groups) > 1:
+        kinds = ", ".join(type(group.kv_cache_spec).__name__ for group in groups)
+        raise ValueError(f"pdserve's KV connector moves one KV cache group; this engine has {len(groups)} ({kinds}): "
+                         "run this model with mode: collocated")
 
 
 def kv_transfer_config(role: str) -> dict[str, str]:
