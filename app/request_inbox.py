@@ -9,16 +9,17 @@ Life cycle of one request (`key`: a fresh random id per call, never a request id
 meet its earlier run):
 1. Each engine replica (Decode, Collocated, Prefill) binds a PULL socket at start (`RequestInbox.bind`, on its loop)
    and publishes its endpoint and secret in its replica metadata, which the ingress's router holds for each replica.
-2. The ingress sends `[secret, pickle((sent_at, key, (args, kwargs)))]` to the chosen replica (`InboxSender.send`;
-   a cancel carries None instead of the request), then makes the Serve call with the same arguments and
-   `inbox_key=key` (`sent_ahead`).
+2. The ingress sends `[secret, pickle((sent_at, key, (args, kwargs)))]` to the chosen replica (`InboxSender.send`,
+   app/inbox_sender.py; a cancel carries None instead of the request), then makes the Serve call with the same
+   arguments and `inbox_key=key` (`sent_ahead`).
 3. The replica's reader checks the secret (a message without it is dropped unread) and starts the run at once
    (`start(*args, **kwargs)`, drained into a queue by a task); the Serve call, when it comes, attaches to it
    (`attach`) and yields what it yields. If the call comes first (the message is late or lost), it runs the request
    itself and the message, when it comes, is dropped.
 4. A call that leaves early cancels the run (the engine aborts the request). So does the ingress, with a cancel
    message, when the request ends before its call reached the replica (the client left while the call waited in
-   Serve's router, or the call failed to go). A message older than `MAX_AGE_S` is dropped unread (a backlog that
+   Serve's router) or the call failed (it could not go, Serve's queue was full, another replica refused the pin);
+   a key whose call attached is never started again. A message older than `MAX_AGE_S` is dropped unread (a backlog that
    a healed partition delivers late), and a sender queues nothing for a replica it is not connected to
    (`zmq.IMMEDIATE`: the call carries those requests). A run no call attached to within `ORPHAN_S` is cancelled
    (its ingress died before it could cancel); a call that comes after that fails.
@@ -43,8 +44,6 @@ logger = logging.getLogger(__name__)
 ORPHAN_S = 600.0  # how long a started run waits for its Serve call (milliseconds, or as long as Serve queues it)
 MAX_AGE_S = 30.0  # a message sent longer ago than this (sender's clock) is dropped: its call carries the request
 MAX_MESSAGE_BYTES = 64 << 20  # larger frames are refused by ZeroMQ before anything reads them
-SEND_HWM = 10_000  # requests queued for a replica that is not reading (gone): past it, the call carries them
-IDLE_CLOSE_S = 600.0  # a sender closes its socket to a replica it sent nothing for this long (replaced)
 _END = object()
 
 
@@ -150,7 +149,9 @@ class RequestInbox:
     async def attach(self, key: str, args: tuple, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         """The Serve call's side: what the run its message started yields, or, if none started, run it here."""
         run = self._runs.pop(key, None)
-        if run is None:
+        if run is not None:
+            self._settled[key] = (time.monotonic(), False)  # a repeated message must not start it again
+        else:
             settled = self._settled.get(key)
             if settled is not None and settled[1]:
                 raise EngineError(f"request {key} was cancelled before its call came (given up, or over {ORPHAN_S} s)")
@@ -203,98 +204,3 @@ class RequestInbox:
                     task.get_loop().call_soon_threadsafe(task.cancel)
                 except RuntimeError:  # its loop is closed: nothing runs it any more
                     pass
-
-
-class InboxSender:
-    """The ingress's end: one PUSH socket per replica endpoint, used on the ingress's event loop only."""
-
-    def __init__(self) -> None:
-        self._sockets: dict[str, Any] = {}
-        self._used_at: dict[str, float] = {}  # endpoint -> last send (a replaced replica's socket is closed)
-        self.num_sent = 0
-        self.num_refused = 0
-
-    def send(self, metadata: dict[str, Any], args: tuple, kwargs: dict[str, Any]) -> str | None:
-        """Send a request to the replica whose metadata is `metadata`; returns its key, or None if it has no inbox
-        or is not connected and reading (then the Serve call carries the request as before)."""
-        key = secrets.token_hex(12)
-        if not self._send(metadata, key, (args, kwargs)):
-            return None
-        self.num_sent += 1
-        return key
-
-    def cancel(self, metadata: dict[str, Any], key: str) -> None:
-        """The request `key` ended before its call reached the replica: the replica stops its run."""
-        self._send(metadata, key, None)
-
-    def _send(self, metadata: dict[str, Any], key: str, request: tuple | None) -> bool:
-        import zmq
-
-        endpoint, secret = metadata.get("inbox"), metadata.get("inbox_secret")
-        if not endpoint or not secret:
-            return False
-        socket = self._sockets.get(endpoint)
-        if socket is None:
-            socket = self._sockets[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
-            socket.setsockopt(zmq.SNDHWM, SEND_HWM)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a replica not connected (gone, or not yet)
-            socket.connect(endpoint)
-        try:
-            socket.send_multipart([bytes.fromhex(secret), pickle.dumps((time.time(), key, request),
-                                                                        protocol=pickle.HIGHEST_PROTOCOL)],
-                                  flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.num_refused += 1
-            return False
-        now = self._used_at[endpoint] = time.monotonic()
-        for gone in [e for e, at in self._used_at.items() if now - at > IDLE_CLOSE_S]:
-            self._sockets.pop(gone).close(linger=0)
-            del self._used_at[gone]
-        return True
-
-    def close(self) -> None:
-        for socket in self._sockets.values():
-            socket.close(linger=0)
-        self._sockets.clear()
-        self._used_at.clear()
-
-
-def sent_ahead(method: Any, sender: InboxSender | None, selection: Any, args: tuple, kwargs: dict[str, Any],
-               ahead: dict[str, Any] | None = None) -> Callable[[Any], Any]:
-    """A start for `method.remote(request, *args, **kwargs)` pinned to the picked replica (`selection`), the request
-    sent ahead to its inbox first (with a `sender`); cancelling the call, or its failing to go, cancels that run.
-    `ahead`: keywords only the message carries (which of the replica's methods the run stands for: the call's own
-    method says it)."""
-    pin = selection.replica_id
-
-    def start(request: Any) -> Any:
-        metadata = selection.replica_metadata
-        message_kwargs = {**kwargs, **(ahead or {}), "replica_pin": pin}
-        key = None if sender is None else sender.send(metadata, (request, *args), message_kwargs)
-        try:
-            call = method.remote(request, *args, replica_pin=pin, inbox_key=key, **kwargs)
-        except BaseException:
-            if key is not None:
-                sender.cancel(metadata, key)  # type: ignore[union-attr]
-            raise
-        return call if key is None else _SentAhead(call, sender, metadata, key)
-    return start
-
-
-class _SentAhead:
-    """A Serve call whose request went ahead to its replica's inbox; iterate it as the call. Cancelling it also tells
-    the replica (the call may still wait in Serve's router, where cancelling it would never reach the run)."""
-
-    def __init__(self, call: Any, sender: Any, metadata: dict[str, Any], key: str):
-        self._call, self._sender, self._metadata, self._key = call, sender, metadata, key
-
-    def cancel(self) -> None:
-        self._call.cancel()
-        self._sender.cancel(self._metadata, self._key)
-
-    def __aiter__(self) -> Any:  # a streaming call
-        return self._call.__aiter__()
-
-    def __await__(self) -> Any:  # a unary call
-        return self._call.__await__()

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.errors import EngineError
+from app.inbox_sender import InboxSender, sent_ahead
 from app.messages import BusTarget, GenerateRequest, GenerationChunk, pop_joined
-from app.request_inbox import InboxSender, sent_ahead
 
 logger = logging.getLogger(__name__)
 

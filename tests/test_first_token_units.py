@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from ray.serve.exceptions import RequestCancelledError
 from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 from app.config import FaultInjection
@@ -294,5 +295,19 @@ def test_decode_sampling_again_the_token_the_client_got_from_prefill_ends_the_st
             async for chunk in _handoff(decode).stream(_transfer(), decode_stream, prefill, retry=True):
                 chunks.append(chunk)
         assert [c.token_ids for c in chunks] == [(10,)] and decode_stream.cancelled
+
+    asyncio.run(go())
+
+
+def test_a_prefill_call_we_cancelled_is_not_a_failure_no_retry_no_fallback():
+    # Ray raises RequestCancelledError (an Exception, not CancelledError) from a call the ingress cancelled, as when
+    # the client leaves during prefill: that must not count against the replica or start a prefill elsewhere
+    async def go():
+        decode = _Decode()
+        decode_stream = _Stream([_chunk(10), _chunk(11, "length")])
+        prefill, handle = _Stream([RequestCancelledError("r1")]), _Prefill()
+        chunks = [c async for c in _handoff(decode, handle).stream(_transfer(), decode_stream, prefill, retry=True)]
+        assert [c.token_ids[0] for c in chunks] == [10, 11]
+        assert handle.retries == 0 and decode.calls == []
 
     asyncio.run(go())

@@ -78,11 +78,11 @@ def test_connector_moves_exactly_the_schedulers_blocks_in_every_vllm_layout(layo
     gen = torch.Generator().manual_seed(0)
     for view in src_caches.values():
         view.copy_(torch.randn(view.shape, generator=gen).to(view.dtype))
-    src_ids, dst_ids = [3, 7, 1, 10], [0, 5, 11, 6]
+    src_ids, dst_ids = [3, 7, 1, 10, 2], [0, 5, 6, 7, 11]  # a run of three (slice copies on CPU) and two of one
 
     src_layers, dst_layers = _registered(src_caches, NUM_BLOCKS), _registered(dst_caches, NUM_BLOCKS)
     assert all(layer.shape[0] == NUM_BLOCKS for layer in src_layers)  # dim 0 is the scheduler's block id
-    payload = gather_blocks(src_layers, src_ids)  # [num_layers, 4, *block_shape]
+    payload = gather_blocks(src_layers, src_ids)  # [num_layers, 5, *block_shape]
     scatter_blocks(dst_layers, dst_ids, payload)
 
     # The oracle reads vLLM's own views: scheduler block b is kernel rows b * per_page .. (b + 1) * per_page.

@@ -69,6 +69,10 @@ def test_scatter_writes_each_block_where_its_id_says_whatever_the_runs_of_consec
         untouched = [b for b in range(64) if b not in dst_ids]
         assert not d[untouched].any()
     assert block_runs([50, 51, 52, 3, 4, 60, 61, 62, 63]) == [(0, 50, 3), (3, 3, 2), (5, 60, 4)]
+    with pytest.raises(ValueError, match="does not fit"):  # a slice copy would broadcast it silently
+        scatter_blocks(dst, dst_ids, payload[:, :, :1])
+    with pytest.raises(ValueError, match="does not fit"):  # or cast it
+        scatter_blocks(dst, dst_ids, payload.half())
 
 
 @pytest.mark.parametrize("algo", [CHECKSUM_CRC32, CHECKSUM_WEIGHTED, CHECKSUM_XXH3])

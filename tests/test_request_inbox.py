@@ -12,7 +12,8 @@ import pytest
 
 from app import request_inbox
 from app.errors import EngineError
-from app.request_inbox import InboxSender, RequestInbox, sent_ahead
+from app.inbox_sender import InboxSender, sent_ahead
+from app.request_inbox import RequestInbox
 
 
 class Runs:
@@ -279,3 +280,63 @@ def test_keywords_only_the_message_carries_reach_the_run_and_a_unary_call_awaits
     (_, call_kwargs), = calls
     assert seen == [{"first_token": True, "replica_pin": "rep-1"}] and "first_token" not in call_kwargs
     assert call_kwargs["inbox_key"] and result == "result"
+
+
+@pytest.mark.parametrize("unary", [True, False])
+def test_a_call_that_fails_before_reaching_the_replica_cancels_the_run_its_message_started(unary):
+    # Serve's queue was full, or the call went to another replica that refused the pin: the run the message started
+    # would otherwise go on (a prefill would still send its KV) with no one waiting for it
+    class FailingCall(FakeCall):
+        def __await__(self):
+            yield from asyncio.sleep(0.05).__await__()
+            raise RuntimeError("queue full")
+
+        def __aiter__(self):
+            return self._items()
+
+        async def _items(self):
+            await asyncio.sleep(0.05)
+            raise RuntimeError("queue full")
+            yield
+
+    class FailingMethod(FakeMethod):
+        def remote(self, *args, **kwargs):
+            return FailingCall()
+
+    async def run():
+        runs = Runs(n=3, hold=asyncio.Event())
+        inbox, sender, meta = _inbox(runs)
+        call = sent_ahead(FailingMethod(), sender, Selection(meta), ("x",), {})("r11")
+        await _until(lambda: runs.started)
+        with pytest.raises(RuntimeError, match="queue full"):
+            if unary:
+                await call
+            else:
+                async for _ in call:
+                    pass
+        await _until(lambda: runs.closed)
+        stats = inbox.stats()
+        inbox.close(), sender.close()
+        return runs, stats
+
+    runs, stats = asyncio.run(run())
+    assert runs.closed == [("r11", "x")] and stats["num_cancelled"] == 1 and stats["num_waiting"] == 0
+
+
+def test_a_message_repeated_after_its_call_attached_starts_nothing():
+    async def run():
+        runs = Runs(n=2)
+        inbox, sender, meta = _inbox(runs)
+        method = FakeMethod()
+        sent_ahead(method, sender, Selection(meta), ("x",), {})("r12")
+        await _until(lambda: runs.started)
+        (_, kwargs), = method.calls
+        items = [item async for item in inbox.attach(kwargs["inbox_key"], ("r12", "x"), {})]
+        inbox.start(kwargs["inbox_key"], ("r12", "x"), {})  # the same message again
+        await asyncio.sleep(0.05)
+        stats = inbox.stats()
+        inbox.close(), sender.close()
+        return runs, items, stats
+
+    runs, items, stats = asyncio.run(run())
+    assert items == [("r12", 0), ("r12", 1)] and runs.started == [("r12", "x")] and stats["num_waiting"] == 0

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ray.serve.exceptions import RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from app.circuit import BREAKERS
@@ -147,8 +148,8 @@ class Handoff:
         prefill_id, decode_id = transfer.prefill_id, transfer.decode_id
         try:
             result = await _result(call, first)
-        except asyncio.CancelledError:
-            return PrefillOutcome(None, None)
+        except (asyncio.CancelledError, RequestCancelledError):  # we cancelled it (Ray raises the latter then)
+            return PrefillOutcome(None, None)  # not a failure: no breaker, no retry
         except Exception as exc:  # noqa: BLE001 - every prefill failure becomes a fallback with a reason
             if first is not None and not first.done():
                 first.set_result(None)  # before any retry: a retried prefill leaves the first token to decode

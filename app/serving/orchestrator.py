@@ -44,10 +44,10 @@ from ray.serve.handle import DeploymentHandle
 from app.circuit import BREAKERS
 from app.circuit import configure as configure_breakers
 from app.errors import KVCacheNotFound
+from app.inbox_sender import sent_ahead
 from app.kv.parking import replica_of
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
 from app.metrics import PhaseRatio, record_placement
-from app.request_inbox import sent_ahead
 from app.serving.first_token import can_continue
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
 from app.serving.placement import DecodeBacklog, PrefillBacklog, place, uncached_tokens

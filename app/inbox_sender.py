@@ -1,0 +1,129 @@
+"""The request inbox's ingress end: a request sent ahead of its Serve call to the chosen engine replica's inbox.
+
+The replica's end, and the life cycle of one request, are in app/request_inbox.py. Here:
+- `InboxSender` (one per ingress, on its event loop): one ZeroMQ PUSH socket per replica endpoint, sending
+  `[secret, pickle((sent_at, key, (args, kwargs)))]`, or a cancel (None for the request); it queues nothing for a
+  replica it is not connected to (`zmq.IMMEDIATE`: the call carries that request).
+- `sent_ahead`: the message, then the Serve call pinned to the same replica with the message's key (`inbox_key`);
+  the call is wrapped (`_SentAhead`) so that cancelling it, or its failing, also cancels the run it stood for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+SEND_HWM = 10_000  # requests queued for a replica that is not reading (gone): past it, the call carries them
+IDLE_CLOSE_S = 600.0  # a sender closes its socket to a replica it sent nothing for this long (replaced)
+
+
+class InboxSender:
+    """The ingress's end: one PUSH socket per replica endpoint, used on the ingress's event loop only."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[str, Any] = {}
+        self._used_at: dict[str, float] = {}  # endpoint -> last send (a replaced replica's socket is closed)
+        self.num_sent = 0
+        self.num_refused = 0
+
+    def send(self, metadata: dict[str, Any], args: tuple, kwargs: dict[str, Any]) -> str | None:
+        """Send a request to the replica whose metadata is `metadata`; returns its key, or None if it has no inbox
+        or is not connected and reading (then the Serve call carries the request as before)."""
+        key = secrets.token_hex(12)
+        if not self._send(metadata, key, (args, kwargs)):
+            return None
+        self.num_sent += 1
+        return key
+
+    def cancel(self, metadata: dict[str, Any], key: str) -> None:
+        """The request `key` ended before its call reached the replica: the replica stops its run."""
+        self._send(metadata, key, None)
+
+    def _send(self, metadata: dict[str, Any], key: str, request: tuple | None) -> bool:
+        import zmq
+
+        endpoint, secret = metadata.get("inbox"), metadata.get("inbox_secret")
+        if not endpoint or not secret:
+            return False
+        socket = self._sockets.get(endpoint)
+        if socket is None:
+            socket = self._sockets[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
+            socket.setsockopt(zmq.SNDHWM, SEND_HWM)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a replica not connected (gone, or not yet)
+            socket.connect(endpoint)
+        try:
+            socket.send_multipart([bytes.fromhex(secret), pickle.dumps((time.time(), key, request),
+                                                                        protocol=pickle.HIGHEST_PROTOCOL)],
+                                  flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.num_refused += 1
+            return False
+        now = self._used_at[endpoint] = time.monotonic()
+        for gone in [e for e, at in self._used_at.items() if now - at > IDLE_CLOSE_S]:
+            self._sockets.pop(gone).close(linger=0)
+            del self._used_at[gone]
+        return True
+
+    def close(self) -> None:
+        for socket in self._sockets.values():
+            socket.close(linger=0)
+        self._sockets.clear()
+        self._used_at.clear()
+
+
+def sent_ahead(method: Any, sender: InboxSender | None, selection: Any, args: tuple, kwargs: dict[str, Any],
+               ahead: dict[str, Any] | None = None) -> Callable[[Any], Any]:
+    """A start for `method.remote(request, *args, **kwargs)` pinned to the picked replica (`selection`), the request
+    sent ahead to its inbox first (with a `sender`); cancelling the call, or its failing to go, cancels that run.
+    `ahead`: keywords only the message carries (which of the replica's methods the run stands for: the call's own
+    method says it)."""
+    pin = selection.replica_id
+
+    def start(request: Any) -> Any:
+        metadata = selection.replica_metadata
+        message_kwargs = {**kwargs, **(ahead or {}), "replica_pin": pin}
+        key = None if sender is None else sender.send(metadata, (request, *args), message_kwargs)
+        try:
+            call = method.remote(request, *args, replica_pin=pin, inbox_key=key, **kwargs)
+        except BaseException:
+            if key is not None:
+                sender.cancel(metadata, key)  # type: ignore[union-attr]
+            raise
+        return call if key is None else _SentAhead(call, sender, metadata, key)
+    return start
+
+
+class _SentAhead:
+    """A Serve call whose request went ahead to its replica's inbox; iterate or await it as the call. Cancelling it,
+    or its failing (it may fail without reaching the replica: Serve's queue full, or routed to another replica that
+    refuses the pin), also tells the replica, whose run would otherwise go on with no one waiting for it."""
+
+    def __init__(self, call: Any, sender: Any, metadata: dict[str, Any], key: str):
+        self._call, self._sender, self._metadata, self._key = call, sender, metadata, key
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._sender.cancel(self._metadata, self._key)
+
+    async def __aiter__(self) -> Any:  # a streaming call
+        try:
+            async for item in self._call:
+                yield item
+        except (Exception, asyncio.CancelledError):
+            self._sender.cancel(self._metadata, self._key)  # after an attached call: the key is settled, no-op
+            raise
+
+    def __await__(self) -> Any:  # a unary call
+        return self._awaited().__await__()
+
+    async def _awaited(self) -> Any:
+        try:
+            return await self._call
+        except (Exception, asyncio.CancelledError):
+            self._sender.cancel(self._metadata, self._key)
+            raise
