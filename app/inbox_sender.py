@@ -10,7 +10,6 @@ The replica's end, and the life cycle of one request, are in app/request_inbox.p
 
 from __future__ import annotations
 
-import asyncio
 import pickle
 import secrets
 import time
@@ -114,7 +113,7 @@ class _SentAhead:
         try:
             async for item in self._call:
                 yield item
-        except (Exception, asyncio.CancelledError):
+        except Exception:  # not CancelledError: a consumer that stops iterating (done) or leaves calls cancel()
             self._sender.cancel(self._metadata, self._key)  # after an attached call: the key is settled, no-op
             raise
 
@@ -124,6 +123,6 @@ class _SentAhead:
     async def _awaited(self) -> Any:
         try:
             return await self._call
-        except (Exception, asyncio.CancelledError):
+        except Exception:
             self._sender.cancel(self._metadata, self._key)
             raise
