@@ -78,7 +78,7 @@ class InboxSender:
 def sent_ahead(method: Any, sender: InboxSender | None, selection: Any, args: tuple, kwargs: dict[str, Any],
                ahead: dict[str, Any] | None = None) -> Callable[[Any], Any]:
     """A start for `method.remote(request, *args, **kwargs)` pinned to the picked replica (`selection`), the request
-    sent ahead to its inbox first (with a `sender`); cancelling the call, or its failing to go, cancels that run.
+    sent ahead to its inbox first (with a `sender`); cancelling the call, or its failing, cancels that run.
     `ahead`: keywords only the message carries (which of the replica's methods the run stands for: the call's own
     method says it)."""
     pin = selection.replica_id
