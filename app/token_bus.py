@@ -218,11 +218,12 @@ async def _next(call_it: Any) -> Any:
         return _END
 
 
-def pinned_start(method: Any, bus: TokenBus | None, selection: Any, args: tuple, kwargs: dict[str, Any]
-                 ) -> Callable[[GenerateRequest], Any]:
+def pinned_start(method: Any, bus: TokenBus | None, selection: Any, args: tuple, kwargs: dict[str, Any],
+                 ahead: dict[str, Any] | None = None) -> Callable[[GenerateRequest], Any]:
     """`method.remote(request, *args, **kwargs)` pinned to the picked replica; with a bus, the request goes ahead
-    through the replica's request inbox (app/request_inbox.py), so its engine starts it before the call arrives."""
-    return sent_ahead(method, bus.requests if bus is not None else None, selection, args, kwargs)
+    through the replica's request inbox (app/request_inbox.py), so its engine starts it before the call arrives
+    (`ahead`: keywords only that message carries, `sent_ahead`)."""
+    return sent_ahead(method, bus.requests if bus is not None else None, selection, args, kwargs, ahead)
 
 
 def streamed(bus: TokenBus | None, request: GenerateRequest, start: Callable[[GenerateRequest], Any]) -> Any:

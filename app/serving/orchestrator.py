@@ -44,7 +44,6 @@ from ray.serve.handle import DeploymentHandle
 from app.circuit import BREAKERS
 from app.circuit import configure as configure_breakers
 from app.errors import KVCacheNotFound
-from app.inbox_sender import sent_ahead
 from app.kv.parking import replica_of
 from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPrompt, ParkResult
 from app.metrics import PhaseRatio, record_placement
@@ -146,8 +145,8 @@ class DisaggregatedClient:
         self.prefixes.mark(self.prefixes.prefill, prefill_id, request)
         # 2. send both
         # (the prompt goes ahead to the replica's request inbox; the call attaches to its run: app/request_inbox.py)
-        prefill_call = sent_ahead(prefill_method, self.bus.requests if self.bus is not None else None, p_sel,
-                                  (decode_id, xfer_id), {}, ahead={"first_token": early})(request)
+        prefill_call = pinned_start(prefill_method, self.bus, p_sel, (decode_id, xfer_id), {},
+                                    ahead={"first_token": early})(request)
         stream = self._decode_call(d_sel, request, prefill_id, xfer_id, first_from_prefill=early)
         # 3. stream decode's tokens (after prefill's first one) while watching prefill
         transfer = Transfer(request, prefill_id, decode_id, xfer_id, first_from_prefill=early)
