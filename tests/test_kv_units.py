@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from app.kv import mailbox as mailbox_module
 from app.kv.channel import TAG_HEADER, TAG_PAYLOAD, ChannelBroken, KVReceiver, KVSender, Received
 from app.kv.gloo_group import PairGlooGroup
 from app.kv.header import KVHeader, KVHeaderError, xfer_key
@@ -227,6 +228,23 @@ def test_mailbox_states_deadlines_leases_and_single_claim():
     time.sleep(0.25)
     box.sweep()
     assert box.num_held_bytes() == 0 and box.state(xfer_key("orphan"))[0] is None
+
+
+def test_mailbox_drops_late_arrivals_for_a_lease_after_the_last_forget(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(mailbox_module.time, "monotonic", lambda: clock[0])
+    box = KVMailbox(lease_s=10.0)
+    a, b = xfer_key("a"), xfer_key("b")
+    box.forget(a)  # at 100: late copies of a are dropped until 110
+    clock[0] = 105.0
+    box.forget(b)  # until 115
+    clock[0] = 108.0
+    box.forget(a)  # forgotten again: until 118, behind b in the sweep's order
+    clock[0] = 116.0
+    box.sweep()
+    box.deliver(_received("b"))  # b's lease ended: held like any unknown arrival
+    box.deliver(_received("a"))  # a's has not: dropped at once
+    assert box.state(b)[0] == XferState.ARRIVED and box.state(a)[0] is None and box.num_late == 1
 
 
 

@@ -340,3 +340,39 @@ def test_a_message_repeated_after_its_call_attached_starts_nothing():
 
     runs, items, stats = asyncio.run(run())
     assert items == [("r12", 0), ("r12", 1)] and runs.started == [("r12", "x")] and stats["num_waiting"] == 0
+
+
+def test_a_run_no_call_takes_is_cancelled_by_the_timer_when_no_later_message_comes(monkeypatch):
+    monkeypatch.setattr(request_inbox, "ORPHAN_S", 0.1)
+    monkeypatch.setattr(request_inbox, "SWEEP_S", 0.05)
+
+    async def run():
+        runs = Runs(n=3, hold=asyncio.Event())
+        inbox, sender, meta = _inbox(runs)
+        sender.send(meta, ("r13",), {})
+        await _until(lambda: ("r13",) in runs.closed)  # nothing else arrives: only the timer can cancel it
+        stats = inbox.stats()
+        await asyncio.sleep(0.12)  # the timer stops once no run waits
+        timer = inbox._sweep_timer
+        inbox.close(), sender.close()
+        return stats, timer
+
+    stats, timer = asyncio.run(run())
+    assert stats["num_orphaned"] == 1 and stats["num_waiting"] == 0 and timer is None
+
+
+def test_settled_keys_are_forgotten_in_the_order_they_were_last_settled(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(request_inbox.time, "monotonic", lambda: clock[0])
+    inbox = RequestInbox(Runs(), host="127.0.0.1")
+    inbox.cancel("a")  # settled at 1000 (expired: its late call fails)
+    clock[0] += 10
+    inbox.cancel("b")  # at 1010
+    clock[0] += 10
+    inbox.cancel("a")  # settled again at 1020: kept until 1020 + 2 * ORPHAN_S
+    clock[0] = 1015 + 2 * request_inbox.ORPHAN_S  # past b's end, before a's second one
+    inbox._keys.expire()
+    assert list(inbox._keys.settled) == ["a"]
+    clock[0] = 1021 + 2 * request_inbox.ORPHAN_S
+    inbox._keys.expire()
+    assert not inbox._keys.settled

@@ -161,7 +161,9 @@ class KVMailbox(_ConnectorCalls):
         self._lock = threading.Lock()
         self._on_change = on_change or (lambda: None)
         self._waiters = Waiters()  # guarded by _lock
-        self._done: dict[int, float] = {}  # forgotten keys -> until when a late arrival is dropped at once
+        # forgotten keys -> until when a late arrival is dropped at once; in that order (`forget` re-inserts), so the
+        # sweep (10 a second, under the lock) reads only the keys that expired, not a lease's worth of requests
+        self._done: dict[int, float] = {}
         self._claimed: dict[int, Callable[[], None]] = {}  # claimed shared-memory payloads not loaded yet
         self._set_aside: dict[int, Transfer] = {}  # reserved payloads whose request forgot them before the claim
         self.num_expired = 0
@@ -213,6 +215,7 @@ class KVMailbox(_ConnectorCalls):
                     self._set_aside[key] = record  # the worker loads it in this step
                 else:
                     record.let_go()
+            self._done.pop(key, None)
             self._done[key] = time.monotonic() + self.lease_s
 
     def deliver(self, received: Received) -> None:
@@ -266,7 +269,10 @@ class KVMailbox(_ConnectorCalls):
                 else:
                     continue  # decided, nothing held: its request forgets it
                 changed += 1
-            for key in [k for k, until in self._done.items() if until < now]:
+            while self._done:
+                key, until = next(iter(self._done.items()))
+                if until >= now:
+                    break
                 del self._done[key]
             for key in [k for k, r in self._set_aside.items() if r.deadline < now]:  # never claimed nor let go
                 self._set_aside.pop(key).let_go()
