@@ -1,9 +1,9 @@
 """The request inbox's ingress end: a request sent ahead of its Serve call to the chosen engine replica's inbox.
 
 The replica's end, and the life cycle of one request, are in app/request_inbox.py. Here:
-- `InboxSender` (one per ingress, on its event loop): one ZeroMQ PUSH socket per replica endpoint, sending
-  `[secret, pickle((sent_at, key, (args, kwargs)))]`, or a cancel (None for the request); it queues nothing for a
-  replica it is not connected to (`zmq.IMMEDIATE`: the call carries that request).
+- `InboxSender` (one per ingress, on its event loop): one ZeroMQ PUSH socket per replica endpoint
+  (app/push_sockets.py), sending `[secret, pickle((sent_at, key, (args, kwargs)))]`, or a cancel (None for the
+  request); it queues nothing for a replica it is not connected to (`zmq.IMMEDIATE`: the call carries that request).
 - `sent_ahead`: the message, then the Serve call pinned to the same replica with the message's key (`inbox_key`);
   the call is wrapped (`_SentAhead`) so that cancelling it, or its failing, also cancels the run it stood for.
 """
@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app.push_sockets import PushSockets
+
 SEND_HWM = 10_000  # requests queued for a replica that is not reading (gone): past it, the call carries them
 IDLE_CLOSE_S = 600.0  # a sender closes its socket to a replica it sent nothing for this long (replaced)
 
@@ -24,8 +26,8 @@ class InboxSender:
     """The ingress's end: one PUSH socket per replica endpoint, used on the ingress's event loop only."""
 
     def __init__(self) -> None:
-        self._sockets: dict[str, Any] = {}
-        self._used_at: dict[str, float] = {}  # endpoint -> last send (a replaced replica's socket is closed)
+        # nothing queued for a replica not connected (gone, or not yet): its Serve call carries the request
+        self._sockets = PushSockets(SEND_HWM, IDLE_CLOSE_S, immediate=True)
         self.num_sent = 0
         self.num_refused = 0
 
@@ -43,36 +45,17 @@ class InboxSender:
         self._send(metadata, key, None)
 
     def _send(self, metadata: dict[str, Any], key: str, request: tuple | None) -> bool:
-        import zmq
-
         endpoint, secret = metadata.get("inbox"), metadata.get("inbox_secret")
         if not endpoint or not secret:
             return False
-        socket = self._sockets.get(endpoint)
-        if socket is None:
-            socket = self._sockets[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
-            socket.setsockopt(zmq.SNDHWM, SEND_HWM)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a replica not connected (gone, or not yet)
-            socket.connect(endpoint)
-        try:
-            socket.send_multipart([bytes.fromhex(secret), pickle.dumps((time.time(), key, request),
-                                                                        protocol=pickle.HIGHEST_PROTOCOL)],
-                                  flags=zmq.NOBLOCK)
-        except zmq.Again:
+        message = pickle.dumps((time.time(), key, request), protocol=pickle.HIGHEST_PROTOCOL)
+        if not self._sockets.send(endpoint, [bytes.fromhex(secret), message]):
             self.num_refused += 1
             return False
-        now = self._used_at[endpoint] = time.monotonic()
-        for gone in [e for e, at in self._used_at.items() if now - at > IDLE_CLOSE_S]:
-            self._sockets.pop(gone).close(linger=0)
-            del self._used_at[gone]
         return True
 
     def close(self) -> None:
-        for socket in self._sockets.values():
-            socket.close(linger=0)
-        self._sockets.clear()
-        self._used_at.clear()
+        self._sockets.close()
 
 
 def sent_ahead(method: Any, sender: InboxSender | None, selection: Any, args: tuple, kwargs: dict[str, Any],

@@ -39,6 +39,7 @@ from typing import Any
 from app.errors import EngineError
 from app.inbox_sender import InboxSender, sent_ahead
 from app.messages import BusTarget, GenerateRequest, GenerationChunk, pop_joined
+from app.push_sockets import PushSockets
 
 logger = logging.getLogger(__name__)
 
@@ -236,44 +237,18 @@ class BusSender:
     not thread-safe)."""
 
     def __init__(self) -> None:
-        self._sockets: dict[str, Any] = {}
-        self._used_at: dict[str, float] = {}  # endpoint -> monotonic time of its last send
-        self._swept_at = time.monotonic()
+        self.sockets = PushSockets(SEND_HWM, IDLE_CLOSE_S)
         self.num_sent = 0
         self.num_dropped = 0
 
     def send(self, batches: dict[str, tuple[bytes, list[tuple[int, GenerationChunk]]]]) -> None:
         """One message per endpoint: `{endpoint: (secret, [(key, chunk), ...])}`."""
-        import zmq
-
         for endpoint, (secret, chunks) in batches.items():
-            socket = self._sockets.get(endpoint)
-            if socket is None:
-                socket = self._sockets[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
-                socket.setsockopt(zmq.SNDHWM, SEND_HWM)
-                socket.setsockopt(zmq.LINGER, 0)
-                socket.connect(endpoint)
-            try:
-                socket.send_multipart([secret, pickle.dumps(chunks, protocol=pickle.HIGHEST_PROTOCOL)],
-                                      flags=zmq.NOBLOCK)
+            if self.sockets.send(endpoint, [secret, pickle.dumps(chunks, protocol=pickle.HIGHEST_PROTOCOL)]):
                 self.num_sent += 1
-            except zmq.Again:  # that ingress stopped reading (gone): its requests fail through Serve
+            else:  # that ingress stopped reading (gone): its requests fail through Serve
                 self.num_dropped += 1
-            self._used_at[endpoint] = time.monotonic()
-        self._close_idle()
-
-    def _close_idle(self) -> None:
-        now = time.monotonic()
-        if now - self._swept_at < IDLE_CLOSE_S:
-            return
-        self._swept_at = now
-        for endpoint in [e for e, at in self._used_at.items() if now - at > IDLE_CLOSE_S]:
-            self._sockets.pop(endpoint).close(linger=0)
-            del self._used_at[endpoint]
 
     def close(self, linger_ms: int = 0) -> None:
         """Close every socket; messages not yet sent are dropped after `linger_ms` (their requests end anyway)."""
-        for socket in self._sockets.values():
-            socket.close(linger=linger_ms)
-        self._sockets.clear()
-        self._used_at.clear()
+        self.sockets.close(linger_ms)

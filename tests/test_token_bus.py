@@ -274,11 +274,11 @@ def test_the_sender_closes_sockets_to_an_ingress_it_no_longer_sends_to(monkeypat
     sender = BusSender()
     try:
         sender.send({"tcp://127.0.0.1:1": (b"s" * 16, [(1, _chunk(0))])})  # a gone ingress: nothing listens there
-        assert len(sender._sockets) == 1
+        assert len(sender.sockets.endpoints()) == 1
         import time
 
         time.sleep(0.1)
         sender.send({"tcp://127.0.0.1:2": (b"s" * 16, [(1, _chunk(0))])})  # the sweep runs on a later send
-        assert list(sender._sockets) == ["tcp://127.0.0.1:2"]
+        assert sender.sockets.endpoints() == ["tcp://127.0.0.1:2"]
     finally:
         sender.close()
