@@ -56,8 +56,9 @@ class EngineConfig(_Strict):
     seed: int = Field(0, description="Engine seed for sampling without a per-request seed.")
     cpu_threads: int | None = Field(
         None, ge=1, description="Compute (torch/OpenMP) threads of each engine replica's engine thread, on CPU. None: "
-        "the CPUs its deployment reserves (num_cpus, rounded down, at least 1), as Ray sets OMP_NUM_THREADS for "
-        "its workers; more threads than reserved cores slow decode down.")
+        "the CPUs its deployment reserves (num_cpus, rounded to the nearest whole core, at least 1: 0.9 -> 1, 1.8 -> "
+        "2; at most its cpu_affinity's cores); more threads than the node's cores, summed over its engines, slow every "
+        "engine down.")
 
     @field_validator("block_size")
     @classmethod

@@ -227,10 +227,17 @@ def test_each_engine_gets_compute_threads_and_cores_from_its_own_deployment():
     from app.specs import DecodeSpec, PrefillSpec
 
     config = parse_app_config({"prefill": {"num_cpus": 0.9, "cpu_affinity": [0]},
-                               "decode": {"num_cpus": 3, "cpu_affinity": [1]}})
+                               "decode": {"num_cpus": 3, "cpu_affinity": [1, 2, 3]}})
     prefill, decode = PrefillSpec.from_config(config).engine, DecodeSpec.from_config(config).engine
-    assert (prefill.cpu_threads, prefill.cpu_affinity) == (1, (0,))  # at least one thread, floor(num_cpus)
-    assert (decode.cpu_threads, decode.cpu_affinity) == (3, (1,))
+    assert (prefill.cpu_threads, prefill.cpu_affinity) == (1, (0,))  # num_cpus rounded to a whole core
+    assert (decode.cpu_threads, decode.cpu_affinity) == (3, (1, 2, 3))
+    from app.specs import CollocatedSpec
+
+    rounded = parse_app_config({"mode": "collocated", "collocated": {"num_cpus": 1.8}, "decode": {"num_cpus": 0.4}})
+    assert CollocatedSpec.from_config(rounded).engine.cpu_threads == 2  # 1.8 CPUs: two threads, not one
+    assert DecodeSpec.from_config(rounded).engine.cpu_threads == 1  # at least one
+    one_core = parse_app_config({"mode": "collocated", "collocated": {"num_cpus": 1.8, "cpu_affinity": [1]}})
+    assert CollocatedSpec.from_config(one_core).engine.cpu_threads == 1  # no more threads than its cores
     pinned = parse_app_config({"engine": {"cpu_threads": 2}, "decode": {"num_cpus": 1}})
     assert DecodeSpec.from_config(pinned).engine.cpu_threads == 2  # an explicit count wins
     assert EngineSpec.from_config(config).cpu_threads is None  # outside a deployment: the process default
