@@ -19,7 +19,7 @@ from typing import Any
 from app.push_sockets import PushSockets
 
 SEND_HWM = 10_000  # requests queued for a replica that is not reading (gone): past it, the call carries them
-IDLE_CLOSE_S = 600.0  # a sender closes its socket to a replica it sent nothing for this long (replaced)
+IDLE_CLOSE_S = 600.0  # a socket to a replica not sent to for this long is closed (replaced), within 2x this
 
 
 class InboxSender:

@@ -7,9 +7,11 @@ replicas (app/inbox_sender.py, on the ingress's event loop) and the engine threa
 Life cycle of one socket:
 1. Made and connected at the first send to its endpoint (`hwm` messages queue per peer; `immediate`: nothing queues
    for a peer not connected yet or gone, so a send fails at once and the caller takes its other way).
-2. Every send is non-blocking: a full queue (a peer not reading) or no connected peer refuses it (`send` is False).
-3. Closed once unused for `idle_close_s` (a replaced peer's endpoint would otherwise keep a socket that retries its
-   connection forever); looked for at most once per `idle_close_s`, so a send costs no scan of every endpoint.
+2. Every send is non-blocking: a full queue (a peer not reading), and with `immediate` no connected peer, refuses it
+   (`send` is False). Without `immediate`, messages for a peer not connected yet queue up to `hwm`.
+3. Closed once unused (no send tried) for `idle_close_s`, at most twice that (a replaced peer's endpoint would
+   otherwise keep a socket that retries its connection forever); looked for at most once per `idle_close_s`, so a
+   send costs no scan of every endpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 
 
 class PushSockets:
-    def __init__(self, hwm: int, idle_close_s: float, immediate: bool = False):
+    """One PUSH socket per endpoint, made at its first send; one thread only."""
+
+    def __init__(self, hwm: int, idle_close_s: float, immediate: bool = False) -> None:
         self.hwm, self.idle_close_s, self.immediate = hwm, idle_close_s, immediate
         self._sockets: dict[str, Any] = {}
         self._used_at: dict[str, float] = {}  # endpoint -> monotonic time of its last send

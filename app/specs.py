@@ -53,7 +53,7 @@ class EngineSpec:
             # rest of two cores) run two, which gave it x1.2 the tokens/s of one thread with 16 streams here
             threads = max(1, int(options.num_cpus + 0.5))
             if options.cpu_affinity:  # never more than the cores it may run on
-                threads = min(threads, len(options.cpu_affinity))
+                threads = min(threads, len(set(options.cpu_affinity)))
         return cls(
             model_path=config.model.path,
             served_name=config.model.served_name,

@@ -376,3 +376,19 @@ def test_settled_keys_are_forgotten_in_the_order_they_were_last_settled(monkeypa
     clock[0] = 1021 + 2 * request_inbox.ORPHAN_S
     inbox._keys.expire()
     assert not inbox._keys.settled
+
+
+def test_keys_settled_by_calls_alone_are_forgotten_too(monkeypatch):
+    # No message ever starts a run (e.g. all dropped as too old): the calls themselves must expire old keys.
+    clock = [1000.0]
+    monkeypatch.setattr(request_inbox.time, "monotonic", lambda: clock[0])
+
+    async def run():
+        inbox = RequestInbox(Runs(n=1), host="127.0.0.1")
+        first = [item async for item in inbox.attach("k1", ("r1",), {})]  # the call came first
+        clock[0] += 2 * request_inbox.ORPHAN_S + 1
+        second = [item async for item in inbox.attach("k2", ("r2",), {})]
+        return first, second, list(inbox._keys.settled)
+
+    first, second, settled = asyncio.run(run())
+    assert first == [("r1", 0)] and second == [("r2", 0)] and settled == ["k2"]

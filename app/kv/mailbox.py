@@ -33,6 +33,7 @@ import contextlib
 import enum
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,9 +162,9 @@ class KVMailbox(_ConnectorCalls):
         self._lock = threading.Lock()
         self._on_change = on_change or (lambda: None)
         self._waiters = Waiters()  # guarded by _lock
-        # forgotten keys -> until when a late arrival is dropped at once; in that order (`forget` re-inserts), so the
-        # sweep (10 a second, under the lock) reads only the keys that expired, not a lease's worth of requests
-        self._done: dict[int, float] = {}
+        # forgotten keys -> until when a late arrival is dropped at once, in that order (a key forgotten again moves to
+        # the end): the sweep (10 a second, under the lock) reads only the keys that expired, not a lease's worth
+        self._done: OrderedDict[int, float] = OrderedDict()
         self._claimed: dict[int, Callable[[], None]] = {}  # claimed shared-memory payloads not loaded yet
         self._set_aside: dict[int, Transfer] = {}  # reserved payloads whose request forgot them before the claim
         self.num_expired = 0
@@ -215,8 +216,8 @@ class KVMailbox(_ConnectorCalls):
                     self._set_aside[key] = record  # the worker loads it in this step
                 else:
                     record.let_go()
-            self._done.pop(key, None)
             self._done[key] = time.monotonic() + self.lease_s
+            self._done.move_to_end(key)
 
     def deliver(self, received: Received) -> None:
         key = received.header.xfer_key
@@ -269,11 +270,8 @@ class KVMailbox(_ConnectorCalls):
                 else:
                     continue  # decided, nothing held: its request forgets it
                 changed += 1
-            while self._done:
-                key, until = next(iter(self._done.items()))
-                if until >= now:
-                    break
-                del self._done[key]
+            while self._done and next(iter(self._done.values())) < now:
+                self._done.popitem(last=False)
             for key in [k for k, r in self._set_aside.items() if r.deadline < now]:  # never claimed nor let go
                 self._set_aside.pop(key).let_go()
                 changed += 1
