@@ -22,7 +22,8 @@ meet its earlier run):
    a key whose call attached is never started again. A message older than `MAX_AGE_S` is dropped unread (a backlog that
    a healed partition delivers late), and a sender queues nothing for a replica it is not connected to
    (`zmq.IMMEDIATE`: the call carries those requests). A run no call attached to within `ORPHAN_S` is cancelled
-   (its ingress died before it could cancel); a call that comes after that fails.
+   (its ingress died before it could cancel), at the next request or within `SWEEP_S`; a call that comes after that
+   fails.
 """
 
 from __future__ import annotations
