@@ -6,7 +6,9 @@
 Why: `benchmarks/overhead.py` starts one system at a time (vLLM's server before and after the others). On this
 project's 2-core machine two starts of one system have differed by up to 50% (docs/overhead.md), more than the
 margins issue #12's lone-request targets ask about. Here every system is up at once and idle between its requests;
-requests go one at a time, each round visiting every system in a rotated order, so a slow minute hits all of them.
+requests go one at a time, each round visiting every system in a rotated order, so a slow minute hits all of them,
+with a pause after each (`QUIET_S`) so that no system's after-request work (vLLM's worker busy-polls for a second)
+takes the cores from the next one.
 
 Systems: `vllm`, vLLM's own OpenAI server as its users start it (engine core in a process of its own), and
 `pdserve-disaggregated` / `pdserve-collocated`, serve_config.yaml's app with `mode` set (and `--args` merged),
@@ -52,6 +54,10 @@ OUTPUT_TOKENS = 64
 BASELINE = "vllm"
 SYSTEMS = ("vllm", "pdserve-disaggregated", "pdserve-collocated")
 SETTLE_S = 10  # after the warm-up requests: what a server still does after its first requests passes
+# Between two requests: every system idle again before the next one. vLLM's server's worker busy-polls its
+# input queue for 1 s after each request (vLLM's shm_broadcast `SpinCondition`), taking a core, and a system
+# whose engine runs two compute threads, asked next, ran x2-4 slower beside it (2026-12-01).
+QUIET_S = 1.2
 
 
 def _request(rng: random.Random, length: int) -> BenchRequest:
@@ -117,7 +123,7 @@ async def _measure(bases: dict[str, str], lengths: list[int], repeats: int, seed
                 for system in systems[i % len(systems):] + systems[:i % len(systems)]:  # rotated each round
                     timing = await time_request(clients[system], bases[system], MODEL, _request(rng, length))
                     timings[system][length].append(timing)
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(QUIET_S)
             print(f"{length} tokens: " + ", ".join(
                 f"{system} {statistics.median(stats.ttft(t) for t in ts[length] if t.ok) * 1e3:.1f} ms"
                 for system, ts in timings.items() if any(t.ok for t in ts[length])), flush=True)
@@ -197,7 +203,8 @@ def _write_docs(table: list[str], repeats: int, command: str) -> Path:
              "serve_config.yaml's engine knobs for every system.", "",
              "Every system up at once, requests one at a time, each round visiting every system in a rotated order "
              f"({repeats} requests per system and length; random prompts, greedy, {OUTPUT_TOKENS} tokens out, "
-             "streaming). Cells: median's ratio to vLLM's server's, then the median and interquartile range in ms. "
+             f"streaming), {QUIET_S} s of quiet after each. Cells: median's ratio to vLLM's server's, then the median "
+             "and interquartile range in ms. "
              "How the systems are started and why interleaved: the docstring of benchmarks/interleaved.py.", "",
              *table, ""]
     out = REPO / "docs" / "interleaved.md"

@@ -6,8 +6,9 @@
 For each mode it starts the app (serve_config.yaml's args, the given mode, placement always_local so that the
 disaggregated app's decode replica runs the prompt itself, as adaptive placement does for short prompts), then
 sends the same kind of request (random tokens, greedy, 8 output tokens, streaming) one at a time, entered at:
-1. `engine`: pdserve's `EngineDriver` in this process, built as a decode replica builds it (same knobs and compute
-   threads), with no Serve and no Ray around it;
+1. `engine`: pdserve's `EngineDriver` in this process, built as the mode's answering replica (collocated, or
+   decode) builds it (same knobs and compute threads), with no Serve and no Ray around it; each mode runs in a
+   process of its own, since one process cannot step two engines with different thread counts;
 2. `replica`: the engine replica's `generate` through a DeploymentHandle (Serve's router, a Ray actor call, the
    replica's event loop, its engine thread, the first chunk back through Serve's stream);
 3. `ingress`: the ingress's `create_completion_stream` through a DeploymentHandle (adds vLLM's serving layer:
@@ -24,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -145,15 +149,13 @@ def _rows(results: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default="collocated,disaggregated")
-    parser.add_argument("--lengths", default="100,1000")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--docs", action="store_true", help="write docs/ttft_hops.md from this run")
-    options = parser.parse_args()
+def _engine_spec(mode: str, config) -> EngineSpec:
+    """The engine that answers a lone prompt in `mode`, built as its replica builds it (compute threads included)."""
+    return EngineSpec.from_config(config, config.collocated) if mode == "collocated" else EngineSpec.for_decode(config)
 
+
+def _measure_here(mode: str, lengths: list[int], repeats: int, seed: int) -> dict[str, dict[str, float]]:
+    """One mode, in this process: its engine alone, then its app on a Ray cluster of its own."""
     import ray
     from ray import serve
 
@@ -162,20 +164,40 @@ def main() -> None:
     for key, value in engine_env().items():
         os.environ.setdefault(key, value)
     serve_env.apply()
-    config = parse_app_config(args)
-    # the engine of a replica (its compute threads: one per reserved core, as in the replicas), outside Serve
-    driver = EngineDriver.from_spec(EngineSpec.from_config(config, config.decode))
+    driver = EngineDriver.from_spec(_engine_spec(mode, parse_app_config({**args, "mode": mode})))
     port = serve_env.free_port()  # for Serve's HTTP ingress
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="pdserve-ttft-hops")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        results = {mode: asyncio.run(_measure_mode(mode, args, driver, [int(n) for n in options.lengths.split(",")],
-                                                   options.repeats, port, options.seed))
-                   for mode in options.modes.split(",")}
+        return asyncio.run(_measure_mode(mode, args, driver, lengths, repeats, port, seed))
     finally:
         driver.shutdown()
         serve_env.shutdown_serve()  # and the files its HAProxy left
         ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="collocated,disaggregated")
+    parser.add_argument("--lengths", default="100,1000")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--docs", action="store_true", help="write docs/ttft_hops.md from this run")
+    parser.add_argument("--results", help=argparse.SUPPRESS)  # one mode's results as JSON (the per-mode child)
+    options = parser.parse_args()
+    modes, lengths = options.modes.split(","), [int(n) for n in options.lengths.split(",")]
+    if options.results:
+        Path(options.results).write_text(json.dumps(_measure_here(modes[0], lengths, options.repeats, options.seed)))
+        return
+    # Each mode in a process of its own: its engine alone runs the compute threads its replica runs (collocated's
+    # two, decode's one), and vLLM's CPU attention refuses a second engine with another thread count in one process.
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for mode in modes:
+            out = Path(scratch) / f"{mode}.json"
+            subprocess.run([sys.executable, __file__, "--modes", mode, "--lengths", options.lengths, "--repeats",
+                            str(options.repeats), "--seed", str(options.seed), "--results", str(out)], check=True)
+            results[mode] = json.loads(out.read_text())
     rows = _rows(results)
     print("\n".join(rows))
     if options.docs:
@@ -194,7 +216,8 @@ def _write_docs(rows: list[str], repeats: int, argv: str) -> Path:
              "the replica that answers, as adaptive placement runs short prompts).", "",
              "The same kind of request (random prompt tokens, greedy, streaming) entered at each layer of the path, "
              f"one at a time, the layers interleaved; medians of {repeats} per cell. `engine alone`: pdserve's "
-             "EngineDriver in the benchmark's process, built as a replica builds it (same compute threads), without "
+             "EngineDriver in the benchmark's process (one per mode), built as that mode's replica builds it "
+             "(same compute threads: collocated's two, decode's one), without "
              "Serve or Ray. Each further column is what that layer adds to the one below it: the engine replica "
              "through a DeploymentHandle (router, actor call, the replica's event loop and engine thread, the first "
              "chunk back through Serve's stream), the ingress through a DeploymentHandle (vLLM's serving layer and "
