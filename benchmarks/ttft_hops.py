@@ -150,8 +150,12 @@ def _rows(results: dict[str, dict[str, dict[str, float]]]) -> list[str]:
 
 
 def _engine_spec(mode: str, config) -> EngineSpec:
-    """The engine that answers a lone prompt in `mode`, built as its replica builds it (compute threads included)."""
-    return EngineSpec.from_config(config, config.collocated) if mode == "collocated" else EngineSpec.for_decode(config)
+    """The engine of the replica that answers a lone prompt in `mode`, as deployments/builder.py deploys it (compute
+    threads, and for decode its chunking of local prompts beside replies)."""
+    from app.specs import CollocatedSpec, DecodeSpec
+
+    spec = CollocatedSpec if mode == "collocated" else DecodeSpec
+    return spec.from_config(config).engine
 
 
 def _measure_here(mode: str, lengths: list[int], repeats: int, seed: int) -> dict[str, dict[str, float]]:
@@ -186,22 +190,42 @@ def main() -> None:
     parser.add_argument("--results", help=argparse.SUPPRESS)  # one mode's results as JSON (the per-mode child)
     options = parser.parse_args()
     modes, lengths = options.modes.split(","), [int(n) for n in options.lengths.split(",")]
+    if unknown := [mode for mode in modes if mode not in ENGINE_DEPLOYMENT]:
+        parser.error(f"unknown mode(s) {unknown}; choose from {sorted(ENGINE_DEPLOYMENT)}")
     if options.results:
+        if len(modes) != 1:
+            parser.error("--results measures one mode")
         Path(options.results).write_text(json.dumps(_measure_here(modes[0], lengths, options.repeats, options.seed)))
         return
+    serve_env.apply()  # here too: the doc says how HTTP reached the ingress (the children inherit it)
     # Each mode in a process of its own: its engine alone runs the compute threads its replica runs (collocated's
     # two, decode's one), and vLLM's CPU attention refuses a second engine with another thread count in one process.
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for mode in modes:
             out = Path(scratch) / f"{mode}.json"
-            subprocess.run([sys.executable, __file__, "--modes", mode, "--lengths", options.lengths, "--repeats",
-                            str(options.repeats), "--seed", str(options.seed), "--results", str(out)], check=True)
+            _run_child([sys.executable, __file__, "--modes", mode, "--lengths", options.lengths, "--repeats",
+                        str(options.repeats), "--seed", str(options.seed), "--results", str(out)])
             results[mode] = json.loads(out.read_text())
     rows = _rows(results)
     print("\n".join(rows))
     if options.docs:
         print(f"docs: {_write_docs(rows, options.repeats, ' '.join(sys.argv[1:]))}")
+
+
+def _run_child(command: list[str]) -> None:
+    """Run one mode's measurement; on Ctrl-C (which the child gets too) let it stop its Serve app and Ray cluster."""
+    child = subprocess.Popen(command)
+    try:
+        returncode = child.wait()
+    except KeyboardInterrupt:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
+    if returncode:
+        raise SystemExit(f"measuring {command[command.index('--modes') + 1]} failed (exit {returncode})")
 
 
 def _write_docs(rows: list[str], repeats: int, argv: str) -> Path:

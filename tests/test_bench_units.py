@@ -265,20 +265,23 @@ def test_ttft_hops_rows_give_each_layer_what_it_adds_to_the_one_below():
     assert rows[2] == "| collocated, 100 | 15.0 ms | +5.0 ms | +6.5 ms | +3.5 ms | 30.0 ms |"
 
 
-def test_ttft_hops_engine_alone_runs_the_compute_threads_of_the_replica_that_answers():
-    """The `engine alone` column is each mode's own engine: collocated's replica reserves 1.8 CPUs and runs two
-    compute threads, the decode replica one (a column built from decode's engine made collocated's replica look
-    30 ms faster than its own engine at 1000 tokens)."""
+def test_ttft_hops_engine_alone_is_the_engine_of_the_replica_that_answers():
+    """The `engine alone` column is each mode's own engine as deployments/builder.py deploys it: collocated's
+    replica reserves 1.8 CPUs and runs two compute threads, the decode replica one and chunks local prompts."""
     import yaml
 
     from app.config import parse_app_config
+    from app.specs import CollocatedSpec, DecodeSpec
     from benchmarks.ttft_hops import REPO, _engine_spec
 
     args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
-    collocated = _engine_spec("collocated", parse_app_config({**args, "mode": "collocated"}))
-    decode = _engine_spec("disaggregated", parse_app_config({**args, "mode": "disaggregated"}))
-    assert (collocated.cpu_threads, decode.cpu_threads) == (2, 1)
-    assert decode.replies_chunk_tokens is not None  # decode's own engine: prompts chunked beside replies
+    collocated_config = parse_app_config({**args, "mode": "collocated"})
+    decode_config = parse_app_config({**args, "mode": "disaggregated"})
+    collocated = _engine_spec("collocated", collocated_config)
+    decode = _engine_spec("disaggregated", decode_config)
+    assert collocated == CollocatedSpec.from_config(collocated_config).engine
+    assert decode == DecodeSpec.from_config(decode_config).engine
+    assert (collocated.cpu_threads, decode.cpu_threads) == (2, 1)  # serve_config.yaml: 1.8 and 0.9 CPUs
 
 
 def test_overhead_deploys_ray_serve_llm_as_serve_run_would_with_vllms_engine_knobs(tmp_path):
