@@ -58,7 +58,8 @@ class EngineConfig(_Strict):
         None, ge=1, description="Compute (torch/OpenMP) threads of each engine replica's engine thread, on CPU. None: "
         "the CPUs its deployment reserves (num_cpus, rounded to the nearest whole core, at least 1: 0.9 -> 1, 1.8 -> "
         "2; at most its cpu_affinity's cores); more threads than the node's cores, summed over its engines, slow every "
-        "engine down.")
+        "engine down, and an engine's threads meet at every operation: any busy process on one of its cores stalls "
+        "all of them (pin it with cpu_affinity, or 1).")
 
     @field_validator("block_size")
     @classmethod
