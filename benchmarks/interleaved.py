@@ -56,7 +56,7 @@ SYSTEMS = ("vllm", "pdserve-disaggregated", "pdserve-collocated")
 SETTLE_S = 10  # after the warm-up requests: what a server still does after its first requests passes
 # Between two requests: every system idle again before the next one. vLLM's server's worker busy-polls its
 # input queue for 1 s after each request (vLLM's shm_broadcast `SpinCondition`), taking a core, and a system
-# whose engine runs two compute threads, asked next, ran x2-4 slower beside it (2026-12-01).
+# whose engine runs two compute threads, asked next, ran x1.6-3.8 slower beside it (2026-12-01, README).
 QUIET_S = 1.2
 
 
