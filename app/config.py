@@ -139,7 +139,8 @@ class KVTransferConfig(_Strict):
     on_failure: Literal["recompute", "fail"] = Field(
         "recompute", description="When KV does not arrive intact in time: recompute the prompt on the decode "
         "replica (counted, and shown to the client), or fail fast with 503.")
-    lease_s: float = Field(30.0, gt=0, description="How long received KV waits for its request.")
+    lease_s: float = Field(30.0, gt=0, description="How long KV waits: on decode, received KV for its request; on "
+                           "prefill, a finished prompt's blocks for their send (then they are freed, the send fails).")
     pair_timeout_s: float = Field(10.0, gt=0, description="Deadline for forming a pair group at warm-up (NCCL set-up "
                                   "can take seconds on real clusters); on a request's path timeout_s bounds it.")
     shared_memory_mib: int = Field(256, ge=0, description="Same node (gloo): KV payloads through shared memory, up "

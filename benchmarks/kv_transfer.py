@@ -3,8 +3,8 @@
 Two Ray actors stand in for a prefill and a decode replica and use pdserve's real transfer path, once per
 backend: `socket` (the payload over the pair's `PDSERVE_GLOO` group) and `shm` (the same pair with its
 same-node path: the payload gathered into a shared-memory segment decode maps, only the header on the
-socket). Each transfer is split into its parts: gather (prefill's engine thread, into the send buffer or
-segment), checksum (prefill's sender thread seals the header), wire (from the sealed header to decode
+socket). Each transfer is split into its parts: gather (prefill's sender thread, out of the held blocks into the
+send buffer or segment), checksum (the same thread seals the header), wire (from the sealed header to decode
 holding a verified payload: socket send/receive or the segment's mapping, plus decode's checksum) and
 scatter (decode's engine thread, into its blocks). Beside it, in the same run and process, a memory copy
 of the same bytes into a buffer that exists already: `x memcpy` is memcpy's time over the transfer's
@@ -59,9 +59,11 @@ class _End:
             self._arrival.notify_all()
 
     def send(self, xfer_id: str, num_blocks: int) -> dict:
-        """What prefill's connector and outbox do: gather (into a segment if the pair has one), queue."""
+        """What prefill's connector and outbox do: hold the prompt's blocks, lease a segment if the pair has one, queue;
+        the pair's sender thread gathers (into the segment) and seals."""
         from app.kv.header import UNSEALED, KVHeader, xfer_key
-        from app.kv.payload import CHECKSUM_XXH3, gather_blocks, payload_shape
+        from app.kv.held import HeldBlocks, SavedKV
+        from app.kv.payload import CHECKSUM_XXH3, payload_shape
 
         done = threading.Event()
         result: dict = {}
@@ -70,22 +72,26 @@ class _End:
         num_bytes = torch.Size(shape).numel() * self.layers[0].element_size()
         segment = self.transport.lease_segment(self.peer_id, num_bytes)
         out = segment.view(shape, self.layers[0].dtype) if segment is not None else None
-        payload = gather_blocks(self.layers, list(range(num_blocks)), out=out)
-        gathered = time.perf_counter()
-        header = KVHeader(xfer_key(xfer_id), num_blocks * 32, num_blocks, payload.dtype, shape, CHECKSUM_XXH3,
+        held = HeldBlocks(lease_s=60)
+        held.hold(xfer_id)
+        held.finish(xfer_id)
+        kv = SavedKV.held(held, xfer_id, self.layers, tuple(range(num_blocks)), out)
+        header = KVHeader(xfer_key(xfer_id), num_blocks * 32, num_blocks, self.layers[0].dtype, shape, CHECKSUM_XXH3,
                           UNSEALED)
-        self.transport.send(self.peer_id, header, payload,
+        self.transport.send(self.peer_id, header, kv,
                             lambda res, err: (result.update(res=res, err=err), done.set()), segment=segment)
         done.wait(60)
         if result.get("err") is not None:
             raise result["err"]
+        assert held.take_finished() == {xfer_id}  # the sender thread gave the blocks back
+        payload = kv.gather()
         dst = torch.empty_like(payload)
         copy_times = []
         for _ in range(5):
             t0 = time.perf_counter()
             dst.copy_(payload)
             copy_times.append(time.perf_counter() - t0)
-        return {"started": started, "gather_s": gathered - started, "checksum_s": result["res"].checksum_s,
+        return {"started": started, "gather_s": result["res"].gather_s, "checksum_s": result["res"].checksum_s,
                 "num_bytes": num_bytes, "memcpy_s": statistics.median(copy_times),
                 "in_segment": result["res"].in_segment}
 

@@ -4,9 +4,10 @@ Life cycle of `prefill(request, decode_id, xfer_id)` (its run starts when the in
 request inbox, ahead of the Serve call, which attaches to it: app/request_inbox.py):
 1. Join the pair group with `decode_id` if this replica is not in it yet (off the event loop).
 2. Open the transfer in the `KVOutbox`, then run the prompt for one token with the transfer's
-   `kv_transfer_params`. In the step that completes the prompt, the connector's worker half gathers its
-   blocks and the outbox queues header + payload on the pair's sender thread (engine thread). The engine
-   frees the blocks when the step ends; the payload copy is what travels.
+   `kv_transfer_params`. In the step that completes the prompt, the connector's worker half hands the prompt's
+   KV to the outbox, which queues it on the pair's sender thread (engine thread). The engine keeps the prompt's
+   blocks after the request ends until that thread has copied them out (app/kv/held.py; lease `kv_transfer.lease_s`);
+   the copy is what travels.
 3. Wait until the send completed (or failed / timed out: the pair is dropped, and the error goes back
    to the ingress, while decode's deadline turns into its fallback).
 `prefill_first` (streaming) is the same with the first token sampled here, with the request's sampling: its chunk
@@ -55,6 +56,7 @@ class Prefill(ParkingReplica, EngineReplica):
         self.kv, self.two_step, self.pair_timeout_s = spec.kv, spec.two_step, spec.kv.pair_timeout_s
         self.window = BatchWindow(spec.window_s, spec.window_max_requests)
         self.hub = reset_hub()
+        self.hub.held.lease_s = spec.kv.lease_s  # held blocks wait this long for their send's turn
         self.driver = EngineDriver.from_spec(spec.engine, kv_transfer_config("kv_producer"))
         self.transport = PairTransport("prefill", self.replica_id, resolve_backend(spec.kv.backend, self.hub.device),
                                        spec.kv.timeout_s, self.hub.device,
@@ -166,5 +168,6 @@ class Prefill(ParkingReplica, EngineReplica):
         return {"num_saved": counters.num_saved, "num_chunked_saved": counters.num_chunked_saved,
                 "gather_s": counters.gather_s, "num_outgoing": len(self.outbox), "num_parked": self.parking.count(),
                 "num_cancelled_sends": self.outbox.num_cancelled_sends, "replica_id": self.replica_id,
+                "num_held": len(self.hub.held), "num_held_expired": self.hub.held.num_expired,
                 "inbox": self.inbox.stats() if self.inbox is not None else {},
                 **self.transport.stats()}

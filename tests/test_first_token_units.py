@@ -17,6 +17,7 @@ from app.config import FaultInjection
 from app.errors import FirstTokenUnknown
 from app.kv.channel import Received
 from app.kv.header import NO_TOKEN, KVHeader, xfer_key
+from app.kv.held import SavedKV
 from app.kv.mailbox import KVMailbox
 from app.kv.outbox import KVOutbox
 from app.messages import GenerateRequest, GenerationChunk, PrefillResult, SamplingSpec
@@ -109,7 +110,7 @@ def test_a_held_send_goes_out_once_the_first_token_is_released_and_never_if_the_
         header = KVHeader(xfer_key("x1"), 96, 3, torch.float32, (2, 3, 4), 3, 7)
         # 1. gathered in the step before the token is sampled: held
         outgoing = outbox.open("x1", "d1", hold=True)
-        outbox.on_saved("x1", header, torch.zeros(2, 3, 4))
+        outbox.on_saved("x1", header, SavedKV.gathered(torch.zeros(2, 3, 4)))
         assert transport.sent == []
         # 2. the token: the send goes, its header naming it
         outgoing.release_first_token(42)
@@ -117,12 +118,12 @@ def test_a_held_send_goes_out_once_the_first_token_is_released_and_never_if_the_
         outbox.close("x1")
         # 3. a request that ends before its token: nothing goes out, ever
         outbox.open("x2", "d1", hold=True)
-        outbox.on_saved("x2", replace(header, xfer_key=xfer_key("x2")), torch.zeros(2, 3, 4))
+        outbox.on_saved("x2", replace(header, xfer_key=xfer_key("x2")), SavedKV.gathered(torch.zeros(2, 3, 4)))
         outbox.close("x2")
         assert len(transport.sent) == 1
         # 4. not held (decode samples the first token): sent in the step, naming none
         outbox.open("x3", "d1")
-        outbox.on_saved("x3", replace(header, xfer_key=xfer_key("x3")), torch.zeros(2, 3, 4))
+        outbox.on_saved("x3", replace(header, xfer_key=xfer_key("x3")), SavedKV.gathered(torch.zeros(2, 3, 4)))
         assert transport.sent[-1].first_token == NO_TOKEN
 
     asyncio.run(go())

@@ -15,6 +15,7 @@ from app.kv import mailbox as mailbox_module
 from app.kv.channel import TAG_HEADER, TAG_PAYLOAD, ChannelBroken, KVReceiver, KVSender, Received
 from app.kv.gloo_group import PairGlooGroup
 from app.kv.header import KVHeader, KVHeaderError, xfer_key
+from app.kv.held import SavedKV
 from app.kv.mailbox import KVMailbox, XferState
 from app.kv.payload import (
     CHECKSUM_CRC32,
@@ -435,9 +436,9 @@ def test_outbox_drops_a_send_whose_request_gave_up_and_counts_it():
         transport = Transport()
         outbox = KVOutbox(transport, FaultInjection())
         late = outbox.open("x-late", "decode-a")
-        outbox.on_saved("x-late", None, torch.zeros(4))
+        outbox.on_saved("x-late", None, SavedKV.gathered(torch.zeros(4)))
         outbox.open("x-on-time", "decode-a")
-        outbox.on_saved("x-on-time", None, torch.zeros(4))
+        outbox.on_saved("x-on-time", None, SavedKV.gathered(torch.zeros(4)))
         late.cancelled = True  # its request's deadline passed before the sender got to it
         (peer, late_turn), (_, on_time_turn) = transport.queued
         return peer, late_turn(), on_time_turn(), outbox.num_cancelled_sends
@@ -465,7 +466,7 @@ def test_outbox_wrong_kv_drill_sends_other_layers_kv_under_a_matching_checksum()
     async def run():
         outbox = KVOutbox(Transport(), FaultInjection(wrong_kv_fraction=1.0))
         outgoing = outbox.open("x", "decode-a")
-        outbox.on_saved("x", header, payload.clone())
+        outbox.on_saved("x", header, SavedKV.gathered(payload.clone()))
         return await asyncio.wait_for(outgoing.done, 5)
 
     assert asyncio.run(run()).num_bytes == payload.nbytes

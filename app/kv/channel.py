@@ -3,8 +3,9 @@
 Messages on a pair are FIFO: header (fixed size, tag `TAG_HEADER`), then payload (size from the
 header, tag `TAG_PAYLOAD`), unless the payload waits in a shared-memory segment (same node,
 `app/kv/shm.py`): then only the header travels, and decode gives the segment back when done with it
-(`TAG_RELEASE`, read by the sender's listener thread). The sender thread seals each header (takes the
-payload's checksum) just before it goes, so the checksum never runs inside the engine step.
+(`TAG_RELEASE`, read by the sender's listener thread). The sender thread gathers each payload out of the prefill
+engine's held blocks (`SavedKV`, app/kv/held.py) and seals its header (takes the payload's checksum) just before it
+goes, so neither copy nor checksum runs inside the engine step.
 Because the decode side always has a receive posted, a transfer that decode never uses (request
 aborted, fully prefix-cached, lease expired) is still drained into the mailbox and dropped there; it
 never wedges the pair. Tags keep a payload from ever landing in a header
@@ -27,6 +28,7 @@ from typing import Protocol
 import torch
 
 from app.kv.header import HEADER_SLOTS, PAYLOAD_SEGMENT, UNSEALED, KVHeader, KVHeaderError
+from app.kv.held import KVNotGathered, SavedKV
 from app.kv.payload import checksum
 from app.kv.shm import TAG_RELEASE, Segment, SegmentMaps, SegmentPool
 
@@ -55,8 +57,9 @@ class ChannelBroken(RuntimeError):
 @dataclass(frozen=True)
 class SendResult:
     num_bytes: int
-    send_s: float  # checksum + header + payload, from dequeue to the peer's receive completing
+    send_s: float  # gather + checksum + header + payload, from dequeue to the peer's receive completing
     checksum_s: float = 0.0
+    gather_s: float = 0.0  # the copy out of the engine's held blocks, on the sender thread (0: done in the step)
     in_segment: bool = False  # the payload went through shared memory, not the socket
 
 
@@ -105,20 +108,23 @@ class KVSender:
                 self.broken = exc
                 self._on_broken(exc)
 
-    def submit(self, header: KVHeader, payload: torch.Tensor,
+    def submit(self, header: KVHeader, payload: torch.Tensor | SavedKV,
                on_done: Callable[[SendResult | None, BaseException | None], None],
                is_cancelled: Callable[[], bool] = lambda: False, segment: Segment | None = None,
                tamper: Callable[[torch.Tensor], None] | None = None) -> None:
-        """Queue a transfer; one whose `is_cancelled()` is true when its turn comes is never sent. `segment`:
-        the payload is a view of this pool segment (decode maps it); `tamper` (drills) runs after sealing."""
+        """Queue a transfer; one whose `is_cancelled()` is true when its turn comes is never sent (and its held
+        blocks are let go). `segment`: the payload is (or is gathered into) a view of this pool segment (decode maps
+        it); `tamper` (drills) runs after sealing."""
+        kv = payload if isinstance(payload, SavedKV) else SavedKV.gathered(payload)
         if self.broken is not None or self._closed:
+            kv.drop()
             if segment is not None:
                 segment.release()
             on_done(None, ChannelBroken(f"pair is broken: {self.broken or 'closed'}"))
             return
         if segment is not None and (self.pool is None or segment.pool is not self.pool):
             segment = None  # leased from an earlier incarnation of this pair: the payload goes on the socket
-        self._queue.put((header, payload, on_done, is_cancelled, segment, tamper))
+        self._queue.put((header, kv, on_done, is_cancelled, segment, tamper))
 
     def close(self) -> None:
         self._closed = True
@@ -131,15 +137,25 @@ class KVSender:
             item = self._queue.get()
             if item is None:
                 return
-            header, payload, on_done, is_cancelled, segment, tamper = item
+            header, kv, on_done, is_cancelled, segment, tamper = item
             if self.broken is not None or is_cancelled():
+                kv.drop()
                 if segment is not None:
                     segment.release()  # never sent: decode will not give it back
                 error = (f"pair is broken: {self.broken}" if self.broken is not None
                          else "transfer cancelled: its deadline passed before it was sent")  # late fails both ends
                 on_done(None, ChannelBroken(error))
                 continue
-            started = summed = time.perf_counter()
+            started = time.perf_counter()
+            try:
+                payload = kv.gather()  # [num_layers, num_blocks, *block_shape], into the segment if there is one
+            except Exception as exc:  # noqa: BLE001 - nothing was sent: this transfer fails, the pair is fine
+                if segment is not None:
+                    segment.release()
+                logger.warning("KV gather failed, transfer dropped: %s", exc)
+                on_done(None, exc if isinstance(exc, KVNotGathered) else KVNotGathered(f"KV gather failed: {exc}"))
+                continue
+            gathered = summed = time.perf_counter()
             try:  # whatever fails here (sealing included) fails this transfer and breaks the pair, never the thread
                 if header.checksum == UNSEALED:
                     header = replace(header, checksum=checksum(payload, header.checksum_algo))
@@ -157,7 +173,8 @@ class KVSender:
                 on_done(None, ChannelBroken(str(exc)))
                 continue
             on_done(SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started,
-                               checksum_s=summed - started, in_segment=segment is not None), None)
+                               checksum_s=summed - gathered, gather_s=gathered - started,
+                               in_segment=segment is not None), None)
 
 
 class KVReceiver:

@@ -75,6 +75,10 @@ class PDConnector(KVConnectorBase_V1):
         assert self.worker is not None
         return self.worker.get_block_ids_with_load_errors()
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self.worker is not None
+        return self.worker.get_finished() or None, None  # (done sending: blocks vLLM kept may go, nothing received)
+
     # == scheduler side =========================================================================
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -4,7 +4,8 @@ Prefill engine (kv_role "kv_producer"):
   `update_state_after_alloc` starts tracking a request with our params; `build_connector_meta`
   follows its blocks across the steps that compute the prompt (one, or several when the prefill step's token
   budget chunks it) and, in the step whose forward completes the prompt, emits one `SaveSpec` (all prompt
-  blocks). Each request is saved once, also if it is preempted and resumed afterwards.
+  blocks). Each request is saved once, also if it is preempted and resumed afterwards. `request_finished` has vLLM
+  keep the blocks of a prompt the worker half saved until their KV was read (`hub.held`, app/kv/held.py).
 Decode engine (kv_role "kv_consumer"):
   `get_num_new_matched_tokens` reads the transfer's state and reserves an arrived payload for the worker (vLLM
   may ask several times for one request): not arrived yet -> None ("ask again later"; other requests keep
@@ -137,6 +138,10 @@ class PDConnectorScheduler:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._saves.pop(request.request_id, None)
-        if not self.is_producer and (xfer_id := xfer_id_of(request.kv_transfer_params)) is not None:
+        if self.is_producer:
+            # True: vLLM keeps the blocks of a prompt the worker half saved (CPU) until it reports them read
+            # (`get_finished`); else they are free at once (nothing saved, or gathered in the step)
+            return self.hub.held.finish(request.request_id), None
+        if (xfer_id := xfer_id_of(request.kv_transfer_params)) is not None:
             self._mailbox().unreserve(xfer_key(xfer_id))  # aborted before its load: the payload can go
-        return False, None  # the blocks are free at once: the worker copied what it sends
+        return False, None

@@ -1,11 +1,12 @@
 """The worker half of `PDConnector`: moves KV between the engine's paged cache and transfer payloads.
 
 It acts only on the step's `PDConnectorMetadata` from the scheduler half:
-- `wait_for_save` (prefill; after the forward, before the scheduler can free the blocks) gathers each
-  `SaveSpec`'s blocks into one payload (into the buffer the replica gives, `hub.payload_buffer`: shared memory
-  the decode peer maps, on one node) and hands header + payload to the replica (`hub.on_saved`), which sends
-  it on the pair's channel; the sender thread takes the checksum, not this step. The blocks are free to
-  reuse once the step ends.
+- `wait_for_save` (prefill; after the forward, before the scheduler can free the blocks) hands each `SaveSpec`'s
+  header and KV to the replica (`hub.on_saved`), which sends it on the pair's channel. On CPU the KV stays in the
+  engine's blocks: they are held (`hub.held`, app/kv/held.py; the scheduler half tells vLLM to keep them when the
+  request finishes) until the pair's sender thread has gathered them into one payload (into the buffer the replica
+  gives, `hub.payload_buffer`: shared memory the decode peer maps, on one node) and sealed it; `get_finished` then
+  reports them free. On a GPU the step gathers them itself (one kernel per layer) and they are free when it ends.
 - `start_load_kv` (decode; before the forward) claims each `LoadSpec`'s payload from the mailbox, checks
   its header against the engine (tokens, blocks, shape, dtype) and scatters it into the allocated blocks.
   A failed load reports its blocks through `get_block_ids_with_load_errors`, which makes vLLM recompute
@@ -23,6 +24,7 @@ import torch
 
 from app.kv.connector_meta import LoadSpec, PDConnectorMetadata
 from app.kv.header import UNSEALED, KVHeader, KVHeaderError, xfer_key
+from app.kv.held import SavedKV
 from app.kv.hub import KVHub
 from app.kv.payload import by_scheduler_block, default_checksum_algo, gather_blocks, payload_shape, scatter_blocks
 
@@ -93,17 +95,32 @@ class PDConnectorWorker:
             layers = self.hub.kv_layers
             shape = payload_shape(layers, len(save.block_ids))  # [L, num_blocks, *block_shape]
             buffer = self.hub.payload_buffer(save.xfer_id, shape, layers[0].dtype) if self.hub.payload_buffer else None
-            payload = gather_blocks(layers, list(save.block_ids), out=buffer)
-            if payload.is_cuda:  # the sender thread checksums and sends it on its own stream: let the gather land
+            if layers[0].is_cuda:
+                payload = gather_blocks(layers, list(save.block_ids), out=buffer)
+                # the sender thread checksums and sends it on its own stream: let the gather land
                 torch.cuda.current_stream(payload.device).synchronize()
+                kv = SavedKV.gathered(payload)
+            else:
+                self.hub.held.hold(save.request_id)  # vLLM keeps the blocks until the sender thread read them
+                kv = SavedKV.held(self.hub.held, save.request_id, layers, save.block_ids, buffer)
             header = KVHeader(xfer_key=xfer_key(save.xfer_id), num_tokens=save.num_tokens,
-                              num_blocks=len(save.block_ids), dtype=payload.dtype, shape=shape,
-                              checksum_algo=default_checksum_algo(payload), checksum=UNSEALED)
+                              num_blocks=len(save.block_ids), dtype=layers[0].dtype, shape=shape,
+                              checksum_algo=default_checksum_algo(layers[0]), checksum=UNSEALED)
             counters.gather_s += time.perf_counter() - started
             counters.num_saved += 1
             counters.num_chunked_saved += save.num_steps > 1
-            if self.hub.on_saved is not None:
-                self.hub.on_saved(save.xfer_id, header, payload)
+            if self.hub.on_saved is None:
+                kv.drop()
+                continue
+            try:
+                self.hub.on_saved(save.xfer_id, header, kv)
+            except BaseException:
+                kv.drop()  # nobody will read the blocks
+                raise
+
+    def get_finished(self) -> set[str]:
+        """Prefill: the requests whose held blocks the engine may free now (read, dropped, or their lease ended)."""
+        return self.hub.held.take_finished()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_error_blocks = self._load_error_blocks, set()

@@ -3,10 +3,15 @@
 vLLM builds the connector itself (scheduler half and worker half, both in the replica's process in
 in-process mode), so the replica cannot hand it objects directly. The replica and the connector meet
 here instead; one engine per process (FACTS.md), so one hub per process. (The two connector halves
-never talk through the hub: only through the step's connector metadata.)
-- Prefill replica sets `on_saved(xfer_id, header, payload)`: the worker half calls it right after
-  the forward pass that completed a prompt, with the gathered blocks; and `payload_buffer(xfer_id, shape,
-  dtype)`, where the worker half gathers them (a shared-memory segment the decode peer maps; None: anywhere).
+talk through the step's connector metadata, and about held blocks only through `held`.)
+- Prefill replica sets `on_saved(xfer_id, header, kv)`: the worker half calls it right after the forward pass that
+  completed a prompt, with its `SavedKV` (app/kv/held.py: on CPU still in the engine's blocks, which the engine keeps
+  until it was read); and `payload_buffer(xfer_id, shape, dtype)`, where the KV is to be gathered (a shared-memory
+  segment the decode peer maps; None: anywhere).
+- `held` (prefill) is what the halves share about those kept blocks, beside the metadata: the worker half holds a
+  saved prompt's blocks, the scheduler half tells vLLM to keep them when the request finishes (`request_finished`),
+  whoever reads them releases them, and the worker half reports them free (`get_finished`). The engine driver sets
+  its `wake`.
 - Decode replica sets `mailbox`: the scheduler half asks it whether a request's KV has arrived and
   settles where the KV came from; the worker half claims the payload from it to scatter into the
   blocks the scheduler allocated.
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.kv.header import KVHeader
+from app.kv.held import HeldBlocks, SavedKV
 from app.kv.mailbox import KVMailbox
 
 # Our key in a request's `kv_transfer_params` (vLLM reserves do_remote_prefill/decode for its own).
@@ -54,12 +60,13 @@ class ConnectorCounters:
 
 @dataclass
 class KVHub:
-    on_saved: Callable[[str, KVHeader, torch.Tensor], None] | None = None
+    on_saved: Callable[[str, KVHeader, SavedKV], None] | None = None
     payload_buffer: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor | None] | None = None
     mailbox: KVMailbox | None = None
     evict_cached_blocks: Callable[[set[int]], None] | None = None  # engine thread only
     kv_layers: list[torch.Tensor] = field(default_factory=list)  # each [num_total_blocks, *block_shape]
     counters: ConnectorCounters = field(default_factory=ConnectorCounters)
+    held: HeldBlocks = field(default_factory=HeldBlocks)  # prefill: blocks kept after their request finished
 
     @property
     def device(self) -> torch.device:
@@ -73,5 +80,5 @@ HUB = KVHub()
 def reset_hub() -> KVHub:
     """A fresh hub (tests build several engines in sequence in one process)."""
     HUB.on_saved, HUB.payload_buffer, HUB.mailbox, HUB.evict_cached_blocks, HUB.kv_layers = None, None, None, None, []
-    HUB.counters = ConnectorCounters()
+    HUB.counters, HUB.held = ConnectorCounters(), HeldBlocks()
     return HUB

@@ -3,13 +3,15 @@
 Life cycle of one `Outgoing` (keyed by transfer id):
 1. `open(xfer_id, decode_id)` before the prompt enters the engine (`decode_id` None: park the KV).
 2. The engine thread asks `payload_buffer` where to gather the prompt's KV (a shared-memory segment of the pair when
-   decode can map it, so the payload never crosses a socket), then calls `on_saved` with the gathered header + payload
-   in the step that completed the prompt: the payload is queued on the pair's sender thread (or handed back for
-   parking). A transfer opened with `hold` waits there until the event loop releases its first token (prefill's,
-   streamed to the client), which its header then carries to decode. Fault injection (drills) acts here: fail, corrupt
-   after the checksum (on the sender thread, once it sealed the header), send wrong KV with a matching checksum (a
-   negative control: the reply must change), send a header that does not fit the prompt (decode's load must refuse it),
-   report a send that never happens (a silent loss), or delay the send.
+   decode can map it, so the payload never crosses a socket), then calls `on_saved` with the header and the prompt's
+   `SavedKV` in the step that completed the prompt: it is queued on the pair's sender thread, which gathers it out of
+   the engine's held blocks when its turn comes (or it is gathered at once and handed back, for parking). Whatever
+   path a transfer ends on, its `SavedKV` is read or dropped, so the engine frees the blocks. A transfer opened with
+   `hold` waits there until the event loop releases its first token (prefill's, streamed to the client), which its
+   header then carries to decode. Fault injection (drills) acts here: fail, corrupt after the checksum (on the sender
+   thread, once it sealed the header), send wrong KV with a matching checksum (a negative control: the reply must
+   change), send a header that does not fit the prompt (decode's load must refuse it), report a send that never
+   happens (a silent loss), or delay the send.
 3. `done` resolves on the replica's event loop with the `SendResult` (or the error); a request that gives
    up first marks its transfer `cancelled`, so a queued send never goes out late.
 4. `close(xfer_id)` whatever happened.
@@ -29,6 +31,7 @@ import torch
 from app.config import FaultInjection
 from app.kv.channel import SendResult
 from app.kv.header import NO_TOKEN, KVHeader
+from app.kv.held import SavedKV
 from app.kv.pairs import PairTransport
 from app.kv.shm import Segment
 
@@ -43,15 +46,16 @@ class Outgoing:
     cancelled: bool = False  # the request gave up (deadline): the KV must not be sent late
     hold: bool = False  # the send waits for `release_first_token` (its header carries the first token)
     first_token: int | None = None  # once released
-    _held: Callable[[int], None] | None = None  # the send, gathered and waiting for the first token
+    _held: Callable[[int], None] | None = None  # the send, saved and waiting for the first token
     _held_segment: Segment | None = None
+    _held_kv: SavedKV | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def send_when_released(self, send: Callable[[int], None], segment: Segment | None) -> None:
+    def send_when_released(self, send: Callable[[int], None], segment: Segment | None, kv: SavedKV) -> None:
         """Engine thread: send now with the first token, if it was released already, else once it is."""
         with self._lock:
             if self.first_token is None:
-                self._held, self._held_segment = send, segment
+                self._held, self._held_segment, self._held_kv = send, segment, kv
                 return
         send(self.first_token)
 
@@ -59,14 +63,17 @@ class Outgoing:
         """Event loop: the first token the client got (`NO_TOKEN`: none); a held send goes out with it."""
         with self._lock:
             self.first_token = token_id
-            send, self._held, self._held_segment = self._held, None, None
+            send, self._held, self._held_segment, self._held_kv = self._held, None, None, None
         if send is not None:
             send(token_id)
 
     def drop_held(self) -> None:
         """The request ended before its first token was released: the held send never goes out."""
         with self._lock:
-            segment, self._held, self._held_segment = self._held_segment, None, None
+            segment, kv = self._held_segment, self._held_kv
+            self._held, self._held_segment, self._held_kv = None, None, None
+        if kv is not None:
+            kv.drop()
         if segment is not None:
             segment.release()
 
@@ -123,17 +130,18 @@ class KVOutbox:
         self._segments[xfer_id] = segment
         return segment.view(shape, dtype)
 
-    def on_saved(self, xfer_id: str, header: KVHeader, payload: torch.Tensor) -> None:
-        """Engine thread: the prompt's KV is gathered; hand it to the pair's sender (or park it)."""
+    def on_saved(self, xfer_id: str, header: KVHeader, kv: SavedKV) -> None:
+        """Engine thread: the prompt's KV is saved; hand it to the pair's sender (or gather and park it)."""
         outgoing = self._outgoing.get(xfer_id)
         segment = self._segments.pop(xfer_id, None)
         if outgoing is None:
+            kv.drop()
             if segment is not None:
                 segment.release()
             return  # the caller gave up already
         outgoing.gathered_at = time.perf_counter()
         if outgoing.decode_id is None:
-            outgoing.loop.call_soon_threadsafe(settle, outgoing.done, (header, payload), None)
+            outgoing.loop.call_soon_threadsafe(settle, outgoing.done, (header, kv.gather()), None)
             return
 
         def done(result: SendResult | None, error: BaseException | None) -> None:
@@ -141,11 +149,13 @@ class KVOutbox:
 
         faults = self._faults
         if faults.fail_fraction and self._fault_rng.random() < faults.fail_fraction:
+            kv.drop()
             if segment is not None:
                 segment.release()
             done(None, RuntimeError("injected transfer failure"))
             return
         if faults.lose_fraction and self._fault_rng.random() < faults.lose_fraction:
+            kv.drop()
             if segment is not None:
                 segment.release()
             done(SendResult(header.num_bytes, 0.0), None)  # reported sent; decode hears nothing
@@ -157,6 +167,7 @@ class KVOutbox:
             tamper = _corrupt  # after the sender thread sealed the header: decode's verification must catch it
         if faults.wrong_kv_fraction and self._fault_rng.random() < faults.wrong_kv_fraction:
             # [num_layers, ...]: every layer gets another layer's KV; the sender seals it, so the checksum matches
+            payload = kv.gather()
             payload.copy_(payload.flip(0))
         decode_id = outgoing.decode_id
 
@@ -178,10 +189,10 @@ class KVOutbox:
 
         def go(first_token: int) -> None:
             sent = header if first_token == NO_TOKEN else replace(header, first_token=first_token)
-            self.transport.send(decode_id, sent, payload, done, is_cancelled, segment=segment, tamper=tamper)
+            self.transport.send(decode_id, sent, kv, done, is_cancelled, segment=segment, tamper=tamper)
 
         if outgoing.hold:
-            outgoing.send_when_released(send, segment)
+            outgoing.send_when_released(send, segment, kv)
         else:
             send()
 

@@ -34,6 +34,7 @@ import torch
 from app.kv import gloo_group, nccl_group
 from app.kv.channel import ChannelBroken, KVReceiver, KVSender, Received, SendResult
 from app.kv.header import KVHeader
+from app.kv.held import KVNotGathered, SavedKV
 from app.kv.nccl_comm import NcclPairComm
 from app.kv.shm import Segment, SegmentPool, share_memory
 
@@ -209,7 +210,7 @@ class PairTransport:
         return pool.lease(num_bytes) if pool is not None else None
 
 
-    def send(self, peer_id: str, header: KVHeader, payload: torch.Tensor,
+    def send(self, peer_id: str, header: KVHeader, payload: torch.Tensor | SavedKV,
              on_done: Callable[[SendResult | None, BaseException | None], None],
              is_cancelled: Callable[[], bool] = lambda: False, segment: Segment | None = None,
              tamper: Callable[[torch.Tensor], None] | None = None) -> None:
@@ -217,11 +218,14 @@ class PairTransport:
         with self._lock:
             pair = self._pairs.get(peer_id)
         if pair is None or pair.sender is None:
+            if isinstance(payload, SavedKV):
+                payload.drop()
             on_done(None, ChannelBroken(f"not paired with {peer_id}"))
             return
 
         def done(result: SendResult | None, error: BaseException | None) -> None:
-            if error is not None and not is_cancelled():  # a cancelled transfer leaves the pair intact
+            if error is not None and not is_cancelled() and not isinstance(error, KVNotGathered):
+                # a cancelled transfer, or one whose KV could not be read, sent nothing: the pair is intact
                 self.drop(peer_id, f"send failed: {error}")
             on_done(result, error)
 

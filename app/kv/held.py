@@ -1,0 +1,162 @@
+"""Prefill: a saved prompt's blocks stay allocated after its request finished until its KV has left them.
+
+vLLM's delayed free: a connector whose `request_finished` returns True keeps the request's blocks allocated (vLLM
+neither frees nor reuses them) until its `get_finished` reports the request id in `finished_sending`. pdserve's
+prefill engine uses it so that the copy out of the engine's cache runs on the pair's sender thread, when the send's
+turn comes, not inside the engine step; the same-node one-copy path (docs/one_copy_plan.md) will let decode read the
+held blocks themselves.
+
+Life cycle of one hold (keyed by vLLM's request id):
+1. `hold` (worker half, engine thread, in the step whose forward completed the prompt): the blocks are to stay; a
+   lease starts (`lease_s`).
+2. `finish` (scheduler half, engine thread, from `request_finished` in the same step): True, so vLLM keeps them.
+3. `claim` (the reader, any thread) before reading them: False once the lease ended (the blocks may be reused: the
+   reader must not touch them). A claimed hold never expires.
+4. `release` (the reader, any thread; idempotent) when it is done with them, or will never read them (send dropped,
+   failed, cancelled). It wakes the engine driver, which steps to report it.
+5. `take_finished` (worker half's `get_finished`, engine thread, every step): each finished hold that was released,
+   or whose lease ended unclaimed, exactly once (vLLM asserts on an id it was not told to hold, or one given twice).
+A hold whose `finish` never comes (the request did not end in the step that saved it) is reported once it does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from app.kv.payload import gather_blocks, payload_shape
+
+
+@dataclass
+class _Hold:
+    deadline: float  # monotonic: the lease ends here unless the reader claimed the blocks
+    finished: bool = False  # vLLM was told to keep the blocks (request_finished returned True)
+    claimed: bool = False
+    released: bool = False
+
+
+class HeldBlocks:
+    def __init__(self, lease_s: float = 30.0, wake: Callable[[], None] | None = None):
+        self.lease_s = lease_s
+        self.wake = wake or (lambda: None)  # the engine driver's: a release needs a step to be reported
+        self._holds: dict[str, _Hold] = {}
+        self._lock = threading.Lock()
+        self.num_held = 0
+        self.num_expired = 0  # leases that ended before the reader came: its transfer failed
+
+    def hold(self, request_id: str) -> None:
+        with self._lock:
+            self._holds[request_id] = _Hold(time.monotonic() + self.lease_s)
+            self.num_held += 1
+
+    def finish(self, request_id: str) -> bool:
+        """Whether vLLM must keep the request's blocks (it finished with a hold on them)."""
+        with self._lock:
+            if (held := self._holds.get(request_id)) is None:
+                return False
+            held.finished = True
+            return True
+
+    def claim(self, request_id: str) -> bool:
+        """Whether the blocks are still the prompt's (the lease has not ended); a claimed hold never expires."""
+        with self._lock:
+            held = self._holds.get(request_id)
+            if held is None or (not held.claimed and time.monotonic() > held.deadline):
+                return False
+            held.claimed = True
+            return True
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            if (held := self._holds.get(request_id)) is None or held.released:
+                return
+            held.released = True
+        self.wake()
+
+    def take_finished(self) -> set[str]:
+        """Engine thread: the holds vLLM may free now, each returned once."""
+        now, done = time.monotonic(), set()
+        with self._lock:
+            for request_id, held in self._holds.items():
+                if not held.finished:
+                    continue
+                if held.released:
+                    done.add(request_id)
+                elif not held.claimed and now > held.deadline:
+                    done.add(request_id)
+                    self.num_expired += 1
+            for request_id in done:
+                del self._holds[request_id]
+        return done
+
+    def next_deadline(self) -> float | None:
+        """The earliest lease end among unclaimed holds (monotonic), for the driver's wait; None: none pending."""
+        with self._lock:
+            pending = [h.deadline for h in self._holds.values() if not h.claimed and not h.released]
+        return min(pending) if pending else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._holds)
+
+
+class KVNotGathered(RuntimeError):
+    """A saved prompt's KV could not be read out of the engine's blocks (its lease ended first, or the copy failed):
+    nothing was sent, so the transfer fails and the pair stays."""
+
+
+class SavedKV:
+    """A saved prompt's KV on its way to the pair's sender: either gathered already (`SavedKV.gathered`: a GPU gathers
+    in the engine step) or still in the engine's blocks under a hold (`SavedKV.held`), gathered once by whoever reads
+    it first (the sender thread when the send's turn comes; the engine thread for KV that is parked or tampered with).
+    Whoever ends up not reading it calls `drop` (idempotent; after a gather it does nothing)."""
+
+    def __init__(self, shape: tuple[int, ...], gather: Callable[[], torch.Tensor] | None = None,
+                 payload: torch.Tensor | None = None, release: Callable[[], None] | None = None,
+                 block_ids: tuple[int, ...] = ()):
+        self.shape = shape  # [num_layers, num_blocks, *block_shape]
+        self.block_ids = block_ids  # the engine's blocks it is read from (held), in payload order
+        self._gather, self._payload, self._release = gather, payload, release
+        self.gather_s = 0.0  # how long the gather took (0: gathered before, in the engine step)
+
+    @classmethod
+    def gathered(cls, payload: torch.Tensor) -> SavedKV:
+        return cls(tuple(payload.shape), payload=payload)
+
+    @classmethod
+    def held(cls, held: HeldBlocks, request_id: str, layers: list[torch.Tensor], block_ids: tuple[int, ...],
+             out: torch.Tensor | None) -> SavedKV:
+        """`block_ids` of every layer (each `[num_total_blocks, *block_shape]`), held for `request_id`; gathered into
+        `out` (`[num_layers, num_blocks, *block_shape]`, e.g. a shared-memory segment's view) or a new tensor."""
+
+        def gather() -> torch.Tensor:
+            if not held.claim(request_id):
+                raise KVNotGathered(f"the KV blocks of {request_id} were freed before their send's turn "
+                                     f"(held {held.lease_s:.0f} s)")
+            try:
+                with torch.inference_mode():  # read the engine's (inference) tensors as the engine does
+                    return gather_blocks(layers, list(block_ids), out=out)
+            finally:
+                held.release(request_id)
+
+        return cls(payload_shape(layers, len(block_ids)), gather=gather, release=lambda: held.release(request_id),
+                   block_ids=block_ids)
+
+    def gather(self) -> torch.Tensor:
+        """The payload (`[num_layers, num_blocks, *block_shape]`); reads the held blocks the first time."""
+        if self._payload is None:
+            assert self._gather is not None
+            started = time.perf_counter()
+            self._payload, self._gather, self._release = self._gather(), None, None
+            self.gather_s = time.perf_counter() - started
+        return self._payload
+
+    def drop(self) -> None:
+        """Nobody will read the blocks: let the engine free them."""
+        release, self._release, self._gather = self._release, None, None
+        if release is not None:
+            release()
