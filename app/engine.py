@@ -119,7 +119,10 @@ def free_held_blocks(scheduler: Any) -> float:
     if done := HUB.held.take_finished():
         from vllm.v1.outputs import KVConnectorOutput
 
-        scheduler._update_from_kv_xfer_finished(KVConnectorOutput(finished_sending=done))
+        try:  # (it calls the connector's `update_connector_output`, which forgets the holds it frees)
+            scheduler._update_from_kv_xfer_finished(KVConnectorOutput(finished_sending=done))
+        except Exception:  # noqa: BLE001 - never kill the driver: the holds stay and are reported by the next step
+            logger.exception("freeing held KV blocks failed")
     if not len(HUB.held):
         return 1.0
     deadline = HUB.held.next_deadline()

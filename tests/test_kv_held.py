@@ -21,7 +21,7 @@ from tests.helpers import prompt_of_length
 # -- the bookkeeping -----------------------------------------------------------------------------------------------
 
 
-def test_a_hold_is_reported_once_after_its_request_finished_and_its_reader_released_it():
+def test_a_hold_is_reported_after_its_request_finished_and_its_reader_released_it_until_vllm_confirms_it():
     wakes = []
     held = HeldBlocks(lease_s=60, wake=lambda: wakes.append(1))
     held.hold("a")
@@ -31,7 +31,9 @@ def test_a_hold_is_reported_once_after_its_request_finished_and_its_reader_relea
     assert held.take_finished() == set()  # vLLM was not told to keep it yet: reporting it would trip its assert
     assert held.finish("a")
     assert held.take_finished() == {"a"}
-    assert held.take_finished() == set()  # exactly once
+    assert held.take_finished() == {"a"}  # the step that got it failed before vLLM freed them: reported again
+    held.confirm({"a"})  # vLLM freed them (update_connector_output)
+    assert held.take_finished() == set()  # never again: vLLM would assert on an id it no longer holds
     assert len(held) == 0 and not held.finish("b")  # a request with nothing held: vLLM frees it at once
 
 
@@ -44,6 +46,8 @@ def test_a_lease_ends_only_for_a_hold_nobody_claimed():
     time.sleep(0.1)
     assert held.take_finished() == {"waiting"} and held.num_expired == 1
     assert not held.claim("waiting")  # too late: the reader must not touch blocks the engine may reuse
+    assert held.take_finished() == {"waiting"} and held.num_expired == 1  # counted once
+    held.confirm({"waiting"})
     assert held.next_deadline() is None  # nothing left that can expire
     held.release("claimed")
     assert held.take_finished() == {"claimed"} and held.num_expired == 1
@@ -59,6 +63,7 @@ def test_saved_kv_gathers_once_and_a_drop_after_it_changes_nothing():
     payload = kv.gather()  # [num_layers, num_blocks, 4]
     assert torch.equal(payload, torch.stack([layer[[7, 2]] for layer in layers]))
     assert kv.gather() is payload and held.take_finished() == {"r"}
+    held.confirm({"r"})
     kv.drop()
     assert held.take_finished() == set()
 
@@ -75,7 +80,8 @@ def test_saved_kv_whose_lease_ended_refuses_to_gather():
 
 
 @pytest.mark.parametrize("path", ["request gone", "injected failure", "injected loss", "first token never released",
-                                  "cancelled in the queue", "pair broken", "not paired", "sent"])
+                                  "request ended during its step", "cancelled in the queue", "pair broken",
+                                  "pair closed", "not paired", "sent"])
 def test_every_path_of_a_saved_prompt_lets_its_held_blocks_go(path):
     """Read or not, sent or not: each way a transfer can end releases its hold once, so the engine frees the blocks
     in its next step instead of at the lease's end."""
@@ -89,6 +95,8 @@ def test_every_path_of_a_saved_prompt_lets_its_held_blocks_go(path):
     delivered, receiver, sender = _loopback()
     if path == "pair broken":
         sender.broken = RuntimeError("peer gone")
+    if path == "pair closed":
+        sender.close()
 
     class Transport:  # the outbox's pair, reduced to its sender
         def send(self, peer, header, payload, on_done, is_cancelled, segment=None, tamper=None):
@@ -108,7 +116,10 @@ def test_every_path_of_a_saved_prompt_lets_its_held_blocks_go(path):
 
     async def run():
         outbox = KVOutbox(Transport(), faults)
-        outgoing = outbox.open("x", "decode-a", hold=path == "first token never released")
+        hold = path in ("first token never released", "request ended during its step")
+        outgoing = outbox.open("x", "decode-a", hold=hold)
+        if path == "request ended during its step":  # `close` ran between the step's read of it and the hold
+            outgoing.drop_held()
         if path == "request gone":
             outbox.close("x")
         if path == "cancelled in the queue":
@@ -116,7 +127,7 @@ def test_every_path_of_a_saved_prompt_lets_its_held_blocks_go(path):
         outbox.on_saved("x", header, kv)
         if path == "first token never released":
             outbox.close("x")
-        elif path != "request gone":
+        elif path not in ("request gone", "request ended during its step"):
             await asyncio.wait_for(asyncio.shield(outgoing.done), 5)
 
     try:
@@ -127,6 +138,27 @@ def test_every_path_of_a_saved_prompt_lets_its_held_blocks_go(path):
     if path == "sent":
         assert torch.equal(delivered.get(timeout=5).payload, torch.stack([layer[[3, 5]] for layer in layers]))
     receiver.close()
+
+
+def test_a_step_whose_forward_raised_saves_and_holds_nothing():
+    """vLLM calls `wait_for_save` in a `finally`, also when the forward raised: such blocks hold no KV to send."""
+    from app.kv.connector_meta import PDConnectorMetadata, SaveSpec
+    from app.kv.connector_worker import PDConnectorWorker
+    from app.kv.hub import KVHub
+
+    hub, saved = KVHub(), []
+    hub.kv_layers = [torch.zeros(4, 2) for _ in range(2)]  # [num_total_blocks, *block_shape]
+    hub.on_saved = lambda xfer_id, header, kv: saved.append(kv)
+    worker = PDConnectorWorker(32, hub)
+    metadata = PDConnectorMetadata(saves=[SaveSpec("r", "x", (1, 2), 64)])
+    with pytest.raises(RuntimeError, match="forward failed"):
+        try:
+            raise RuntimeError("forward failed")
+        finally:
+            worker.wait_for_save(metadata)
+    assert not saved and len(hub.held) == 0
+    worker.wait_for_save(metadata)  # the same step, had its forward run
+    assert len(saved) == 1 and len(hub.held) == 1 and saved[0].block_ids == (1, 2)
 
 
 # -- a real prefill engine -----------------------------------------------------------------------------------------

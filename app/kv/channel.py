@@ -85,6 +85,7 @@ class KVSender:
         self.timeout_s = timeout_s
         self.pool = pool
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._submit_lock = threading.Lock()
         self.broken: BaseException | None = None
         self._closed = False
         self._on_broken = on_broken or (lambda exc: None)
@@ -116,65 +117,80 @@ class KVSender:
         blocks are let go). `segment`: the payload is (or is gathered into) a view of this pool segment (decode maps
         it); `tamper` (drills) runs after sealing."""
         kv = payload if isinstance(payload, SavedKV) else SavedKV.gathered(payload)
-        if self.broken is not None or self._closed:
-            kv.drop()
-            if segment is not None:
-                segment.release()
-            on_done(None, ChannelBroken(f"pair is broken: {self.broken or 'closed'}"))
-            return
         if segment is not None and (self.pool is None or segment.pool is not self.pool):
             segment = None  # leased from an earlier incarnation of this pair: the payload goes on the socket
-        self._queue.put((header, kv, on_done, is_cancelled, segment, tamper))
+        with self._submit_lock:  # never behind `close`'s sentinel, where the sender thread would not see it
+            if self.broken is None and not self._closed:
+                self._queue.put((header, kv, on_done, is_cancelled, segment, tamper))
+                return
+        self._drop((header, kv, on_done, is_cancelled, segment, tamper), f"pair is broken: {self.broken or 'closed'}")
+
+    def _drop(self, item: tuple, error: str) -> None:
+        """A queued transfer that will not be sent: its blocks and segment go back, its caller hears why."""
+        _, kv, on_done, _, segment, _ = item
+        kv.drop()
+        if segment is not None:
+            segment.release()  # never sent: decode will not give it back
+        try:
+            on_done(None, ChannelBroken(error))  # late fails both ends
+        except Exception:  # noqa: BLE001 - a caller's callback must not stop the sender thread
+            logger.exception("KV send callback failed")
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
+        with self._submit_lock:
+            self._closed = True
+            self._queue.put(None)
         if self.pool is not None:
             self.pool.close()
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
+            if item is None:  # closed: nothing is queued behind it
                 return
-            header, kv, on_done, is_cancelled, segment, tamper = item
-            if self.broken is not None or is_cancelled():
-                kv.drop()
-                if segment is not None:
-                    segment.release()  # never sent: decode will not give it back
-                error = (f"pair is broken: {self.broken}" if self.broken is not None
-                         else "transfer cancelled: its deadline passed before it was sent")  # late fails both ends
-                on_done(None, ChannelBroken(error))
+            if self.broken is not None or self._closed or item[3]():  # item[3]: is_cancelled
+                self._drop(item, f"pair is broken: {self.broken}" if self.broken is not None else "pair closed"
+                           if self._closed else "transfer cancelled: its deadline passed before it was sent")
                 continue
-            started = time.perf_counter()
             try:
-                payload = kv.gather()  # [num_layers, num_blocks, *block_shape], into the segment if there is one
-            except Exception as exc:  # noqa: BLE001 - nothing was sent: this transfer fails, the pair is fine
-                if segment is not None:
-                    segment.release()
-                logger.warning("KV gather failed, transfer dropped: %s", exc)
-                on_done(None, exc if isinstance(exc, KVNotGathered) else KVNotGathered(f"KV gather failed: {exc}"))
-                continue
-            gathered = summed = time.perf_counter()
-            try:  # whatever fails here (sealing included) fails this transfer and breaks the pair, never the thread
-                if header.checksum == UNSEALED:
-                    header = replace(header, checksum=checksum(payload, header.checksum_algo))
-                summed = time.perf_counter()
-                if tamper is not None:
-                    tamper(payload)
-                if segment is not None:
-                    header = replace(header, location=PAYLOAD_SEGMENT, seg_id=segment.seg_id, seg_fd=segment.fd)
-                self.comm.send(header.encode(self.comm.device), TAG_HEADER, self.timeout_s)
-                if segment is None:
-                    self.comm.send(payload.contiguous(), TAG_PAYLOAD, self.timeout_s)
-            except BaseException as exc:  # noqa: BLE001 - any failure breaks the pair
-                self.broken = exc
-                logger.warning("KV send failed, pair broken: %s", exc)
-                on_done(None, ChannelBroken(str(exc)))
-                continue
-            on_done(SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started,
-                               checksum_s=summed - gathered, gather_s=gathered - started,
-                               in_segment=segment is not None), None)
+                result, error = self._send_one(*item[:2], *item[4:])
+            except Exception as exc:  # noqa: BLE001 - never the thread (a bug here fails one transfer)
+                logger.exception("KV send failed")
+                result, error = None, exc
+            try:
+                item[2](result, error)  # on_done
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the sender thread
+                logger.exception("KV send callback failed")
+
+    def _send_one(self, header: KVHeader, kv: SavedKV, segment: Segment | None,
+                  tamper: Callable[[torch.Tensor], None] | None) -> tuple[SendResult | None, BaseException | None]:
+        started = time.perf_counter()
+        try:
+            payload = kv.gather()  # [num_layers, num_blocks, *block_shape], into the segment if there is one
+        except Exception as exc:  # noqa: BLE001 - nothing was sent: this transfer fails, the pair is fine
+            if segment is not None:
+                segment.release()
+            logger.warning("KV gather failed, transfer dropped: %s", exc)
+            return None, exc if isinstance(exc, KVNotGathered) else KVNotGathered(f"KV gather failed: {exc}")
+        gathered = summed = time.perf_counter()
+        try:  # whatever fails here (sealing included) fails this transfer and breaks the pair, never the thread
+            if header.checksum == UNSEALED:
+                header = replace(header, checksum=checksum(payload, header.checksum_algo))
+            summed = time.perf_counter()
+            if tamper is not None:
+                tamper(payload)
+            if segment is not None:
+                header = replace(header, location=PAYLOAD_SEGMENT, seg_id=segment.seg_id, seg_fd=segment.fd)
+            self.comm.send(header.encode(self.comm.device), TAG_HEADER, self.timeout_s)
+            if segment is None:
+                self.comm.send(payload.contiguous(), TAG_PAYLOAD, self.timeout_s)
+        except BaseException as exc:  # noqa: BLE001 - any failure breaks the pair
+            self.broken = exc
+            logger.warning("KV send failed, pair broken: %s", exc)
+            return None, ChannelBroken(str(exc))
+        return SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started,
+                          checksum_s=summed - gathered, gather_s=gathered - started,
+                          in_segment=segment is not None), None
 
 
 class KVReceiver:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 
@@ -96,6 +97,10 @@ class PDConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
         return self.scheduler.request_finished(request, block_ids)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        # vLLM frees the held blocks it got in `finished_sending` right after this call (same thread, same step)
+        hub_module.HUB.held.confirm(set(connector_output.finished_sending or ()))
 
 
 def check_one_kv_cache_group(kv_cache_config: KVCacheConfig | None) -> None:

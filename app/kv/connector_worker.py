@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 
 import torch
@@ -89,6 +90,11 @@ class PDConnectorWorker:
         self.hub.counters.num_loaded_tokens += load.num_external
 
     def wait_for_save(self, metadata: PDConnectorMetadata) -> None:
+        if sys.exc_info()[0] is not None:
+            # vLLM calls this in a `finally` also when the forward raised: the blocks hold no trustworthy KV. Nothing
+            # is saved; the prefill request fails with the step, and decode falls back.
+            logger.warning("engine step failed: %d prompt(s) not saved", len(metadata.saves))
+            return
         counters = self.hub.counters
         for save in metadata.saves:
             started = time.perf_counter()

@@ -13,9 +13,11 @@ Life cycle of one hold (keyed by vLLM's request id):
 3. `claim` (the reader, any thread) before reading them: False once the lease ended (the blocks may be reused: the
    reader must not touch them). A claimed hold never expires.
 4. `release` (the reader, any thread; idempotent) when it is done with them, or will never read them (send dropped,
-   failed, cancelled). It wakes the engine driver, which steps to report it.
-5. `take_finished` (worker half's `get_finished`, engine thread, every step): each finished hold that was released,
-   or whose lease ended unclaimed, exactly once (vLLM asserts on an id it was not told to hold, or one given twice).
+   failed, cancelled). It wakes the engine driver: a running step reports it, an idle driver frees it itself.
+5. `take_finished` (worker half's `get_finished`, engine thread): each finished hold that was released, or whose lease
+   ended unclaimed, until vLLM confirms it freed them (`confirm`, from the scheduler half's `update_connector_output`,
+   called as vLLM frees them): a step that fails between the report and the free loses the report, and the next step
+   repeats it. vLLM asserts on an id it was not told to hold or one given twice; confirmed ids are never given again.
 A hold whose `finish` never comes (the request did not end in the step that saved it) is reported once it does.
 """
 
@@ -37,6 +39,7 @@ class _Hold:
     finished: bool = False  # vLLM was told to keep the blocks (request_finished returned True)
     claimed: bool = False
     released: bool = False
+    expired: bool = False  # the lease ended unclaimed: reported, and no reader may claim it any more
 
 
 class HeldBlocks:
@@ -65,7 +68,7 @@ class HeldBlocks:
         """Whether the blocks are still the prompt's (the lease has not ended); a claimed hold never expires."""
         with self._lock:
             held = self._holds.get(request_id)
-            if held is None or (not held.claimed and time.monotonic() > held.deadline):
+            if held is None or held.expired or held.released or (not held.claimed and time.monotonic() > held.deadline):
                 return False
             held.claimed = True
             return True
@@ -78,25 +81,30 @@ class HeldBlocks:
         self.wake()
 
     def take_finished(self) -> set[str]:
-        """Engine thread: the holds vLLM may free now, each returned once."""
+        """Engine thread: the holds vLLM may free now (again, until it `confirm`s them)."""
         now, done = time.monotonic(), set()
         with self._lock:
             for request_id, held in self._holds.items():
                 if not held.finished:
                     continue
-                if held.released:
-                    done.add(request_id)
-                elif not held.claimed and now > held.deadline:
-                    done.add(request_id)
+                if not (held.released or held.expired or held.claimed) and now > held.deadline:
+                    held.expired = True
                     self.num_expired += 1
-            for request_id in done:
-                del self._holds[request_id]
+                if held.released or held.expired:
+                    done.add(request_id)
         return done
 
-    def next_deadline(self) -> float | None:
-        """The earliest lease end among unclaimed holds (monotonic), for the driver's wait; None: none pending."""
+    def confirm(self, request_ids: set[str]) -> None:
+        """vLLM freed these holds' blocks: forget them."""
         with self._lock:
-            pending = [h.deadline for h in self._holds.values() if not h.claimed and not h.released]
+            for request_id in request_ids:
+                self._holds.pop(request_id, None)
+
+    def next_deadline(self) -> float | None:
+        """The earliest lease end among finished holds nobody claimed (monotonic), for the driver's wait; None: none."""
+        with self._lock:
+            pending = [h.deadline for h in self._holds.values()
+                       if h.finished and not (h.claimed or h.released or h.expired)]
         return min(pending) if pending else None
 
     def __len__(self) -> int:

@@ -49,14 +49,21 @@ class Outgoing:
     _held: Callable[[int], None] | None = None  # the send, saved and waiting for the first token
     _held_segment: Segment | None = None
     _held_kv: SavedKV | None = None
+    _closed: bool = False  # the request ended: a send that still arrives here is dropped
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send_when_released(self, send: Callable[[int], None], segment: Segment | None, kv: SavedKV) -> None:
         """Engine thread: send now with the first token, if it was released already, else once it is."""
         with self._lock:
-            if self.first_token is None:
+            closed = self._closed
+            if self.first_token is None and not closed:
                 self._held, self._held_segment, self._held_kv = send, segment, kv
                 return
+        if closed:  # the request ended while its prompt's step ran: nobody will release the first token
+            kv.drop()
+            if segment is not None:
+                segment.release()
+            return
         send(self.first_token)
 
     def release_first_token(self, token_id: int) -> None:
@@ -71,7 +78,7 @@ class Outgoing:
         """The request ended before its first token was released: the held send never goes out."""
         with self._lock:
             segment, kv = self._held_segment, self._held_kv
-            self._held, self._held_segment, self._held_kv = None, None, None
+            self._held, self._held_segment, self._held_kv, self._closed = None, None, None, True
         if kv is not None:
             kv.drop()
         if segment is not None:
