@@ -145,6 +145,9 @@ class KVTransferConfig(_Strict):
                                   "can take seconds on real clusters); on a request's path timeout_s bounds it.")
     shared_memory_mib: int = Field(256, ge=0, description="Same node (gloo): KV payloads through shared memory, up "
                                    "to this many MiB of segments per (prefill, decode) pair; 0: all on the socket.")
+    one_copy: bool = Field(True, description="Same node (shared memory on): decode copies a prompt's blocks straight "
+                           "out of prefill's KV cache, which it maps (prefill's cache then lives in a memfd); false: "
+                           "through a segment, two copies.")
     fault_injection: FaultInjection = Field(default_factory=FaultInjection, description="Failure drills.")
 
 

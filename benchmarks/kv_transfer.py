@@ -1,14 +1,17 @@
 """KV transfer benchmark: latency and bandwidth of one prompt's KV, prefill process -> decode process.
 
 Two Ray actors stand in for a prefill and a decode replica and use pdserve's real transfer path, once per
-backend: `socket` (the payload over the pair's `PDSERVE_GLOO` group) and `shm` (the same pair with its
+backend: `socket` (the payload over the pair's `PDSERVE_GLOO` group), `shm` (the same pair with its
 same-node path: the payload gathered into a shared-memory segment decode maps, only the header on the
-socket). Each transfer is split into its parts: gather (prefill's sender thread, out of the held blocks into the
-send buffer or segment), checksum (the same thread seals the header), wire (from the sealed header to decode
-holding a verified payload: socket send/receive or the segment's mapping, plus decode's checksum) and
-scatter (decode's engine thread, into its blocks). Beside it, in the same run and process, a memory copy
-of the same bytes into a buffer that exists already: `x memcpy` is memcpy's time over the transfer's
-(1.0: as fast as one copy; a transfer does at least two, gather and scatter).
+socket) and `one_copy` (the default on one node: prefill's KV cache lives in memfds decode maps; only the
+header and the block ids go on the socket, and decode copies the blocks straight out of prefill's cache). Each
+transfer is split into its parts: gather (prefill's sender thread, out of the held blocks into the send buffer
+or segment; none with one copy), checksum (the same thread seals the header; with one copy, read in place),
+wire (from the sealed header to decode holding the payload: socket send/receive or the segment's mapping, plus
+decode's checksum; with one copy, the header and ids, and decode's checksum read in place out of prefill's cache)
+and scatter (decode's engine thread, into its blocks; with one copy, the copy out of prefill's cache). Beside it, in
+the same run and process, a memory copy of the same bytes into a buffer that exists already: `x memcpy` is
+memcpy's time over the transfer's (1.0: as fast as one copy; gather + scatter make two, one copy one).
 
     .venv/bin/python benchmarks/kv_transfer.py                     # the default model's KV shape
     .venv/bin/python benchmarks/kv_transfer.py --layers 32 --kv-heads 8 --head-size 128 --sizes 1,4,16  # 8B-like
@@ -25,13 +28,14 @@ import time
 import ray
 import torch
 
-BACKENDS = {"socket": 0, "shm": 1 << 30}  # shm_max_bytes of the pair
+BACKENDS = {"socket": (0, False), "shm": (1 << 30, False), "one_copy": (1 << 30, True)}  # (shm_max_bytes, one copy)
 
 
 @ray.remote(num_cpus=0)
 class _End:
     def __init__(self, role: str, my_id: str, peer_id: str, num_layers: int, block_shape: tuple[int, ...],
-                 num_total_blocks: int, shm_max_bytes: int):
+                 num_total_blocks: int, shm_max_bytes: int, one_copy: bool):
+        from app.kv.kv_share import share_kv_cache
         from app.kv.mailbox import KVMailbox
         from app.kv.pairs import PairTransport
 
@@ -45,10 +49,14 @@ class _End:
         self.transport = PairTransport(role, my_id, "gloo", 60, torch.device("cpu"),
                                        deliver=self._deliver if role == "decode" else None,
                                        shm_max_bytes=shm_max_bytes)
+        if role == "prefill" and one_copy:  # as prefill's connector does at register_kv_caches
+            shared = share_kv_cache(self.layers)
+            self.transport.shared_cache = lambda: shared
 
-    def ensure(self) -> bool:
+    def ensure(self) -> tuple[bool, bool]:
         self.transport.ensure(self.peer_id)
-        return self.transport.stats()["num_shm_pairs"] == 1
+        stats = self.transport.stats()
+        return stats["num_shm_pairs"] == 1, stats["num_one_copy_pairs"] == 1
 
     def _deliver(self, received) -> None:
         self.arrived_at[received.header.xfer_key] = time.perf_counter()
@@ -63,7 +71,7 @@ class _End:
         the pair's sender thread gathers (into the segment) and seals."""
         from app.kv.header import UNSEALED, KVHeader, xfer_key
         from app.kv.held import HeldBlocks, SavedKV
-        from app.kv.payload import CHECKSUM_XXH3, payload_shape
+        from app.kv.payload import CHECKSUM_XXH3, gather_blocks, payload_shape
 
         done = threading.Event()
         result: dict = {}
@@ -83,8 +91,7 @@ class _End:
         done.wait(60)
         if result.get("err") is not None:
             raise result["err"]
-        assert held.take_finished() == {xfer_id}  # the sender thread gave the blocks back
-        payload = kv.gather()
+        payload = gather_blocks(self.layers, list(range(num_blocks)))  # the same bytes, for the memcpy baseline
         dst = torch.empty_like(payload)
         copy_times = []
         for _ in range(5):
@@ -96,8 +103,10 @@ class _End:
                 "in_segment": result["res"].in_segment}
 
     def receive(self, xfer_id: str, num_blocks: int) -> dict:
-        """What decode's connector does: claim the payload, scatter it, say it is loaded."""
+        """What decode's connector does: claim the payload, scatter it (one copy: copy and verify the blocks), say it
+        is loaded."""
         from app.kv.header import xfer_key
+        from app.kv.kv_share import RemoteBlocks, copy_blocks
         from app.kv.mailbox import XferState
         from app.kv.payload import scatter_blocks
 
@@ -107,7 +116,10 @@ class _End:
             self._arrival.wait_for(lambda: self.mailbox.state(key)[0] == XferState.ARRIVED, timeout=60)
         header, payload = self.mailbox.claim(key)
         t0 = time.perf_counter()
-        scatter_blocks(self.layers, list(range(100, 100 + num_blocks)), payload)
+        if isinstance(payload, RemoteBlocks):
+            copy_blocks(payload.layers, payload.block_ids, self.layers, list(range(100, 100 + num_blocks)))
+        else:
+            scatter_blocks(self.layers, list(range(100, 100 + num_blocks)), payload)
         scattered = time.perf_counter()
         del payload
         self.mailbox.loaded(key)
@@ -119,12 +131,15 @@ class _End:
 
 
 def run(backend: str, num_layers: int, block_shape: tuple[int, ...], sizes: list[int], repeats: int) -> list[dict]:
-    shm, total = BACKENDS[backend], max(sizes) + 128
-    prefill = _End.remote("prefill", f"bench-p-{backend}", f"bench-d-{backend}", num_layers, block_shape, total, shm)
-    decode = _End.remote("decode", f"bench-d-{backend}", f"bench-p-{backend}", num_layers, block_shape, total, shm)
-    has_shm = ray.get([prefill.ensure.remote(), decode.ensure.remote()])
-    if all(has_shm) != bool(shm):
-        raise RuntimeError(f"{backend}: the pair's shared memory is {has_shm}, expected {bool(shm)}")
+    (shm, one_copy), total = BACKENDS[backend], max(sizes) + 128
+    prefill = _End.remote("prefill", f"bench-p-{backend}", f"bench-d-{backend}", num_layers, block_shape, total, shm,
+                          one_copy)
+    decode = _End.remote("decode", f"bench-d-{backend}", f"bench-p-{backend}", num_layers, block_shape, total, shm,
+                         one_copy)
+    paths = ray.get([prefill.ensure.remote(), decode.ensure.remote()])
+    if any(path != (bool(shm), one_copy) for path in paths):
+        raise RuntimeError(f"{backend}: the pair's (shared memory, one copy) is {paths}, "
+                           f"expected {(bool(shm), one_copy)}")
     rows = []
     for num_blocks in sizes:
         samples = []
@@ -156,7 +171,7 @@ def main() -> None:
     parser.add_argument("--head-size", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--sizes", default="1,4,16,32,64", help="prompt sizes in blocks")
-    parser.add_argument("--backends", default="socket,shm", help=f"of {', '.join(BACKENDS)}")
+    parser.add_argument("--backends", default="socket,shm,one_copy", help=f"of {', '.join(BACKENDS)}")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
@@ -170,10 +185,10 @@ def main() -> None:
         ray.shutdown()
     print(f"KV transfer, {args.layers} layers x block {list(block_shape)} fp32, pdserve gloo pair group, "
           f"medians of {args.repeats} (ms)")
-    print(f"{'backend':>7} {'blocks':>6} {'MiB':>7} {'total':>7} {'GiB/s':>6} {'memcpy':>7} {'x memcpy':>8} | "
+    print(f"{'backend':>8} {'blocks':>6} {'MiB':>7} {'total':>7} {'GiB/s':>6} {'memcpy':>7} {'x memcpy':>8} | "
           f"{'gather':>7} {'checksum':>8} {'wire':>7} {'scatter':>7}")
     for r in rows:
-        print(f"{r['backend']:>7} {r['num_blocks']:>6} {r['num_bytes'] / 2**20:>7.2f} {r['total_s'] * 1e3:>7.2f} "
+        print(f"{r['backend']:>8} {r['num_blocks']:>6} {r['num_bytes'] / 2**20:>7.2f} {r['total_s'] * 1e3:>7.2f} "
               f"{r['gib_per_s']:>6.2f} {r['memcpy_s'] * 1e3:>7.3f} {r['x_memcpy']:>8.2f} | "
               f"{r['gather_s'] * 1e3:>7.2f} {r['checksum_s'] * 1e3:>8.2f} {r['wire_s'] * 1e3:>7.2f} "
               f"{r['scatter_s'] * 1e3:>7.2f}")

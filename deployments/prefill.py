@@ -57,6 +57,7 @@ class Prefill(ParkingReplica, EngineReplica):
         self.window = BatchWindow(spec.window_s, spec.window_max_requests)
         self.hub = reset_hub()
         self.hub.held.lease_s = spec.kv.lease_s  # held blocks wait this long for their send's turn
+        self.hub.share_kv_cache = spec.kv.shared_memory_mib > 0 and spec.kv.one_copy  # decode may copy in place
         self.driver = EngineDriver.from_spec(spec.engine, kv_transfer_config("kv_producer"))
         self.transport = PairTransport("prefill", self.replica_id, resolve_backend(spec.kv.backend, self.hub.device),
                                        spec.kv.timeout_s, self.hub.device,
@@ -64,6 +65,7 @@ class Prefill(ParkingReplica, EngineReplica):
         faults = spec.kv.fault_injection
         if os.environ.get(FAULTS_ENV):  # drills without a config change: PDSERVE_FAULT_INJECTION='{"delay_s": 2}'
             faults = FaultInjection.model_validate_json(os.environ[FAULTS_ENV])
+        self.transport.shared_cache = lambda: self.hub.kv_cache_shared
         self.outbox = KVOutbox(self.transport, faults)
         self.hub.on_saved, self.hub.payload_buffer = self.outbox.on_saved, self.outbox.payload_buffer
         self.parking = ParkingLot(spec.two_step.max_parked_per_replica, retry_after_s=spec.two_step.ttl_s,

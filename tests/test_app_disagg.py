@@ -213,7 +213,7 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
             return await asyncio.gather(*(stream_one(client, p) for p in prompts))
 
     bus_before = app["handle"].token_bus_stats.remote().result()
-    in_segments_before = sum(s["num_segment_payloads"] for s in _broadcast("Prefill", "kv_stats"))
+    in_place_before = sum(s["num_one_copy_payloads"] for s in _broadcast("Prefill", "kv_stats"))
     results = asyncio.run(run_all())
     assert [text for text, _ in results] == wants
     assert [meta["kv_source"] for _, meta in results] == ["transfer"] * 16  # each prompt's KV moved, none recomputed
@@ -224,11 +224,14 @@ def test_sixteen_concurrent_streams_over_two_by_two_replicas(app, offline_engine
     assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
     pairs = {peer for stats in _broadcast("Decode", "kv_stats") for peer in stats["pairs"]}
     assert len(pairs) == 2  # both prefill replicas paired with decode replicas
-    # one node: with shared memory on, every pair took that path and every payload went through a segment
+    # one node: with shared memory on, every pair took that path and decode copied every prompt's blocks out of
+    # prefill's mapped KV cache (one copy)
     want_shm = app["shm"]
-    assert all(s["num_shm_pairs"] == (len(s["pairs"]) if want_shm else 0) for s in _broadcast("Decode", "kv_stats"))
+    decode_stats = _broadcast("Decode", "kv_stats")
+    assert all(s["num_shm_pairs"] == s["num_one_copy_pairs"] == (len(s["pairs"]) if want_shm else 0)
+               for s in decode_stats)
     prefill_stats = _broadcast("Prefill", "kv_stats")
-    assert sum(s["num_segment_payloads"] for s in prefill_stats) - in_segments_before == (16 if want_shm else 0)
+    assert sum(s["num_one_copy_payloads"] for s in prefill_stats) - in_place_before == (16 if want_shm else 0)
     assert all(s["num_segment_pool_full"] == 0 for s in prefill_stats)
 
 
@@ -640,7 +643,7 @@ def test_no_leaks_engines_and_mailboxes_return_to_start(app):
         mailboxes = _broadcast("Decode", "kv_stats")
         outboxes = _broadcast("Prefill", "kv_stats")
         clean = all(s["num_free_blocks"] == s["num_total_blocks"] - 1 and s["num_unfinished"] == 0 for s in engines)
-        clean = clean and all(o["num_segments_busy"] == 0 for o in outboxes)
+        clean = clean and all(o["num_segments_busy"] == 0 == o["num_blocks_on_loan"] for o in outboxes)
         if clean and all(m["mailbox_entries"] == 0 for m in mailboxes) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -648,7 +651,8 @@ def test_no_leaks_engines_and_mailboxes_return_to_start(app):
     assert all(s["num_free_blocks"] == s["num_total_blocks"] - 1 for s in engines)
     assert all(m["mailbox_entries"] == 0 and m["mailbox_bytes"] == 0 for m in mailboxes)
     assert all(o["num_segments_busy"] == 0 for o in outboxes)  # every shared-memory segment came back to prefill
-    assert (sum(o["num_segment_payloads"] for o in outboxes) > 0) == app["shm"]  # and the path was used (or not)
+    assert all(o["num_blocks_on_loan"] == 0 and o["num_held"] == 0 for o in outboxes)  # decode gave back every block
+    assert (sum(o["num_one_copy_payloads"] for o in outboxes) > 0) == app["shm"]  # and the path was used (or not)
 
 
 def test_killed_decode_replica_is_replaced_and_prefill_keeps_serving(app, offline_engine, tokenizer):

@@ -27,10 +27,11 @@ from typing import Protocol
 
 import torch
 
-from app.kv.header import HEADER_SLOTS, PAYLOAD_SEGMENT, UNSEALED, KVHeader, KVHeaderError
+from app.kv.header import HEADER_SLOTS, MAX_RUNS, PAYLOAD_BLOCKS, PAYLOAD_SEGMENT, UNSEALED, KVHeader, KVHeaderError
 from app.kv.held import KVNotGathered, SavedKV
-from app.kv.payload import checksum
-from app.kv.shm import TAG_RELEASE, Segment, SegmentMaps, SegmentPool
+from app.kv.kv_share import BlocksOnLoan, RemoteBlocks, arrived_blocks, seal_blocks
+from app.kv.payload import block_runs, checksum
+from app.kv.shm import RELEASE_BLOCKS, TAG_RELEASE, Segment, SegmentMaps, SegmentPool
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Received:
     """One transfer drained by the receive loop: KV, or why it cannot be used."""
 
     header: KVHeader
-    payload: torch.Tensor | None  # [num_layers, num_blocks, *block_shape], None when `error` is set
+    payload: torch.Tensor | RemoteBlocks | None  # [num_layers, num_blocks, *block_shape]; None when `error` is set
     error: str | None
     recv_s: float
     checksum_s: float
@@ -80,10 +81,12 @@ class KVSender:
 
     def __init__(self, comm: Communicator, timeout_s: float, name: str = "pair",
                  on_broken: Callable[[BaseException], None] | None = None, watch_peer: bool = False,
-                 pool: SegmentPool | None = None):
+                 pool: SegmentPool | None = None, one_copy: bool = False):
         self.comm = comm
         self.timeout_s = timeout_s
         self.pool = pool
+        self.one_copy = one_copy  # decode maps our KV cache: held blocks are copied by decode, in place
+        self.on_loan = BlocksOnLoan()  # held KV decode is copying in place, until it says it is done
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
         self.broken: BaseException | None = None
@@ -98,16 +101,21 @@ class KVSender:
             threading.Thread(target=self._listen, name=f"kv-listen-{name}", daemon=True).start()
 
     def _listen(self) -> None:
-        seg_id = torch.empty(1, dtype=torch.int64, device=self.comm.device)  # [1]
+        message = torch.empty(2, dtype=torch.int64, device=self.comm.device)  # [kind, value]
         try:
             while not self._closed:
-                self.comm.recv(seg_id, TAG_RELEASE)
-                if self.pool is not None:
-                    self.pool.release(int(seg_id.item()))
+                self.comm.recv(message, TAG_RELEASE)
+                kind, value = message.tolist()
+                if kind == RELEASE_BLOCKS:
+                    self.on_loan.returned(value)
+                elif self.pool is not None:
+                    self.pool.release(value)
         except BaseException as exc:  # noqa: BLE001 - the peer is gone (or we closed the group)
             if not self._closed:
                 self.broken = exc
                 self._on_broken(exc)
+        finally:
+            self.on_loan.return_all()
 
     def submit(self, header: KVHeader, payload: torch.Tensor | SavedKV,
                on_done: Callable[[SendResult | None, BaseException | None], None],
@@ -140,6 +148,7 @@ class KVSender:
         with self._submit_lock:
             self._closed = True
             self._queue.put(None)
+        self.on_loan.return_all()
         if self.pool is not None:
             self.pool.close()
 
@@ -165,6 +174,8 @@ class KVSender:
     def _send_one(self, header: KVHeader, kv: SavedKV, segment: Segment | None,
                   tamper: Callable[[torch.Tensor], None] | None) -> tuple[SendResult | None, BaseException | None]:
         started = time.perf_counter()
+        if self.one_copy and segment is None and tamper is None and kv.in_blocks:
+            return self._send_in_place(header, kv, started)
         try:
             payload = kv.gather()  # [num_layers, num_blocks, *block_shape], into the segment if there is one
         except Exception as exc:  # noqa: BLE001 - nothing was sent: this transfer fails, the pair is fine
@@ -193,13 +204,39 @@ class KVSender:
                           in_segment=segment is not None), None
 
 
+    def _send_in_place(self, header: KVHeader, kv: SavedKV, started: float
+                       ) -> tuple[SendResult | None, BaseException | None]:
+        """One copy: the header names the held blocks (sealed in place), their ids follow; decode copies them."""
+        if not kv.claim():
+            return None, KVNotGathered("the KV blocks were freed before their send's turn (lease ended)")
+        try:
+            runs = tuple((first, length) for _, first, length in block_runs(list(kv.block_ids)))
+            header = replace(header, location=PAYLOAD_BLOCKS, checksum=seal_blocks(kv.layers, list(kv.block_ids)),
+                             runs=runs if len(runs) <= MAX_RUNS else ())  # in the header: no second message
+            summed = time.perf_counter()
+            self.on_loan.lend(header.xfer_key, kv)
+            self.comm.send(header.encode(self.comm.device), TAG_HEADER, self.timeout_s)
+            if not header.runs:
+                self.comm.send(torch.tensor(kv.block_ids, dtype=torch.int64), TAG_PAYLOAD, self.timeout_s)  # [blocks]
+        except BaseException as exc:  # noqa: BLE001 - any failure breaks the pair
+            self.on_loan.returned(header.xfer_key)
+            kv.drop()
+            self.broken = exc
+            logger.warning("KV send failed, pair broken: %s", exc)
+            return None, ChannelBroken(str(exc))
+        return SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started,
+                          checksum_s=summed - started, in_segment=True), None
+
+
 class KVReceiver:
     """Decode side: drains every transfer of the pair into `deliver`, verifying each checksum."""
 
     def __init__(self, comm: Communicator, deliver: Callable[[Received], None],
-                 on_broken: Callable[[BaseException], None], name: str = "pair", maps: SegmentMaps | None = None):
+                 on_broken: Callable[[BaseException], None], name: str = "pair", maps: SegmentMaps | None = None,
+                 remote: list[torch.Tensor] | None = None):
         self.comm = comm
         self.maps = maps
+        self.remote = remote  # prefill's KV cache layers, mapped (one copy); None: payloads come in segments or inline
         self._deliver = deliver
         self._on_broken = on_broken
         self._stopped = False
@@ -226,6 +263,14 @@ class KVReceiver:
         started = time.perf_counter()
         header = KVHeader.decode(wire)  # KVHeaderError here means the stream is out of step: break
         release = None
+        if header.location == PAYLOAD_BLOCKS:  # blocks of prefill's KV cache, verified in place (app/kv/kv_share.py)
+            if self.remote is None or self.maps is None:
+                raise KVHeaderError("blocks of the sender's KV cache on a pair that did not map it")
+            blocks, error = arrived_blocks(header, lambda ids: self.comm.recv(ids, TAG_PAYLOAD), self.remote)
+            done = self.maps.done_fn(header.xfer_key)
+            if error is not None:
+                done()  # prefill may free them now
+            return Received(header, blocks, error, time.perf_counter() - started, 0.0, None if error else done)
         if header.location == PAYLOAD_SEGMENT:
             if self.maps is None:
                 raise KVHeaderError("a shared-memory payload on a pair without shared memory")

@@ -27,6 +27,7 @@ from app.kv.connector_meta import LoadSpec, PDConnectorMetadata
 from app.kv.header import UNSEALED, KVHeader, KVHeaderError, xfer_key
 from app.kv.held import SavedKV
 from app.kv.hub import KVHub
+from app.kv.kv_share import RemoteBlocks, copy_blocks, share_kv_cache
 from app.kv.payload import by_scheduler_block, default_checksum_algo, gather_blocks, payload_shape, scatter_blocks
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class PDConnectorWorker:
         if self.num_blocks is not None:  # kernel blocks folded into the scheduler's, whose ids the metadata carries
             layers = [by_scheduler_block(layer, self.num_blocks) for layer in layers]
         self.hub.kv_layers = layers  # each [num_total_blocks, *block_shape], in layer order
+        if self.hub.share_kv_cache and layers[0].device.type == "cpu":  # prefill, same node: decode may copy in place
+            self.hub.kv_cache_shared = share_kv_cache(layers)
 
     def start_load_kv(self, metadata: PDConnectorMetadata) -> None:
         counters = self.hub.counters
@@ -82,9 +85,13 @@ class PDConnectorWorker:
             layers = self.hub.kv_layers
             header.check(num_tokens=load.num_tokens, block_size=self.block_size,
                          block_shape=tuple(layers[0].shape[1:]), num_layers=len(layers), dtype=layers[0].dtype)
-            # payload: [num_layers, num_prompt_blocks, *block_shape]; locally cached blocks are skipped
-            part = payload[:, load.first_block : load.first_block + len(load.block_ids)]
-            scatter_blocks(layers, list(load.block_ids), part)
+            if isinstance(payload, RemoteBlocks):  # one copy, out of prefill's mapped cache (verified on arrival)
+                src_ids = payload.block_ids[load.first_block : load.first_block + len(load.block_ids)]
+                copy_blocks(payload.layers, src_ids, layers, list(load.block_ids))
+            else:
+                # payload: [num_layers, num_prompt_blocks, *block_shape]; locally cached blocks are skipped
+                part = payload[:, load.first_block : load.first_block + len(load.block_ids)]
+                scatter_blocks(layers, list(load.block_ids), part)
         finally:
             mailbox.loaded(key)  # a shared-memory payload goes back to prefill now, loaded or refused
         self.hub.counters.num_loaded_tokens += load.num_external

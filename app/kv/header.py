@@ -3,12 +3,14 @@
 On the wire the header is one int64 tensor of `HEADER_SLOTS` slots (a fixed size, so the receiver can
 always post the receive before it knows anything):
     [magic, version, xfer_id, num_tokens, num_blocks, dtype_code, checksum_algo, checksum,
-     ndim, shape[0..MAX_DIMS-1], location, seg_id, seg_fd, first_token, 0...]
+     ndim, shape[0..MAX_DIMS-1], location, seg_id, seg_fd, first_token, num_runs, (first, length) x num_runs, 0...]
 `shape` is the payload's full shape `[num_layers, num_blocks, *block_shape]`. `location` says where the
 payload is: next on the pair's socket (`PAYLOAD_INLINE`), or in the sender's shared-memory segment
-`seg_id` (`PAYLOAD_SEGMENT`, same node; `app/kv/shm.py`). `first_token` is the token prefill sampled after
-the prompt and streamed to the client (`NO_TOKEN`: none, decode samples it; app/serving/first_token.py). A header
-is built `UNSEALED` on the engine thread and sealed (its checksum taken) by the pair's sender thread, off the
+`seg_id` (`PAYLOAD_SEGMENT`, same node; `app/kv/shm.py`), or blocks of the sender's own KV cache, which the
+receiver maps (`PAYLOAD_BLOCKS`: the block ids follow on the socket; app/kv/kv_share.py). `first_token` is the token
+prefill sampled after the prompt and streamed to the client (`NO_TOKEN`: none, decode samples it;
+app/serving/first_token.py). A header is built `UNSEALED` on the engine thread and sealed (its checksum taken) by the
+pair's sender thread, off the
 engine step. The receiver checks every field against what it expects; any mismatch raises `KVHeaderError`,
 which the caller turns into a failed transfer (never into data that is used).
 """
@@ -26,16 +28,28 @@ MAGIC = 0x7064_6B76  # "pdkv"
 #                (device-independent: computed where the payload lives, CPU or GPU).
 #   2 (2026-11)  slots location, seg_id, seg_fd (shared-memory payloads); checksum_algo 3 = XXH3-64.
 #   3 (2026-11)  slot first_token (the first token prefill streamed to the client; decode continues after it).
-VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
-HEADER_SLOTS = 24
+#   4 (2026-12)  location PAYLOAD_BLOCKS (one copy out of the sender's mapped KV cache), whose block ids the header
+#                carries as runs of consecutive ids (up to MAX_RUNS; 0 runs: the ids follow); 64 slots.
+VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
+HEADER_SLOTS = 64
+MAX_RUNS = (HEADER_SLOTS - 22) // 2  # runs of block ids a `PAYLOAD_BLOCKS` header carries itself
 MAX_DIMS = 8
 PAYLOAD_INLINE = 0
 PAYLOAD_SEGMENT = 1
+PAYLOAD_BLOCKS = 2  # same node, one copy: the payload is blocks of the sender's KV cache, their ids next on the socket
 UNSEALED = -1  # the checksum slot of a header whose checksum the sender thread has yet to take
 NO_TOKEN = -1  # the first_token slot of a transfer whose first token decode samples
 _DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4, torch.float8_e4m3fn: 5}
 _DTYPE_BY_CODE = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES[dtype]
+
+
+def dtype_of(code: int) -> torch.dtype:
+    return _DTYPE_BY_CODE[code]
 
 
 class KVHeaderError(ValueError):
@@ -60,6 +74,7 @@ class KVHeader:
     seg_id: int = 0  # with PAYLOAD_SEGMENT: the sender's segment and its fd in the sender's process
     seg_fd: int = 0
     first_token: int = NO_TOKEN
+    runs: tuple[tuple[int, int], ...] = ()  # PAYLOAD_BLOCKS: the sender's block ids, as (first, length) runs
 
     @property
     def num_bytes(self) -> int:
@@ -69,12 +84,15 @@ class KVHeader:
         return numel * torch.empty((), dtype=self.dtype).element_size()
 
     def encode(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        if len(self.runs) > MAX_RUNS:
+            raise KVHeaderError(f"{len(self.runs)} runs of block ids; at most {MAX_RUNS} fit a header")
         if len(self.shape) > MAX_DIMS:
             raise KVHeaderError(f"payload has {len(self.shape)} dims; at most {MAX_DIMS} fit a header")
         slots = [MAGIC, VERSION, self.xfer_key, self.num_tokens, self.num_blocks, _DTYPES[self.dtype],
                  self.checksum_algo, self.checksum, len(self.shape), *self.shape]
         slots += [0] * (9 + MAX_DIMS - len(slots))
-        slots += [self.location, self.seg_id, self.seg_fd, self.first_token]
+        slots += [self.location, self.seg_id, self.seg_fd, self.first_token, len(self.runs)]
+        slots += [value for run in self.runs for value in run]
         slots += [0] * (HEADER_SLOTS - len(slots))
         return torch.tensor(slots, dtype=torch.int64, device=device)  # [HEADER_SLOTS]
 
@@ -88,12 +106,15 @@ class KVHeader:
                                 "(run the same pdserve release on prefill and decode)")
         ndim = slots[8]
         if not 2 <= ndim <= MAX_DIMS or slots[5] not in _DTYPE_BY_CODE or slots[17] not in (PAYLOAD_INLINE,
-                                                                                               PAYLOAD_SEGMENT):
+                                                                                               PAYLOAD_SEGMENT,
+                                                                                               PAYLOAD_BLOCKS):
             raise KVHeaderError(f"corrupt KV header (ndim {ndim}, dtype code {slots[5]}, location {slots[17]})")
         return cls(xfer_key=slots[2], num_tokens=slots[3], num_blocks=slots[4], dtype=_DTYPE_BY_CODE[slots[5]],
                    shape=tuple(slots[9 : 9 + ndim]), checksum_algo=slots[6], checksum=slots[7],
                    location=slots[17], seg_id=slots[18], seg_fd=slots[19],
-                   first_token=slots[20] if slots[1] >= 3 else NO_TOKEN)
+                   first_token=slots[20] if slots[1] >= 3 else NO_TOKEN,
+                   runs=tuple((slots[22 + 2 * i], slots[23 + 2 * i]) for i in range(min(slots[21], MAX_RUNS)))
+                   if slots[1] >= 4 else ())
 
     def check(self, *, num_tokens: int, block_size: int, block_shape: tuple[int, ...], num_layers: int,
               dtype: torch.dtype) -> None:

@@ -3,8 +3,8 @@
 vLLM's delayed free: a connector whose `request_finished` returns True keeps the request's blocks allocated (vLLM
 neither frees nor reuses them) until its `get_finished` reports the request id in `finished_sending`. pdserve's
 prefill engine uses it so that the copy out of the engine's cache runs on the pair's sender thread, when the send's
-turn comes, not inside the engine step; the same-node one-copy path (docs/one_copy_plan.md) will let decode read the
-held blocks themselves.
+turn comes, not inside the engine step; on one node decode copies the held blocks themselves (one copy,
+app/kv/kv_share.py).
 
 Life cycle of one hold (keyed by vLLM's request id):
 1. `hold` (worker half, engine thread, in the step whose forward completed the prompt): the blocks are to stay; a
@@ -125,9 +125,12 @@ class SavedKV:
 
     def __init__(self, shape: tuple[int, ...], gather: Callable[[], torch.Tensor] | None = None,
                  payload: torch.Tensor | None = None, release: Callable[[], None] | None = None,
-                 block_ids: tuple[int, ...] = ()):
+                 block_ids: tuple[int, ...] = (), claim: Callable[[], bool] | None = None,
+                 layers: list[torch.Tensor] | None = None):
         self.shape = shape  # [num_layers, num_blocks, *block_shape]
         self.block_ids = block_ids  # the engine's blocks it is read from (held), in payload order
+        self.layers = layers or []  # the engine's KV cache layers they are in (held), each [num_total_blocks, ...]
+        self._claim = claim
         self._gather, self._payload, self._release = gather, payload, release
         self.gather_s = 0.0  # how long the gather took (0: gathered before, in the engine step)
 
@@ -152,7 +155,20 @@ class SavedKV:
                 held.release(request_id)
 
         return cls(payload_shape(layers, len(block_ids)), gather=gather, release=lambda: held.release(request_id),
-                   block_ids=block_ids)
+                   block_ids=block_ids, claim=lambda: held.claim(request_id), layers=layers)
+
+    @property
+    def in_blocks(self) -> bool:
+        """Whether the KV is still only in the engine's held blocks (not gathered, not dropped)."""
+        return self._payload is None and self._gather is not None
+
+    def claim(self) -> bool:
+        """For a reader of the blocks in place (decode, one copy): whether they are still the prompt's; if so they
+        stay until `drop`."""
+        if self._claim is None or not self.in_blocks:
+            return False
+        self._gather = None  # read in place: never gathered
+        return self._claim()
 
     def gather(self) -> torch.Tensor:
         """The payload (`[num_layers, num_blocks, *block_shape]`); reads the held blocks the first time."""

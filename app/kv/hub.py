@@ -29,6 +29,7 @@ import torch
 
 from app.kv.header import KVHeader
 from app.kv.held import HeldBlocks, SavedKV
+from app.kv.kv_share import SharedCache
 from app.kv.mailbox import KVMailbox
 
 # Our key in a request's `kv_transfer_params` (vLLM reserves do_remote_prefill/decode for its own).
@@ -67,6 +68,8 @@ class KVHub:
     kv_layers: list[torch.Tensor] = field(default_factory=list)  # each [num_total_blocks, *block_shape]
     counters: ConnectorCounters = field(default_factory=ConnectorCounters)
     held: HeldBlocks = field(default_factory=HeldBlocks)  # prefill: blocks kept after their request finished
+    share_kv_cache: bool = False  # prefill: put the engine's KV cache in memfds decode can map (set before the engine)
+    kv_cache_shared: SharedCache | None = None  # ... once the worker half did
 
     @property
     def device(self) -> torch.device:
@@ -80,5 +83,5 @@ HUB = KVHub()
 def reset_hub() -> KVHub:
     """A fresh hub (tests build several engines in sequence in one process)."""
     HUB.on_saved, HUB.payload_buffer, HUB.mailbox, HUB.evict_cached_blocks, HUB.kv_layers = None, None, None, None, []
-    HUB.counters, HUB.held = ConnectorCounters(), HeldBlocks()
+    HUB.counters, HUB.held, HUB.share_kv_cache, HUB.kv_cache_shared = ConnectorCounters(), HeldBlocks(), False, None
     return HUB

@@ -35,6 +35,7 @@ from app.kv import gloo_group, nccl_group
 from app.kv.channel import ChannelBroken, KVReceiver, KVSender, Received, SendResult
 from app.kv.header import KVHeader
 from app.kv.held import KVNotGathered, SavedKV
+from app.kv.kv_share import SharedCache, share_kv_cache_over
 from app.kv.nccl_comm import NcclPairComm
 from app.kv.shm import Segment, SegmentPool, share_memory
 
@@ -87,13 +88,10 @@ class PairTransport:
                  on_drop: Callable[[str, str], None] | None = None, shm_max_bytes: int = 0):
         if role == "decode" and deliver is None:
             raise ValueError("a decode transport needs `deliver` for received KV")
-        self.role = role
-        self.replica_id = replica_id
-        self.backend = backend
-        self.timeout_s = timeout_s
-        self.device = device
+        self.role, self.replica_id, self.backend, self.timeout_s = role, replica_id, backend, timeout_s
+        self.device, self._deliver = device, deliver
         self.shm_max_bytes = shm_max_bytes if backend == "gloo" and device.type == "cpu" else 0
-        self._deliver = deliver
+        self.shared_cache: Callable[[], SharedCache | None] = lambda: None  # prefill: its KV cache, if shared
         self._on_drop = on_drop or (lambda peer, reason: None)
         self._pairs: dict[str, _Pair] = {}
         self._lock = threading.Lock()
@@ -101,12 +99,9 @@ class PairTransport:
         self.num_pairs_formed, self.num_pairs_dropped = 0, 0
         self.num_pairs_formed_at_warmup = 0  # formed ahead of traffic (warm-up), not on a request's path
         self.pair_setup_s: list[float] = []  # how long each join took, newest last (at most 64)
-        if backend == "gloo":
-            gloo_group.register()
-        elif backend == "nccl":
-            nccl_group.register()
-        else:
+        if (register := {"gloo": gloo_group.register, "nccl": nccl_group.register}.get(backend)) is None:
             raise ValueError(f"unknown KV transfer backend {backend!r} (gloo or nccl)")
+        register()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -143,12 +138,14 @@ class PairTransport:
                 group.connect(timeout_s)
                 comm: GlooPairComm | NcclPairComm = GlooPairComm(group, peer_rank)
                 pool, maps = share_memory(self.role, group, peer_rank, timeout_s, self.shm_max_bytes)
+                one_copy, remote = share_kv_cache_over(group, peer_rank, timeout_s, pool is not None, maps is not None,
+                                                       self.shared_cache())
             else:  # the communicator is created and warmed up here, not at the first transfer
                 collective.init_collective_group(2, rank, backend=nccl_group.BACKEND_NAME, group_name=name)
                 group = collective.get_group_handle(name)
                 group.connect(timeout_s, device=self.device)
                 comm = NcclPairComm(group, peer_rank, self.timeout_s)
-                pool, maps = None, None
+                pool, maps, one_copy, remote = None, None, False, None
         except BaseException as exc:
             if collective.is_group_initialized(name):
                 collective.destroy_collective_group(name)
@@ -156,13 +153,14 @@ class PairTransport:
         pair = _Pair(name, comm)
         if self.role == "prefill":
             pair.sender = KVSender(comm, self.timeout_s, name=name, watch_peer=True,
-                                   on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"), pool=pool)
+                                   on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"), pool=pool,
+                                   one_copy=one_copy)
         else:
             assert self._deliver is not None
             pair.receiver = KVReceiver(comm, self._deliver, lambda exc: self.drop(peer_id, f"receive failed: {exc}"),
-                                       name=name, maps=maps)
-        logger.info("pair %s formed (%s, rank %d, shared memory %s)", name, self.backend, rank,
-                    pool is not None or maps is not None)
+                                       name=name, maps=maps, remote=remote)
+        logger.info("pair %s formed (%s, rank %d, shared memory %s, one copy %s)", name, self.backend, rank,
+                    pool is not None or maps is not None, one_copy or remote is not None)
         return pair
 
     def drop(self, peer_id: str, reason: str) -> None:
@@ -206,7 +204,10 @@ class PairTransport:
 
     def lease_segment(self, peer_id: str, num_bytes: int) -> Segment | None:
         """A shared-memory segment of the pair with `peer_id` to gather a payload into (None: not on this pair)."""
-        pool = _pool_of(self._pairs.get(peer_id))
+        pair = self._pairs.get(peer_id)
+        if pair is not None and pair.sender is not None and pair.sender.one_copy:
+            return None  # decode copies the held blocks themselves
+        pool = _pool_of(pair)
         return pool.lease(num_bytes) if pool is not None else None
 
 
@@ -239,6 +240,12 @@ def _pool_of(pair: _Pair | None) -> SegmentPool | None:
 def _shm_stats(pairs: list[_Pair]) -> dict:
     pools = [pool for pair in pairs if (pool := _pool_of(pair)) is not None]
     num_maps = sum(pair.receiver is not None and pair.receiver.maps is not None for pair in pairs)
-    return {"num_shm_pairs": len(pools) + num_maps, "num_segment_payloads": sum(p.num_leased for p in pools),
+    num_one_copy = sum(bool(p.sender is not None and p.sender.one_copy or p.receiver is not None
+                            and p.receiver.remote is not None) for p in pairs)
+    loans = [p.sender.on_loan for p in pairs if p.sender is not None]
+    return {"num_shm_pairs": len(pools) + num_maps, "num_one_copy_pairs": num_one_copy,
+            "num_one_copy_payloads": sum(loan.num_lent for loan in loans),
+            "num_blocks_on_loan": sum(len(loan) for loan in loans),
+            "num_segment_payloads": sum(p.num_leased for p in pools),
             "num_segment_pool_full": sum(p.num_full for p in pools), "segment_bytes": sum(p.num_bytes() for p in pools),
             "num_segments_busy": sum(p.num_busy() for p in pools)}

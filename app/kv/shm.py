@@ -36,7 +36,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 TAG_HELLO = 4  # the offer (prefill -> decode) and the answer (decode -> prefill), once per pair
-TAG_RELEASE = 5  # decode -> prefill: [seg_id] of a segment decode is done with
+TAG_RELEASE = 5  # decode -> prefill: [kind, value]: a segment decode is done with, or held blocks it has copied
+RELEASE_SEGMENT = 0  # value: the segment's id
+RELEASE_BLOCKS = 1  # value: the transfer's wire key (app/kv/kv_share.py)
 _HELLO_SLOTS = 3  # [pid, probe fd, probe token]
 _ALIGN = 1 << 20  # segment sizes are whole MiB, so a slightly bigger prompt reuses a segment
 
@@ -138,7 +140,7 @@ class SegmentPool:
 class SegmentMaps:
     """Decode side, one per pair: the peer's segments mapped once each, and releases sent back to it."""
 
-    def __init__(self, pid: int, token: int, send_release: Callable[[int], None]):
+    def __init__(self, pid: int, token: int, send_release: Callable[[int, int], None]):
         self.pid, self.token = pid, token
         self._maps: dict[tuple[int, int], mmap.mmap] = {}  # (seg_id, fd) -> mapping
         self._releases: queue.SimpleQueue = queue.SimpleQueue()
@@ -150,7 +152,7 @@ class SegmentMaps:
         """The payload in segment `seg_id` (`shape`, `dtype`); raises OSError/ValueError if it cannot be mapped."""
         buffer = self._maps.get((seg_id, fd))
         if buffer is None:
-            buffer = self._maps[(seg_id, fd)] = _open(self.pid, fd, _memfd_name(self.token, seg_id))
+            buffer = self._maps[(seg_id, fd)] = open_memfd(self.pid, fd, _memfd_name(self.token, seg_id))
         numel = 1
         for dim in shape:
             numel *= dim
@@ -160,12 +162,19 @@ class SegmentMaps:
 
     def release_fn(self, seg_id: int) -> Callable[[], None]:
         """A callback that gives segment `seg_id` back to prefill, once, from any thread, without blocking."""
+        return self._once(RELEASE_SEGMENT, seg_id)
+
+    def done_fn(self, key: int) -> Callable[[], None]:
+        """A callback that tells prefill, once, that transfer `key`'s held blocks were copied (or never will be)."""
+        return self._once(RELEASE_BLOCKS, key)
+
+    def _once(self, kind: int, value: int) -> Callable[[], None]:
         released = threading.Event()
 
         def release() -> None:
             if not released.is_set():
                 released.set()
-                self._releases.put(seg_id)
+                self._releases.put((kind, value))
 
         return release
 
@@ -174,15 +183,15 @@ class SegmentMaps:
         self._releases.put(None)
 
     def _run(self) -> None:
-        while (seg_id := self._releases.get()) is not None:
+        while (item := self._releases.get()) is not None:
             try:
-                self._send_release(seg_id)
+                self._send_release(*item)
             except BaseException as exc:  # noqa: BLE001 - the pair broke; prefill forgets its segments anyway
                 logger.warning("segment release not sent, later ones are dropped (pair gone?): %s", exc)
                 return
 
 
-def _open(pid: int, fd: int, name: str) -> mmap.mmap:
+def open_memfd(pid: int, fd: int, name: str) -> mmap.mmap:
     """Map the peer's memfd `fd`, after checking it is the segment we were told about (not a reused fd)."""
     path = f"/proc/{pid}/fd/{fd}"
     own = os.open(path, os.O_RDWR)
@@ -213,8 +222,8 @@ def share_memory(role: str, group, peer_rank: int, timeout_s: float, max_bytes: 
     if role == "prefill":
         return offer_segments(send, recv, max_bytes), None
 
-    def send_release(seg_id: int) -> None:
-        send(torch.tensor([seg_id], dtype=torch.int64), TAG_RELEASE)  # [1]
+    def send_release(kind: int, value: int) -> None:
+        send(torch.tensor([kind, value], dtype=torch.int64), TAG_RELEASE)  # [2]
 
     return None, accept_segments(recv, send, send_release, enabled=max_bytes > 0)
 
@@ -243,7 +252,7 @@ def offer_segments(send: Callable[[torch.Tensor], None], recv: Callable[[torch.T
 
 
 def accept_segments(recv: Callable[[torch.Tensor], None], send: Callable[[torch.Tensor], None],
-                    send_release: Callable[[int], None], enabled: bool = True) -> SegmentMaps | None:
+                    send_release: Callable[[int, int], None], enabled: bool = True) -> SegmentMaps | None:
     """Decode: answer prefill's offer; the peer's segment maps if its probe could be mapped, else None."""
     offer = torch.zeros(_HELLO_SLOTS, dtype=torch.int64)
     recv(offer)
@@ -251,7 +260,7 @@ def accept_segments(recv: Callable[[torch.Tensor], None], send: Callable[[torch.
     ok = False
     if enabled and pid:
         try:
-            probe = _open(pid, fd, _memfd_name(token, 0))
+            probe = open_memfd(pid, fd, _memfd_name(token, 0))
             ok = probe[:8] == token.to_bytes(8, "little")
             probe.close()
         except (OSError, ValueError) as exc:  # another node, container or PID namespace

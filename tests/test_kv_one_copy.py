@@ -1,0 +1,96 @@
+"""Same node, one copy (app/kv/kv_share.py): prefill's KV cache moved into memfds in place, mapped by decode, a
+prompt's blocks verified in place on arrival and copied straight out of it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from app.kv.kv_share import copy_blocks, map_kv_cache, seal_blocks, share_kv_cache, verified_blocks
+from app.kv.payload import checksum, gather_blocks
+
+
+def _engine_like_layers(num_layers: int = 3, num_blocks: int = 16) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """As vLLM allocates a CPU KV cache: one raw tensor, a [num_blocks, 2, 4] view per layer (K and V in a block)."""
+    raw = torch.zeros(num_layers * num_blocks * 8)
+    layers = [raw[i * num_blocks * 8 : (i + 1) * num_blocks * 8].view(num_blocks, 2, 4) for i in range(num_layers)]
+    return raw, layers
+
+
+def test_the_engines_views_write_into_the_shared_cache_and_a_mapping_of_it_reads_the_same():
+    raw, layers = _engine_like_layers()
+    layers[1][5].fill_(7.0)  # written before sharing: copied over
+    shared = share_kv_cache(layers)
+    assert len(shared.fds) == 1  # one storage under all layers, one memfd
+    layers[2][3].fill_(-1.5)  # the engine writes after sharing: through its own views, into the memfd
+    remote = map_kv_cache(shared.descriptor().tolist())  # decode's views (this process stands in for decode)
+    assert all(torch.equal(r, x) for r, x in zip(remote, layers, strict=True))
+    assert remote[1][5].eq(7.0).all() and remote[2][3].eq(-1.5).all()
+    assert remote[0].data_ptr() != layers[0].data_ptr()  # a mapping of its own, not the engine's pages by address
+    layers[0][0].fill_(2.0)
+    assert remote[0][0].eq(2.0).all()  # the engine's next write is what decode reads
+    raw.add_(0)  # the raw tensor the engine holds still works
+
+
+def test_a_mapping_refuses_a_descriptor_whose_memfd_is_not_the_one_named():
+    _, layers = _engine_like_layers()
+    shared = share_kv_cache(layers)
+    descriptor = shared.descriptor().tolist()
+    descriptor[1] ^= 1  # another token: the fd is not the memfd of that name
+    with pytest.raises(ValueError, match="is not segment"):
+        map_kv_cache(descriptor)
+
+
+def test_seal_in_place_equals_the_checksum_of_the_gathered_payload():
+    _, layers = _engine_like_layers()
+    for layer in layers:
+        layer.copy_(torch.randn(layer.shape))
+    ids = [9, 10, 11, 2, 5, 6]
+    assert seal_blocks(layers, ids) == checksum(gather_blocks(layers, ids))
+
+
+def test_copy_puts_each_block_where_decode_allocated_it_and_nothing_else():
+    _, src = _engine_like_layers()
+    for layer in src:
+        layer.copy_(torch.randn(layer.shape))
+    _, dst = _engine_like_layers()
+    src_ids, dst_ids = [4, 5, 6, 12, 1], [7, 8, 3, 14, 15]  # runs on both sides, and blocks that break them
+    copy_blocks(src, src_ids, dst, dst_ids)
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(d[dst_ids], s[src_ids])
+    untouched = sorted(set(range(16)) - set(dst_ids))
+    assert all(d[untouched].eq(0).all() for d in dst)
+    with pytest.raises(ValueError, match="do not fit"):
+        copy_blocks(src, src_ids, dst, dst_ids[:-1])
+
+
+def test_decode_verifies_the_blocks_in_place_and_refuses_changed_or_foreign_ones():
+    from app.kv.header import UNSEALED, KVHeader, xfer_key
+    from app.kv.payload import CHECKSUM_XXH3
+
+    _, src = _engine_like_layers()
+    for layer in src:
+        layer.copy_(torch.randn(layer.shape))
+    ids = [4, 5, 6, 12, 1]
+    header = KVHeader(xfer_key("x"), 5 * 32, 5, torch.float32, (3, 5, 2, 4), CHECKSUM_XXH3, UNSEALED)
+    header = replace(header, checksum=seal_blocks(src, ids))  # what prefill's sender thread sends
+    blocks, error = verified_blocks(src, ids, header)
+    assert error is None and blocks.block_ids == ids and blocks.nbytes == 3 * 5 * 8 * 4
+    src[1][12][0, 0] += 1.0  # a block changed after the seal (reused by a bug, or a bit flipped)
+    blocks, error = verified_blocks(src, ids, header)
+    assert blocks is None and "checksum mismatch" in error
+    assert "do not fit" in verified_blocks(src, [4, 5, 6, 12, 99], header)[1]  # past prefill's cache
+    assert "do not fit" in verified_blocks(src, ids[:4], header)[1]
+
+
+def test_a_blocks_header_carries_its_block_ids_as_runs_and_refuses_more_than_fit():
+    from app.kv.header import MAX_RUNS, PAYLOAD_BLOCKS, KVHeader, KVHeaderError, xfer_key
+    from app.kv.payload import CHECKSUM_XXH3
+
+    header = KVHeader(xfer_key("x"), 5 * 32, 5, torch.float32, (3, 5, 2, 4), CHECKSUM_XXH3, 123,
+                      location=PAYLOAD_BLOCKS, runs=((4, 3), (12, 1), (1, 1)), first_token=9)
+    assert KVHeader.decode(header.encode()) == header
+    with pytest.raises(KVHeaderError, match="runs of block ids"):
+        replace(header, runs=tuple((2 * i, 1) for i in range(MAX_RUNS + 1))).encode()
