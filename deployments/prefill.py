@@ -66,6 +66,7 @@ class Prefill(ParkingReplica, EngineReplica):
         if os.environ.get(FAULTS_ENV):  # drills without a config change: PDSERVE_FAULT_INJECTION='{"delay_s": 2}'
             faults = FaultInjection.model_validate_json(os.environ[FAULTS_ENV])
         self.transport.shared_cache = lambda: self.hub.kv_cache_shared
+        self.transport.loan_lapse_s = spec.kv.lease_s + 5.0  # decode keeps verified KV up to its lease, then drops it
         self.outbox = KVOutbox(self.transport, faults)
         self.hub.on_saved, self.hub.payload_buffer = self.outbox.on_saved, self.outbox.payload_buffer
         self.parking = ParkingLot(spec.two_step.max_parked_per_replica, retry_after_s=spec.two_step.ttl_s,

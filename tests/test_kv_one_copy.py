@@ -94,3 +94,29 @@ def test_a_blocks_header_carries_its_block_ids_as_runs_and_refuses_more_than_fit
     assert KVHeader.decode(header.encode()) == header
     with pytest.raises(KVHeaderError, match="runs of block ids"):
         replace(header, runs=tuple((2 * i, 1) for i in range(MAX_RUNS + 1))).encode()
+
+
+def test_lent_blocks_go_back_when_decode_says_so_and_outlive_a_broken_pair_by_decodes_lease():
+    """Decode may copy blocks it verified for as long as it keeps arrived KV: when the pair breaks, prefill cannot hear
+    that it is done, so the blocks stay that long (and a margin) before the engine may reuse them."""
+    import time
+
+    from app.kv.held import HeldBlocks, SavedKV
+    from app.kv.kv_share import BlocksOnLoan
+
+    held, loans = HeldBlocks(lease_s=60), BlocksOnLoan()
+    layers = [torch.zeros(8, 2, 4)]
+    kvs = {}
+    for request_id, key in (("r1", 1), ("r2", 2)):
+        held.hold(request_id)
+        held.finish(request_id)
+        kvs[request_id] = SavedKV.held(held, request_id, layers, (3, 4), None)
+        assert kvs[request_id].claim()  # the sender thread, before the header goes
+        loans.lend(key, kvs[request_id])
+    loans.returned(1)  # decode copied r1's blocks
+    assert held.take_finished() == {"r1"} and len(loans) == 1
+    held.confirm({"r1"})
+    loans.lapse_all(0.1)  # the pair broke while decode held r2's
+    assert held.take_finished() == set()  # not yet: decode may still copy them
+    time.sleep(0.15)
+    assert held.take_finished() == {"r2"} and held.num_expired == 1 and len(loans) == 0

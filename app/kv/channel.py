@@ -81,12 +81,11 @@ class KVSender:
 
     def __init__(self, comm: Communicator, timeout_s: float, name: str = "pair",
                  on_broken: Callable[[BaseException], None] | None = None, watch_peer: bool = False,
-                 pool: SegmentPool | None = None, one_copy: bool = False):
-        self.comm = comm
-        self.timeout_s = timeout_s
-        self.pool = pool
+                 pool: SegmentPool | None = None, one_copy: bool = False, loan_lapse_s: float = 35.0):
+        self.comm, self.timeout_s, self.pool = comm, timeout_s, pool
         self.one_copy = one_copy  # decode maps our KV cache: held blocks are copied by decode, in place
-        self.on_loan = BlocksOnLoan()  # held KV decode is copying in place, until it says it is done
+        # held KV decode copies in place, until it says it is done; once the pair is gone, kept `loan_lapse_s` more
+        self.on_loan, self.loan_lapse_s = BlocksOnLoan(), loan_lapse_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
         self.broken: BaseException | None = None
@@ -115,7 +114,7 @@ class KVSender:
                 self.broken = exc
                 self._on_broken(exc)
         finally:
-            self.on_loan.return_all()
+            self.on_loan.lapse_all(self.loan_lapse_s)
 
     def submit(self, header: KVHeader, payload: torch.Tensor | SavedKV,
                on_done: Callable[[SendResult | None, BaseException | None], None],
@@ -148,7 +147,7 @@ class KVSender:
         with self._submit_lock:
             self._closed = True
             self._queue.put(None)
-        self.on_loan.return_all()
+        self.on_loan.lapse_all(self.loan_lapse_s)
         if self.pool is not None:
             self.pool.close()
 
@@ -219,8 +218,8 @@ class KVSender:
             if not header.runs:
                 self.comm.send(torch.tensor(kv.block_ids, dtype=torch.int64), TAG_PAYLOAD, self.timeout_s)  # [blocks]
         except BaseException as exc:  # noqa: BLE001 - any failure breaks the pair
-            self.on_loan.returned(header.xfer_key)
-            kv.drop()
+            if not self.on_loan.lapse(header.xfer_key, self.loan_lapse_s):  # decode may have the header, or not
+                kv.drop()  # failed before the loan: nothing went out
             self.broken = exc
             logger.warning("KV send failed, pair broken: %s", exc)
             return None, ChannelBroken(str(exc))

@@ -73,6 +73,13 @@ class HeldBlocks:
             held.claimed = True
             return True
 
+    def lapse(self, request_id: str, after_s: float) -> None:
+        """A claimed hold whose reader can no longer say when it is done (decode, once the pair broke): its lease
+        ends `after_s` from now, as an unclaimed one's."""
+        with self._lock:
+            if (held := self._holds.get(request_id)) is not None and not held.released:
+                held.claimed, held.deadline = False, time.monotonic() + after_s
+
     def release(self, request_id: str) -> None:
         with self._lock:
             if (held := self._holds.get(request_id)) is None or held.released:
@@ -131,6 +138,7 @@ class SavedKV:
         self.block_ids = block_ids  # the engine's blocks it is read from (held), in payload order
         self.layers = layers or []  # the engine's KV cache layers they are in (held), each [num_total_blocks, ...]
         self._claim = claim
+        self._lapse: Callable[[float], None] | None = None
         self._gather, self._payload, self._release = gather, payload, release
         self.gather_s = 0.0  # how long the gather took (0: gathered before, in the engine step)
 
@@ -154,8 +162,10 @@ class SavedKV:
             finally:
                 held.release(request_id)
 
-        return cls(payload_shape(layers, len(block_ids)), gather=gather, release=lambda: held.release(request_id),
-                   block_ids=block_ids, claim=lambda: held.claim(request_id), layers=layers)
+        kv = cls(payload_shape(layers, len(block_ids)), gather=gather, release=lambda: held.release(request_id),
+                 block_ids=block_ids, claim=lambda: held.claim(request_id), layers=layers)
+        kv._lapse = lambda after_s: held.lapse(request_id, after_s)
+        return kv
 
     @property
     def in_blocks(self) -> bool:
@@ -178,6 +188,13 @@ class SavedKV:
             self._payload, self._gather, self._release = self._gather(), None, None
             self.gather_s = time.perf_counter() - started
         return self._payload
+
+    def lapse(self, after_s: float) -> None:
+        """Read in place by a reader that will not say when it is done (the pair broke): keep the blocks `after_s`
+        more, then let the engine free them."""
+        self._release, self._gather = None, None
+        if self._lapse is not None:
+            self._lapse(after_s)
 
     def drop(self) -> None:
         """Nobody will read the blocks: let the engine free them."""

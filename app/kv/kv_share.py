@@ -249,10 +249,19 @@ class BlocksOnLoan:
         if kv is not None:
             kv.drop()
 
-    def return_all(self) -> None:
-        """The pair is gone: no word will come from decode (a decode still copying finds out by its checksum, should
-        the engine reuse the blocks first)."""
+    def lapse(self, key: int, after_s: float) -> bool:
+        """As `lapse_all`, for one loan (its header may or may not have reached decode); whether it was lent."""
+        with self._lock:
+            kv = self._kvs.pop(key, None)
+        if kv is not None:
+            kv.lapse(after_s)
+        return kv is not None
+
+    def lapse_all(self, after_s: float) -> None:
+        """The pair is gone: no word will come from decode, which may still copy blocks it verified (it keeps arrived
+        KV up to its lease, `kv_transfer.lease_s`, or is mid-copy): each loan's blocks stay `after_s` more (that lease
+        and a margin), then the engine frees them."""
         with self._lock:
             kvs, self._kvs = list(self._kvs.values()), {}
         for kv in kvs:
-            kv.drop()
+            kv.lapse(after_s)

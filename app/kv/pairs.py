@@ -92,6 +92,7 @@ class PairTransport:
         self.device, self._deliver = device, deliver
         self.shm_max_bytes = shm_max_bytes if backend == "gloo" and device.type == "cpu" else 0
         self.shared_cache: Callable[[], SharedCache | None] = lambda: None  # prefill: its KV cache, if shared
+        self.loan_lapse_s = 35.0  # prefill: lent blocks stay this long after a pair broke (decode's lease, and more)
         self._on_drop = on_drop or (lambda peer, reason: None)
         self._pairs: dict[str, _Pair] = {}
         self._lock = threading.Lock()
@@ -154,7 +155,7 @@ class PairTransport:
         if self.role == "prefill":
             pair.sender = KVSender(comm, self.timeout_s, name=name, watch_peer=True,
                                    on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"), pool=pool,
-                                   one_copy=one_copy)
+                                   one_copy=one_copy, loan_lapse_s=self.loan_lapse_s)
         else:
             assert self._deliver is not None
             pair.receiver = KVReceiver(comm, self._deliver, lambda exc: self.drop(peer_id, f"receive failed: {exc}"),
