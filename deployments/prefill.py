@@ -33,6 +33,7 @@ from app.kv.channel import SendResult
 from app.kv.connector import kv_transfer_config
 from app.kv.header import NO_TOKEN
 from app.kv.hub import reset_hub, transfer_params
+from app.kv.kv_share import BlocksOnLoan
 from app.kv.outbox import KVOutbox
 from app.kv.pairs import PairTransport, resolve_backend
 from app.kv.parking import ParkingLot
@@ -66,7 +67,9 @@ class Prefill(ParkingReplica, EngineReplica):
         if os.environ.get(FAULTS_ENV):  # drills without a config change: PDSERVE_FAULT_INJECTION='{"delay_s": 2}'
             faults = FaultInjection.model_validate_json(os.environ[FAULTS_ENV])
         self.transport.shared_cache = lambda: self.hub.kv_cache_shared
-        self.transport.loan_lapse_s = spec.kv.lease_s + 5.0  # decode keeps verified KV up to its lease, then drops it
+        # one copy: at most half of the engine's blocks lent to one decode; lent blocks outlive a broken pair by
+        # decode's lease (it keeps verified KV that long), and a margin
+        self.transport.loans = lambda: BlocksOnLoan(self.driver.num_total_blocks() // 2, spec.kv.lease_s + 5.0)
         self.outbox = KVOutbox(self.transport, faults)
         self.hub.on_saved, self.hub.payload_buffer = self.outbox.on_saved, self.outbox.payload_buffer
         self.parking = ParkingLot(spec.two_step.max_parked_per_replica, retry_after_s=spec.two_step.ttl_s,

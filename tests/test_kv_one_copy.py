@@ -3,6 +3,7 @@ prompt's blocks verified in place on arrival and copied straight out of it."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
@@ -76,13 +77,14 @@ def test_decode_verifies_the_blocks_in_place_and_refuses_changed_or_foreign_ones
     ids = [4, 5, 6, 12, 1]
     header = KVHeader(xfer_key("x"), 5 * 32, 5, torch.float32, (3, 5, 2, 4), CHECKSUM_XXH3, UNSEALED)
     header = replace(header, checksum=seal_blocks(src, ids))  # what prefill's sender thread sends
-    blocks, error = verified_blocks(src, ids, header)
+    alive = threading.Event()
+    blocks, error = verified_blocks(src, ids, header, alive)
     assert error is None and blocks.block_ids == ids and blocks.nbytes == 3 * 5 * 8 * 4
     src[1][12][0, 0] += 1.0  # a block changed after the seal (reused by a bug, or a bit flipped)
-    blocks, error = verified_blocks(src, ids, header)
+    blocks, error = verified_blocks(src, ids, header, alive)
     assert blocks is None and "checksum mismatch" in error
-    assert "do not fit" in verified_blocks(src, [4, 5, 6, 12, 99], header)[1]  # past prefill's cache
-    assert "do not fit" in verified_blocks(src, ids[:4], header)[1]
+    assert "do not fit" in verified_blocks(src, [4, 5, 6, 12, 99], header, alive)[1]  # past prefill's cache
+    assert "do not fit" in verified_blocks(src, ids[:4], header, alive)[1]
 
 
 def test_a_blocks_header_carries_its_block_ids_as_runs_and_refuses_more_than_fit():
@@ -104,7 +106,7 @@ def test_lent_blocks_go_back_when_decode_says_so_and_outlive_a_broken_pair_by_de
     from app.kv.held import HeldBlocks, SavedKV
     from app.kv.kv_share import BlocksOnLoan
 
-    held, loans = HeldBlocks(lease_s=60), BlocksOnLoan()
+    held, loans = HeldBlocks(lease_s=60), BlocksOnLoan(max_blocks=3, lapse_s=0.1)
     layers = [torch.zeros(8, 2, 4)]
     kvs = {}
     for request_id, key in (("r1", 1), ("r2", 2)):
@@ -113,10 +115,67 @@ def test_lent_blocks_go_back_when_decode_says_so_and_outlive_a_broken_pair_by_de
         kvs[request_id] = SavedKV.held(held, request_id, layers, (3, 4), None)
         assert kvs[request_id].claim()  # the sender thread, before the header goes
         loans.lend(key, kvs[request_id])
+    assert loans.num_blocks() == 4 and not loans.can_lend(1) and loans.num_full == 1  # past the cap: gathered
     loans.returned(1)  # decode copied r1's blocks
-    assert held.take_finished() == {"r1"} and len(loans) == 1
+    assert held.take_finished() == {"r1"} and len(loans) == 1 and loans.can_lend(1)
     held.confirm({"r1"})
-    loans.lapse_all(0.1)  # the pair broke while decode held r2's
+    loans.lapse_all()  # the pair broke while decode held r2's
     assert held.take_finished() == set()  # not yet: decode may still copy them
     time.sleep(0.15)
     assert held.take_finished() == {"r2"} and held.num_expired == 1 and len(loans) == 0
+
+
+def test_decode_copies_no_block_of_prefills_cache_once_the_pair_that_carried_it_ended():
+    """Prefill reuses lent blocks a lease's length after the pair ends; decode verified them on arrival, not at the
+    copy: a load after the pair ended must fail (vLLM then recomputes the prompt), never copy what they hold now."""
+    from app.kv.connector_meta import LoadSpec
+    from app.kv.connector_worker import PDConnectorWorker
+    from app.kv.header import PAYLOAD_BLOCKS, KVHeader, xfer_key
+    from app.kv.hub import KVHub
+    from app.kv.mailbox import KVMailbox
+    from app.kv.payload import CHECKSUM_XXH3
+
+    _, src = _engine_like_layers(num_layers=2, num_blocks=8)
+    _, dst = _engine_like_layers(num_layers=2, num_blocks=8)
+    for layer in src:
+        layer.fill_(3.0)
+    hub = KVHub(kv_layers=dst, mailbox=KVMailbox(lease_s=60))
+    worker = PDConnectorWorker(32, hub)
+    alive = threading.Event()
+    alive.set()
+
+    def arrive(name: str) -> None:
+        header = KVHeader(xfer_key(name), 64, 2, torch.float32, (2, 2, 2, 4), CHECKSUM_XXH3, 0, location=PAYLOAD_BLOCKS)
+        blocks, error = verified_blocks(src, [1, 2], replace(header, checksum=seal_blocks(src, [1, 2])), alive)
+        assert error is None
+        hub.mailbox.deliver(Received(header, blocks, None, 0.0, 0.0, None))
+        hub.mailbox.expect(xfer_key(name), 60)
+        hub.mailbox.reserve(xfer_key(name))
+
+    from app.kv.channel import Received
+
+    arrive("live")
+    worker._load(LoadSpec("r1", "live", (5, 6), 0, 64, 63))  # noqa: SLF001 - the load itself
+    assert all(layer[[5, 6]].eq(3.0).all() for layer in dst)
+    arrive("orphan")
+    alive.clear()  # the pair ended (prefill's listener lapses its loans; the engine may reuse them after)
+    with pytest.raises(ValueError, match="pair that carried this KV ended"):
+        worker._load(LoadSpec("r2", "orphan", (3, 4), 0, 64, 63))  # noqa: SLF001
+    assert all(layer[[3, 4]].eq(0.0).all() for layer in dst)
+
+
+def test_a_release_decode_cannot_send_breaks_the_pair():
+    """Prefill's lent blocks go back only by release messages or by the pair's end: a release lost without the pair
+    ending would leave them lent for good."""
+    from app.kv.shm import SegmentMaps
+
+    failures = []
+
+    def send_release(kind: int, value: int) -> None:
+        raise ConnectionError("peer gone")
+
+    maps = SegmentMaps(0, 0, send_release)
+    maps.on_failed = failures.append
+    maps.done_fn(7)()
+    maps._thread.join(5)  # noqa: SLF001 - the release thread stops after a failure
+    assert len(failures) == 1 and isinstance(failures[0], ConnectionError)

@@ -81,11 +81,10 @@ class KVSender:
 
     def __init__(self, comm: Communicator, timeout_s: float, name: str = "pair",
                  on_broken: Callable[[BaseException], None] | None = None, watch_peer: bool = False,
-                 pool: SegmentPool | None = None, one_copy: bool = False, loan_lapse_s: float = 35.0):
+                 pool: SegmentPool | None = None, one_copy: bool = False, loans: BlocksOnLoan | None = None):
         self.comm, self.timeout_s, self.pool = comm, timeout_s, pool
         self.one_copy = one_copy  # decode maps our KV cache: held blocks are copied by decode, in place
-        # held KV decode copies in place, until it says it is done; once the pair is gone, kept `loan_lapse_s` more
-        self.on_loan, self.loan_lapse_s = BlocksOnLoan(), loan_lapse_s
+        self.on_loan = loans or BlocksOnLoan()  # held KV decode copies in place, until it says it is done
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
         self.broken: BaseException | None = None
@@ -114,7 +113,7 @@ class KVSender:
                 self.broken = exc
                 self._on_broken(exc)
         finally:
-            self.on_loan.lapse_all(self.loan_lapse_s)
+            self.on_loan.lapse_all()
 
     def submit(self, header: KVHeader, payload: torch.Tensor | SavedKV,
                on_done: Callable[[SendResult | None, BaseException | None], None],
@@ -147,7 +146,7 @@ class KVSender:
         with self._submit_lock:
             self._closed = True
             self._queue.put(None)
-        self.on_loan.lapse_all(self.loan_lapse_s)
+        self.on_loan.lapse_all()
         if self.pool is not None:
             self.pool.close()
 
@@ -173,7 +172,8 @@ class KVSender:
     def _send_one(self, header: KVHeader, kv: SavedKV, segment: Segment | None,
                   tamper: Callable[[torch.Tensor], None] | None) -> tuple[SendResult | None, BaseException | None]:
         started = time.perf_counter()
-        if self.one_copy and segment is None and tamper is None and kv.in_blocks:
+        if (self.one_copy and segment is None and tamper is None and kv.in_blocks
+                and self.on_loan.can_lend(len(kv.block_ids))):  # else gathered: sent whole, the blocks freed
             return self._send_in_place(header, kv, started)
         try:
             payload = kv.gather()  # [num_layers, num_blocks, *block_shape], into the segment if there is one
@@ -218,7 +218,7 @@ class KVSender:
             if not header.runs:
                 self.comm.send(torch.tensor(kv.block_ids, dtype=torch.int64), TAG_PAYLOAD, self.timeout_s)  # [blocks]
         except BaseException as exc:  # noqa: BLE001 - any failure breaks the pair
-            if not self.on_loan.lapse(header.xfer_key, self.loan_lapse_s):  # decode may have the header, or not
+            if not self.on_loan.lapse(header.xfer_key):  # decode may have the header, or not
                 kv.drop()  # failed before the loan: nothing went out
             self.broken = exc
             logger.warning("KV send failed, pair broken: %s", exc)
@@ -236,6 +236,10 @@ class KVReceiver:
         self.comm = comm
         self.maps = maps
         self.remote = remote  # prefill's KV cache layers, mapped (one copy); None: payloads come in segments or inline
+        self.alive = threading.Event()  # cleared when the pair ends: blocks of prefill's cache are no longer copied
+        self.alive.set()
+        if maps is not None:
+            maps.on_failed = on_broken  # a release that cannot be sent would leave prefill's blocks lent for good
         self._deliver = deliver
         self._on_broken = on_broken
         self._stopped = False
@@ -244,6 +248,7 @@ class KVReceiver:
 
     def close(self) -> None:
         self._stopped = True
+        self.alive.clear()
         if self.maps is not None:
             self.maps.close()
 
@@ -265,7 +270,8 @@ class KVReceiver:
         if header.location == PAYLOAD_BLOCKS:  # blocks of prefill's KV cache, verified in place (app/kv/kv_share.py)
             if self.remote is None or self.maps is None:
                 raise KVHeaderError("blocks of the sender's KV cache on a pair that did not map it")
-            blocks, error = arrived_blocks(header, lambda ids: self.comm.recv(ids, TAG_PAYLOAD), self.remote)
+            blocks, error = arrived_blocks(header, lambda ids: self.comm.recv(ids, TAG_PAYLOAD), self.remote,
+                                           self.alive)
             done = self.maps.done_fn(header.xfer_key)
             if error is not None:
                 done()  # prefill may free them now
@@ -291,7 +297,3 @@ class KVReceiver:
             error = f"KV checksum mismatch (sent {header.checksum:#x}, received {actual:#x})"
             return Received(header, None, error, received - started, done - received)
         return Received(header, payload, None, received - started, done - received, release)
-
-
-__all__ = ["ChannelBroken", "Communicator", "KVHeaderError", "KVReceiver", "KVSender", "Received", "SendResult",
-           "TAG_HEADER", "TAG_PAYLOAD"]

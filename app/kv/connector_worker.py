@@ -86,6 +86,8 @@ class PDConnectorWorker:
             header.check(num_tokens=load.num_tokens, block_size=self.block_size,
                          block_shape=tuple(layers[0].shape[1:]), num_layers=len(layers), dtype=layers[0].dtype)
             if isinstance(payload, RemoteBlocks):  # one copy, out of prefill's mapped cache (verified on arrival)
+                if not payload.pair_alive.is_set():  # prefill may reuse the blocks now: what was verified may be gone
+                    raise ValueError("the pair that carried this KV ended before it was copied")
                 src_ids = payload.block_ids[load.first_block : load.first_block + len(load.block_ids)]
                 copy_blocks(payload.layers, src_ids, layers, list(load.block_ids))
             else:

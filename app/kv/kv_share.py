@@ -9,11 +9,15 @@ Life cycle:
    and each layer's view of them (storage, offset, shape, strides, in elements). Decode (`accept_kv_cache`) maps each
    memfd (checked by name, as segments are), builds the same views and answers whether it could.
 3. Send (prefill's sender thread): the prompt's blocks are held (app/kv/held.py); the header names them
-   (`PAYLOAD_BLOCKS`) and carries the checksum of their bytes in payload order (`seal_blocks`, read in place); the block
-   ids follow on the socket. The hold is claimed before the header goes, and released when decode says it is done
-   (`TAG_RELEASE` with `RELEASE_BLOCKS`) or the pair breaks.
+   (`PAYLOAD_BLOCKS`) and carries the checksum of their bytes in payload order (`seal_blocks`, read in place) and their
+   ids, as runs of consecutive ids (more runs than fit: the ids follow on the socket). The hold is claimed before the
+   header goes, and released when decode says it is done (`TAG_RELEASE` with `RELEASE_BLOCKS`), or a lease's length
+   after the pair ends (`BlocksOnLoan.lapse_all`). Past `max_blocks_on_loan` blocks lent on a pair, a prompt is
+   gathered and sent as before, so a slow decode cannot fill prefill's cache.
 4. Receive (decode's receive loop): the blocks' checksum, read in place out of prefill's mapped cache, must match the
-   header's, or the transfer fails (decode recomputes); the blocks stay held, so what was verified is what is copied.
+   header's, or the transfer fails (decode recomputes). The blocks stay held while the pair stands, so what was
+   verified is what is copied; once it ends, prefill keeps them a lease's length, and decode copies none any more
+   (`RemoteBlocks.pair_alive`): its load fails and the prompt is recomputed.
 5. Load (decode's engine thread, `copy_blocks`): the blocks it needs are copied straight into decode's own, as the
    segment path scatters them (the same engine-thread cost, one copy fewer in all). Then decode releases the hold.
 """
@@ -43,11 +47,14 @@ def _name(token: int, index: int) -> str:
 
 @dataclass(frozen=True)
 class RemoteBlocks:
-    """Decode: a transfer's KV as blocks of prefill's mapped cache (`PAYLOAD_BLOCKS`), copied when it is loaded."""
+    """Decode: a transfer's KV as blocks of prefill's mapped cache (`PAYLOAD_BLOCKS`), copied when it is loaded, and
+    only while the pair it came by stands (`pair_alive`): prefill keeps lent blocks a lease's length after the pair
+    ends, then reuses them, and decode verified them when they arrived, not when it copies them."""
 
     layers: list[torch.Tensor]  # prefill's layer views, each [num_total_blocks, *block_shape]
     block_ids: list[int]  # in payload order
     nbytes: int  # what they hold (prefill's memory, held for this transfer)
+    pair_alive: threading.Event  # set while the pair that carried them stands
 
 
 @dataclass
@@ -105,7 +112,7 @@ def map_kv_cache(descriptor: list[int]) -> list[torch.Tensor]:
     for index in range(num_storages):
         fd, size = descriptor[at : at + 2]
         at += 2
-        buffer = open_memfd(pid, fd, _name(token, index))
+        buffer = open_memfd(pid, fd, _name(token, index), populate=False)  # only the blocks read are faulted in
         if len(buffer) < size:
             raise ValueError(f"KV cache memfd {index} maps {len(buffer)} bytes, expected {size}")
         maps.append(torch.frombuffer(buffer, dtype=dtype))
@@ -181,8 +188,8 @@ def seal_blocks(layers: list[torch.Tensor], block_ids: list[int]) -> int:
     return digest.intdigest() & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def arrived_blocks(header: KVHeader, recv_ids: Callable[[torch.Tensor], None], remote: list[torch.Tensor]
-                   ) -> tuple[RemoteBlocks | None, str | None]:
+def arrived_blocks(header: KVHeader, recv_ids: Callable[[torch.Tensor], None], remote: list[torch.Tensor],
+                   pair_alive: threading.Event) -> tuple[RemoteBlocks | None, str | None]:
     """Decode's receive loop, after a `PAYLOAD_BLOCKS` header: its block ids (from the header's runs, else the next
     message), verified in place (`verified_blocks`)."""
     ids = [block for first, length in header.runs for block in range(first, first + length)]
@@ -190,11 +197,11 @@ def arrived_blocks(header: KVHeader, recv_ids: Callable[[torch.Tensor], None], r
         wire = torch.empty(header.num_blocks, dtype=torch.int64)  # [num_blocks]
         recv_ids(wire)
         ids = wire.tolist()
-    return verified_blocks(remote, ids, header)
+    return verified_blocks(remote, ids, header, pair_alive)
 
 
-def verified_blocks(remote: list[torch.Tensor], block_ids: list[int], header: KVHeader
-                    ) -> tuple[RemoteBlocks | None, str | None]:
+def verified_blocks(remote: list[torch.Tensor], block_ids: list[int], header: KVHeader,
+                    pair_alive: threading.Event) -> tuple[RemoteBlocks | None, str | None]:
     """Decode, on arrival: the header's blocks of prefill's mapped cache, if their checksum (read in place) is the
     header's; else None and why."""
     if len(block_ids) != header.num_blocks or not all(0 <= b < len(remote[0]) for b in block_ids):
@@ -202,7 +209,7 @@ def verified_blocks(remote: list[torch.Tensor], block_ids: list[int], header: KV
     actual = seal_blocks(remote, block_ids)
     if actual != header.checksum:
         return None, f"KV checksum mismatch (sent {header.checksum:#x}, found {actual:#x})"
-    return RemoteBlocks(remote, block_ids, header.num_bytes), None
+    return RemoteBlocks(remote, block_ids, header.num_bytes, pair_alive), None
 
 
 def copy_blocks(src: list[torch.Tensor], src_ids: list[int], dst: list[torch.Tensor], dst_ids: list[int]) -> None:
@@ -226,13 +233,26 @@ def copy_blocks(src: list[torch.Tensor], src_ids: list[int], dst: list[torch.Ten
 class BlocksOnLoan:
     """Prefill's sender: the held KV decode is copying in place, by wire key, until decode says it is done."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_blocks: int = 1 << 62, lapse_s: float = 35.0) -> None:
+        self.max_blocks = max_blocks  # lent at once, at most: past it a prompt is gathered and sent (`can_lend`)
+        self.lapse_s = lapse_s  # how long lent blocks stay once the pair is gone (decode's lease, and a margin)
         self._kvs: dict[int, SavedKV] = {}
         self._lock = threading.Lock()
         self.num_lent = 0  # one-copy payloads so far
+        self.num_full = 0  # prompts gathered and sent instead, at `max_blocks`
 
     def __len__(self) -> int:
         return len(self._kvs)
+
+    def num_blocks(self) -> int:
+        with self._lock:
+            return sum(len(kv.block_ids) for kv in self._kvs.values())
+
+    def can_lend(self, num_blocks: int) -> bool:
+        """Whether `num_blocks` more fit under `max_blocks` (a slow decode must not fill prefill's cache)."""
+        fits = self.num_blocks() + num_blocks <= self.max_blocks
+        self.num_full += not fits
+        return fits
 
     def lend(self, key: int, kv: SavedKV) -> None:
         with self._lock:
@@ -249,19 +269,19 @@ class BlocksOnLoan:
         if kv is not None:
             kv.drop()
 
-    def lapse(self, key: int, after_s: float) -> bool:
+    def lapse(self, key: int) -> bool:
         """As `lapse_all`, for one loan (its header may or may not have reached decode); whether it was lent."""
         with self._lock:
             kv = self._kvs.pop(key, None)
         if kv is not None:
-            kv.lapse(after_s)
+            kv.lapse(self.lapse_s)
         return kv is not None
 
-    def lapse_all(self, after_s: float) -> None:
+    def lapse_all(self) -> None:
         """The pair is gone: no word will come from decode, which may still copy blocks it verified (it keeps arrived
-        KV up to its lease, `kv_transfer.lease_s`, or is mid-copy): each loan's blocks stay `after_s` more (that lease
+        KV up to its lease, `kv_transfer.lease_s`, or is mid-copy): each loan's blocks stay `lapse_s` more (that lease
         and a margin), then the engine frees them."""
         with self._lock:
             kvs, self._kvs = list(self._kvs.values()), {}
         for kv in kvs:
-            kv.lapse(after_s)
+            kv.lapse(self.lapse_s)

@@ -35,7 +35,7 @@ from app.kv import gloo_group, nccl_group
 from app.kv.channel import ChannelBroken, KVReceiver, KVSender, Received, SendResult
 from app.kv.header import KVHeader
 from app.kv.held import KVNotGathered, SavedKV
-from app.kv.kv_share import SharedCache, share_kv_cache_over
+from app.kv.kv_share import BlocksOnLoan, SharedCache, share_kv_cache_over
 from app.kv.nccl_comm import NcclPairComm
 from app.kv.shm import Segment, SegmentPool, share_memory
 
@@ -92,7 +92,7 @@ class PairTransport:
         self.device, self._deliver = device, deliver
         self.shm_max_bytes = shm_max_bytes if backend == "gloo" and device.type == "cpu" else 0
         self.shared_cache: Callable[[], SharedCache | None] = lambda: None  # prefill: its KV cache, if shared
-        self.loan_lapse_s = 35.0  # prefill: lent blocks stay this long after a pair broke (decode's lease, and more)
+        self.loans = lambda: BlocksOnLoan()  # prefill: each pair's book of blocks lent to decode (one copy)
         self._on_drop = on_drop or (lambda peer, reason: None)
         self._pairs: dict[str, _Pair] = {}
         self._lock = threading.Lock()
@@ -155,7 +155,7 @@ class PairTransport:
         if self.role == "prefill":
             pair.sender = KVSender(comm, self.timeout_s, name=name, watch_peer=True,
                                    on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"), pool=pool,
-                                   one_copy=one_copy, loan_lapse_s=self.loan_lapse_s)
+                                   one_copy=one_copy, loans=self.loans())
         else:
             assert self._deliver is not None
             pair.receiver = KVReceiver(comm, self._deliver, lambda exc: self.drop(peer_id, f"receive failed: {exc}"),
@@ -246,7 +246,8 @@ def _shm_stats(pairs: list[_Pair]) -> dict:
     loans = [p.sender.on_loan for p in pairs if p.sender is not None]
     return {"num_shm_pairs": len(pools) + num_maps, "num_one_copy_pairs": num_one_copy,
             "num_one_copy_payloads": sum(loan.num_lent for loan in loans),
-            "num_blocks_on_loan": sum(len(loan) for loan in loans),
+            "num_blocks_on_loan": sum(loan.num_blocks() for loan in loans),
+            "num_loans_full": sum(loan.num_full for loan in loans),
             "num_segment_payloads": sum(p.num_leased for p in pools),
             "num_segment_pool_full": sum(p.num_full for p in pools), "segment_bytes": sum(p.num_bytes() for p in pools),
             "num_segments_busy": sum(p.num_busy() for p in pools)}

@@ -145,6 +145,7 @@ class SegmentMaps:
         self._maps: dict[tuple[int, int], mmap.mmap] = {}  # (seg_id, fd) -> mapping
         self._releases: queue.SimpleQueue = queue.SimpleQueue()
         self._send_release = send_release
+        self.on_failed: Callable[[BaseException], None] = lambda exc: None  # the receiver breaks the pair
         self._thread = threading.Thread(target=self._run, name="kv-shm-release", daemon=True)
         self._thread.start()
 
@@ -188,18 +189,22 @@ class SegmentMaps:
                 self._send_release(*item)
             except BaseException as exc:  # noqa: BLE001 - the pair broke; prefill forgets its segments anyway
                 logger.warning("segment release not sent, later ones are dropped (pair gone?): %s", exc)
+                # and breaks it, should it still stand: prefill's blocks lent to us go back only by these messages,
+                # or by the pair's end
+                self.on_failed(exc)
                 return
 
 
-def open_memfd(pid: int, fd: int, name: str) -> mmap.mmap:
-    """Map the peer's memfd `fd`, after checking it is the segment we were told about (not a reused fd)."""
+def open_memfd(pid: int, fd: int, name: str, populate: bool = True) -> mmap.mmap:
+    """Map the peer's memfd `fd`, after checking it is the segment we were told about (not a reused fd); `populate`:
+    fault every page in now (a segment, read whole each time), not as it is first read (a whole KV cache)."""
     path = f"/proc/{pid}/fd/{fd}"
     own = os.open(path, os.O_RDWR)
     try:
         # checked on what was opened (not on the path, whose fd the peer may have closed and reused meanwhile)
         if not os.readlink(f"/proc/self/fd/{own}").startswith(f"/memfd:{name} "):
             raise ValueError(f"{path} is not segment {name}")
-        return mmap.mmap(own, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        return mmap.mmap(own, 0, flags=mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0))
     finally:
         os.close(own)  # the mapping keeps the memory
 
