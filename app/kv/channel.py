@@ -205,7 +205,7 @@ class KVSender:
 
     def _send_in_place(self, header: KVHeader, kv: SavedKV, started: float
                        ) -> tuple[SendResult | None, BaseException | None]:
-        """One copy: the header names the held blocks (sealed in place), their ids follow; decode copies them."""
+        """One copy: the header names the held blocks (sealed in place) as runs of ids; decode copies them."""
         if not kv.claim():
             return None, KVNotGathered("the KV blocks were freed before their send's turn (lease ended)")
         try:

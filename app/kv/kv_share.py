@@ -12,7 +12,7 @@ Life cycle:
    (`PAYLOAD_BLOCKS`) and carries the checksum of their bytes in payload order (`seal_blocks`, read in place) and their
    ids, as runs of consecutive ids (more runs than fit: the ids follow on the socket). The hold is claimed before the
    header goes, and released when decode says it is done (`TAG_RELEASE` with `RELEASE_BLOCKS`), or a lease's length
-   after the pair ends (`BlocksOnLoan.lapse_all`). Past `max_blocks_on_loan` blocks lent on a pair, a prompt is
+   after the pair ends (`BlocksOnLoan.lapse_all`). Past `BlocksOnLoan.max_blocks` blocks lent on a pair, a prompt is
    gathered and sent as before, so a slow decode cannot fill prefill's cache.
 4. Receive (decode's receive loop): the blocks' checksum, read in place out of prefill's mapped cache, must match the
    header's, or the transfer fails (decode recomputes). The blocks stay held while the pair stands, so what was
