@@ -179,3 +179,134 @@ def test_a_release_decode_cannot_send_breaks_the_pair():
     maps.done_fn(7)()
     maps._thread.join(5)  # noqa: SLF001 - the release thread stops after a failure
     assert len(failures) == 1 and isinstance(failures[0], ConnectionError)
+
+
+def test_a_checksum_slot_is_read_only_whole_and_only_for_its_own_transfer():
+    """Prefill posts a transfer's checksum after its header (app/kv/in_place.py): decode must never take a slot being
+    written, or one a later transfer reused, for its transfer's."""
+    import mmap
+    import time
+
+    from app.kv.in_place import _OFFSET, _SLOT, NUM_SLOTS, DigestPage
+
+    page = DigestPage(mmap.mmap(-1, mmap.PAGESIZE))
+    alive = threading.Event()
+    alive.set()
+    assert [page.next_slot() for _ in range(NUM_SLOTS + 1)][-2:] == [NUM_SLOTS - 1, 0]  # a ring, as both ends count
+    page.post(3, 77, 0x1234)
+    assert page.wait(3, 77, alive) == 0x1234
+    started = time.monotonic()
+    assert page.wait(3, 78, alive, timeout_s=0.05) is None  # another transfer's slot: not ours, however long
+    assert time.monotonic() - started >= 0.05
+    _SLOT.pack_into(page.buffer, _OFFSET + 5 * _SLOT.size, 91, 0x55, 0)  # key and checksum, check word not yet
+    assert page.wait(5, 91, alive, timeout_s=0.05) is None
+    alive.clear()  # the pair ended: no waiting out the deadline
+    started = time.monotonic()
+    assert page.wait(6, 92, alive, timeout_s=30) is None and time.monotonic() - started < 1
+    with pytest.raises(ValueError, match="fewer than"):
+        DigestPage(mmap.mmap(-1, 512))
+
+
+def test_decode_refuses_blocks_whose_checksum_came_different_or_never():
+    from app.kv.header import DEFERRED, KVHeader, xfer_key
+    from app.kv.payload import CHECKSUM_XXH3
+
+    _, src = _engine_like_layers()
+    for layer in src:
+        layer.copy_(torch.randn(layer.shape))
+    ids = [4, 5, 6]
+    header = KVHeader(xfer_key("x"), 3 * 32, 3, torch.float32, (3, 3, 2, 4), CHECKSUM_XXH3, DEFERRED)
+    alive = threading.Event()
+    sealed = seal_blocks(src, ids)
+    assert verified_blocks(src, ids, header, alive, lambda: sealed)[1] is None
+    assert "checksum mismatch" in verified_blocks(src, ids, header, alive, lambda: sealed ^ 1)[1]
+    assert "never came" in verified_blocks(src, ids, header, alive, lambda: None)[1]
+    assert "could not take" in verified_blocks(src, ids, header, alive, lambda: -1)[1]
+
+
+@pytest.fixture()
+def one_copy_pair():
+    """(send, received, sender, layers) of a real gloo pair in one process whose decode maps prefill's shared cache:
+    `send(request_id, block_ids)` holds those blocks and submits them; `received` gets what the receive loop drains."""
+    import queue
+    import time
+
+    from app.kv.channel import KVReceiver, KVSender
+    from app.kv.held import HeldBlocks, SavedKV
+    from app.kv.pairs import GlooPairComm
+    from app.kv.shm import share_memory
+    from tests.test_kv_shm_units import _both
+    from tests.test_kv_units import _connected_pair
+
+    _, layers = _engine_like_layers(num_layers=2, num_blocks=16)
+    for layer in layers:
+        layer.copy_(torch.randn(layer.shape))
+    shared = share_kv_cache(layers)
+    g0, g1 = _connected_pair(f"oc-{time.monotonic_ns()}")
+    pool, maps = _both(lambda: share_memory("prefill", g0, 1, 5, 1 << 20)[0],
+                       lambda: share_memory("decode", g1, 0, 5, 1 << 20)[1])
+    assert pool.page is not None and maps.page is not None  # both keep the offer's probe: the pair's page
+    received: queue.Queue = queue.Queue()
+    sender = KVSender(GlooPairComm(g0, 1), timeout_s=5, watch_peer=True, pool=pool, one_copy=True)
+    receiver = KVReceiver(GlooPairComm(g1, 0), received.put, lambda exc: None, maps=maps,
+                          remote=map_kv_cache(shared.descriptor().tolist()))
+    held = HeldBlocks(lease_s=60)
+
+    def send(request_id: str, block_ids: tuple[int, ...]):
+        from app.kv.header import UNSEALED, KVHeader, xfer_key
+        from app.kv.payload import CHECKSUM_XXH3
+
+        held.hold(request_id)
+        held.finish(request_id)
+        kv = SavedKV.held(held, request_id, layers, block_ids, None)
+        header = KVHeader(xfer_key(request_id), 32 * len(block_ids), len(block_ids), torch.float32,
+                          (2, len(block_ids), 2, 4), CHECKSUM_XXH3, UNSEALED)
+        done: queue.Queue = queue.Queue()
+        sender.submit(header, kv, lambda res, err: done.put((res, err)))
+        return done.get(timeout=10)
+
+    yield send, received, sender, layers
+    sender.close()
+    receiver.close()
+    g0.destroy_group()
+    g1.destroy_group()
+
+
+def test_on_a_pair_the_checksum_follows_the_header_and_decode_verifies_the_blocks_against_it(one_copy_pair):
+    from app.kv.header import DEFERRED
+    from app.kv.kv_share import RemoteBlocks
+
+    send, received, sender, layers = one_copy_pair
+    for i, ids in enumerate([(1, 2, 3), (7,), (9, 4, 10, 11)]):  # each in the page's next slot, in order
+        result, error = send(f"r{i}", ids)
+        assert error is None and result.in_segment
+        got = received.get(timeout=10)
+        assert got.error is None and got.header.checksum == DEFERRED  # the header went before its checksum
+        assert isinstance(got.payload, RemoteBlocks) and got.payload.block_ids == list(ids)
+        got.release()  # copied: prefill gets the blocks back
+    assert _wait(lambda: len(sender.on_loan) == 0)
+
+
+def test_on_a_pair_a_seal_that_fails_fails_its_transfer_and_gives_the_blocks_back(one_copy_pair, monkeypatch):
+    import app.kv.in_place as in_place
+
+    send, received, sender, _ = one_copy_pair
+    monkeypatch.setattr(in_place, "seal_blocks", lambda layers, ids: 1 // 0)
+    result, error = send("bad", (2, 3))
+    assert error is None  # the header went; the failure is decode's to see
+    got = received.get(timeout=10)
+    assert got.payload is None and "could not take" in got.error
+    assert _wait(lambda: len(sender.on_loan) == 0)  # refused: decode gave them back at once
+    monkeypatch.undo()
+    result, error = send("good", (5,))  # the pair carries on, in the next slot
+    got = received.get(timeout=10)
+    assert error is None and got.error is None
+
+
+def _wait(predicate, timeout_s: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()

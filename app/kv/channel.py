@@ -5,7 +5,8 @@ header, tag `TAG_PAYLOAD`), unless the payload waits in a shared-memory segment 
 `app/kv/shm.py`): then only the header travels, and decode gives the segment back when done with it
 (`TAG_RELEASE`, read by the sender's listener thread). The sender thread gathers each payload out of the prefill
 engine's held blocks (`SavedKV`, app/kv/held.py) and seals its header (takes the payload's checksum) just before it
-goes, so neither copy nor checksum runs inside the engine step.
+goes, so neither copy nor checksum runs inside the engine step; with one copy (app/kv/in_place.py) the header names
+the held blocks and their checksum follows it, taken while decode reads the same blocks.
 Because the decode side always has a receive posted, a transfer that decode never uses (request
 aborted, fully prefix-cached, lease expired) is still drained into the mailbox and dropped there; it
 never wedges the pair. Tags keep a payload from ever landing in a header
@@ -27,10 +28,11 @@ from typing import Protocol
 
 import torch
 
-from app.kv.header import HEADER_SLOTS, MAX_RUNS, PAYLOAD_BLOCKS, PAYLOAD_SEGMENT, UNSEALED, KVHeader, KVHeaderError
+from app.kv.header import DEFERRED, HEADER_SLOTS, PAYLOAD_BLOCKS, PAYLOAD_SEGMENT, UNSEALED, KVHeader, KVHeaderError
 from app.kv.held import KVNotGathered, SavedKV
-from app.kv.kv_share import BlocksOnLoan, RemoteBlocks, arrived_blocks, seal_blocks
-from app.kv.payload import block_runs, checksum
+from app.kv.in_place import send_in_place
+from app.kv.kv_share import BlocksOnLoan, RemoteBlocks, arrived_blocks
+from app.kv.payload import checksum
 from app.kv.shm import RELEASE_BLOCKS, TAG_RELEASE, Segment, SegmentMaps, SegmentPool
 
 logger = logging.getLogger(__name__)
@@ -172,10 +174,10 @@ class KVSender:
     def _send_one(self, header: KVHeader, kv: SavedKV, segment: Segment | None,
                   tamper: Callable[[torch.Tensor], None] | None) -> tuple[SendResult | None, BaseException | None]:
         started = time.perf_counter()
-        if (self.one_copy and segment is None and tamper is None and kv.in_blocks
-                and self.on_loan.can_lend(len(kv.block_ids))):  # else gathered: sent whole, the blocks freed
-            return self._send_in_place(header, kv, started)
-        try:
+        if (self.one_copy and segment is None and tamper is None and kv.in_blocks and self.pool is not None
+                and self.pool.page is not None and self.on_loan.can_lend(len(kv.block_ids))):
+            return send_in_place(self, header, kv, self.pool.page, started)  # app/kv/in_place.py
+        try:  # gathered (not lent: sent whole, the blocks freed at once)
             payload = kv.gather()  # [num_layers, num_blocks, *block_shape], into the segment if there is one
         except Exception as exc:  # noqa: BLE001 - nothing was sent: this transfer fails, the pair is fine
             if segment is not None:
@@ -201,30 +203,6 @@ class KVSender:
         return SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started,
                           checksum_s=summed - gathered, gather_s=gathered - started,
                           in_segment=segment is not None), None
-
-
-    def _send_in_place(self, header: KVHeader, kv: SavedKV, started: float
-                       ) -> tuple[SendResult | None, BaseException | None]:
-        """One copy: the header names the held blocks (sealed in place) as runs of ids; decode copies them."""
-        if not kv.claim():
-            return None, KVNotGathered("the KV blocks were freed before their send's turn (lease ended)")
-        try:
-            runs = tuple((first, length) for _, first, length in block_runs(list(kv.block_ids)))
-            header = replace(header, location=PAYLOAD_BLOCKS, checksum=seal_blocks(kv.layers, list(kv.block_ids)),
-                             runs=runs if len(runs) <= MAX_RUNS else ())  # in the header: no second message
-            summed = time.perf_counter()
-            self.on_loan.lend(header.xfer_key, kv)
-            self.comm.send(header.encode(self.comm.device), TAG_HEADER, self.timeout_s)
-            if not header.runs:
-                self.comm.send(torch.tensor(kv.block_ids, dtype=torch.int64), TAG_PAYLOAD, self.timeout_s)  # [blocks]
-        except BaseException as exc:  # noqa: BLE001 - any failure breaks the pair
-            if not self.on_loan.lapse(header.xfer_key):  # decode may have the header, or not
-                kv.drop()  # failed before the loan: nothing went out
-            self.broken = exc
-            logger.warning("KV send failed, pair broken: %s", exc)
-            return None, ChannelBroken(str(exc))
-        return SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started,
-                          checksum_s=summed - started, in_segment=True), None
 
 
 class KVReceiver:
@@ -270,8 +248,14 @@ class KVReceiver:
         if header.location == PAYLOAD_BLOCKS:  # blocks of prefill's KV cache, verified in place (app/kv/kv_share.py)
             if self.remote is None or self.maps is None:
                 raise KVHeaderError("blocks of the sender's KV cache on a pair that did not map it")
+            digest = None
+            if header.checksum == DEFERRED:  # it follows in the pair's page while we read the blocks
+                if self.maps.page is None:
+                    raise KVHeaderError("a checksum that follows the header on a pair without a page for it")
+                page, slot = self.maps.page, self.maps.page.next_slot()
+                digest = lambda: page.wait(slot, header.xfer_key, self.alive)  # noqa: E731
             blocks, error = arrived_blocks(header, lambda ids: self.comm.recv(ids, TAG_PAYLOAD), self.remote,
-                                           self.alive)
+                                           self.alive, digest)
             done = self.maps.done_fn(header.xfer_key)
             if error is not None:
                 done()  # prefill may free them now

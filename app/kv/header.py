@@ -30,8 +30,9 @@ MAGIC = 0x7064_6B76  # "pdkv"
 #   3 (2026-11)  slot first_token (the first token prefill streamed to the client; decode continues after it).
 #   4 (2026-12)  location PAYLOAD_BLOCKS (one copy out of the sender's mapped KV cache), whose block ids the header
 #                carries as runs of consecutive ids (up to MAX_RUNS; 0 runs: the ids follow); 64 slots.
-VERSION = 4
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+#   5 (2026-12)  checksum DEFERRED: a PAYLOAD_BLOCKS checksum comes after the header, in the pair's page (in_place.py).
+VERSION = 5
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 HEADER_SLOTS = 64
 MAX_RUNS = (HEADER_SLOTS - 22) // 2  # runs of block ids a `PAYLOAD_BLOCKS` header carries itself
 MAX_DIMS = 8
@@ -39,6 +40,7 @@ PAYLOAD_INLINE = 0
 PAYLOAD_SEGMENT = 1
 PAYLOAD_BLOCKS = 2  # same node, one copy: the payload is blocks of the sender's KV cache, their ids next on the socket
 UNSEALED = -1  # the checksum slot of a header whose checksum the sender thread has yet to take
+DEFERRED = -2  # ... of a header sent before its checksum, which follows in the pair's page (app/kv/in_place.py)
 NO_TOKEN = -1  # the first_token slot of a transfer whose first token decode samples
 _DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4, torch.float8_e4m3fn: 5}
 _DTYPE_BY_CODE = {code: dtype for dtype, code in _DTYPES.items()}

@@ -8,16 +8,17 @@ Life cycle:
 2. Offer (as a pair forms, once its segment offer succeeded, `offer_kv_cache`): prefill's pid, each memfd (fd, bytes)
    and each layer's view of them (storage, offset, shape, strides, in elements). Decode (`accept_kv_cache`) maps each
    memfd (checked by name, as segments are), builds the same views and answers whether it could.
-3. Send (prefill's sender thread): the prompt's blocks are held (app/kv/held.py); the header names them
-   (`PAYLOAD_BLOCKS`) and carries the checksum of their bytes in payload order (`seal_blocks`, read in place) and their
-   ids, as runs of consecutive ids (more runs than fit: the ids follow on the socket). The hold is claimed before the
-   header goes, and released when decode says it is done (`TAG_RELEASE` with `RELEASE_BLOCKS`), or a lease's length
-   after the pair ends (`BlocksOnLoan.lapse_all`). Past `BlocksOnLoan.max_blocks` blocks lent on a pair, a prompt is
-   gathered and sent as before, so a slow decode cannot fill prefill's cache.
-4. Receive (decode's receive loop): the blocks' checksum, read in place out of prefill's mapped cache, must match the
-   header's, or the transfer fails (decode recomputes). The blocks stay held while the pair stands, so what was
-   verified is what is copied; once it ends, prefill keeps them a lease's length, and decode copies none any more
-   (`RemoteBlocks.pair_alive`): its load fails and the prompt is recomputed.
+3. Send (prefill's sender thread, app/kv/in_place.py): the prompt's blocks are held (app/kv/held.py); the header names
+   them (`PAYLOAD_BLOCKS`) by their ids, as runs of consecutive ids (more runs than fit: the ids follow on the socket);
+   the checksum of their bytes in payload order (`seal_blocks`, read in place) follows it in the pair's page. The
+   hold is claimed before the header goes, and released when decode says it is done (`TAG_RELEASE` with
+   `RELEASE_BLOCKS`), or a lease's length after the pair ends (`BlocksOnLoan.lapse_all`). Past
+   `BlocksOnLoan.max_blocks` blocks lent on a pair, a prompt is gathered and sent as before, so a slow decode cannot
+   fill prefill's cache.
+4. Receive (decode's receive loop): the blocks' checksum, read in place out of prefill's mapped cache while prefill
+   takes its own, must match prefill's, or the transfer fails (decode recomputes). The blocks stay held while the pair
+   stands, so what was verified is what is copied; once it ends, prefill keeps them a lease's length, and decode
+   copies none any more (`RemoteBlocks.pair_alive`): its load fails and the prompt is recomputed.
 5. Load (decode's engine thread, `copy_blocks`): the blocks it needs are copied straight into decode's own, as the
    segment path scatters them (the same engine-thread cost, one copy fewer in all). Then decode releases the hold.
 """
@@ -189,7 +190,8 @@ def seal_blocks(layers: list[torch.Tensor], block_ids: list[int]) -> int:
 
 
 def arrived_blocks(header: KVHeader, recv_ids: Callable[[torch.Tensor], None], remote: list[torch.Tensor],
-                   pair_alive: threading.Event) -> tuple[RemoteBlocks | None, str | None]:
+                   pair_alive: threading.Event, digest: Callable[[], int | None] | None = None
+                   ) -> tuple[RemoteBlocks | None, str | None]:
     """Decode's receive loop, after a `PAYLOAD_BLOCKS` header: its block ids (from the header's runs, else the next
     message), verified in place (`verified_blocks`)."""
     ids = [block for first, length in header.runs for block in range(first, first + length)]
@@ -197,18 +199,23 @@ def arrived_blocks(header: KVHeader, recv_ids: Callable[[torch.Tensor], None], r
         wire = torch.empty(header.num_blocks, dtype=torch.int64)  # [num_blocks]
         recv_ids(wire)
         ids = wire.tolist()
-    return verified_blocks(remote, ids, header, pair_alive)
+    return verified_blocks(remote, ids, header, pair_alive, digest)
 
 
-def verified_blocks(remote: list[torch.Tensor], block_ids: list[int], header: KVHeader,
-                    pair_alive: threading.Event) -> tuple[RemoteBlocks | None, str | None]:
+def verified_blocks(remote: list[torch.Tensor], block_ids: list[int], header: KVHeader, pair_alive: threading.Event,
+                    digest: Callable[[], int | None] | None = None) -> tuple[RemoteBlocks | None, str | None]:
     """Decode, on arrival: the header's blocks of prefill's mapped cache, if their checksum (read in place) is the
-    header's; else None and why."""
+    header's, or what `digest` returns once ours is taken (a checksum that follows the header: app/kv/in_place.py;
+    None: it never came, negative: prefill could not take it); else None and why."""
     if len(block_ids) != header.num_blocks or not all(0 <= b < len(remote[0]) for b in block_ids):
         return None, f"KV block ids do not fit the header or the cache: {block_ids}"
     actual = seal_blocks(remote, block_ids)
-    if actual != header.checksum:
-        return None, f"KV checksum mismatch (sent {header.checksum:#x}, found {actual:#x})"
+    expected = header.checksum if digest is None else digest()
+    if expected is None or expected < 0:
+        return None, ("the KV checksum that follows the header never came" if expected is None
+                      else "prefill could not take the KV checksum")
+    if actual != expected:
+        return None, f"KV checksum mismatch (sent {expected:#x}, found {actual:#x})"
     return RemoteBlocks(remote, block_ids, header.num_bytes, pair_alive), None
 
 

@@ -10,6 +10,7 @@ Life cycle, per pair:
 1. Offer (`offer_segments`, prefill, while the pair forms): a probe segment holding a random token;
    decode (`accept_segments`) opens it through `/proc/<pid>/fd/<fd>`, checks its name and content and
    answers yes or no. No: this pair sends every payload over the socket (other node, other container).
+   Yes: both ends keep the probe mapped, as the pair's page of checksums that follow headers (app/kv/in_place.py).
 2. Lease (`SegmentPool.lease`, prefill's engine thread): a free segment big enough, or a new one while
    the pool stays under its byte cap; none (cap reached): this payload goes over the socket.
 3. Send: the header names the segment (`location`, `seg_id`, `seg_fd`); from then on decode owns it.
@@ -32,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from app.kv.in_place import DigestPage
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ class SegmentPool:
         self._closed = False
         self.num_leased = 0
         self.num_full = 0  # leases refused at the cap: those payloads went over the socket
+        self.page: DigestPage | None = None  # the offer's probe, kept: checksums that follow headers (one copy)
 
     def lease(self, num_bytes: int) -> Segment | None:
         """The smallest free segment that fits, else a new one under the cap, else None."""
@@ -140,8 +144,8 @@ class SegmentPool:
 class SegmentMaps:
     """Decode side, one per pair: the peer's segments mapped once each, and releases sent back to it."""
 
-    def __init__(self, pid: int, token: int, send_release: Callable[[int, int], None]):
-        self.pid, self.token = pid, token
+    def __init__(self, pid: int, token: int, send_release: Callable[[int, int], None], page: DigestPage | None = None):
+        self.pid, self.token, self.page = pid, token, page  # page: prefill's probe, mapped (app/kv/in_place.py)
         self._maps: dict[tuple[int, int], mmap.mmap] = {}  # (seg_id, fd) -> mapping
         self._releases: queue.SimpleQueue = queue.SimpleQueue()
         self._send_release = send_release
@@ -251,6 +255,7 @@ def offer_segments(send: Callable[[torch.Tensor], None], recv: Callable[[torch.T
     finally:
         os.close(probe.fd)
     if int(answer.item()) == 1:
+        pool.page = DigestPage(probe.buffer)
         return pool
     pool.close()
     return None
@@ -262,13 +267,12 @@ def accept_segments(recv: Callable[[torch.Tensor], None], send: Callable[[torch.
     offer = torch.zeros(_HELLO_SLOTS, dtype=torch.int64)
     recv(offer)
     pid, fd, token = offer.tolist()
-    ok = False
+    ok, probe = False, None
     if enabled and pid:
         try:
             probe = open_memfd(pid, fd, _memfd_name(token, 0))
             ok = probe[:8] == token.to_bytes(8, "little")
-            probe.close()
         except (OSError, ValueError) as exc:  # another node, container or PID namespace
             logger.info("peer's shared memory cannot be mapped here (%s): payloads go over the socket", exc)
     send(torch.tensor([int(ok)], dtype=torch.int64))
-    return SegmentMaps(pid, token, send_release) if ok else None
+    return SegmentMaps(pid, token, send_release, DigestPage(probe)) if ok and probe is not None else None
