@@ -27,6 +27,7 @@ from app.kv.pairs import PairTransport
 from app.kv.parking import ParkedKV, ParkingLot, new_kv_cache_id
 from app.messages import GenerateRequest, ParkedPrompt, ParkResult, PrefillResult
 from app.metrics import observe_transfer
+from app.serving.first_token import prefill_sampling
 
 
 class ParkingReplica:
@@ -53,7 +54,7 @@ class ParkingReplica:
         try:
             await self.window.admit(len(request.prompt_token_ids))
             async for chunk in self.engine.generate(
-                f"{request.request_id}-park", list(request.prompt_token_ids), replace(request.sampling, max_tokens=1),
+                f"{request.request_id}-park", list(request.prompt_token_ids), prefill_sampling(request.sampling),
                 cache_salt=request.cache_salt, kv_transfer_params=transfer_params(xfer_id),
             ):
                 text, token_ids = text + chunk.text, token_ids + chunk.token_ids
