@@ -6,12 +6,13 @@ same-node path: the payload gathered into a shared-memory segment decode maps, o
 socket) and `one_copy` (the default on one node: prefill's KV cache lives in memfds decode maps; only the
 header and the block ids go on the socket, and decode copies the blocks straight out of prefill's cache). Each
 transfer is split into its parts: gather (prefill's sender thread, out of the held blocks into the send buffer
-or segment; none with one copy), checksum (the same thread seals the header; with one copy, read in place),
-wire (from the sealed header to decode holding the payload: socket send/receive or the segment's mapping, plus
-decode's checksum; with one copy, the header and ids, and decode's checksum read in place out of prefill's cache)
-and scatter (decode's engine thread, into its blocks; with one copy, the copy out of prefill's cache). Beside it, in
-the same run and process, a memory copy of the same bytes into a buffer that exists already: `x memcpy` is
-memcpy's time over the transfer's (1.0: as fast as one copy; gather + scatter make two, one copy one).
+or segment; none with one copy), checksum (the same thread seals the header; with one copy, read in place after
+the header went), wire (from the sealed header to decode holding the payload: socket send/receive or the segment's
+mapping, plus decode's checksum; with one copy, what the header and decode's checksum, read in place out of
+prefill's cache at the same time as prefill's, add to prefill's) and scatter (decode's engine thread, into its
+blocks; with one copy, the copy out of prefill's cache). Beside it, in the same run and process, a memory copy of
+the same bytes into a buffer that exists already: `x memcpy` is memcpy's time over the transfer's (1.0: as fast as
+one copy; gather + scatter make two, one copy one).
 
     .venv/bin/python benchmarks/kv_transfer.py                     # the default model's KV shape
     .venv/bin/python benchmarks/kv_transfer.py --layers 32 --kv-heads 8 --head-size 128 --sizes 1,4,16  # 8B-like

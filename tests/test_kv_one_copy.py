@@ -187,7 +187,7 @@ def test_a_checksum_slot_is_read_only_whole_and_only_for_its_own_transfer():
     import mmap
     import time
 
-    from app.kv.in_place import _OFFSET, _SLOT, NUM_SLOTS, DigestPage
+    from app.kv.in_place import _OFFSET, _SLOT, NUM_SLOTS, DigestPage, _check
 
     page = DigestPage(mmap.mmap(-1, mmap.PAGESIZE))
     alive = threading.Event()
@@ -199,6 +199,8 @@ def test_a_checksum_slot_is_read_only_whole_and_only_for_its_own_transfer():
     assert page.wait(3, 78, alive, timeout_s=0.05) is None  # another transfer's slot: not ours, however long
     assert time.monotonic() - started >= 0.05
     _SLOT.pack_into(page.buffer, _OFFSET + 5 * _SLOT.size, 91, 0x55, 0)  # key and checksum, check word not yet
+    assert page.wait(5, 91, alive, timeout_s=0.05) is None
+    _SLOT.pack_into(page.buffer, _OFFSET + 5 * _SLOT.size, 91, 0x55, _check(91, 0x54))  # a torn mix of two posts
     assert page.wait(5, 91, alive, timeout_s=0.05) is None
     alive.clear()  # the pair ended: no waiting out the deadline
     started = time.monotonic()
@@ -218,10 +220,10 @@ def test_decode_refuses_blocks_whose_checksum_came_different_or_never():
     header = KVHeader(xfer_key("x"), 3 * 32, 3, torch.float32, (3, 3, 2, 4), CHECKSUM_XXH3, DEFERRED)
     alive = threading.Event()
     sealed = seal_blocks(src, ids)
-    assert verified_blocks(src, ids, header, alive, lambda: sealed)[1] is None
-    assert "checksum mismatch" in verified_blocks(src, ids, header, alive, lambda: sealed ^ 1)[1]
-    assert "never came" in verified_blocks(src, ids, header, alive, lambda: None)[1]
-    assert "could not take" in verified_blocks(src, ids, header, alive, lambda: -1)[1]
+    assert verified_blocks(src, ids, header, alive, lambda _: sealed)[1] is None
+    assert "checksum mismatch" in verified_blocks(src, ids, header, alive, lambda _: sealed ^ 1)[1]
+    assert "never came" in verified_blocks(src, ids, header, alive, lambda _: None)[1]
+    assert "could not take" in verified_blocks(src, ids, header, alive, lambda _: -1)[1]
 
 
 @pytest.fixture()
@@ -233,12 +235,13 @@ def one_copy_pair():
 
     from app.kv.channel import KVReceiver, KVSender
     from app.kv.held import HeldBlocks, SavedKV
+    from app.kv.kv_share import BlocksOnLoan
     from app.kv.pairs import GlooPairComm
     from app.kv.shm import share_memory
     from tests.test_kv_shm_units import _both
     from tests.test_kv_units import _connected_pair
 
-    _, layers = _engine_like_layers(num_layers=2, num_blocks=16)
+    _, layers = _engine_like_layers(num_layers=2, num_blocks=64)
     for layer in layers:
         layer.copy_(torch.randn(layer.shape))
     shared = share_kv_cache(layers)
@@ -247,7 +250,8 @@ def one_copy_pair():
                        lambda: share_memory("decode", g1, 0, 5, 1 << 20)[1])
     assert pool.page is not None and maps.page is not None  # both keep the offer's probe: the pair's page
     received: queue.Queue = queue.Queue()
-    sender = KVSender(GlooPairComm(g0, 1), timeout_s=5, watch_peer=True, pool=pool, one_copy=True)
+    sender = KVSender(GlooPairComm(g0, 1), timeout_s=5, watch_peer=True, pool=pool, one_copy=True,
+                      loans=BlocksOnLoan(max_blocks=26))  # more blocks than that at once: gathered, sent whole
     receiver = KVReceiver(GlooPairComm(g1, 0), received.put, lambda exc: None, maps=maps,
                           remote=map_kv_cache(shared.descriptor().tolist()))
     held = HeldBlocks(lease_s=60)
@@ -273,17 +277,30 @@ def one_copy_pair():
 
 
 def test_on_a_pair_the_checksum_follows_the_header_and_decode_verifies_the_blocks_against_it(one_copy_pair):
-    from app.kv.header import DEFERRED
+    """Lent transfers (each in the page's next slot) among ones that are not (gathered: loans full) and one whose ids
+    follow the header: both ends count the same transfers, or a later one would wait for a slot never posted."""
+    from app.kv.header import DEFERRED, MAX_RUNS
     from app.kv.kv_share import RemoteBlocks
 
     send, received, sender, layers = one_copy_pair
-    for i, ids in enumerate([(1, 2, 3), (7,), (9, 4, 10, 11)]):  # each in the page's next slot, in order
+    scattered = tuple(range(0, 2 * (MAX_RUNS + 1), 2))  # more runs than a header carries: the ids follow it
+    lent_later = []
+    for i, ids in enumerate([(1, 2, 3), tuple(range(30, 55)), (7,), scattered, (9, 4, 10, 11)]):
         result, error = send(f"r{i}", ids)
-        assert error is None and result.in_segment
+        assert error is None
         got = received.get(timeout=10)
-        assert got.error is None and got.header.checksum == DEFERRED  # the header went before its checksum
+        assert got.error is None, got.error
+        if 3 + len(ids) > 26:  # r0's 3 still lent: past the cap, gathered and sent whole, its checksum in the header
+            assert got.header.checksum != DEFERRED and torch.equal(got.payload[1], layers[1][list(ids)])
+            continue
+        assert got.header.checksum == DEFERRED  # the header went before its checksum
         assert isinstance(got.payload, RemoteBlocks) and got.payload.block_ids == list(ids)
-        got.release()  # copied: prefill gets the blocks back
+        if i == 0:
+            lent_later.append(got)  # still lent: the cap counts it when the gathered one comes
+        else:
+            got.release()  # copied: prefill gets the blocks back (its listener hears it a moment later)
+            assert _wait(lambda: sender.on_loan.num_blocks() == 3)
+    lent_later[0].release()
     assert _wait(lambda: len(sender.on_loan) == 0)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from app.kv.header import DEFERRED, HEADER_SLOTS, PAYLOAD_BLOCKS, PAYLOAD_SEGMENT, UNSEALED, KVHeader, KVHeaderError
 from app.kv.held import KVNotGathered, SavedKV
-from app.kv.in_place import send_in_place
+from app.kv.in_place import WAIT_S, send_in_place
 from app.kv.kv_share import BlocksOnLoan, RemoteBlocks, arrived_blocks
 from app.kv.payload import checksum
 from app.kv.shm import RELEASE_BLOCKS, TAG_RELEASE, Segment, SegmentMaps, SegmentPool
@@ -86,7 +86,8 @@ class KVSender:
                  pool: SegmentPool | None = None, one_copy: bool = False, loans: BlocksOnLoan | None = None):
         self.comm, self.timeout_s, self.pool = comm, timeout_s, pool
         self.one_copy = one_copy  # decode maps our KV cache: held blocks are copied by decode, in place
-        self.on_loan = loans or BlocksOnLoan()  # held KV decode copies in place, until it says it is done
+        # held KV decode copies in place, until it says it is done (`is None`: an empty book is falsy, `__len__` 0)
+        self.on_loan = loans if loans is not None else BlocksOnLoan()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
         self.broken: BaseException | None = None
@@ -253,7 +254,7 @@ class KVReceiver:
                 if self.maps.page is None:
                     raise KVHeaderError("a checksum that follows the header on a pair without a page for it")
                 page, slot = self.maps.page, self.maps.page.next_slot()
-                digest = lambda: page.wait(slot, header.xfer_key, self.alive)  # noqa: E731
+                digest = lambda own_s: page.wait(slot, header.xfer_key, self.alive, WAIT_S + 4 * own_s)  # noqa: E731
             blocks, error = arrived_blocks(header, lambda ids: self.comm.recv(ids, TAG_PAYLOAD), self.remote,
                                            self.alive, digest)
             done = self.maps.done_fn(header.xfer_key)

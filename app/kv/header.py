@@ -7,12 +7,13 @@ always post the receive before it knows anything):
 `shape` is the payload's full shape `[num_layers, num_blocks, *block_shape]`. `location` says where the
 payload is: next on the pair's socket (`PAYLOAD_INLINE`), or in the sender's shared-memory segment
 `seg_id` (`PAYLOAD_SEGMENT`, same node; `app/kv/shm.py`), or blocks of the sender's own KV cache, which the
-receiver maps (`PAYLOAD_BLOCKS`: the block ids follow on the socket; app/kv/kv_share.py). `first_token` is the token
-prefill sampled after the prompt and streamed to the client (`NO_TOKEN`: none, decode samples it;
-app/serving/first_token.py). A header is built `UNSEALED` on the engine thread and sealed (its checksum taken) by the
-pair's sender thread, off the
-engine step. The receiver checks every field against what it expects; any mismatch raises `KVHeaderError`,
-which the caller turns into a failed transfer (never into data that is used).
+receiver maps (`PAYLOAD_BLOCKS`: the block ids ride in the header as runs, or follow on the socket;
+app/kv/kv_share.py). `first_token` is the token prefill sampled after the prompt and streamed to the client
+(`NO_TOKEN`: none, decode samples it; app/serving/first_token.py). A header is built `UNSEALED` on the engine thread
+and sealed (its checksum taken) by the pair's sender thread, off the engine step; a `PAYLOAD_BLOCKS` header goes
+`DEFERRED` instead, its checksum posted after it in the pair's page (app/kv/in_place.py). The receiver checks every
+field against what it expects; any mismatch raises `KVHeaderError`, which the caller turns into a failed transfer
+(never into data that is used).
 """
 
 from __future__ import annotations

@@ -12,9 +12,15 @@ Life cycle of one transfer (the blocks and their loan: app/kv/kv_share.py):
    decode recomputes the prompt, and gives the blocks back as for any refused transfer.
 
 The page is the probe segment of the pair's shared-memory offer (app/kv/shm.py), which both ends keep mapped. A slot
-is [key, checksum, key ^ checksum ^ _CHECK]: read as a whole and taken only when the three agree, so a slot being
-written, or reused by a later transfer, is never read as this one's (on any memory ordering: at worst it is not
-seen, and the transfer fails safe).
+is [key, checksum, check word (a hash of both)]: taken only when the three agree and the key is this transfer's, so a
+slot being written (on any memory ordering, torn bytes included), or reused by a later transfer, is never read as
+this one's: at worst it is not seen, and the transfer fails safe. Prefill reports such a send done; decode's refusal
+(the prompt recomputed, with its reason) is the transfer's outcome.
+
+What the checksum catches here: decode reading other bytes than prefill's (a mapping, offset or stride that is wrong)
+and a change that races the two passes. A held block changed by a bug before both passes read it is not caught, as a
+change before the seal never was; the seal before the header also caught one between the seal and decode's pass, at
+the price of running the passes one after the other. The holds (app/kv/held.py) are what keep the blocks unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
+import xxhash
 
 from app.kv.header import DEFERRED, MAX_RUNS, PAYLOAD_BLOCKS, KVHeader
 from app.kv.held import KVNotGathered, SavedKV
@@ -41,10 +48,14 @@ logger = logging.getLogger(__name__)
 
 NUM_SLOTS = 64  # transfers a pair may have between header and verification; past that a slot is reused (fails safe)
 POISON = -1  # posted when the seal failed: no checksum (a real one is 63 bits, never negative)
-WAIT_S = 5.0  # how long decode waits for a checksum after taking its own (prefill's seal is one pass, as decode's)
+WAIT_S = 5.0  # how long decode waits for a checksum after taking its own, plus 4x its own pass (prefill's is the same)
 _OFFSET = 64  # the probe's first 8 bytes hold its token (app/kv/shm.py); slots start past a cache line
-_SLOT = struct.Struct("<qqq")  # key, checksum, key ^ checksum ^ _CHECK
-_CHECK = 0x5D1E_57ED_C0FF_EE00
+_SLOT = struct.Struct("<qqq")  # key, checksum, check word
+_PAIR = struct.Struct("<qq")
+
+
+def _check(key: int, digest: int) -> int:
+    return xxhash.xxh3_64_intdigest(_PAIR.pack(key, digest)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class DigestPage:
@@ -62,7 +73,7 @@ class DigestPage:
         return slot
 
     def post(self, slot: int, key: int, digest: int) -> None:
-        _SLOT.pack_into(self.buffer, _OFFSET + slot * _SLOT.size, key, digest, key ^ digest ^ _CHECK)
+        _SLOT.pack_into(self.buffer, _OFFSET + slot * _SLOT.size, key, digest, _check(key, digest))
 
     def wait(self, slot: int, key: int, alive: threading.Event, timeout_s: float = WAIT_S) -> int | None:
         """Transfer `key`'s checksum once posted in `slot` (`POISON` if prefill could not take it); None when it did
@@ -70,7 +81,7 @@ class DigestPage:
         deadline, pause = time.monotonic() + timeout_s, 20e-6
         while True:
             posted, digest, check = _SLOT.unpack_from(self.buffer, _OFFSET + slot * _SLOT.size)
-            if posted == key and check == key ^ digest ^ _CHECK:
+            if posted == key and check == _check(key, digest):
                 return digest
             if not alive.is_set() or time.monotonic() > deadline:
                 return None

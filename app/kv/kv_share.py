@@ -30,6 +30,7 @@ import mmap
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -190,7 +191,7 @@ def seal_blocks(layers: list[torch.Tensor], block_ids: list[int]) -> int:
 
 
 def arrived_blocks(header: KVHeader, recv_ids: Callable[[torch.Tensor], None], remote: list[torch.Tensor],
-                   pair_alive: threading.Event, digest: Callable[[], int | None] | None = None
+                   pair_alive: threading.Event, digest: Callable[[float], int | None] | None = None
                    ) -> tuple[RemoteBlocks | None, str | None]:
     """Decode's receive loop, after a `PAYLOAD_BLOCKS` header: its block ids (from the header's runs, else the next
     message), verified in place (`verified_blocks`)."""
@@ -203,14 +204,15 @@ def arrived_blocks(header: KVHeader, recv_ids: Callable[[torch.Tensor], None], r
 
 
 def verified_blocks(remote: list[torch.Tensor], block_ids: list[int], header: KVHeader, pair_alive: threading.Event,
-                    digest: Callable[[], int | None] | None = None) -> tuple[RemoteBlocks | None, str | None]:
+                    digest: Callable[[float], int | None] | None = None) -> tuple[RemoteBlocks | None, str | None]:
     """Decode, on arrival: the header's blocks of prefill's mapped cache, if their checksum (read in place) is the
-    header's, or what `digest` returns once ours is taken (a checksum that follows the header: app/kv/in_place.py;
-    None: it never came, negative: prefill could not take it); else None and why."""
+    header's, or what `digest(seconds our pass took)` returns once ours is taken (a checksum that follows the header:
+    app/kv/in_place.py; None: it never came, negative: prefill could not take it); else None and why."""
     if len(block_ids) != header.num_blocks or not all(0 <= b < len(remote[0]) for b in block_ids):
         return None, f"KV block ids do not fit the header or the cache: {block_ids}"
+    started = time.perf_counter()
     actual = seal_blocks(remote, block_ids)
-    expected = header.checksum if digest is None else digest()
+    expected = header.checksum if digest is None else digest(time.perf_counter() - started)
     if expected is None or expected < 0:
         return None, ("the KV checksum that follows the header never came" if expected is None
                       else "prefill could not take the KV checksum")
