@@ -279,7 +279,7 @@ def one_copy_pair():
 def test_on_a_pair_the_checksum_follows_the_header_and_decode_verifies_the_blocks_against_it(one_copy_pair):
     """Lent transfers (each in the page's next slot) among ones that are not (gathered: loans full) and one whose ids
     follow the header: both ends count the same transfers, or a later one would wait for a slot never posted."""
-    from app.kv.header import DEFERRED, MAX_RUNS
+    from app.kv.header import DEFERRED, MAX_RUNS, PAYLOAD_SEGMENT
     from app.kv.kv_share import RemoteBlocks
 
     send, received, sender, layers = one_copy_pair
@@ -292,6 +292,8 @@ def test_on_a_pair_the_checksum_follows_the_header_and_decode_verifies_the_block
         assert got.error is None, got.error
         if 3 + len(ids) > 26:  # r0's 3 still lent: past the cap, gathered and sent whole, its checksum in the header
             assert got.header.checksum != DEFERRED and torch.equal(got.payload[1], layers[1][list(ids)])
+            assert got.header.location == PAYLOAD_SEGMENT  # through the pair's shared memory, not on the socket
+            got.release()
             continue
         assert got.header.checksum == DEFERRED  # the header went before its checksum
         assert isinstance(got.payload, RemoteBlocks) and got.payload.block_ids == list(ids)
@@ -304,7 +306,8 @@ def test_on_a_pair_the_checksum_follows_the_header_and_decode_verifies_the_block
     assert _wait(lambda: len(sender.on_loan) == 0)
 
 
-def test_on_a_pair_a_seal_that_fails_fails_its_transfer_and_gives_the_blocks_back(one_copy_pair, monkeypatch):
+def test_on_a_pair_a_seal_that_fails_or_differs_fails_its_transfer_and_gives_the_blocks_back(
+        one_copy_pair, monkeypatch):
     import app.kv.in_place as in_place
 
     send, received, sender, _ = one_copy_pair
@@ -314,6 +317,10 @@ def test_on_a_pair_a_seal_that_fails_fails_its_transfer_and_gives_the_blocks_bac
     got = received.get(timeout=10)
     assert got.payload is None and "could not take" in got.error
     assert _wait(lambda: len(sender.on_loan) == 0)  # refused: decode gave them back at once
+    monkeypatch.setattr(in_place, "seal_blocks", lambda layers, ids: 12345)  # prefill read other bytes than decode
+    assert send("other", (2, 3))[1] is None
+    got = received.get(timeout=10)
+    assert got.payload is None and "checksum mismatch" in got.error
     monkeypatch.undo()
     result, error = send("good", (5,))  # the pair carries on, in the next slot
     got = received.get(timeout=10)

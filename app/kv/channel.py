@@ -178,8 +178,12 @@ class KVSender:
         if (self.one_copy and segment is None and tamper is None and kv.in_blocks and self.pool is not None
                 and self.pool.page is not None and self.on_loan.can_lend(len(kv.block_ids))):
             return send_in_place(self, header, kv, self.pool.page, started)  # app/kv/in_place.py
+        leased = None
+        if self.one_copy and segment is None and tamper is None and kv.in_blocks and self.pool is not None:
+            segment = leased = self.pool.lease(header.num_bytes)  # past the loans' cap: a segment, not the socket
         try:  # gathered (not lent: sent whole, the blocks freed at once)
-            payload = kv.gather()  # [num_layers, num_blocks, *block_shape], into the segment if there is one
+            # [num_layers, num_blocks, *block_shape], into the segment if there is one
+            payload = kv.gather(leased.view(header.shape, header.dtype) if leased is not None else None)
         except Exception as exc:  # noqa: BLE001 - nothing was sent: this transfer fails, the pair is fine
             if segment is not None:
                 segment.release()

@@ -152,13 +152,13 @@ class SavedKV:
         """`block_ids` of every layer (each `[num_total_blocks, *block_shape]`), held for `request_id`; gathered into
         `out` (`[num_layers, num_blocks, *block_shape]`, e.g. a shared-memory segment's view) or a new tensor."""
 
-        def gather() -> torch.Tensor:
+        def gather(into: torch.Tensor | None) -> torch.Tensor:
             if not held.claim(request_id):
                 raise KVNotGathered(f"the KV blocks of {request_id} were freed before their send's turn "
                                      f"(held {held.lease_s:.0f} s)")
             try:
                 with torch.inference_mode():  # read the engine's (inference) tensors as the engine does
-                    return gather_blocks(layers, list(block_ids), out=out)
+                    return gather_blocks(layers, list(block_ids), out=into if into is not None else out)
             finally:
                 held.release(request_id)
 
@@ -180,12 +180,13 @@ class SavedKV:
         self._gather = None  # read in place: never gathered
         return self._claim()
 
-    def gather(self) -> torch.Tensor:
-        """The payload (`[num_layers, num_blocks, *block_shape]`); reads the held blocks the first time."""
+    def gather(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The payload (`[num_layers, num_blocks, *block_shape]`); reads the held blocks the first time (into `into`
+        if given, e.g. a segment leased at the send's turn, else where `held` said)."""
         if self._payload is None:
             assert self._gather is not None
             started = time.perf_counter()
-            self._payload, self._gather, self._release = self._gather(), None, None
+            self._payload, self._gather, self._release = self._gather(into), None, None
             self.gather_s = time.perf_counter() - started
         return self._payload
 

@@ -18,9 +18,10 @@ this one's: at worst it is not seen, and the transfer fails safe. Prefill report
 (the prompt recomputed, with its reason) is the transfer's outcome.
 
 What the checksum catches here: decode reading other bytes than prefill's (a mapping, offset or stride that is wrong)
-and a change that races the two passes. A held block changed by a bug before both passes read it is not caught, as a
-change before the seal never was; the seal before the header also caught one between the seal and decode's pass, at
-the price of running the passes one after the other. The holds (app/kv/held.py) are what keep the blocks unchanged.
+and a change landing between the two passes' reads of its bytes. A held block changed by a bug before both passes
+read it is not caught, as a change before the seal never was; the seal before the header also caught one between the
+seal and decode's pass, at the price of running the passes one after the other. The holds (app/kv/held.py) are what
+keep the blocks unchanged.
 """
 
 from __future__ import annotations

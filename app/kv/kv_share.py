@@ -13,8 +13,8 @@ Life cycle:
    the checksum of their bytes in payload order (`seal_blocks`, read in place) follows it in the pair's page. The
    hold is claimed before the header goes, and released when decode says it is done (`TAG_RELEASE` with
    `RELEASE_BLOCKS`), or a lease's length after the pair ends (`BlocksOnLoan.lapse_all`). Past
-   `BlocksOnLoan.max_blocks` blocks lent on a pair, a prompt is gathered and sent as before, so a slow decode cannot
-   fill prefill's cache.
+   `BlocksOnLoan.max_blocks` blocks lent on a pair, a prompt is gathered into a segment and sent whole, so a slow
+   decode cannot fill prefill's cache.
 4. Receive (decode's receive loop): the blocks' checksum, read in place out of prefill's mapped cache while prefill
    takes its own, must match prefill's, or the transfer fails (decode recomputes). The blocks stay held while the pair
    stands, so what was verified is what is copied; once it ends, prefill keeps them a lease's length, and decode
