@@ -33,7 +33,7 @@ from app.kv.channel import SendResult
 from app.kv.connector import kv_transfer_config
 from app.kv.header import NO_TOKEN
 from app.kv.hub import reset_hub, transfer_params
-from app.kv.kv_share import BlocksOnLoan
+from app.kv.loans import BlocksOnLoan
 from app.kv.outbox import KVOutbox
 from app.kv.pairs import PairTransport, resolve_backend
 from app.kv.parking import ParkingLot

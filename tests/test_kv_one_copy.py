@@ -104,7 +104,7 @@ def test_lent_blocks_go_back_when_decode_says_so_and_outlive_a_broken_pair_by_de
     import time
 
     from app.kv.held import HeldBlocks, SavedKV
-    from app.kv.kv_share import BlocksOnLoan
+    from app.kv.loans import BlocksOnLoan
 
     held, loans = HeldBlocks(lease_s=60), BlocksOnLoan(max_blocks=3, lapse_s=0.1)
     layers = [torch.zeros(8, 2, 4)]
@@ -115,9 +115,14 @@ def test_lent_blocks_go_back_when_decode_says_so_and_outlive_a_broken_pair_by_de
         kvs[request_id] = SavedKV.held(held, request_id, layers, (3, 4), None)
         assert kvs[request_id].claim()  # the sender thread, before the header goes
         loans.lend(key, kvs[request_id])
-    assert loans.num_blocks() == 4 and not loans.can_lend(1) and loans.num_full == 1  # past the cap: gathered
+    # r1 and r2 share blocks 3 and 4 (a common prefix): lent twice, they count once against the cap
+    assert loans.num_blocks() == 2 and loans.can_lend([3, 5]) and loans.can_lend([4, 3])
+    assert not loans.can_lend([5, 6]) and loans.num_full == 1  # past the cap beside what is lent: gathered
+    assert not loans.can_lend([5, 6, 7, 8]) and loans.num_full == 1  # bigger than the cap: never lent, book not full
     loans.returned(1)  # decode copied r1's blocks
-    assert held.take_finished() == {"r1"} and len(loans) == 1 and loans.can_lend(1)
+    assert held.take_finished() == {"r1"} and len(loans) == 1 and loans.num_blocks() == 2  # r2 still holds them
+    loans.returned(1)  # a repeated release changes nothing
+    assert loans.num_blocks() == 2 and loans.can_lend([5])
     held.confirm({"r1"})
     loans.lapse_all()  # the pair broke while decode held r2's
     assert held.take_finished() == set()  # not yet: decode may still copy them
@@ -235,7 +240,7 @@ def one_copy_pair():
 
     from app.kv.channel import KVReceiver, KVSender
     from app.kv.held import HeldBlocks, SavedKV
-    from app.kv.kv_share import BlocksOnLoan
+    from app.kv.loans import BlocksOnLoan
     from app.kv.pairs import GlooPairComm
     from app.kv.shm import share_memory
     from tests.test_kv_shm_units import _both

@@ -31,7 +31,8 @@ import torch
 from app.kv.header import DEFERRED, HEADER_SLOTS, PAYLOAD_BLOCKS, PAYLOAD_SEGMENT, UNSEALED, KVHeader, KVHeaderError
 from app.kv.held import KVNotGathered, SavedKV
 from app.kv.in_place import WAIT_S, send_in_place
-from app.kv.kv_share import BlocksOnLoan, RemoteBlocks, arrived_blocks
+from app.kv.kv_share import RemoteBlocks, arrived_blocks
+from app.kv.loans import BlocksOnLoan
 from app.kv.payload import checksum
 from app.kv.shm import RELEASE_BLOCKS, TAG_RELEASE, Segment, SegmentMaps, SegmentPool
 
@@ -176,7 +177,7 @@ class KVSender:
                   tamper: Callable[[torch.Tensor], None] | None) -> tuple[SendResult | None, BaseException | None]:
         started = time.perf_counter()
         if (self.one_copy and segment is None and tamper is None and kv.in_blocks and self.pool is not None
-                and self.pool.page is not None and self.on_loan.can_lend(len(kv.block_ids))):
+                and self.pool.page is not None and self.on_loan.can_lend(kv.block_ids)):
             return send_in_place(self, header, kv, self.pool.page, started)  # app/kv/in_place.py
         leased = None
         if self.one_copy and segment is None and tamper is None and kv.in_blocks and self.pool is not None:

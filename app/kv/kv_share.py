@@ -38,7 +38,6 @@ import torch
 import xxhash
 
 from app.kv.header import KVHeader, dtype_code, dtype_of
-from app.kv.held import SavedKV
 from app.kv.payload import block_runs
 
 logger = logging.getLogger(__name__)
@@ -237,60 +236,3 @@ def copy_blocks(src: list[torch.Tensor], src_ids: list[int], dst: list[torch.Ten
         for source, target in zip(src, dst, strict=True):
             for s, d, length in runs:
                 target[d : d + length].copy_(source[s : s + length])
-
-
-class BlocksOnLoan:
-    """Prefill's sender: the held KV decode is copying in place, by wire key, until decode says it is done."""
-
-    def __init__(self, max_blocks: int = 1 << 62, lapse_s: float = 35.0) -> None:
-        self.max_blocks = max_blocks  # lent at once, at most: past it a prompt is gathered and sent (`can_lend`)
-        self.lapse_s = lapse_s  # how long lent blocks stay once the pair is gone (decode's lease, and a margin)
-        self._kvs: dict[int, SavedKV] = {}
-        self._lock = threading.Lock()
-        self.num_lent = 0  # one-copy payloads so far
-        self.num_full = 0  # prompts gathered and sent instead, at `max_blocks`
-
-    def __len__(self) -> int:
-        return len(self._kvs)
-
-    def num_blocks(self) -> int:
-        with self._lock:
-            return sum(len(kv.block_ids) for kv in self._kvs.values())
-
-    def can_lend(self, num_blocks: int) -> bool:
-        """Whether `num_blocks` more fit under `max_blocks` (a slow decode must not fill prefill's cache)."""
-        fits = self.num_blocks() + num_blocks <= self.max_blocks
-        self.num_full += not fits
-        return fits
-
-    def lend(self, key: int, kv: SavedKV) -> None:
-        with self._lock:
-            earlier = self._kvs.pop(key, None)
-            self._kvs[key] = kv
-            self.num_lent += 1
-        if earlier is not None:
-            earlier.drop()
-
-    def returned(self, key: int) -> None:
-        """Decode copied them (or never will): the engine may free the blocks."""
-        with self._lock:
-            kv = self._kvs.pop(key, None)
-        if kv is not None:
-            kv.drop()
-
-    def lapse(self, key: int) -> bool:
-        """As `lapse_all`, for one loan (its header may or may not have reached decode); whether it was lent."""
-        with self._lock:
-            kv = self._kvs.pop(key, None)
-        if kv is not None:
-            kv.lapse(self.lapse_s)
-        return kv is not None
-
-    def lapse_all(self) -> None:
-        """The pair is gone: no word will come from decode, which may still copy blocks it verified (it keeps arrived
-        KV up to its lease, `kv_transfer.lease_s`, or is mid-copy): each loan's blocks stay `lapse_s` more (that lease
-        and a margin), then the engine frees them."""
-        with self._lock:
-            kvs, self._kvs = list(self._kvs.values()), {}
-        for kv in kvs:
-            kv.lapse(self.lapse_s)

@@ -35,7 +35,8 @@ from app.kv import gloo_group, nccl_group
 from app.kv.channel import ChannelBroken, KVReceiver, KVSender, Received, SendResult
 from app.kv.header import KVHeader
 from app.kv.held import KVNotGathered, SavedKV
-from app.kv.kv_share import BlocksOnLoan, SharedCache, share_kv_cache_over
+from app.kv.kv_share import SharedCache, share_kv_cache_over
+from app.kv.loans import BlocksOnLoan
 from app.kv.nccl_comm import NcclPairComm
 from app.kv.shm import Segment, SegmentPool, share_memory
 
