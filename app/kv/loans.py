@@ -83,7 +83,8 @@ class BlocksOnLoan:
 
     def _take(self, key: int) -> SavedKV | None:
         kv = self._kvs.pop(key, None)
-        if kv is not None:
-            self._blocks.subtract(set(kv.block_ids))
-            self._blocks = +self._blocks  # drop the blocks no loan holds any more
+        for block in set(kv.block_ids) if kv is not None else ():  # O(the prompt's blocks), not of the book
+            self._blocks[block] -= 1
+            if not self._blocks[block]:
+                del self._blocks[block]
         return kv
