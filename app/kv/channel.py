@@ -176,12 +176,12 @@ class KVSender:
     def _send_one(self, header: KVHeader, kv: SavedKV, segment: Segment | None,
                   tamper: Callable[[torch.Tensor], None] | None) -> tuple[SendResult | None, BaseException | None]:
         started = time.perf_counter()
-        if (self.one_copy and segment is None and tamper is None and kv.in_blocks and self.pool is not None
-                and self.pool.page is not None and self.on_loan.can_lend(kv.block_ids)):
+        held = self.one_copy and segment is None and tamper is None and kv.in_blocks and self.pool is not None
+        if held and self.pool.page is not None and self.on_loan.can_lend(kv.block_ids):
             return send_in_place(self, header, kv, self.pool.page, started)  # app/kv/in_place.py
-        leased = None
-        if self.one_copy and segment is None and tamper is None and kv.in_blocks and self.pool is not None:
-            segment = leased = self.pool.lease(header.num_bytes)  # past the loans' cap: a segment, not the socket
+        # past the loans' cap: gathered into a segment leased now (the engine thread leased none), not on the socket
+        leased = self.pool.lease(header.num_bytes) if held else None
+        segment = segment if leased is None else leased
         try:  # gathered (not lent: sent whole, the blocks freed at once)
             # [num_layers, num_blocks, *block_shape], into the segment if there is one
             payload = kv.gather(leased.view(header.shape, header.dtype) if leased is not None else None)
