@@ -35,10 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import xxhash
 
 from app.kv.header import KVHeader, dtype_code, dtype_of
-from app.kv.payload import block_runs
+from app.kv.payload import block_runs, xxh3_63
 
 logger = logging.getLogger(__name__)
 
@@ -174,19 +173,11 @@ def share_kv_cache_over(group, peer_rank: int, timeout_s: float, offers: bool, a
     return False, None
 
 
-def _update(digest: xxhash.xxh3_64, tensor: torch.Tensor) -> None:
-    digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-
-
 def seal_blocks(layers: list[torch.Tensor], block_ids: list[int]) -> int:
     """The checksum (XXH3-64, 63 bits) of `block_ids` of every layer in payload order, read in place: what
     `payload.checksum` gives for the gathered payload (prefill seals with it, decode verifies)."""
-    digest = xxhash.xxh3_64()
     runs = block_runs(block_ids)
-    for layer in layers:
-        for _, first, length in runs:
-            _update(digest, layer[first : first + length].contiguous())
-    return digest.intdigest() & 0x7FFF_FFFF_FFFF_FFFF
+    return xxh3_63(layer[first : first + length] for layer in layers for _, first, length in runs)
 
 
 def arrived_blocks(header: KVHeader, recv_ids: Callable[[torch.Tensor], None], remote: list[torch.Tensor],

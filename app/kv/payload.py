@@ -16,6 +16,7 @@ The same code runs on CPU tensors (gloo) and CUDA tensors (NCCL).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 
 import torch
 import xxhash
@@ -97,14 +98,23 @@ def default_checksum_algo(tensor: torch.Tensor) -> int:
     return CHECKSUM_XXH3 if tensor.device.type == "cpu" else CHECKSUM_WEIGHTED
 
 
+def xxh3_63(parts: Iterable[torch.Tensor]) -> int:
+    """XXH3-64 of the parts' bytes one after the other, to 63 bits: `checksum`'s XXH3 of a payload, and of the same
+    blocks read in place where they are (app/kv/kv_share.py `seal_blocks`), with no payload gathered."""
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(memoryview(part.detach().contiguous().reshape(-1).cpu().view(torch.uint8).numpy()))
+    return digest.intdigest() & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def checksum(tensor: torch.Tensor, algo: int | None = None) -> int:
     """A 63-bit checksum of the tensor's bytes (fits a signed int64 header slot)."""
     algo = default_checksum_algo(tensor) if algo is None else algo
     flat = tensor.contiguous().reshape(-1)
-    if algo in (CHECKSUM_CRC32, CHECKSUM_XXH3):
+    if algo == CHECKSUM_XXH3:
+        return xxh3_63([flat])
+    if algo == CHECKSUM_CRC32:
         data = memoryview(flat.detach().cpu().view(torch.uint8).numpy())
-        if algo == CHECKSUM_XXH3:
-            return xxhash.xxh3_64_intdigest(data) & 0x7FFF_FFFF_FFFF_FFFF
         # The element count in the high bits also catches a truncated payload with a lucky CRC.
         return (zlib.crc32(data) | (flat.numel() << 32)) & 0x7FFF_FFFF_FFFF_FFFF
     if algo == CHECKSUM_WEIGHTED:
