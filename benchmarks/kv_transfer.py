@@ -1,15 +1,17 @@
 """KV transfer benchmark: latency and bandwidth of one prompt's KV, prefill process -> decode process.
 
 Two Ray actors stand in for a prefill and a decode replica and use pdserve's real transfer path, once per
-backend: `socket` (the payload over the pair's `PDSERVE_GLOO` group), `shm` (the same pair with its
+backend: `socket` (the payload over the pair's `PDSERVE_GLOO` group; in chunks when it is larger than one, gather and
+checksum overlapping the wire: app/kv/streamed.py), `shm` (the same pair with its
 same-node path: the payload gathered into a shared-memory segment decode maps, only the header on the
 socket) and `one_copy` (the default on one node: prefill's KV cache lives in memfds decode maps; only the
 header and the block ids go on the socket, and decode copies the blocks straight out of prefill's cache). Each
 transfer is split into its parts: gather (prefill's sender thread, out of the held blocks into the send buffer
 or segment; none with one copy), checksum (the same thread seals the header; with one copy, read in place after
 the header went), wire (from the sealed header to decode holding the payload: socket send/receive or the segment's
-mapping, plus decode's checksum; with one copy, what the header and decode's checksum, read in place out of
-prefill's cache at the same time as prefill's, add to prefill's) and scatter (decode's engine thread, into its
+mapping, plus decode's checksum; streamed, everything from the start to decode holding the verified payload, gather
+and checksum included, since they overlap it; with one copy, what the header and decode's checksum, read in place out
+of prefill's cache at the same time as prefill's, add to prefill's) and scatter (decode's engine thread, into its
 blocks; with one copy, the copy out of prefill's cache). Beside it, in the same run and process, a memory copy of
 the same bytes into a buffer that exists already: `x memcpy` is memcpy's time over the transfer's (1.0: as fast as
 one copy; gather + scatter make two, one copy one).
@@ -101,7 +103,7 @@ class _End:
             copy_times.append(time.perf_counter() - t0)
         return {"started": started, "gather_s": result["res"].gather_s, "checksum_s": result["res"].checksum_s,
                 "num_bytes": num_bytes, "memcpy_s": statistics.median(copy_times),
-                "in_segment": result["res"].in_segment}
+                "in_segment": result["res"].in_segment, "streamed": result["res"].streamed}
 
     def receive(self, xfer_id: str, num_blocks: int) -> dict:
         """What decode's connector does: claim the payload, scatter it (one copy: copy and verify the blocks), say it
@@ -152,10 +154,12 @@ def run(backend: str, num_layers: int, block_shape: tuple[int, ...], sizes: list
             assert sent["in_segment"] == bool(shm)
             if i == 0:
                 continue  # first transfer of a size allocates (a new segment, on shm); not counted
+            # streamed (socket, more than one chunk): gather and checksum overlap the wire, which runs to the arrival
+            serial = 0.0 if sent["streamed"] else sent["gather_s"] + sent["checksum_s"]
             samples.append({**sent, "total_s": got["done"] - sent["started"], "scatter_s": got["scatter_s"],
-                            "wire_s": got["arrived"] - sent["started"] - sent["gather_s"] - sent["checksum_s"]})
+                            "wire_s": got["arrived"] - sent["started"] - serial})
         med = {k: statistics.median(s[k] for s in samples)
-               for k in samples[0] if k not in ("started", "num_bytes", "in_segment")}
+               for k in samples[0] if k not in ("started", "num_bytes", "in_segment", "streamed")}
         num_bytes = samples[0]["num_bytes"]
         rows.append({"backend": backend, "num_blocks": num_blocks, "num_bytes": num_bytes, **med,
                      "gib_per_s": num_bytes / med["total_s"] / 2**30, "x_memcpy": med["memcpy_s"] / med["total_s"]})

@@ -113,6 +113,19 @@ def test_disaggregated_greedy_equals_collocated_without_recompute(app, client, o
     assert bus_after["num_open"] == 0 and bus_after["num_dropped"] == bus_before["num_dropped"]
 
 
+def test_a_long_prompts_kv_streams_on_the_socket_and_its_greedy_output_equals_collocated(app, offline_engine,
+                                                                                           tokenizer):
+    # 1500 tokens: 47 blocks, 6 MiB of KV, more than one chunk on the socket (app/kv/streamed.py: the chunks go while
+    # the next is read and hashed, the checksum after them); with shared memory decode copies it out of prefill's cache
+    prompt = prompt_of_length(tokenizer, 1500, 6)
+    want, _ = offline_generate(offline_engine, prompt, 12)
+    before = sum(s["num_streamed_payloads"] for s in _broadcast("Prefill", "kv_stats"))
+    body = _complete(app, prompt, 12)
+    assert body["choices"][0]["text"] == want and body["pdserve"]["kv_source"] == "transfer"
+    streamed = sum(s["num_streamed_payloads"] for s in _broadcast("Prefill", "kv_stats")) - before
+    assert streamed == (0 if app["shm"] else 1)
+
+
 def _inbox_counts(deployment: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for stats in _broadcast(deployment, "kv_stats"):

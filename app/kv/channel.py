@@ -1,16 +1,16 @@
 """One direction of a (prefill, decode) pair: a sender thread on prefill, a receive loop on decode.
 
-Messages on a pair are FIFO: header (fixed size, tag `TAG_HEADER`), then payload (size from the
-header, tag `TAG_PAYLOAD`), unless the payload waits in a shared-memory segment (same node,
-`app/kv/shm.py`): then only the header travels, and decode gives the segment back when done with it
-(`TAG_RELEASE`, read by the sender's listener thread). The sender thread gathers each payload out of the prefill
-engine's held blocks (`SavedKV`, app/kv/held.py) and seals its header (takes the payload's checksum) just before it
-goes, so neither copy nor checksum runs inside the engine step; with one copy (app/kv/in_place.py) the header names
-the held blocks and their checksum follows it, taken while decode reads the same blocks.
-Because the decode side always has a receive posted, a transfer that decode never uses (request
-aborted, fully prefix-cached, lease expired) is still drained into the mailbox and dropped there; it
-never wedges the pair. Tags keep a payload from ever landing in a header
-buffer on backends that have them (pdserve's gloo); NCCL keeps FIFO order per pair by itself.
+Messages on a pair are FIFO: header (fixed size, tag `TAG_HEADER`), then payload (size from the header, tag
+`TAG_PAYLOAD`; on gloo, one larger than a chunk goes in chunks, its checksum after them: app/kv/streamed.py), unless
+the payload waits in a shared-memory segment (same node, `app/kv/shm.py`): then only the header travels, and decode
+gives the segment back when done with it (`TAG_RELEASE`, read by the sender's listener thread). The sender thread
+gathers each payload out of the prefill engine's held blocks (`SavedKV`, app/kv/held.py) and seals its header (takes
+the payload's checksum) just before it goes, so neither copy nor checksum runs inside the engine step; with one copy
+(app/kv/in_place.py) the header names the held blocks and their checksum follows it, taken while decode reads them.
+Because the decode side always has a receive posted, a transfer that decode never uses (request aborted, fully
+prefix-cached, lease expired) is still drained into the mailbox and dropped there; it never wedges the pair. Tags
+keep a payload from ever landing in a header buffer on backends that have them (pdserve's gloo); NCCL keeps FIFO
+order per pair by itself.
 
 Any transport error, send timeout or undecodable header breaks the pair: both threads stop, the
 callbacks fail whatever was queued, and the owner drops the group and forms a new one on next use.
@@ -35,6 +35,7 @@ from app.kv.kv_share import RemoteBlocks, arrived_blocks
 from app.kv.loans import BlocksOnLoan
 from app.kv.payload import checksum
 from app.kv.shm import RELEASE_BLOCKS, TAG_RELEASE, Segment, SegmentMaps, SegmentPool
+from app.kv.streamed import RecvBuffers, SendRing, receive_streamed, send_streamed, streams
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class SendResult:
     checksum_s: float = 0.0
     gather_s: float = 0.0  # the copy out of the engine's held blocks, on the sender thread (0: done in the step)
     in_segment: bool = False  # the payload went through shared memory, not the socket
+    streamed: bool = False  # on the socket in chunks, gather and checksum overlapping the wire (app/kv/streamed.py)
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,14 @@ class KVSender:
 
     def __init__(self, comm: Communicator, timeout_s: float, name: str = "pair",
                  on_broken: Callable[[BaseException], None] | None = None, watch_peer: bool = False,
-                 pool: SegmentPool | None = None, one_copy: bool = False, loans: BlocksOnLoan | None = None):
-        self.comm, self.timeout_s, self.pool = comm, timeout_s, pool
+                 pool: SegmentPool | None = None, one_copy: bool = False, loans: BlocksOnLoan | None = None,
+                 stream: bool = False):
+        self.comm, self.timeout_s, self.pool, self.stream = comm, timeout_s, pool, stream  # stream: gloo's `isend`
         self.one_copy = one_copy  # decode maps our KV cache: held blocks are copied by decode, in place
         # held KV decode copies in place, until it says it is done (`is None`: an empty book is falsy, `__len__` 0)
         self.on_loan = loans if loans is not None else BlocksOnLoan()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._ring, self.num_streamed = SendRing(), 0  # chunk buffers of streamed payloads, and how many went
         self._submit_lock = threading.Lock()
         self.broken: BaseException | None = None
         self._closed = False
@@ -182,6 +186,9 @@ class KVSender:
         # past the loans' cap: gathered into a segment leased now (the engine thread leased none), not on the socket
         leased = self.pool.lease(header.num_bytes) if held else None
         segment = segment if leased is None else leased
+        if segment is None and self.stream and streams(header):
+            self.num_streamed += 1
+            return send_streamed(self, header, kv, self._ring, tamper)  # on the socket, in chunks
         try:  # gathered (not lent: sent whole, the blocks freed at once)
             # [num_layers, num_blocks, *block_shape], into the segment if there is one
             payload = kv.gather(leased.view(header.shape, header.dtype) if leased is not None else None)
@@ -216,8 +223,8 @@ class KVReceiver:
 
     def __init__(self, comm: Communicator, deliver: Callable[[Received], None],
                  on_broken: Callable[[BaseException], None], name: str = "pair", maps: SegmentMaps | None = None,
-                 remote: list[torch.Tensor] | None = None):
-        self.comm = comm
+                 remote: list[torch.Tensor] | None = None, buffers: RecvBuffers | None = None):
+        self.comm, self.buffers = comm, buffers  # buffers (a pair that streams: gloo): app/kv/streamed.py
         self.maps = maps
         self.remote = remote  # prefill's KV cache layers, mapped (one copy); None: payloads come in segments or inline
         self.alive = threading.Event()  # cleared when the pair ends: blocks of prefill's cache are no longer copied
@@ -266,6 +273,10 @@ class KVReceiver:
             if error is not None:
                 done()  # prefill may free them now
             return Received(header, blocks, error, time.perf_counter() - started, 0.0, None if error else done)
+        if header.location != PAYLOAD_SEGMENT and header.checksum == DEFERRED:  # inline in chunks, the checksum after
+            if self.buffers is None:
+                raise KVHeaderError("a streamed payload on a pair that does not stream")
+            return receive_streamed(self.comm, header, self.buffers, started)
         if header.location == PAYLOAD_SEGMENT:
             if self.maps is None:
                 raise KVHeaderError("a shared-memory payload on a pair without shared memory")

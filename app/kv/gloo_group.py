@@ -72,6 +72,13 @@ class PairGlooGroup(BaseGroup):
     def recv_tagged(self, tensor: torch.Tensor, src_rank: int, tag: int, timeout_s: float | None = None) -> None:
         _wait(self._require_pg().recv([tensor], src_rank, tag), timeout_s)
 
+    def isend_tagged(self, tensor: torch.Tensor, dst_rank: int, tag: int) -> Pending:
+        """Start a send (gloo's own thread writes it) and return at once; `wait` on the result."""
+        return Pending(self._require_pg().send([tensor], dst_rank, tag))
+
+    def irecv_tagged(self, tensor: torch.Tensor, src_rank: int, tag: int) -> Pending:
+        return Pending(self._require_pg().recv([tensor], src_rank, tag))
+
     def send(self, tensors, send_options) -> None:
         self.send_tagged(tensors[0], send_options.dst_rank, 0)
 
@@ -99,6 +106,16 @@ class PairGlooGroup(BaseGroup):
         raise NotImplementedError(f"{BACKEND_NAME} groups do point-to-point send/recv only")
 
     allreduce = barrier = reduce = allgather = broadcast = reducescatter = _unsupported
+
+
+class Pending:
+    """A send or receive under way; `wait(timeout_s)` for it (None: the group's own, idle-long timeout)."""
+
+    def __init__(self, work):
+        self.work = work
+
+    def wait(self, timeout_s: float | None) -> None:
+        _wait(self.work, timeout_s)
 
 
 def _wait(work, timeout_s: float | None) -> None:

@@ -11,7 +11,8 @@ receiver maps (`PAYLOAD_BLOCKS`: the block ids ride in the header as runs, or fo
 app/kv/kv_share.py). `first_token` is the token prefill sampled after the prompt and streamed to the client
 (`NO_TOKEN`: none, decode samples it; app/serving/first_token.py). A header is built `UNSEALED` on the engine thread
 and sealed (its checksum taken) by the pair's sender thread, off the engine step; a `PAYLOAD_BLOCKS` header goes
-`DEFERRED` instead, its checksum posted after it in the pair's page (app/kv/in_place.py). The receiver checks every
+`DEFERRED` instead, its checksum posted after it in the pair's page (app/kv/in_place.py), and so does a payload
+streamed on the socket in chunks, its checksum after them (app/kv/streamed.py). The receiver checks every
 field against what it expects; any mismatch raises `KVHeaderError`, which the caller turns into a failed transfer
 (never into data that is used).
 """
@@ -32,8 +33,10 @@ MAGIC = 0x7064_6B76  # "pdkv"
 #   4 (2026-12)  location PAYLOAD_BLOCKS (one copy out of the sender's mapped KV cache), whose block ids the header
 #                carries as runs of consecutive ids (up to MAX_RUNS; 0 runs: the ids follow); 64 slots.
 #   5 (2026-12)  checksum DEFERRED: a PAYLOAD_BLOCKS checksum comes after the header, in the pair's page (in_place.py).
-VERSION = 5
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
+#   6 (2026-12)  checksum DEFERRED on a PAYLOAD_INLINE header: the payload follows in chunks, then its checksum as one
+#                int64 on the payload's tag (app/kv/streamed.py).
+VERSION = 6
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)
 HEADER_SLOTS = 64
 MAX_RUNS = (HEADER_SLOTS - 22) // 2  # runs of block ids a `PAYLOAD_BLOCKS` header carries itself
 MAX_DIMS = 8

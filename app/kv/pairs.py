@@ -39,6 +39,7 @@ from app.kv.kv_share import SharedCache, share_kv_cache_over
 from app.kv.loans import BlocksOnLoan
 from app.kv.nccl_comm import NcclPairComm
 from app.kv.shm import Segment, SegmentPool, share_memory
+from app.kv.streamed import RecvBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ class GlooPairComm:
     def recv(self, tensor: torch.Tensor, tag: int) -> None:
         self.group.recv_tagged(tensor, self.peer_rank, tag)
 
+    def isend(self, tensor: torch.Tensor, tag: int) -> gloo_group.Pending:  # a streamed payload's chunks
+        return self.group.isend_tagged(tensor, self.peer_rank, tag)
+
+    def irecv(self, tensor: torch.Tensor, tag: int) -> gloo_group.Pending:
+        return self.group.irecv_tagged(tensor, self.peer_rank, tag)
+
     def close(self) -> None:
         self.group.destroy_group()
 
@@ -95,6 +102,7 @@ class PairTransport:
         self.shared_cache: Callable[[], SharedCache | None] = lambda: None  # prefill: its KV cache, if shared
         self.loans = lambda: BlocksOnLoan()  # prefill: each pair's book of blocks lent to decode (one copy)
         self._on_drop = on_drop or (lambda peer, reason: None)
+        self.recv_buffers = RecvBuffers() if backend == "gloo" else None  # decode: for payloads its pairs stream
         self._pairs: dict[str, _Pair] = {}
         self._lock = threading.Lock()
         self._join_locks: dict[str, threading.Lock] = {}
@@ -156,11 +164,11 @@ class PairTransport:
         if self.role == "prefill":
             pair.sender = KVSender(comm, self.timeout_s, name=name, watch_peer=True,
                                    on_broken=lambda exc: self.drop(peer_id, f"peer connection lost: {exc}"), pool=pool,
-                                   one_copy=one_copy, loans=self.loans())
+                                   one_copy=one_copy, loans=self.loans(), stream=self.backend == "gloo")
         else:
             assert self._deliver is not None
             pair.receiver = KVReceiver(comm, self._deliver, lambda exc: self.drop(peer_id, f"receive failed: {exc}"),
-                                       name=name, maps=maps, remote=remote)
+                                       name=name, maps=maps, remote=remote, buffers=self.recv_buffers)
         logger.info("pair %s formed (%s, rank %d, shared memory %s, one copy %s)", name, self.backend, rank,
                     pool is not None or maps is not None, one_copy or remote is not None)
         return pair
@@ -212,7 +220,6 @@ class PairTransport:
         pool = _pool_of(pair)
         return pool.lease(num_bytes) if pool is not None else None
 
-
     def send(self, peer_id: str, header: KVHeader, payload: torch.Tensor | SavedKV,
              on_done: Callable[[SendResult | None, BaseException | None], None],
              is_cancelled: Callable[[], bool] = lambda: False, segment: Segment | None = None,
@@ -250,5 +257,6 @@ def _shm_stats(pairs: list[_Pair]) -> dict:
             "num_blocks_on_loan": sum(loan.num_blocks() for loan in loans),
             "num_loans_full": sum(loan.num_full for loan in loans),
             "num_segment_payloads": sum(p.num_leased for p in pools),
+            "num_streamed_payloads": sum(p.sender.num_streamed for p in pairs if p.sender is not None),
             "num_segment_pool_full": sum(p.num_full for p in pools), "segment_bytes": sum(p.num_bytes() for p in pools),
             "num_segments_busy": sum(p.num_busy() for p in pools)}
