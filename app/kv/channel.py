@@ -78,7 +78,7 @@ class Received:
     error: str | None
     recv_s: float
     checksum_s: float
-    release: Callable[[], None] | None = None  # a shared-memory payload: call once done with it (any thread)
+    release: Callable[[], None] | None = None  # a segment or streamed buffer: call once done with it (any thread)
 
 
 class KVSender:
@@ -93,7 +93,7 @@ class KVSender:
         # held KV decode copies in place, until it says it is done (`is None`: an empty book is falsy, `__len__` 0)
         self.on_loan = loans if loans is not None else BlocksOnLoan()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._ring, self.num_streamed = SendRing(), 0  # chunk buffers of streamed payloads, and how many went
+        self._ring, self.num_streamed = SendRing(), 0  # chunk buffers of streamed payloads, and how many started
         self._submit_lock = threading.Lock()
         self.broken: BaseException | None = None
         self._closed = False
@@ -129,7 +129,7 @@ class KVSender:
                tamper: Callable[[torch.Tensor], None] | None = None) -> None:
         """Queue a transfer; one whose `is_cancelled()` is true when its turn comes is never sent (and its held
         blocks are let go). `segment`: the payload is (or is gathered into) a view of this pool segment (decode maps
-        it); `tamper` (drills) runs after sealing."""
+        it); `tamper` (drills) runs after sealing (streamed: on the first chunk's copy, after its hash)."""
         kv = payload if isinstance(payload, SavedKV) else SavedKV.gathered(payload)
         if segment is not None and (self.pool is None or segment.pool is not self.pool):
             segment = None  # leased from an earlier incarnation of this pair: the payload goes on the socket
@@ -187,7 +187,6 @@ class KVSender:
         leased = self.pool.lease(header.num_bytes) if held else None
         segment = segment if leased is None else leased
         if segment is None and self.stream and streams(header):
-            self.num_streamed += 1
             return send_streamed(self, header, kv, self._ring, tamper)  # on the socket, in chunks
         try:  # gathered (not lent: sent whole, the blocks freed at once)
             # [num_layers, num_blocks, *block_shape], into the segment if there is one

@@ -9,8 +9,8 @@ at 0.3x. A payload of more than one chunk (`streams`) goes streamed; one that fi
    `chunk_plan`: runs of consecutive rows of at most `CHUNK_BYTES`. A chunk whose blocks are consecutive in their
    layer is that layer's slice and goes from where it is (no copy); any other is gathered into a slot of the sender's
    `SendRing` (reused buffers). Each is hashed and handed to gloo without waiting (gloo's own thread writes it to the
-   socket) while the next one is read. The held blocks go back once every chunk is out; then the checksum (XXH3 of
-   the payload's bytes in order: what a sealed header carries) follows as one int64 on the payload's tag, `POISON` if
+   socket) while the next one is read. Once every chunk is out the checksum (XXH3 of the payload's bytes in order:
+   what a sealed header carries) follows as one int64 on the payload's tag, and the held blocks go back; `POISON` if
    a chunk could not be read (the chunks still all go, so the stream stays in step and the pair lives; decode refuses
    the transfer).
 2. Receive (decode's receive loop, `receive_streamed`): a buffer from decode's `RecvBuffers` (reused; given back when
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 4 << 20  # gloo moves 4 MiB messages at full speed here; the ring then holds 16 MiB per pair
+# gloo moves 4 MiB messages at full speed here; the ring then holds 16 MiB per pair. Both ends derive the chunks from
+# it: a change is a change of the wire format (bump app/kv/header.py's VERSION).
+CHUNK_BYTES = 4 << 20
 RING_SLOTS = 4
 POISON = -1  # the trailer of a payload prefill could not read (a real checksum is 63 bits, never negative)
 MAX_IDLE_BYTES = 512 << 20  # receive buffers decode keeps for reuse between payloads (a 1000-token 8B fp32 prompt: 256)
@@ -157,12 +159,17 @@ def send_streamed(sender: KVSender, header: KVHeader, kv: SavedKV, ring: SendRin
         return None, KVNotGathered("the KV blocks were freed before their send's turn (lease ended)")
     comm, timeout_s = sender.comm, sender.timeout_s
     header = replace(header, checksum=DEFERRED)
-    rows = None if held else _rows(kv.gather().contiguous())  # gathered already (a drill): sent from where it is
-    ids = torch.tensor(kv.block_ids, dtype=torch.long) if held else None
+    try:  # nothing went yet: a failure here fails this transfer only
+        rows = None if held else _rows(kv.gather().contiguous())  # gathered already (a drill): sent from where it is
+        ids = torch.tensor(kv.block_ids, dtype=torch.long) if held else None
+    except Exception as exc:  # noqa: BLE001
+        kv.drop()
+        return None, KVNotGathered(f"KV gather failed: {exc}")
     digest, gather_s, checksum_s, failed = xxhash.xxh3_64(), 0.0, 0.0, None
     in_flight: list[Pending] = []  # sends from the blocks (or the payload) themselves, which stay until they are done
     try:
         comm.send(header.encode(comm.device), TAG_HEADER, timeout_s)
+        sender.num_streamed += 1
         with torch.inference_mode():  # read the engine's (inference) tensors as the engine does
             for index, (first, end) in enumerate(chunk_plan(header.shape, header.dtype)):
                 t0 = time.perf_counter()
@@ -198,9 +205,10 @@ def send_streamed(sender: KVSender, header: KVHeader, kv: SavedKV, ring: SendRin
     except BaseException as exc:  # noqa: BLE001 - any transport failure breaks the pair
         sender.broken = exc
         logger.warning("KV send failed, pair broken: %s", exc)
+        comm.close()  # sends still under way end before the blocks they read can go back (whatever else happens)
         return None, ChannelBroken(str(exc))
     finally:
-        kv.drop()  # every block was read and sent: the engine may free them now
+        kv.drop()  # every block was read and sent (or the pair is gone): the engine may free them now
     if failed is not None:
         return None, KVNotGathered(f"KV gather failed: {failed}")
     return SendResult(num_bytes=header.num_bytes, send_s=time.perf_counter() - started, checksum_s=checksum_s,
@@ -220,12 +228,12 @@ class RecvBuffers:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, Callable[[], None]]:
         """A `shape` tensor and the callback that gives its buffer back (once; later calls do nothing)."""
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        with self._lock:  # the smallest idle buffer that fits (by index: `==` on tensors compares their elements)
-            fits = [i for i, b in enumerate(self._idle) if b.numel() >= nbytes]
+        with self._lock:  # the smallest idle buffer that fits, not twice too big (by index: `==` compares elements)
+            fits = [i for i, b in enumerate(self._idle) if nbytes <= b.numel() <= 2 * nbytes + _ROUND]
             buffer = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else None
+            self.num_allocated += buffer is None
         if buffer is None:
             buffer = torch.empty(-(-max(nbytes, 1) // _ROUND) * _ROUND, dtype=torch.uint8)
-            self.num_allocated += 1
         given = threading.Event()
 
         def give_back() -> None:
@@ -250,19 +258,17 @@ def receive_streamed(comm: StreamingComm, header: KVHeader, buffers: RecvBuffers
 
     payload, release = buffers.take(header.shape, header.dtype)
     rows, digest, checksum_s = _rows(payload), xxhash.xxh3_64(), 0.0
-    try:
-        plan = chunk_plan(header.shape, header.dtype)
-        pending = [comm.irecv(rows[first:end], TAG_PAYLOAD) for first, end in plan]  # all posted: gloo fills them
-        for index, (first, end) in enumerate(plan):
-            pending[index].wait(None)
-            t0 = time.perf_counter()
-            _digest_update(digest, rows[first:end])
-            checksum_s += time.perf_counter() - t0
-        trailer = torch.empty(1, dtype=torch.int64, device=comm.device)
-        comm.recv(trailer, TAG_PAYLOAD)
-    except BaseException:
-        release()
-        raise
+    # A transport failure raises from here with the buffer not given back: receives into it may still be posted
+    # until the pair is torn down.
+    plan = chunk_plan(header.shape, header.dtype)
+    pending = [comm.irecv(rows[first:end], TAG_PAYLOAD) for first, end in plan]  # all posted: gloo fills them
+    for index, (first, end) in enumerate(plan):
+        pending[index].wait(None)
+        t0 = time.perf_counter()
+        _digest_update(digest, rows[first:end])
+        checksum_s += time.perf_counter() - t0
+    trailer = torch.empty(1, dtype=torch.int64, device=comm.device)
+    comm.recv(trailer, TAG_PAYLOAD)
     sent, actual, recv_s = int(trailer.item()), digest.intdigest() & _MASK, time.perf_counter() - started
     if sent == actual:
         return Received(header, payload, None, recv_s, checksum_s, release)
