@@ -250,7 +250,7 @@ class EngineDriver:
                 except queue.Empty:
                     break
                 command()
-            busy = self.engine.has_unfinished_requests() or HUB.counters.num_loads_pending > 0  # (aborted: to free)
+            busy = self.engine.has_unfinished_requests()
             now = time.monotonic()
             if not busy or now - self._load_at >= self.LOAD_INTERVAL_S:  # idle: measured before each sleep
                 (num_steps, step_s), self._steps = self._steps, [0, 0.0]

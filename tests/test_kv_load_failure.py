@@ -1,12 +1,9 @@
 """A KV load that fails on decode leaves nothing wrong in the prefix cache, whatever happens to its request next.
 
-On a sync load vLLM's recompute policy (`kv_load_failure_policy="recompute"`, pdserve's) keeps the blocks it
-allocated for the transfer in its prefix cache, because the request recomputes them in its next step. If the request
-is aborted before that step (its client left, the ingress cancelled it), the blocks stay cached with whatever they
-held, and the next prompt with that prefix reads them. An async load (CPU decode: the copy on the connector's load
-thread) caches its blocks only once it succeeded, and an abort while it is pending leaves the blocks allocated until
-the load is reported (the engine must keep stepping for that). The story here, on a real decode engine with
-pdserve's connector:
+vLLM's recompute policy (`kv_load_failure_policy="recompute"`, pdserve's) keeps the blocks it allocated for the
+transfer in its prefix cache, because the request recomputes them in its next step. If the request is aborted
+before that step (its client left, the ingress cancelled it), the blocks stay cached with whatever they held, and
+the next prompt with that prefix reads them. The story here, on a real decode engine with pdserve's connector:
 1. a transfer arrives whose header does not match its request (the load fails at the worker's header check);
 2. the request is aborted right after the step in which its load failed, as an abort that lands first would;
 3. the same prompt, run locally next, must give the reference's tokens.
@@ -46,10 +43,9 @@ class _DecodeEngine:
         step = self.driver.engine.step
 
         def step_then_abort_a_failed_load():  # the driver's thread steps the engine through this
+            num_errors = self.hub.counters.num_load_errors
             outputs = step()
-            # 2. the abort lands before vLLM recomputes: right after the step in which the load failed (sync), or
-            # after the first step once the load thread failed it (async: reported to vLLM in that step or the next)
-            if self.hub.counters.num_load_errors and not self.aborted.is_set():
+            if self.hub.counters.num_load_errors > num_errors:  # 2. the abort lands before vLLM recomputes
                 self.driver.engine.abort_request(["failed-load"])
                 self.loop.call_soon_threadsafe(self.aborted.set)
             return outputs

@@ -169,12 +169,12 @@ def test_decode_copies_no_block_of_prefills_cache_once_the_pair_that_carried_it_
     from app.kv.channel import Received
 
     arrive("live")
-    worker._load(LoadSpec("r1", "live", (5, 6), 0, 64, 63), *hub.mailbox.claim(xfer_key("live")))  # noqa: SLF001
+    worker._load(LoadSpec("r1", "live", (5, 6), 0, 64, 63))  # noqa: SLF001 - the load itself
     assert all(layer[[5, 6]].eq(3.0).all() for layer in dst)
     arrive("orphan")
     alive.clear()  # the pair ended (prefill's listener lapses its loans; the engine may reuse them after)
     with pytest.raises(ValueError, match="pair that carried this KV ended"):
-        worker._load(LoadSpec("r2", "orphan", (3, 4), 0, 64, 63), *hub.mailbox.claim(xfer_key("orphan")))  # noqa: SLF001
+        worker._load(LoadSpec("r2", "orphan", (3, 4), 0, 64, 63))  # noqa: SLF001
     assert all(layer[[3, 4]].eq(0.0).all() for layer in dst)
 
 

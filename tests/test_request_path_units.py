@@ -115,66 +115,6 @@ def test_fully_cached_prompt_is_reported_as_prefix_cache_and_a_resumed_request_k
     assert mailbox.report(key4) == ("transfer", None)
 
 
-def test_on_a_cpu_decode_an_arrived_payload_loads_async_and_is_decided_once():
-    scheduler, mailbox = _decode_scheduler()
-    scheduler.hub.load_async = True  # set by the worker half when it registers a CPU KV cache on decode
-    request, key = _request("r5", "x5", 100), xfer_key("x5")
-    mailbox.expect(key, timeout_s=30)
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)  # not here yet: ask again, hold nothing
-    mailbox.deliver(_arrived("x5", 100))
-    assert scheduler.get_num_new_matched_tokens(request, 32) == (99 - 32, True)  # vLLM parks it until it is copied
-    scheduler.update_state_after_alloc(request, _blocks([7, 8, 9, 10]), 99 - 32)
-    (load,) = scheduler.build_connector_meta(SimpleNamespace()).loads
-    assert (load.block_ids, load.first_block) == ((8, 9, 10), 1)
-    mailbox.claim(key)  # the worker half claims it in that step
-    mailbox.settle(key, "recomputed", "KV load failed: boom", overrule=True)  # ... and its copy failed
-    # vLLM asks again after the load ended (it recomputes the prompt) and calls the allocation hook a second time with
-    # nothing external: nothing is loaded again, and the worker's verdict stands
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
-    scheduler.update_state_after_alloc(request, _blocks([7, 8, 9, 10]), 0)
-    assert scheduler.build_connector_meta(SimpleNamespace()).loads == []
-    assert mailbox.report(key) == ("recomputed", "KV load failed: boom")
-    assert scheduler.request_finished(request, [7, 8, 9, 10]) == (False, None)  # decode never delays a free
-
-
-def test_the_load_thread_copies_each_load_and_reports_it_once_failures_as_failed():
-    import time
-
-    from app.kv.connector_meta import LoadSpec, PDConnectorMetadata
-    from app.kv.connector_worker import PDConnectorWorker
-
-    mailbox = KVMailbox(lease_s=30)
-    hub = KVHub(mailbox=mailbox)
-    worker = PDConnectorWorker(BLOCK_SIZE, hub, consumer=True)
-    layers = {f"model.layers.{i}.self_attn": torch.zeros(8, 4) for i in range(2)}  # [blocks, block] per layer
-    worker.register_kv_caches(layers)
-    assert hub.load_async  # a CPU decode
-    released: list[str] = []
-    for name, num_tokens in [("good", 64), ("bad", 64)]:
-        payload = torch.full((2, 2, 4), 5.0)  # [layers, blocks, block]
-        header = KVHeader(xfer_key(name), num_tokens if name == "good" else 40, 2, payload.dtype, (2, 2, 4), 1, 0)
-        mailbox.expect(xfer_key(name), 30)
-        mailbox.deliver(Received(header, payload, None, 0.0, 0.0, lambda name=name: released.append(name)))
-        mailbox.reserve(xfer_key(name))
-    loads = [LoadSpec("r-good", "good", (3, 4), 0, 64, 63), LoadSpec("r-bad", "bad", (5, 6), 0, 64, 63),
-             LoadSpec("r-gone", "gone", (1, 2), 0, 64, 63)]  # nothing arrived for the last: its claim fails at once
-    worker.start_load_kv(PDConnectorMetadata(loads=loads))
-    done: set[str] = set()
-    failed: set[str] = set()
-    deadline = time.monotonic() + 10
-    while hub.counters.num_loads_pending and time.monotonic() < deadline:
-        batch, batch_failed = worker.take_loads()
-        assert not batch & done  # each reported once
-        done, failed = done | batch, failed | batch_failed
-        time.sleep(0.01)
-    assert done == {"r-good", "r-bad", "r-gone"} and failed == {"r-bad", "r-gone"}
-    assert worker.take_loads() == (set(), set()) and hub.counters.num_loads_pending == 0
-    assert all(layer[[3, 4]].eq(5.0).all() and layer[[5, 6]].eq(0.0).all() for layer in layers.values())
-    assert sorted(released) == ["bad", "good"]  # each claimed payload given back once, loaded or refused
-    assert mailbox.report(xfer_key("bad"))[0] == "recomputed" and "40 tokens" in mailbox.report(xfer_key("bad"))[1]
-    assert (hub.counters.num_loaded, hub.counters.num_load_errors) == (1, 2)
-
-
 def test_prefill_saves_each_request_once_even_when_asked_again():
     hub = KVHub()
     scheduler = PDConnectorScheduler(BLOCK_SIZE, is_producer=True, hub=hub)

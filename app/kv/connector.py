@@ -17,7 +17,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
-    KVConnectorTransferResults,
 )
 
 from app.kv import hub as hub_module
@@ -46,8 +45,7 @@ class PDConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = PDConnectorScheduler(block_size, self._kv_transfer_config.is_kv_producer, hub)
         else:
-            self.worker = PDConnectorWorker(block_size, hub, kv_cache_config.num_blocks if kv_cache_config else None,
-                                            consumer=self._kv_transfer_config.is_kv_consumer)
+            self.worker = PDConnectorWorker(block_size, hub, kv_cache_config.num_blocks if kv_cache_config else None)
 
     def _metadata(self) -> PDConnectorMetadata:
         metadata = self._get_connector_metadata()
@@ -65,7 +63,7 @@ class PDConnector(KVConnectorBase_V1):
         self.worker.start_load_kv(self._metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # a load is copied whole: in start_load_kv, or (CPU decode) on the worker's load thread
+        return  # loads are synchronous in start_load_kv
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # saved whole in wait_for_save, once the prompt's last chunk is computed
@@ -79,16 +77,8 @@ class PDConnector(KVConnectorBase_V1):
         return self.worker.get_block_ids_with_load_errors()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        results = self.get_transfer_results(finished_req_ids)
-        return results.finished_sending or None, results.finished_recving or None
-
-    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        """Prefill: held blocks vLLM may free now. Decode: async loads that ended (vLLM schedules the request next),
-        the failed ones also in `failed_recving` (vLLM recomputes their prompt)."""
         assert self.worker is not None
-        done, failed = self.worker.take_loads()
-        return KVConnectorTransferResults(finished_sending=self.worker.get_finished(), finished_recving=done,
-                                          failed_recving=failed)
+        return self.worker.get_finished() or None, None  # (done sending: blocks vLLM kept may go, nothing received)
 
     # == scheduler side =========================================================================
 

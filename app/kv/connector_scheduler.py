@@ -57,7 +57,6 @@ class PDConnectorScheduler:
         self.hub = hub
         self._saves: dict[str, _Save] = {}  # prefill: requests with our params, by vLLM request id
         self._pending_loads: list[LoadSpec] = []  # decode: loads for the next step's metadata
-        self._loading: set[str] = set()  # decode: requests with an async load, until vLLM schedules them
 
     def _mailbox(self) -> KVMailbox:
         assert self.hub.mailbox is not None, "decode replica did not attach its mailbox"
@@ -78,10 +77,7 @@ class PDConnectorScheduler:
             num_external = max(0, min(num_kv, request.num_prompt_tokens - 1) - num_computed_tokens)
             if not num_external:
                 mailbox.unreserve(key)  # all of it cached here: nothing to load
-                return 0, False
-            # async (CPU): the worker half copies it off the engine step; the request waits in vLLM, holding its
-            # blocks, and is scheduled in the step after the copy was reported
-            return num_external, self.hub.load_async
+            return num_external, False
         return 0, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -93,13 +89,8 @@ class PDConnectorScheduler:
             self._saves.setdefault(request.request_id, _Save(xfer_id, num_prompt))
             return
         mailbox, key = self._mailbox(), xfer_key(xfer_id)
-        if request.request_id in self._loading:  # called again when an async load ended: decided, queued already
-            self._loading.discard(request.request_id)
-            return
         if num_external_tokens > 0:
             mailbox.settle(key, "transfer")
-            if self.hub.load_async:
-                self._loading.add(request.request_id)
             first = (num_prompt - 1 - num_external_tokens) // self.block_size  # blocks cached here are kept
             block_ids = blocks.get_block_ids()[0]
             num_kv = num_kv_tokens_of(request.kv_transfer_params, num_prompt)
@@ -151,7 +142,6 @@ class PDConnectorScheduler:
             # True: vLLM keeps the blocks of a prompt the worker half saved (CPU) until it reports them read
             # (`get_finished`); else they are free at once (nothing saved, or gathered in the step)
             return self.hub.held.finish(request.request_id), None
-        self._loading.discard(request.request_id)
         if (xfer_id := xfer_id_of(request.kv_transfer_params)) is not None:
             self._mailbox().unreserve(xfer_key(xfer_id))  # aborted before its load: the payload can go
         return False, None

@@ -7,13 +7,11 @@ It acts only on the step's `PDConnectorMetadata` from the scheduler half:
   request finishes) until the pair's sender thread has gathered them into one payload (into the buffer the replica
   gives, `hub.payload_buffer`: shared memory the decode peer maps, on one node) and sealed it; `get_finished` then
   reports them free. On a GPU the step gathers them itself (one kernel per layer) and they are free when it ends.
-- `start_load_kv` (decode) claims each `LoadSpec`'s payload from the mailbox, checks its header against the engine
-  (tokens, blocks, shape, dtype) and copies it into the allocated blocks. On CPU the copy runs on the load thread
-  (app/kv/load_thread.py: vLLM's asynchronous loads, off the engine step), and `take_loads` tells vLLM which ended
-  and which failed (it recomputes their prompt; it had not cached their blocks). On GPU it runs in the step (one
-  kernel per layer), and a failed load reports its blocks through `get_block_ids_with_load_errors`, which makes vLLM
-  recompute them, and drops them from the engine's prefix cache (`hub.evict_cached_blocks`). Either way the
-  transfer's record is marked recomputed with the reason.
+- `start_load_kv` (decode; before the forward) claims each `LoadSpec`'s payload from the mailbox, checks
+  its header against the engine (tokens, blocks, shape, dtype) and scatters it into the allocated blocks.
+  A failed load reports its blocks through `get_block_ids_with_load_errors`, which makes vLLM recompute
+  them, drops them from the engine's prefix cache (`hub.evict_cached_blocks`), and marks the transfer's record
+  recomputed with the reason.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from app.kv.header import UNSEALED, KVHeader, KVHeaderError, xfer_key
 from app.kv.held import SavedKV
 from app.kv.hub import KVHub
 from app.kv.kv_share import RemoteBlocks, copy_blocks, share_kv_cache
-from app.kv.load_thread import LoadThread
 from app.kv.payload import by_scheduler_block, default_checksum_algo, gather_blocks, payload_shape, scatter_blocks
 
 logger = logging.getLogger(__name__)
@@ -42,13 +39,11 @@ def _layer_index(name: str) -> int:
 
 
 class PDConnectorWorker:
-    def __init__(self, block_size: int, hub: KVHub, num_blocks: int | None = None, consumer: bool = False):
+    def __init__(self, block_size: int, hub: KVHub, num_blocks: int | None = None):
         self.block_size = block_size
         self.hub = hub
         self.num_blocks = num_blocks  # the scheduler's KV blocks (KVCacheConfig.num_blocks); None: dim 0 taken as is
-        self.consumer = consumer  # decode: loads KV
         self._load_error_blocks: set[int] = set()
-        self.loads: LoadThread | None = None  # decode on CPU: loads copied off the engine step
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layers = [kv_caches[name] for name in sorted(kv_caches, key=_layer_index)]
@@ -57,63 +52,35 @@ class PDConnectorWorker:
         self.hub.kv_layers = layers  # each [num_total_blocks, *block_shape], in layer order
         if self.hub.share_kv_cache and layers[0].device.type == "cpu":  # prefill, same node: decode may copy in place
             self.hub.kv_cache_shared = share_kv_cache(layers)
-        self.hub.load_async = self.consumer and layers[0].device.type == "cpu"  # GPU: one kernel in the step
-        if self.hub.load_async:
-            self.loads = LoadThread(self.hub, self._copy)
 
     def start_load_kv(self, metadata: PDConnectorMetadata) -> None:
-        """Each load's payload is claimed here, in the step vLLM allocated its blocks (nothing else can take it then);
-        it is copied now, or on CPU decode by the load thread (app/kv/load_thread.py)."""
-        mailbox = self.hub.mailbox
+        counters = self.hub.counters
         for load in metadata.loads:
             started = time.perf_counter()
-            assert mailbox is not None, "decode replica did not attach its mailbox"
-            if self.loads is not None:
-                self.loads.started()  # pending until vLLM hears how it ended, whatever happens
             try:
-                header, payload = mailbox.claim(xfer_key(load.xfer_id))
-            except KeyError as exc:
-                self._failed_load(load, exc)
+                self._load(load)
+            except (KeyError, KVHeaderError, ValueError) as exc:
+                # vLLM recomputes blocks reported here (kv_load_failure_policy="recompute").
+                logger.warning("KV load for %s failed, recomputing: %s", load.request_id, exc)
+                self._load_error_blocks.update(load.block_ids)
+                if self.hub.evict_cached_blocks is not None:
+                    # vLLM's recompute policy keeps these blocks in its prefix cache for the request's next step;
+                    # were the request aborted before that step, they would stay cached with what they hold now,
+                    # and the next prompt with this prefix would read it. Never cached, they are always recomputed.
+                    self.hub.evict_cached_blocks(set(load.block_ids))
+                counters.num_load_errors += 1
+                if self.hub.mailbox is not None:  # the scheduler said "transfer"; the prompt is recomputed instead
+                    self.hub.mailbox.settle(xfer_key(load.xfer_id), "recomputed", f"KV load failed: {exc}",
+                                            overrule=True)
                 continue
-            if self.loads is not None:
-                self.loads.put(load, header, payload, started)
-            else:
-                self._copy(load, header, payload, started)
+            counters.num_loaded += 1
+            counters.load_s += time.perf_counter() - started
 
-    def _copy(self, load: LoadSpec, header: KVHeader, payload: torch.Tensor | RemoteBlocks, started: float) -> None:
-        try:
-            self._load(load, header, payload)
-        except Exception as exc:  # noqa: BLE001 - on the load thread anything fails the load (the request must hear)
-            if self.loads is None and not isinstance(exc, KVHeaderError | ValueError):
-                raise  # in the step: vLLM fails the step, as for any other error there
-            self._failed_load(load, exc)
-            return
-        self.hub.counters.num_loaded += 1
-        self.hub.counters.load_s += time.perf_counter() - started
-        if self.loads is not None:
-            self.loads.ended(load.request_id, failed=False)
-
-    def _failed_load(self, load: LoadSpec, exc: BaseException) -> None:
-        """vLLM recomputes the load's blocks (kv_load_failure_policy="recompute"); the transfer's record says why."""
-        logger.warning("KV load for %s failed, recomputing: %s", load.request_id, exc)
-        self.hub.counters.num_load_errors += 1
-        if self.hub.mailbox is not None:  # the scheduler said "transfer"; the prompt is recomputed instead
-            self.hub.mailbox.settle(xfer_key(load.xfer_id), "recomputed", f"KV load failed: {exc}", overrule=True)
-        if self.loads is not None:
-            # vLLM hears it with the request (`take_loads`); it never put an async load's blocks in its prefix cache
-            # (it does once the load succeeded), so nothing stale can stay there
-            self.loads.ended(load.request_id, failed=True)
-            return
-        self._load_error_blocks.update(load.block_ids)
-        if self.hub.evict_cached_blocks is not None:
-            # vLLM's recompute policy keeps these blocks in its prefix cache for the request's next step; were the
-            # request aborted before that step, they would stay cached with what they hold now, and the next prompt
-            # with this prefix would read it. Never cached, they are always recomputed.
-            self.hub.evict_cached_blocks(set(load.block_ids))
-
-    def _load(self, load: LoadSpec, header: KVHeader, payload: torch.Tensor | RemoteBlocks) -> None:
+    def _load(self, load: LoadSpec) -> None:
         mailbox = self.hub.mailbox
         assert mailbox is not None, "decode replica did not attach its mailbox"
+        key = xfer_key(load.xfer_id)
+        header, payload = mailbox.claim(key)
         try:
             layers = self.hub.kv_layers
             header.check(num_tokens=load.num_tokens, block_size=self.block_size,
@@ -124,16 +91,12 @@ class PDConnectorWorker:
                 src_ids = payload.block_ids[load.first_block : load.first_block + len(load.block_ids)]
                 copy_blocks(payload.layers, src_ids, layers, list(load.block_ids))
             else:
-                # payload: [num_layers, num_blocks, *block_shape]; locally cached blocks are skipped
+                # payload: [num_layers, num_prompt_blocks, *block_shape]; locally cached blocks are skipped
                 part = payload[:, load.first_block : load.first_block + len(load.block_ids)]
                 scatter_blocks(layers, list(load.block_ids), part)
         finally:
-            mailbox.loaded(xfer_key(load.xfer_id))  # a shared-memory payload goes back to prefill now, loaded or not
+            mailbox.loaded(key)  # a shared-memory payload goes back to prefill now, loaded or refused
         self.hub.counters.num_loaded_tokens += load.num_external
-
-    def take_loads(self) -> tuple[set[str], set[str]]:
-        """Decode: the requests whose async load ended since the last call (each once), and which of them failed."""
-        return self.loads.take() if self.loads is not None else (set(), set())
 
     def wait_for_save(self, metadata: PDConnectorMetadata) -> None:
         if sys.exc_info()[0] is not None:

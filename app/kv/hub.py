@@ -57,7 +57,6 @@ class ConnectorCounters:
     num_load_errors: int = 0
     load_s: float = 0.0
     gather_s: float = 0.0
-    num_loads_pending: int = 0  # decode, async: loads started and not yet reported to the engine (the driver steps)
 
 
 @dataclass
@@ -71,7 +70,6 @@ class KVHub:
     held: HeldBlocks = field(default_factory=HeldBlocks)  # prefill: blocks kept after their request finished
     share_kv_cache: bool = False  # prefill: put the engine's KV cache in memfds decode can map (set before the engine)
     kv_cache_shared: SharedCache | None = None  # ... once the worker half did
-    load_async: bool = False  # decode on CPU: the worker half copies KV on a thread of its own (set at registration)
 
     @property
     def device(self) -> torch.device:
@@ -86,5 +84,4 @@ def reset_hub() -> KVHub:
     """A fresh hub (tests build several engines in sequence in one process)."""
     HUB.on_saved, HUB.payload_buffer, HUB.mailbox, HUB.evict_cached_blocks, HUB.kv_layers = None, None, None, None, []
     HUB.counters, HUB.held, HUB.share_kv_cache, HUB.kv_cache_shared = ConnectorCounters(), HeldBlocks(), False, None
-    HUB.load_async = False
     return HUB
