@@ -42,10 +42,6 @@ class PlacementConfig(BaseModel, extra="forbid", frozen=True):
         "prefill are at least those already placed on that replica without a first token plus its own (it would wait "
         "longer at prefill). None: no limit but the model's context (no step stalls the replies for more than "
         "local_chunk_tokens prompt tokens); below local_max_prompt_tokens it counts as local_max_prompt_tokens.")
-    remote_above_kv_usage: float | None = Field(
-        0.8, gt=0, le=1, description="adaptive: no prompt prefills on a decode replica that last reported at least "
-        "this share of its KV blocks in use (its replies need the free blocks to grow): it prefills on a prefill "
-        "replica, and its KV waits there until decode admits it. None: KV usage is not looked at.")
     local_short_first_ms_per_token: float = Field(
         2.0, ge=0, le=1000, description="The decode replica's waiting work goes shortest first, within a "
         "bound, as prefill_batching.short_first_ms_per_token does at prefill: a request whose KV arrived (one token "

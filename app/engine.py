@@ -213,10 +213,6 @@ class EngineDriver:
     def num_total_blocks(self) -> int:
         return self._scheduler().kv_cache_manager.block_pool.num_gpu_blocks
 
-    def kv_usage(self) -> float:
-        """Share of the KV blocks in use now, 0-1 (driver thread: e.g. in an `on_first`)."""
-        return float(self._scheduler().get_kv_cache_usage())
-
     def num_unfinished(self) -> int:
         return self.engine.get_num_unfinished_requests()
 

@@ -117,9 +117,6 @@ class GenerationChunk:
     # decode's first chunk: the token its run continued after (prefill's first token, as the KV's header named it);
     # the ingress checks it is the one the client got (app/serving/handoff.py)
     continues_after: int | None = None
-    # a decode replica's first chunk: the share of its KV cache blocks in use as it left (0-1, its own included); the
-    # ingress's placement keeps the latest per replica (app/serving/placement.py, decode_kv_full)
-    kv_usage: float | None = None
 
     def with_report(self, report: KVReport | None) -> GenerationChunk:
         return self if report is None else replace(self, report=(self.report or KVReport()).merged(report))

@@ -76,8 +76,8 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
               "retried_dead_replica, continued_after_lost_kv, no_prefill_replica."),
     MetricDef("pdserve_placements_total", "Counter", "requests", ("placement", "reason"),
               "Disaggregated requests by where their prompt prefilled (local: on the decode replica; remote: on a "
-              "prefill replica) and why: decode_kv_full, decode_idle, prefix_cached, prefill_busy, prefill_idle, "
-              "decode_busy, long_prompt, policy, prompt_logprobs, forced."),
+              "prefill replica) and why: decode_idle, prefix_cached, prefill_busy, prefill_idle, decode_busy, "
+              "long_prompt, policy, prompt_logprobs, forced."),
     MetricDef("pdserve_kv_recomputes_total", "Counter", "requests", ("reason",),
               "Prompts a decode replica recomputed instead of loading KV, by reason: deadline, checksum, "
               "prefill_failed, pairing, no_prefill_replica, other."),

@@ -115,7 +115,7 @@ class OrchestratorSpec:
                    notify_timeout_s=config.kv_transfer.timeout_s, placement=placement.policy,
                    limits=PlacementLimits(
                        local=placement.local_max_prompt_tokens, idle=placement.idle_local_max_prompt_tokens,
-                       busy=_busy_local_limit(config), kv_usage=placement.remote_above_kv_usage),
+                       busy=_busy_local_limit(config)),
                    prefix_routing_slack=placement.prefix_routing_slack, block_size=config.engine.block_size,
                    first_token_from_prefill=placement.first_token_from_prefill)
 

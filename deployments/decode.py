@@ -119,7 +119,7 @@ class Decode(EngineReplica):
             async for chunk in self.engine.generate(
                 run.request_id, list(run.prompt_token_ids), run.sampling, cache_salt=run.cache_salt,
                 kv_transfer_params=params, reply_to=run.reply_to,
-                on_first=lambda c: replace(c, continues_after=token_id, kv_usage=self.engine.kv_usage()).with_report(
+                on_first=lambda c: replace(c, continues_after=token_id).with_report(
                     self._report(key, prefill_id, min(c.num_cached_tokens, num_prompt))),
                 num_compute_tokens=1 if state == XferState.ARRIVED else None,
             ):
@@ -152,8 +152,8 @@ class Decode(EngineReplica):
         # the prompt ran here: what this engine found cached is the tenant's prefix-cache hit
         async for chunk in self.engine.generate(
             request.request_id, list(request.prompt_token_ids), request.sampling, cache_salt=request.cache_salt,
-            reply_to=request.reply_to, on_first=lambda c: replace(c, kv_usage=self.engine.kv_usage()).with_report(
-                replace(report, num_cached_tokens=c.num_cached_tokens, prefix_cache_hit_tokens=c.num_cached_tokens)),
+            reply_to=request.reply_to, on_first=lambda c: c.with_report(replace(
+                report, num_cached_tokens=c.num_cached_tokens, prefix_cache_hit_tokens=c.num_cached_tokens)),
         ):
             yield chunk
 

@@ -12,7 +12,7 @@ import pytest
 from ray import serve
 
 from app.messages import GenerateRequest, GenerationChunk, SamplingSpec
-from app.serving.placement import DecodeMemory, PlacementLimits, place
+from app.serving.placement import PlacementLimits, place
 from tests.conftest import MODEL_NAME
 from tests.helpers import offline_generate, prompt_of_length, run_app, stop_app
 
@@ -344,34 +344,3 @@ def test_prompt_logprobs_always_run_locally():
     request = GenerateRequest("r", (1, 2, 3), SamplingParams(max_tokens=2, prompt_logprobs=1), remote_prefill=True)
     decided = place(request, "always_remote", PlacementLimits(0))
     assert decided.local and decided.reason == "prompt_logprobs"
-
-
-def test_a_decode_replica_short_of_kv_blocks_takes_no_prompt():
-    limits = PlacementLimits(64, idle=300, kv_usage=0.8)
-    full = place(_request(32), "adaptive", limits, decode_requests=0, decode_kv_usage=0.8)
-    assert not full.local and full.reason == "decode_kv_full" and "80% of its decode replica's KV" in full.detail
-    # below the threshold the other rules decide (here: idle, so local)
-    assert place(_request(32), "adaptive", limits, decode_requests=0, decode_kv_usage=0.79).reason == "decode_idle"
-    # it beats a cached prefix and a prefill backlog too: both would still need decode's free blocks
-    cached = place(_request(600), "adaptive", limits, backlog_tokens=10_000, cached_local=580, decode_kv_usage=0.95)
-    assert cached.reason == "decode_kv_full"
-    # off (None), and never over the policies and the overrides
-    off = PlacementLimits(64, idle=300)
-    assert place(_request(32), "adaptive", off, decode_requests=0, decode_kv_usage=1.0).reason == "decode_idle"
-    assert place(_request(32), "always_local", limits, decode_kv_usage=1.0).local
-
-
-def test_decode_memory_keeps_each_replicas_last_kv_usage_while_it_is_recent():
-    now = [100.0]
-    memory = DecodeMemory(max_age_s=5.0, clock=lambda: now[0])
-    assert memory.usage("d1") == 0.0  # never reported: nothing known, nothing held against it
-    memory.record("d1", 0.5)
-    memory.record("d1", 0.9)
-    memory.record("d2", 0.1)
-    assert (memory.usage("d1"), memory.usage("d2")) == (0.9, 0.1)
-    now[0] += 5.0
-    assert memory.usage("d1") == 0.9
-    now[0] += 0.1  # older than max_age_s: that replica ran nothing since, and may have freed its blocks
-    assert memory.usage("d1") == 0.0
-    memory.record("d1", 0.3)
-    assert memory.usage("d1") == 0.3

@@ -49,7 +49,7 @@ from app.messages import GenerateRequest, GenerationChunk, KVReport, ParkedPromp
 from app.metrics import PhaseRatio, record_placement
 from app.serving.first_token import can_continue
 from app.serving.handoff import Handoff, Transfer, open_pairs, pair_id
-from app.serving.placement import DecodeBacklog, DecodeMemory, PrefillBacklog, place, uncached_tokens
+from app.serving.placement import DecodeBacklog, PrefillBacklog, place, uncached_tokens
 from app.serving.prefix_index import PrefixRouting
 from app.serving.replica_router import pick_replica, picked_again
 from app.specs import OrchestratorSpec
@@ -75,7 +75,6 @@ class DisaggregatedClient:
         self.backlog = PrefillBacklog()  # prompt tokens dispatched to prefill replicas, not answered yet
         self.on_decode: Counter[str] = Counter()  # requests this ingress has on each decode replica (by pair id)
         self.decode_backlog = DecodeBacklog()  # prompt tokens placed on each decode replica, before their first token
-        self.decode_memory = DecodeMemory()  # each decode replica's KV usage, from its first chunks
         self.prefixes = PrefixRouting(spec.block_size, spec.prefix_routing_slack)
         self.handoff = Handoff(prefill, decode, spec.notify_timeout_s, self.phase_ratio, self.backlog)
         self._wake_up: asyncio.Future | None = None  # an outstanding call that makes Serve start a prefill replica
@@ -94,7 +93,7 @@ class DisaggregatedClient:
         cached = cached_decode.get(decode_id, 0)
         placement = place(request, self.spec.placement, self.spec.limits, self.backlog.num_tokens,
                           self.on_decode[decode_id], cached, max(cached_prefill.values(), default=0),
-                          self.decode_backlog.by_replica[decode_id], self.decode_memory.usage(decode_id))
+                          self.decode_backlog.by_replica[decode_id])
         record_placement(placement.where, placement.reason)
         with self._on_decode(decode_id):
             prefixes.mark(prefixes.decode, decode_id, request)
@@ -107,8 +106,6 @@ class DisaggregatedClient:
             output_ids: list[int] = []
             async for chunk in stream:
                 output_ids.extend(chunk.token_ids)
-                if chunk.kv_usage is not None:
-                    self.decode_memory.record(decode_id, chunk.kv_usage)
                 yield chunk
             prefixes.mark(prefixes.decode, decode_id, request, output_ids[:-1])  # the reply too (last: no KV)
 

@@ -11,11 +11,7 @@ Rules, first match wins:
 2. A rerun after the request's KV was lost on the way (app/serving/first_token.py): local. The caller asked for
    a remote prefill (the ingress's warm path, which must warm the transfer path): remote.
 3. `placement.policy` always_local / always_remote.
-4. adaptive: a decode replica that last reported at least `placement.remote_above_kv_usage` of its KV blocks in
-   use (`DecodeMemory`) takes no prompt: its replies need the free blocks to grow, so a prompt placed there would
-   wait for blocks and then stall them; on a prefill replica it computes meanwhile, and its KV waits there (lent,
-   up to `kv_transfer.lease_s`) until decode admits it: remote (`decode_kv_full`).
-5. adaptive, with L = `placement.local_max_prompt_tokens` (the prompt tokens a decode replica computes within
+4. adaptive, with L = `placement.local_max_prompt_tokens` (the prompt tokens a decode replica computes within
    its stall budget), I = `placement.idle_local_max_prompt_tokens` and a prompt's uncached tokens (its length
    minus the prefix the replica probably holds in its prefix cache, `prefix_index.py`): a prompt with at most I
    tokens uncached runs locally when its decode replica holds no other request of this ingress (no reply there
@@ -37,22 +33,22 @@ Rules, first match wins:
    the placement on, so that prompts arriving together see each other); the decode replica's requests are the
    ones this ingress has on it (waiting for KV or generating): both exact with one ingress replica, lower bounds
    with several.
+Not yet used (issue 13): decode's KV usage.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from app.messages import GenerateRequest, GenerationChunk
 
 Policy = Literal["adaptive", "always_remote", "always_local"]
-Reason = Literal["prompt_logprobs", "forced", "policy", "decode_kv_full", "decode_idle", "prefix_cached",
-                 "prefill_busy", "prefill_idle", "decode_busy", "long_prompt"]
+Reason = Literal["prompt_logprobs", "forced", "policy", "decode_idle", "prefix_cached", "prefill_busy",
+                 "prefill_idle", "decode_busy", "long_prompt"]
 
 
 @dataclass(frozen=True)
@@ -128,27 +124,6 @@ class DecodeBacklog:
             del self.by_replica[replica_id]
 
 
-class DecodeMemory:
-    """The KV usage each decode replica last reported (on the first chunk of every request it runs), for as long
-    as it is recent: a replica that ran nothing for `max_age_s` reports nothing, and may well have freed its
-    blocks since."""
-
-    def __init__(self, max_age_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self._usage: dict[str, tuple[float, float]] = {}  # replica -> (share of blocks in use, when)
-
-    def record(self, replica_id: str, kv_usage: float) -> None:
-        self._usage[replica_id] = (kv_usage, self.clock())
-
-    def usage(self, replica_id: str) -> float:
-        usage, at = self._usage.get(replica_id, (0.0, -float("inf")))
-        if self.clock() - at > self.max_age_s:
-            self._usage.pop(replica_id, None)
-            return 0.0
-        return usage
-
-
 def uncached_tokens(num_prompt: int, cached_local: int) -> int:
     """Prompt tokens a decode replica computes for a prompt of which it holds `cached_local` (vLLM always computes
     the last prompt token)."""
@@ -165,16 +140,14 @@ class PlacementLimits:
     local: int
     idle: int = 0
     busy: int = 0
-    kv_usage: float | None = None  # at or above this share of its KV blocks in use, no prompt prefills on decode
 
 
 def place(request: GenerateRequest, policy: Policy, limits: PlacementLimits, backlog_tokens: int = 0,
-          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0, decode_backlog: int = 0,
-          decode_kv_usage: float = 0.0) -> Placement:
+          decode_requests: int = 1, cached_local: int = 0, cached_remote: int = 0, decode_backlog: int = 0
+          ) -> Placement:
     """Where `request` prefills. `decode_requests`: what this ingress has on the decode replica chosen for it;
     `cached_local` / `cached_remote`: prompt tokens that replica / the best prefill replica probably has cached;
-    `decode_backlog`: prompt tokens placed on that replica still without their first token (`DecodeBacklog`);
-    `decode_kv_usage`: the share of that replica's KV blocks in use, as last reported (`DecodeMemory`)."""
+    `decode_backlog`: prompt tokens placed on that replica still without their first token (`DecodeBacklog`)."""
     num_prompt = len(request.prompt_token_ids)
     if request.wants_prompt_logprobs:
         return Placement(True, "prompt_logprobs", "prompt_logprobs: the decode replica computes the prompt to give "
@@ -188,10 +161,6 @@ def place(request: GenerateRequest, policy: Policy, limits: PlacementLimits, bac
         return Placement(True, "policy", "placement.policy: always_local")
     if policy == "always_remote":
         return Placement(False, "policy", "placement.policy: always_remote")
-    if limits.kv_usage is not None and decode_kv_usage >= limits.kv_usage:
-        return Placement(False, "decode_kv_full", f"{decode_kv_usage:.0%} of its decode replica's KV blocks in use >= "
-                         f"placement.remote_above_kv_usage ({limits.kv_usage:.0%}): prefill computes the prompt while "
-                         "decode's replies free blocks")
     limit = limits.local
     idle_limit, busy_limit = max(limit, limits.idle), max(limit, limits.busy)
     uncached = uncached_tokens(num_prompt, cached_local)
