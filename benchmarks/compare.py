@@ -416,7 +416,12 @@ def main() -> None:
     parser.add_argument("--placement", default=None, help="JSON: placement settings for pdserve-disaggregated, to try "
                         "thresholds against the baselines in one run, e.g. '{\"idle_local_max_prompt_tokens\": 512}' "
                         "(recorded in the results; the full preset then writes docs only with --docs)")
+    parser.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache per engine replica, every system "
+                        f"(default {ENGINE['kv_cache_memory_mb']}): a small one puts decode under memory pressure "
+                        "(recorded in the results; the full preset then writes docs only with --docs)")
     args = parser.parse_args()
+    if args.kv_cache_mb is not None:
+        ENGINE["kv_cache_memory_mb"] = args.kv_cache_mb
     placement = json.loads(args.placement) if args.placement else {}
     try:
         PlacementConfig(**placement)
@@ -483,11 +488,13 @@ def main() -> None:
     results = {"meta": {"preset": args.preset, "seed": args.seed, "date": time.strftime("%Y-%m-%d"),
                         "machine": report.machine(), "versions": {"ray": ray.__version__, "vllm": vllm.__version__},
                         "skipped": skipped, "ready_s": ready_s, "workloads": workloads, "placement": placement,
+                        "engine": ENGINE,
                         "results_file": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)},
                "runs": runs}
     report.save(results, out)
     print(f"results: {out}")
-    docs_wanted = args.docs or (args.preset == "full" and not placement and not args.out)  # --out: a trial run
+    trial = placement or args.out or args.kv_cache_mb is not None  # a trial run
+    docs_wanted = args.docs or (args.preset == "full" and not trial)
     plot_dir = ROOT / "docs" / "benchmarks" if docs_wanted else out.parent / args.preset
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = [report.plot_cdfs(runs, w, plot_dir / f"cdf_{w.replace('/', '_')}.png")
