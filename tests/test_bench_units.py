@@ -172,6 +172,11 @@ def test_compare_report_has_the_table_the_ratios_and_where_pdserve_is_behind(tmp
     assert "Skipped: ray-serve-llm-pd (missing pyarrow)" in text
     assert "vs pdserve-collocated, steady @ 2/s: TTFT p50 200% higher (ratio 3.00)" in text
     assert "](benchmarks/cdf_steady.png)" in text and "python benchmarks/compare.py --preset small" in text
+    assert "256 MiB KV cache per engine" in text  # no knobs recorded (older results): the defaults they ran with
+    results["meta"]["engine"] = {"block_size": 32, "max_num_seqs": 32, "max_num_batched_tokens": 4096,
+                                 "kv_cache_memory_mb": 32}  # a --kv-cache-mb 32 run: the report says what ran
+    write_docs(results, [plot], out, "python benchmarks/compare.py --preset small --kv-cache-mb 32")
+    assert "32 MiB KV cache per engine" in out.read_text()
 
 
 def test_compare_runs_only_the_workloads_asked_for_and_keeps_each_requests_kv_source(monkeypatch):
