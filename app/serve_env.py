@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import socket
 from collections.abc import Iterable
@@ -50,10 +51,40 @@ CLUSTER_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT
 PICKED_PORTS = "PDSERVE_PICKED_SERVE_PORTS"
 
 
-def free_port() -> int:
-    """A TCP port free on this machine now (the kernel's pick)."""
+# Ports handed out by others: Ray's workers take 10002-19999 (`min_worker_port`..`max_worker_port`), and the
+# kernel's port-0 binds and Ray's own picks (a random port above a port-0 pick) lie at or above the kernel's
+# ephemeral floor. A port picked here is only bound later (HAProxy starts after Serve), so a pick from those ranges
+# can be taken in between: CI once lost a multi-node drill to HAProxy's "Address already in use" on such a port.
+QUIET_PORTS = (20000, 32767)
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("", port))  # every interface, as HAProxy and Serve's proxy bind
+        except OSError:
+            return False
+    return True
+
+
+def free_port(avoid: Iterable[int] = ()) -> int:
+    """A TCP port free on this machine now, from a range no other process picks from at random (QUIET_PORTS, below
+    the kernel's ephemeral range), so that it is still free when its user binds it; the kernel's pick if that range
+    is all taken or the machine's ephemeral range starts below it. `avoid`: ports picked for others, not bound yet."""
+    low, high = QUIET_PORTS[0], min(QUIET_PORTS[1], _ephemeral_floor() - 1)
+    taken = set(avoid)
+    for _ in range(64 if high > low else 0):
+        if (port := random.randint(low, high)) not in taken and _bindable(port):
+            return port
+    with socket.socket() as sock:
+        sock.bind(("", 0))
         return sock.getsockname()[1]
 
 
@@ -63,9 +94,11 @@ def apply() -> None:
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
     picked = {key for key in os.environ.get(PICKED_PORTS, "").split(",") if key}
+    earlier = {int(os.environ[key]) for key in CLUSTER_PORTS if os.environ.get(key, "").isdigit()}
     for key in CLUSTER_PORTS:
         if key not in os.environ or key in picked:
-            os.environ[key] = str(free_port())
+            os.environ[key] = str(port := free_port(avoid=earlier))
+            earlier.add(port)
             picked.add(key)
     os.environ[PICKED_PORTS] = ",".join(sorted(picked))
 

@@ -71,3 +71,20 @@ def test_haproxy_files_of_the_given_nodes_are_removed_and_no_others(clean_env, t
     serve_env.remove_haproxy_files(["ours", ""])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]
     assert serve_env.haproxy_node_dirs() == {"theirs"}
+
+
+def test_a_picked_port_is_free_and_outside_the_ranges_ray_and_the_kernel_pick_from(monkeypatch):
+    import socket
+
+    monkeypatch.setattr(serve_env, "_ephemeral_floor", lambda: 32768)
+    for _ in range(20):
+        port = serve_env.free_port()
+        assert serve_env.QUIET_PORTS[0] <= port <= serve_env.QUIET_PORTS[1]
+        with socket.socket() as sock:
+            sock.bind(("", port))  # free on every interface, as HAProxy binds it
+    low = serve_env.QUIET_PORTS[0]
+    monkeypatch.setattr(serve_env.random, "randint", lambda a, b: low)
+    assert serve_env.free_port(avoid=[low]) != low  # a port already handed out is not handed out again
+    # a machine whose ephemeral range starts below the quiet range: the kernel's pick, which is at least free now
+    monkeypatch.setattr(serve_env, "_ephemeral_floor", lambda: 1024)
+    assert serve_env.free_port() != low
