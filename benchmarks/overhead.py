@@ -326,6 +326,18 @@ def _report(results: dict[str, Any], docs: bool) -> None:
         print(f"docs: {_write_docs(rows, results)}")
 
 
+# Why pdserve's first request after "ready" varies (1.0x to 2.5x its median across passes): what Serve's logs showed.
+FIRST_REQUEST_PATH = (
+    "pdserve's first request after ready: with HAProxy on, the port answers through Serve's Python fallback proxy "
+    "(gRPC to the ingress) from the moment the ingress replica is up until HAProxy's reload adds the replica, about "
+    "0.5 to 0.8 s later on this machine; a keep-alive connection opened before the reload stays on the old HAProxy, "
+    "and so on the fallback, until that HAProxy closes it after a reply. Serve's proxy log shows it: `GET /v1/models` "
+    "and the first completions are logged by the proxy, later ones are not. A first request that lands in that "
+    "window pays the fallback's hop (on 2026-12-02, on a host 2.5x slower than this run's: 88 and 69 ms through the "
+    "fallback, then 46 to 53 ms direct); one that lands after it costs what the tenth does. pdserve's own path is "
+    "warm before ready (`app/warmup.py`).")
+
+
 def _write_docs(rows: list[str], results: dict[str, Any]) -> Path:
     machine, runs, order, profiled = results["machine"], results["runs"], results["order"], results["profiles"]
     ready = {system: statistics.mean(r["ready_s"] for r in passes) for system, passes in runs.items()}
@@ -355,7 +367,9 @@ def _write_docs(rows: list[str], results: dict[str, Any]) -> Path:
              "give at most 2000 ms of CPU per second.", "",
              "Ready after start: " + ", ".join(f"{system} {seconds:.0f} s" for system, seconds in ready.items()) + ".",
              "Where a lone request's TTFT goes, layer by layer (engine, replica, ingress, HTTP): "
-             "[ttft_hops.md](ttft_hops.md) (`benchmarks/ttft_hops.py --docs`).", "", *_profile_lines(profiled)]
+             "[ttft_hops.md](ttft_hops.md) (`benchmarks/ttft_hops.py --docs`).", "",
+             *([FIRST_REQUEST_PATH, ""] if any(system.startswith("pdserve") for system in runs) else []),
+             *_profile_lines(profiled)]
     out = REPO / "docs" / "overhead.md"
     out.write_text("\n".join(lines))
     return out
